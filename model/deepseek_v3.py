@@ -1,0 +1,67 @@
+"""DeepSeek-V3 over a flat batch of tokens and the paged latent cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model_config import ModelConfig
+from kernels.mla_attention import plan_attention
+from model.forward_batch import ForwardBatch
+from model.layers import DenseMLP, Linear, RMSNorm
+from model.mla import MLA
+from model.moe import MoE
+from model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], layer_idx: int, experts: range):
+        super().__init__()
+        p = f"model.layers.{layer_idx}"
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(w[p + ".input_layernorm.weight"], cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(w[p + ".post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, w, p)
+        self.mlp: nn.Module
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg, w, p, experts)
+        else:
+            m = p + ".mlp."
+            self.mlp = DenseMLP(w[m + "gate_proj.weight"], w[m + "up_proj.weight"], w[m + "down_proj.weight"])
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, groups, rope) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), batch.positions, batch.slot_mapping, cache, groups, rope)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekV3(nn.Module):
+    """The main model. Layer i uses latent cache layer i."""
+
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], experts: range | None = None,
+                 max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        experts = experts if experts is not None else range(cfg.n_routed_experts)
+        self.embed_tokens = nn.Parameter(w["model.embed_tokens.weight"], requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, w, i, experts) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(w["model.norm.weight"], cfg.rms_norm_eps)
+        self.lm_head = Linear(w["lm_head.weight"])
+        self.rope = RotaryEmbedding(cfg, max_positions, device=self.embed_tokens.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    def forward(self, batch: ForwardBatch, cache_layers: list[torch.Tensor]) -> torch.Tensor:
+        """Writes every token's latent entries into the cache; returns the last layer's hidden
+        states before the final norm, [T, hidden] (the MTP module reads these)."""
+        groups = plan_attention(batch)
+        x = F.embedding(batch.input_ids, self.embed_tokens)
+        for layer in self.layers:
+            x = layer(x, batch, cache_layers[layer.layer_idx], groups, self.rope)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] (pre-norm) -> float32 logits [N, vocab]."""
+        return self.lm_head(self.norm(hidden)).float()

@@ -1,0 +1,72 @@
+"""One step's input: a flat run of tokens from many sequences, with where each token's cache goes.
+
+Sequence i contributes tokens [query_start[i], query_start[i+1]) of the flat batch; they sit at
+positions [context_lens[i] - q_len_i, context_lens[i]), i.e. after the sequence's cached prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    token_ids: list[int]  # tokens to compute this step
+    num_computed: int  # tokens of this sequence already in the cache
+    block_table: list[int]  # physical blocks, covering at least num_computed + len(token_ids)
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset
+    query_start: list[int]  # [B + 1], host side
+    context_lens: list[int]  # [B], host side: cached tokens after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def last_token_indices(self) -> torch.Tensor:
+        """Flat index of each sequence's last token this step (where its next token is predicted)."""
+        return torch.tensor(self.query_start[1:], dtype=torch.long) - 1
+
+    @classmethod
+    def build(cls, chunks: list[SequenceChunk], block_size: int, device: str | torch.device = "cpu"):
+        if not chunks:
+            raise ValueError("a forward batch needs at least one sequence")
+        q_lens = [len(c.token_ids) for c in chunks]
+        if min(q_lens) < 1:
+            raise ValueError("every sequence in a forward batch needs at least one token")
+        query_start = [0]
+        for n in q_lens:
+            query_start.append(query_start[-1] + n)
+        context_lens = [c.num_computed + n for c, n in zip(chunks, q_lens)]
+        max_blocks = max(len(c.block_table) for c in chunks)
+        for c, ctx in zip(chunks, context_lens):
+            if len(c.block_table) * block_size < ctx:
+                raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {ctx} tokens")
+        tables = torch.zeros(len(chunks), max_blocks, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.long)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(q_lens))
+        start_of_seq = torch.tensor([c.num_computed - s for c, s in zip(chunks, query_start[:-1])])
+        positions = torch.arange(query_start[-1]) + start_of_seq[seq_of_token]
+        blocks = tables[seq_of_token, positions // block_size]
+        slots = blocks * block_size + positions % block_size
+        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
+        return cls(
+            input_ids=ids.to(device),
+            positions=positions.to(device),
+            slot_mapping=slots.to(device),
+            query_start=query_start,
+            context_lens=context_lens,
+            block_tables=tables.to(device),
+            block_size=block_size,
+        )

@@ -1,0 +1,59 @@
+"""Multi-head Latent Attention over the paged latent cache.
+
+Per token: queries  h -> q_a_proj -> q_a_layernorm -> q_b_proj -> [H, nope | rope]
+           latent   h -> kv_a_proj_with_mqa -> [c_kv (kv_lora_rank) | k_pe (rope)]
+The cache keeps kv_a_layernorm(c_kv) and rope(k_pe). Attention runs in the absorbed form:
+W_UK (the key half of kv_b_proj) is folded into the queries and W_UV (the value half) is applied
+to the latent output, so keys and values are never expanded per head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.model_config import ModelConfig
+from kernels.mla_attention import AttentionGroup, paged_mla_attention_ref
+from model.layers import Linear, RMSNorm
+from model.rope import RotaryEmbedding
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
+        super().__init__()
+        self.cfg = cfg
+        p = prefix + ".self_attn."
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(w[p + "q_a_proj.weight"])
+            self.q_a_layernorm = RMSNorm(w[p + "q_a_layernorm.weight"], cfg.rms_norm_eps)
+            self.q_b_proj = Linear(w[p + "q_b_proj.weight"])
+        else:
+            self.q_proj = Linear(w[p + "q_proj.weight"])
+        self.kv_a_proj_with_mqa = Linear(w[p + "kv_a_proj_with_mqa.weight"])
+        self.kv_a_layernorm = RMSNorm(w[p + "kv_a_layernorm.weight"], cfg.rms_norm_eps)
+        self.o_proj = Linear(w[p + "o_proj.weight"])
+        heads, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+        kv_b = w[p + "kv_b_proj.weight"].view(heads, nope + v, cfg.kv_lora_rank)
+        self.w_uk = nn.Parameter(kv_b[:, :nope].contiguous(), requires_grad=False)  # [H, nope, kv_lora_rank]
+        self.w_uv = nn.Parameter(kv_b[:, nope:].contiguous(), requires_grad=False)  # [H, v, kv_lora_rank]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                cache: torch.Tensor, groups: list[AttentionGroup], rope: RotaryEmbedding) -> torch.Tensor:
+        cfg = self.cfg
+        t = x.shape[0]
+        if cfg.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(t, cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        q_pe = rope(q_pe, positions)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        entry = torch.cat([self.kv_a_layernorm(c_kv), rope(k_pe, positions)], dim=-1)
+        cache[slot_mapping] = entry.to(cache.dtype)
+
+        q_latent = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, H, kv_lora_rank]
+        o_latent = paged_mla_attention_ref(q_latent, q_pe, cache, groups, cfg.softmax_scale)
+        o = torch.einsum("thc,hvc->thv", o_latent.to(x.dtype), self.w_uv)  # [T, H, v_head_dim]
+        return self.o_proj(o.reshape(t, -1))

@@ -1,0 +1,93 @@
+"""DeepSeek-V3 mixture of experts: noaux_tc grouped routing, routed experts, one shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model_config import ModelConfig
+from model.layers import DenseMLP
+
+
+class Gate(nn.Module):
+    """Sigmoid scores; selection by score + correction bias within the best groups; weights
+    are the unbiased scores of the chosen experts (normalized) times routed_scaling_factor."""
+
+    def __init__(self, cfg: ModelConfig, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(weight.float(), requires_grad=False)  # [E, hidden]
+        self.e_score_correction_bias = nn.Parameter(bias.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        biased = scores + self.e_score_correction_bias
+        grouped = biased.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+        keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        biased = biased.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        ids = biased.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, ids
+
+
+class RoutedExperts(nn.Module):
+    """This rank's experts [first, first + n), stacked; tokens are sorted by expert and each
+    expert runs one matmul over its contiguous rows."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, first_expert: int):
+        super().__init__()
+        self.gate_up = nn.Parameter(gate_up, requires_grad=False)  # [n, 2 * inter, hidden]
+        self.down = nn.Parameter(down, requires_grad=False)  # [n, hidden, inter]
+        self.first_expert = first_expert
+
+    @property
+    def num_local(self) -> int:
+        return self.gate_up.shape[0]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden]; ids, weights [T, k] (global expert ids). Returns Σ_k w·expert(x) over
+        the choices that fall on this rank's experts."""
+        k = ids.shape[1]
+        local = ids.flatten() - self.first_expert
+        on_rank = (local >= 0) & (local < self.num_local)
+        choice = on_rank.nonzero().squeeze(1)
+        order = choice[torch.argsort(local[choice], stable=True)]
+        counts = torch.bincount(local[order], minlength=self.num_local).tolist()
+        rows = x[order // k]
+        out = torch.empty_like(rows)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = rows[start : start + n]
+            gate, up = F.linear(xe, self.gate_up[e]).chunk(2, dim=-1)
+            out[start : start + n] = F.linear(F.silu(gate) * up, self.down[e])
+            start += n
+        out = out * weights.flatten()[order].to(out.dtype)[:, None]
+        return torch.zeros_like(x).index_add_(0, order // k, out)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str, experts: range):
+        super().__init__()
+        p = prefix + ".mlp."
+        self.gate = Gate(cfg, w[p + "gate.weight"], w[p + "gate.e_score_correction_bias"])
+        gate_up = torch.stack(
+            [torch.cat([w[f"{p}experts.{e}.gate_proj.weight"], w[f"{p}experts.{e}.up_proj.weight"]]) for e in experts]
+        )
+        down = torch.stack([w[f"{p}experts.{e}.down_proj.weight"] for e in experts])
+        self.experts = RoutedExperts(gate_up, down, experts.start)
+        sp = p + "shared_experts."
+        self.shared_experts = DenseMLP(
+            w[sp + "gate_proj.weight"], w[sp + "up_proj.weight"], w[sp + "down_proj.weight"]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        return self.experts(x, weights, ids) + self.shared_experts(x)
