@@ -1,0 +1,133 @@
+"""The pool of cache blocks: allocation, reference counts, and the prefix cache.
+
+Every block is in exactly one state:
+  held       ref_count > 0, named by that many block tables;
+  cached     ref_count == 0, full and hashed: reusable by a prefix hit until evicted;
+  free       ref_count == 0, holding nothing of value.
+Cached and free blocks share one LRU queue (`_free`): allocation takes from its front, so free
+blocks go first (they are put at the front) and cached blocks are evicted least recently used.
+
+A full block's hash chains its tokens with its prefix's hash; a hit also compares the tokens,
+so a hash collision can never serve wrong cache entries.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref = [0] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._hash: list[int | None] = [None] * num_blocks
+        self._tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self._by_hash: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can take now (free plus evictable cached)."""
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._by_hash)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def lookup_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Cached blocks of the longest cached prefix, and their hashes. At least one token is
+        left uncached so the request still computes the logits of its last prompt token."""
+        if not self.enable_prefix_caching:
+            return [], []
+        blocks: list[int] = []
+        hashes: list[int] = []
+        parent: int | None = None
+        bs = self.block_size
+        for i in range((len(token_ids) - 1) // bs):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = hash((parent, tokens))
+            b = self._by_hash.get(h)
+            if b is None or self._tokens[b] != tokens:
+                break
+            blocks.append(b)
+            hashes.append(h)
+            parent = h
+        return blocks, hashes
+
+    def acquire(self, blocks: list[int]) -> None:
+        """Takes a reference on blocks found by lookup_prefix."""
+        for b in blocks:
+            if self._ref[b] == 0:
+                del self._free[b]
+            self._ref[b] += 1
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} blocks with {len(self._free)} available")
+        out = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            self._evict(b)
+            self._ref[b] = 1
+            out.append(b)
+        return out
+
+    def release(self, blocks: list[int]) -> None:
+        """Drops one reference on each block. Tail blocks are queued first so that a sequence's
+        prefix, the part most likely to be shared, is evicted last."""
+        for b in reversed(blocks):
+            self._ref[b] -= 1
+            if self._ref[b] < 0:
+                raise RuntimeError(f"block {b} released more often than acquired")
+            if self._ref[b] == 0:
+                self._free[b] = None
+                if self._hash[b] is None:
+                    self._free.move_to_end(b, last=False)  # nothing cached in it: reuse first
+
+    def cache_full_blocks(self, token_ids: list[int], table: list[int], hashes: list[int],
+                          num_verified: int) -> None:
+        """Registers the blocks of `table` that `num_verified` computed tokens fill, extending
+        `hashes` (the request's chain) in place. Only verified tokens ever enter the cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(hashes), num_verified // bs):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = hash((hashes[-1] if hashes else None, tokens))
+            hashes.append(h)
+            b = table[i]
+            if h in self._by_hash or self._hash[b] is not None:
+                continue  # the same content already cached in another block: keep that one
+            self._hash[b] = h
+            self._tokens[b] = tokens
+            self._by_hash[h] = b
+
+    def _evict(self, b: int) -> None:
+        h = self._hash[b]
+        if h is not None:
+            del self._by_hash[h]
+            self._hash[b] = None
+            self._tokens[b] = None
+
+    def check_integrity(self, tables: list[list[int]]) -> None:
+        """Raises AssertionError unless every block is in exactly one state and every held
+        block's reference count equals the number of tables naming it."""
+        refs = [0] * self.num_blocks
+        for t in tables:
+            for b in t:
+                refs[b] += 1
+        assert refs == self._ref, "reference counts differ from the block tables"
+        free = set(self._free)
+        assert len(free) == len(self._free)
+        assert free == {b for b in range(self.num_blocks) if self._ref[b] == 0}, "free list wrong"
+        held = sum(1 for r in self._ref if r > 0)
+        assert held + len(free) == self.num_blocks
+        assert all(self._hash[b] == h for h, b in self._by_hash.items()), "hash index wrong"
+        assert sum(h is not None for h in self._hash) == len(self._by_hash)

@@ -1,0 +1,149 @@
+"""Every message that crosses a process boundary: msgspec structs, msgpack on the wire.
+
+frontend -> scheduler: AddRequest, AbortRequests, GetStats, Shutdown
+scheduler -> frontend: EngineReady, RequestOutputs, EngineStats, EngineDead
+scheduler -> worker:   StepPlan, Shutdown
+worker -> scheduler:   WorkerReady, StepResult, WorkerFailed
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine.sampling_params import SamplingParams
+
+
+class Message(msgspec.Struct, tag=True, omit_defaults=True):
+    pass
+
+
+# ---- frontend <-> scheduler -------------------------------------------------------------------
+
+class AddRequest(Message):
+    req_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+
+
+class AbortRequests(Message):
+    req_ids: list[str]
+
+
+class GetStats(Message):
+    pass
+
+
+class Shutdown(Message):
+    pass
+
+
+class EngineReady(Message):
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    kv_cache_tokens: int
+    kv_bytes_per_token: int
+
+
+class TokenLogprobs(Message):
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class RequestDelta(Message):
+    req_id: str
+    new_token_ids: list[int] = []
+    logprobs: list[TokenLogprobs] = []
+    prompt_logprobs: list[TokenLogprobs | None] = []
+    finished: bool = False
+    finish_reason: str | None = None  # "length", "stop", "abort", "error"
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    first_token_time: float = 0.0
+    finish_time: float = 0.0
+    scheduled_time: float = 0.0
+
+
+class RequestOutputs(Message):
+    deltas: list[RequestDelta]
+
+
+class EngineStats(Message):
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_steps: int
+    prompt_tokens: int  # prompt tokens of admitted requests
+    computed_prompt_tokens: int  # prefill tokens actually run through the model
+    generation_tokens: int
+    prefix_cache_queries: int  # tokens looked up in the prefix cache
+    prefix_cache_hits: int  # tokens found there
+    num_free_blocks: int
+    num_blocks: int
+
+
+class EngineDead(Message):
+    reason: str
+
+
+# ---- scheduler <-> worker ---------------------------------------------------------------------
+
+class NewRequestPlan(Message):
+    """A request new to the worker (or recomputed after preemption), in full."""
+    req_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed: int
+    num_scheduled: int
+
+
+class RunningDelta(Message):
+    req_id: str
+    new_block_ids: list[int]
+    num_scheduled: int
+
+
+class StepPlan(Message):
+    step_id: int
+    new: list[NewRequestPlan] = []
+    running: list[RunningDelta] = []
+    finished_ids: list[str] = []  # finished, aborted or preempted since the last step: drop state
+
+
+class SampledTokens(Message):
+    req_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] = []
+    prompt_logprobs: list[TokenLogprobs | None] = []
+
+
+class StepResult(Message):
+    step_id: int
+    sampled: list[SampledTokens]
+
+
+class WorkerReady(Message):
+    rank: int
+    num_blocks: int
+    kv_bytes_per_token: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+class WorkerFailed(Message):
+    rank: int
+    error: str
+
+
+FrontendToScheduler = AddRequest | AbortRequests | GetStats | Shutdown
+SchedulerToFrontend = EngineReady | RequestOutputs | EngineStats | EngineDead
+SchedulerToWorker = StepPlan | Shutdown
+WorkerToScheduler = WorkerReady | StepResult | WorkerFailed

@@ -1,0 +1,52 @@
+"""A request as the scheduler tracks it."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, req_id: str, prompt_ids: list[int], params: SamplingParams,
+                 arrival_time: float | None = None):
+        self.req_id = req_id
+        self.params = params
+        self.num_prompt_tokens = len(prompt_ids)
+        self.token_ids = list(prompt_ids)  # prompt, then every accepted output token
+        self.num_computed = 0  # tokens whose cache entries exist
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chain of hashes of the full, verified blocks
+        self.new_blocks: list[int] = []  # allocated since the worker last heard of this request
+        self.status = Status.WAITING
+        self.on_worker = False  # whether the worker holds this request's state
+        self.num_cached_tokens = 0  # prefix-cache hit at first admission
+        self.num_preemptions = 0
+        self.arrival_time = arrival_time if arrival_time is not None else time.time()
+        self.scheduled_time = 0.0
+        self.first_token_time = 0.0
+        self.finish_time = 0.0
+        self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def __repr__(self) -> str:
+        return (f"Request({self.req_id}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed}, blocks={self.block_table})")

@@ -1,0 +1,74 @@
+"""Per-request sampling parameters, as a plain typed message (it crosses process boundaries)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # top-n logprobs per generated token
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def problems(self, vocab_size: int) -> list[str]:
+        """What is wrong with these parameters, as sentences naming the field; empty if valid."""
+        p: list[str] = []
+        if self.max_tokens < 1:
+            p.append(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            p.append(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.temperature < 0:
+            p.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            p.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            p.append(f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            p.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            p.append(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            p.append(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.repetition_penalty <= 0:
+            p.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            p.append(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= 20:
+                p.append(f"{name} must be in [0, 20], got {n}")
+        if any(not s for s in self.stop):
+            p.append("stop strings must not be empty")
+        return p
+
+
+def parse_sampling_params(raw: SamplingParams | dict | None) -> SamplingParams:
+    """Accepts a SamplingParams, a dict of its fields, or None (defaults). Raises ValueError
+    naming the offending field (unknown names and wrong types included)."""
+    if raw is None:
+        return SamplingParams()
+    if isinstance(raw, SamplingParams):
+        return raw
+    try:
+        return msgspec.convert(raw, SamplingParams)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"invalid sampling parameters: {e}") from None

@@ -1,0 +1,66 @@
+"""What a worker knows of each request, rebuilt from step plans alone (new requests in full,
+running ones as deltas). Shared by the model worker and the no-op worker used in tests and
+the scheduler benchmark."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.messages import StepPlan
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class WorkerRequest:
+    req_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_table: list[int]
+    num_computed: int
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass
+class ScheduledWork:
+    req: WorkerRequest
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so a next token is due."""
+        return self.req.num_computed + self.num_tokens == len(self.req.token_ids)
+
+    @property
+    def tokens(self) -> list[int]:
+        start = self.req.num_computed
+        return self.req.token_ids[start : start + self.num_tokens]
+
+
+class WorkerState:
+    def __init__(self) -> None:
+        self.requests: dict[str, WorkerRequest] = {}
+
+    def apply(self, plan: StepPlan) -> list[ScheduledWork]:
+        for req_id in plan.finished_ids:
+            self.requests.pop(req_id, None)
+        work = []
+        for n in plan.new:
+            req = WorkerRequest(n.req_id, n.prompt_ids + n.output_ids, len(n.prompt_ids), n.params,
+                                list(n.block_ids), n.num_computed)
+            self.requests[n.req_id] = req
+            work.append(ScheduledWork(req, n.num_scheduled))
+        for d in plan.running:
+            req = self.requests[d.req_id]
+            req.block_table.extend(d.new_block_ids)
+            work.append(ScheduledWork(req, d.num_scheduled))
+        return work
+
+    @staticmethod
+    def advance(work: list[ScheduledWork], sampled: dict[str, list[int]]) -> None:
+        for w in work:
+            w.req.num_computed += w.num_tokens
+            w.req.token_ids.extend(sampled.get(w.req.req_id, ()))

@@ -1,0 +1,271 @@
+"""Continuous batching over the paged cache. Pure Python: buildable and testable without torch.
+
+One rule drives progress: each request's `num_computed` catches up with its `num_tokens` under
+the step's token budget. A decode is the case where one token is missing; a prefill chunk is the
+case where many are; a prefix-cache hit starts `num_computed` above zero; preemption resets it.
+
+Each step: running requests first (admission order), each taking what it is missing up to the
+remaining budget; when blocks run out the most recently admitted running request is preempted.
+Then waiting requests are admitted first come first served, their prompts chunked to the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from cache.block_manager import BlockManager
+from engine.messages import NewRequestPlan, RequestDelta, RunningDelta, StepPlan, StepResult
+from engine.request import Request, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    eos_token_id: int | None
+
+
+@dataclass
+class SchedulerCounters:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+@dataclass
+class ScheduledStep:
+    plan: StepPlan
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.counters = SchedulerCounters()
+        self._dropped: list[str] = []  # ids the worker must forget at the next step
+        self._unreported: list[Request] = []  # finished inside schedule(), reported by update()
+        self._step_id = 0
+
+    # ---- intake ---------------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        if req.req_id in self.requests:
+            raise ValueError(f"request id {req.req_id!r} is already in use")
+        self.requests[req.req_id] = req
+        self.waiting.append(req)
+
+    def abort(self, req_id: str, reason: str = "abort") -> Request | None:
+        """Ends a request at once, wherever it is (an abort, or a stop string the frontend saw)."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+        self._finish(req, reason)
+        return req
+
+    @property
+    def pending_drops(self) -> list[str]:
+        """Ids the worker still holds and will be told to forget at the next step."""
+        return self._dropped
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling -----------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledStep:
+        self._step_id += 1
+        step = ScheduledStep(StepPlan(step_id=self._step_id))
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(step, budget)
+        self._admit_waiting(step, budget)
+        step.plan.finished_ids = self._dropped
+        self._dropped = []
+        self.counters.num_steps += 1
+        return step
+
+    def _schedule_running(self, step: ScheduledStep, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            if self.blocks.blocks_for(req.num_computed + n) > self.blocks.num_blocks:
+                self._finish(req, "length")  # the whole pool cannot hold it any longer
+                self._unreported.append(req)
+                continue
+            if not self._grow(req, n):
+                break  # req itself was preempted: nothing after it is running any more
+            self._add_to_plan(step, req, n)
+            budget -= n
+            i += 1
+        return budget
+
+    def _grow(self, req: Request, n: int) -> bool:
+        """Makes req's table hold num_computed + n tokens, preempting from the back if needed."""
+        need = self.blocks.blocks_for(req.num_computed + n) - len(req.block_table)
+        while need > self.blocks.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        new = self.blocks.allocate(need)
+        req.block_table.extend(new)
+        req.new_blocks.extend(new)
+        return True
+
+    def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if not req.block_table:
+                self._apply_prefix_hit(req)
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = self.blocks.blocks_for(req.num_computed + n) - len(req.block_table)
+            if need > self.blocks.num_free:
+                self._release(req)  # waiting requests hold no blocks, prefix hits included
+                if not self.running:
+                    # Even the whole pool cannot hold it (a long generation): end it rather
+                    # than block the queue forever.
+                    self.waiting.popleft()
+                    self._finish(req, "length")
+                    self._unreported.append(req)
+                    continue
+                break
+            req.block_table.extend(self.blocks.allocate(need))
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            if not req.scheduled_time:
+                req.scheduled_time = time.time()
+            self.running.append(req)
+            self._add_to_plan(step, req, n)
+            budget -= n
+
+    def _apply_prefix_hit(self, req: Request) -> None:
+        if req.params.prompt_logprobs is not None:
+            return  # cached tokens would have no prompt logprobs
+        hit, hashes = self.blocks.lookup_prefix(req.token_ids)
+        self.blocks.acquire(hit)
+        req.block_table = list(hit)
+        req.block_hashes = list(hashes)
+        req.num_computed = len(hit) * self.blocks.block_size
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed
+            self.counters.prompt_tokens += req.num_prompt_tokens
+            self.counters.prefix_cache_queries += req.num_prompt_tokens
+            self.counters.prefix_cache_hits += req.num_computed
+
+    def _add_to_plan(self, step: ScheduledStep, req: Request, n: int) -> None:
+        if req.on_worker:
+            step.plan.running.append(RunningDelta(req.req_id, req.new_blocks, n))
+        else:
+            step.plan.new.append(NewRequestPlan(
+                req_id=req.req_id, prompt_ids=req.token_ids[: req.num_prompt_tokens],
+                output_ids=req.output_ids, params=req.params, block_ids=list(req.block_table),
+                num_computed=req.num_computed, num_scheduled=n))
+            req.on_worker = True
+        req.new_blocks = []
+        step.scheduled.append((req, n))
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.counters.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _release(self, req: Request) -> None:
+        self.blocks.release(req.block_table)
+        req.block_table = []
+        req.block_hashes = []
+        req.new_blocks = []
+        req.num_computed = 0
+        if req.on_worker:
+            self._dropped.append(req.req_id)
+            req.on_worker = False
+
+    # ---- results --------------------------------------------------------------------------
+
+    def update(self, step: ScheduledStep, result: StepResult) -> list[RequestDelta]:
+        """Folds a step's sampled tokens back in; returns a delta per request that produced
+        tokens or finished."""
+        for req, n in step.scheduled:
+            if req.status is Status.RUNNING:
+                if req.num_computed < req.num_prompt_tokens:
+                    self.counters.computed_prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed)
+                req.num_computed += n
+                self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, req.num_computed)
+        deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
+        self._unreported = []
+        now = time.time()
+        for s in result.sampled:
+            req = self.requests.get(s.req_id)
+            if req is None or req.status is not Status.RUNNING:
+                continue  # aborted while the step ran
+            delta = RequestDelta(req.req_id, logprobs=s.logprobs, prompt_logprobs=s.prompt_logprobs)
+            if not req.first_token_time:
+                req.first_token_time = now
+            for t in s.token_ids:
+                req.token_ids.append(t)
+                delta.new_token_ids.append(t)
+                self.counters.generation_tokens += 1
+                reason = self._stop_reason(req, t)
+                if reason:
+                    self._finish(req, reason)
+                    break
+            deltas.append(self._fill_delta(delta, req))
+        return deltas
+
+    def _stop_reason(self, req: Request, token: int) -> str | None:
+        p = req.params
+        n_out = req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token == self.config.eos_token_id and not p.ignore_eos:
+                return "stop"
+            if token in p.stop_token_ids:
+                return "stop"
+        if n_out >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        self._release(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.finish_time = time.time()
+        del self.requests[req.req_id]
+
+    def _fill_delta(self, delta: RequestDelta, req: Request) -> RequestDelta:
+        delta.num_prompt_tokens = req.num_prompt_tokens
+        delta.num_cached_tokens = req.num_cached_tokens
+        delta.first_token_time = req.first_token_time
+        delta.scheduled_time = req.scheduled_time
+        if req.status is Status.FINISHED:
+            delta.finished = True
+            delta.finish_reason = req.finish_reason
+            delta.finish_time = req.finish_time
+        return delta
+
+    def check_integrity(self) -> None:
+        tables = [r.block_table for r in self.running] + [r.block_table for r in self.waiting]
+        self.blocks.check_integrity(tables)
+        assert len(self.running) <= self.config.max_num_seqs
+        assert all(r.status is Status.RUNNING for r in self.running)
+        assert all(not r.block_table for r in self.waiting), "a waiting request holds blocks"

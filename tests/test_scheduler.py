@@ -1,0 +1,140 @@
+"""Scheduler invariants, checked after every step, with a fake model that follows the plans."""
+
+import random
+
+import pytest
+
+from cache.block_manager import BlockManager
+from engine.messages import SampledTokens, StepResult
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.worker_state import WorkerState
+from scheduler.scheduler import Scheduler, SchedulerConfig
+
+EOS = 1
+
+
+def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, max_len=4096, caching=True):
+    cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=max_len,
+                          eos_token_id=EOS)
+    return Scheduler(cfg, BlockManager(num_blocks, block_size, caching))
+
+
+def run_step(sched: Scheduler, worker: WorkerState, rng: random.Random, vocab=50):
+    step = sched.schedule()
+    work = worker.apply(step.plan)
+    sampled = {w.req.req_id: [rng.randrange(vocab)] for w in work if w.samples}
+    result = StepResult(step.plan.step_id, [SampledTokens(k, v) for k, v in sampled.items()])
+    WorkerState.advance(work, sampled)
+    return step, sched.update(step, result)
+
+
+def check_worker_mirrors_scheduler(sched: Scheduler, worker: WorkerState):
+    for req in sched.running:
+        w = worker.requests[req.req_id]
+        assert w.block_table == req.block_table
+        assert w.num_computed == req.num_computed
+        assert w.token_ids == req.token_ids
+    known = {r.req_id for r in sched.running} | {r.req_id for r in sched.waiting} | set(sched.pending_drops)
+    assert set(worker.requests) <= known
+
+
+def test_decodes_are_scheduled_before_new_prompts():
+    sched = make_scheduler(budget=8)
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add(Request("a", [2] * 6, SamplingParams(max_tokens=5)))
+    run_step(sched, worker, rng)  # a prefills
+    sched.add(Request("b", [3] * 20, SamplingParams(max_tokens=5)))
+    step, _ = run_step(sched, worker, rng)
+    assert [(r.req_id, n) for r, n in step.scheduled] == [("a", 1), ("b", 7)]  # b chunked to budget
+    step, _ = run_step(sched, worker, rng)
+    assert [(r.req_id, n) for r, n in step.scheduled] == [("a", 1), ("b", 7)]
+
+
+def test_preemption_takes_the_most_recently_admitted_and_keeps_its_output():
+    sched = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add(Request("old", [2] * 7, SamplingParams(max_tokens=20, ignore_eos=True)))
+    sched.add(Request("new", [3] * 7, SamplingParams(max_tokens=20, ignore_eos=True)))
+    run_step(sched, worker, rng)  # both prefilled: 2 blocks each, pool full
+    run_step(sched, worker, rng)  # 8 tokens each: still fits
+    step, _ = run_step(sched, worker, rng)  # "old" needs a third block: "new" is preempted
+    assert sched.counters.num_preemptions == 1
+    assert [r.req_id for r, _ in step.scheduled] == ["old"] and "new" in step.plan.finished_ids
+    preempted = sched.waiting[0]
+    assert preempted.req_id == "new" and preempted.num_output_tokens == 2 and not preempted.block_table
+    sched.check_integrity()
+
+
+def test_abort_frees_every_block_at_once():
+    sched = make_scheduler()
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add(Request("a", [2] * 30, SamplingParams(max_tokens=50)))
+    run_step(sched, worker, rng)
+    assert sched.blocks.num_free < 64
+    sched.abort("a")
+    sched.check_integrity()
+    assert sched.blocks.num_free == 64 and not sched.has_work()
+
+
+def test_prefix_hit_skips_cached_tokens():
+    sched = make_scheduler(block_size=4, budget=64)
+    worker, rng = WorkerState(), random.Random(0)
+    prefix = list(range(2, 22))  # 20 tokens = 5 full blocks
+    sched.add(Request("a", prefix + [40], SamplingParams(max_tokens=1)))
+    while sched.has_work():
+        run_step(sched, worker, rng)
+    sched.add(Request("b", prefix + [41, 42], SamplingParams(max_tokens=1)))
+    step, _ = run_step(sched, worker, rng)
+    assert [(r.req_id, n) for r, n in step.scheduled] == [("b", 2)]
+    assert step.plan.new[0].num_computed == 20
+    assert sched.counters.prefix_cache_hits == 20
+
+
+def test_a_request_larger_than_the_pool_finishes_instead_of_blocking():
+    sched = make_scheduler(num_blocks=2, block_size=4)
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add(Request("big", [2] * 6, SamplingParams(max_tokens=50, ignore_eos=True)))
+    sched.add(Request("small", [3] * 2, SamplingParams(max_tokens=2, ignore_eos=True)))
+    reasons = {}
+    for _ in range(50):
+        if not sched.has_work():
+            break
+        _, deltas = run_step(sched, worker, rng)
+        reasons.update({d.req_id: d.finish_reason for d in deltas if d.finished})
+        sched.check_integrity()
+    assert reasons == {"big": "length", "small": "length"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_traffic_keeps_every_invariant(seed):
+    rng = random.Random(seed)
+    budget, max_seqs = rng.choice([8, 16, 64]), rng.choice([2, 4, 16])
+    sched = make_scheduler(num_blocks=rng.choice([12, 24, 64]), block_size=rng.choice([1, 4, 16]),
+                           budget=budget, max_seqs=max_seqs, caching=bool(seed % 2))
+    worker = WorkerState()
+    shared_prefix = [rng.randrange(2, 50) for _ in range(24)]
+    added, finished = 0, set()
+    for step_no in range(1500):
+        if added < 300 and rng.random() < 0.3:
+            n = rng.randrange(1, 40)
+            prompt = (shared_prefix[: rng.randrange(0, 24)] + [rng.randrange(2, 50) for _ in range(n)])[:40]
+            sched.add(Request(f"r{added}", prompt, SamplingParams(max_tokens=rng.randrange(1, 30))))
+            added += 1
+        if sched.requests and rng.random() < 0.03:
+            rid = rng.choice(list(sched.requests))
+            sched.abort(rid)
+            finished.add(rid)
+        step, deltas = run_step(sched, worker, rng)
+        finished |= {d.req_id for d in deltas if d.finished}
+        assert step.num_tokens <= budget
+        assert len(sched.running) <= max_seqs
+        sched.check_integrity()
+        check_worker_mirrors_scheduler(sched, worker)
+    while sched.has_work():
+        _, deltas = run_step(sched, worker, rng)
+        finished |= {d.req_id for d in deltas if d.finished}
+        sched.check_integrity()
+    assert finished == {f"r{i}" for i in range(added)}
+    assert sched.blocks.num_free == sched.blocks.num_blocks  # an idle engine holds no block
+    assert sched.counters.num_steps > 1000
