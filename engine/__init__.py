@@ -1,0 +1,14 @@
+"""mlaserve's engine: `from engine import LLM, SamplingParams`."""
+
+from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    # LLM pulls in ZMQ and the process plumbing; import it only when asked for.
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

@@ -135,7 +135,7 @@ class WorkerReady(Message):
     num_blocks: int
     kv_bytes_per_token: int
     vocab_size: int
-    max_position_embeddings: int
+    max_model_len: int
 
 
 class WorkerFailed(Message):

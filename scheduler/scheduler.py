@@ -218,7 +218,7 @@ class Scheduler:
             if req is None or req.status is not Status.RUNNING:
                 continue  # aborted while the step ran
             delta = RequestDelta(req.req_id, logprobs=s.logprobs, prompt_logprobs=s.prompt_logprobs)
-            if not req.first_token_time:
+            if s.token_ids and not req.first_token_time:
                 req.first_token_time = now
             for t in s.token_ids:
                 req.token_ids.append(t)

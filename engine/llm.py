@@ -1,0 +1,221 @@
+"""The offline batch API: LLM(model_dir, ...).generate(prompts, params)."""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+from tokenizers import Tokenizer
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.engine_core import run_engine_core
+from engine.messages import (
+    AbortRequests, AddRequest, EngineDead, EngineReady, EngineStats, GetStats, RequestDelta, RequestOutputs,
+    SchedulerToFrontend, Shutdown,
+)
+from engine.model_config import ModelConfig
+from engine.outputs import RequestMetrics, RequestOutput
+from engine.processes import Channel, spawn
+from engine.sampling_params import SamplingParams, parse_sampling_params
+from engine.worker_process import run_worker
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class EngineClient:
+    """Starts the scheduler and worker processes and talks to the scheduler; stops them all."""
+
+    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0):
+        self._dir = tempfile.mkdtemp(prefix="mlaserve-")
+        addrs = {k: f"ipc://{self._dir}/{k}" for k in ("input", "output", "plans", "results")}
+        self._ctx = zmq.Context()
+        self.outputs = Channel(self._ctx, zmq.PULL, addrs["output"], bind=True, decode_type=SchedulerToFrontend)
+        eos = ModelConfig.from_checkpoint(config.model_dir).eos_token_id
+        self.procs = [spawn(run_engine_core, config, addrs, eos, startup_timeout_s),
+                      spawn(run_worker, config, 0, addrs["plans"], addrs["results"])]
+        self.inputs = Channel(self._ctx, zmq.PUSH, addrs["input"], bind=False, decode_type=None)
+        atexit.register(self.shutdown)
+        try:
+            ready = self.recv(timeout_s=startup_timeout_s)
+            if not isinstance(ready, EngineReady):
+                raise EngineDeadError(f"engine did not start: {ready}")
+        except BaseException:
+            self.shutdown()
+            raise
+        self.ready: EngineReady = ready
+
+    def send(self, msg) -> None:
+        self.inputs.send(msg)
+
+    def recv(self, timeout_s: float | None = None):
+        """The next message from the scheduler; raises EngineDeadError if a process died."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while deadline is None or time.monotonic() < deadline:
+            msg = self.outputs.recv(timeout_ms=200)
+            if isinstance(msg, EngineDead):
+                raise EngineDeadError(f"the engine failed:\n{msg.reason}")
+            if msg is not None:
+                return msg
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                raise EngineDeadError(f"engine process {dead[0].name} exited with code {dead[0].exitcode}")
+        raise EngineDeadError(f"no answer from the engine within {timeout_s} s")
+
+    def shutdown(self) -> None:
+        if not self.procs:
+            return
+        try:
+            self.inputs.send(Shutdown())
+        except zmq.ZMQError:
+            pass
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self.procs = []
+        self.inputs.close()
+        self.outputs.close()
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        atexit.unregister(self.shutdown)
+
+
+class _Tracked:
+    def __init__(self, out: RequestOutput, detok: IncrementalDetokenizer, want_logprobs: bool, want_plp: bool):
+        self.out = out
+        self.detok = detok
+        if want_logprobs:
+            out.logprobs = []
+        if want_plp:
+            out.prompt_logprobs = []
+
+    def apply(self, d: RequestDelta) -> bool:
+        """Folds a delta in; returns True if a stop string ended the request here."""
+        out = self.out
+        out.token_ids.extend(d.new_token_ids)
+        if out.logprobs is not None:
+            out.logprobs.extend(d.logprobs)
+        if out.prompt_logprobs is not None:
+            out.prompt_logprobs.extend(d.prompt_logprobs)
+        m = out.metrics
+        if m is not None:
+            m.scheduled_time = d.scheduled_time or m.scheduled_time
+            m.first_token_time = d.first_token_time or m.first_token_time
+            m.num_cached_tokens = d.num_cached_tokens
+        stopped = bool(d.new_token_ids) and self.detok.add(d.new_token_ids)
+        if stopped:
+            out.finish_reason = "stop"
+        elif d.finished:
+            out.finish_reason, out.error = d.finish_reason, d.error
+            self.detok.flush()
+        out.text = self.detok.text
+        if out.finished and m is not None:
+            m.finish_time = d.finish_time or time.time()
+        return stopped
+
+
+class LLM:
+    def __init__(self, model: str | Path, dtype: str = "bfloat16", max_num_batched_tokens: int = 2048,
+                 max_num_seqs: int = 256, block_size: int = 64, kv_cache_memory: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0, max_model_len: int | None = None,
+                 kv_cache_memory_fraction: float = 0.05, startup_timeout_s: float = 600.0):
+        self.config = EngineConfig(
+            model_dir=str(model), dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+            kv_cache_memory_fraction=kv_cache_memory_fraction, enable_prefix_caching=enable_prefix_caching,
+            seed=seed)
+        self.tokenizer = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+        self.engine = EngineClient(self.config, startup_timeout_s)
+        self._next_id = 0
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.engine.ready.kv_cache_tokens
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def stats(self) -> EngineStats:
+        self.engine.send(GetStats())
+        while True:
+            msg = self.engine.recv(timeout_s=60)
+            if isinstance(msg, EngineStats):
+                return msg
+
+    def generate(self, prompts, params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, or a list of either. params: a SamplingParams
+        or dict for all, or a list with one per prompt. A request with bad input comes back with
+        finish_reason "error" and `error` naming the problem; the others run normally."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling parameters for {len(prompts)} prompts")
+        tracked: dict[str, _Tracked] = {}
+        order: list[str] = []
+        try:
+            for prompt, p in zip(prompts, plist):
+                order.append(self._submit(prompt, p, tracked))
+            self._collect(tracked, use_tqdm and len(prompts) > 1)
+        except BaseException:
+            # Ctrl-C or a dead engine: stop every process before the exception leaves.
+            self.shutdown()
+            raise
+        return [tracked[r].out for r in order]
+
+    def _submit(self, prompt, raw_params, tracked: dict[str, _Tracked]) -> str:
+        req_id = str(self._next_id)
+        self._next_id += 1
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids if text is not None else list(prompt)
+        out = RequestOutput(req_id, text, ids, metrics=RequestMetrics(arrival_time=time.time()))
+        try:
+            params = parse_sampling_params(raw_params)
+        except ValueError as e:
+            out.finish_reason, out.error = "error", str(e)
+            tracked[req_id] = _Tracked(out, IncrementalDetokenizer(self.tokenizer, SamplingParams()), False, False)
+            return req_id
+        tracked[req_id] = _Tracked(out, IncrementalDetokenizer(self.tokenizer, params),
+                                   params.logprobs is not None, params.prompt_logprobs is not None)
+        self.engine.send(AddRequest(req_id, ids, params, out.metrics.arrival_time))
+        return req_id
+
+    def _collect(self, tracked: dict[str, _Tracked], progress: bool) -> None:
+        pending = {r for r, t in tracked.items() if not t.out.finished}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(tracked), desc="generate", unit="req", initial=len(tracked) - len(pending))
+        while pending:
+            msg = self.engine.recv()
+            if not isinstance(msg, RequestOutputs):
+                continue
+            for d in msg.deltas:
+                t = tracked.get(d.req_id)
+                if t is None or t.out.finished:
+                    continue  # an abort we asked for after a stop string
+                if t.apply(d):
+                    self.engine.send(AbortRequests([d.req_id]))
+                if t.out.finished:
+                    pending.discard(d.req_id)
+                    if bar:
+                        bar.update(1)
+        if bar:
+            bar.close()

@@ -1,0 +1,123 @@
+"""Batched sampling: penalties, temperature, top-k / top-p / min-p, seeded draws, logprobs.
+
+Randomness for a request's n-th output token comes from a generator seeded by (seed, n), so a
+seeded request draws the same tokens whatever its batch, and again after a preemption.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from engine.messages import TokenLogprobs
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    req_id: str
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+def _row_seed(row: SampleRow, engine_seed: int) -> int:
+    base = row.params.seed if row.params.seed is not None else (engine_seed << 32) ^ zlib.crc32(row.req_id.encode())
+    return (base * 1_000_003 + len(row.output_ids)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and r.output_ids:
+            counts = torch.bincount(torch.tensor(r.output_ids), minlength=logits.shape[1]).float()
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+
+def _mask_early_stops(logits: torch.Tensor, rows: list[SampleRow], eos: int | None) -> None:
+    for i, r in enumerate(rows):
+        if len(r.output_ids) < r.params.min_tokens:
+            banned = list(r.params.stop_token_ids) + ([eos] if eos is not None else [])
+            logits[i, banned] = float("-inf")
+
+
+def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Temperature-scaled logits with top-k, top-p and min-p applied (-inf outside)."""
+    temps = torch.tensor([r.params.temperature for r in rows]).clamp(min=1e-6)
+    logits = logits / temps[:, None]
+    top_k = [r.params.top_k for r in rows]
+    top_p = torch.tensor([r.params.top_p for r in rows])
+    min_p = torch.tensor([r.params.min_p for r in rows])
+    if any(k > 0 for k in top_k) or bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(logits.shape[1])[None, :]
+        k = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k])
+        drop = rank >= k[:, None]
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # keeps at least the top token
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow]) -> list[list[TokenLogprobs]]:
+    out: list[list[TokenLogprobs]] = []
+    need = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not need:
+        return [[] for _ in rows]
+    lp = raw[need].log_softmax(-1)
+    n_top = max(rows[i].params.logprobs or 0 for i in need)
+    top_v, top_i = lp.topk(max(n_top, 1), dim=-1) if n_top else (None, None)
+    by_row: dict[int, list[TokenLogprobs]] = {}
+    for j, i in enumerate(need):
+        tok = int(tokens[i])
+        val = lp[j, tok]
+        n = rows[i].params.logprobs or 0
+        by_row[i] = [TokenLogprobs(
+            token_id=tok, logprob=float(val), rank=int((lp[j] > val).sum()) + 1,
+            top_ids=top_i[j, :n].tolist() if n else [], top_logprobs=top_v[j, :n].tolist() if n else [])]
+    for i in range(len(rows)):
+        out.append(by_row.get(i, []))
+    return out
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow], eos_token_id: int | None,
+           engine_seed: int = 0) -> tuple[list[int], list[list[TokenLogprobs]]]:
+    """logits [N, V] float32, one row per request due a token. Returns token ids and, per row,
+    the logprobs entry when the request asked for logprobs (of the model's raw distribution)."""
+    raw = logits
+    logits = logits.clone()
+    _apply_penalties(logits, rows)
+    _mask_early_stops(logits, rows, eos_token_id)
+    tokens = logits.argmax(-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        sub = [rows[i] for i in random_rows]
+        probs = _filter(logits[random_rows], sub).softmax(-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
+        noise = torch.stack([
+            torch.empty(probs.shape[1]).exponential_(generator=torch.Generator().manual_seed(_row_seed(r, engine_seed)))
+            for r in sub
+        ])
+        tokens[random_rows] = (probs / noise).argmax(-1)
+    return tokens.tolist(), _logprob_entries(raw, tokens, rows)
+
+
+def prompt_logprob_entries(logits: torch.Tensor, next_tokens: list[int], n: int) -> list[TokenLogprobs]:
+    """logits [L, V] at positions predicting next_tokens [L]."""
+    lp = logits.log_softmax(-1)
+    idx = torch.tensor(next_tokens)
+    vals = lp[torch.arange(len(next_tokens)), idx]
+    ranks = (lp > vals[:, None]).sum(-1) + 1
+    top_v, top_i = lp.topk(max(n, 1), dim=-1)
+    return [TokenLogprobs(token_id=t, logprob=float(v), rank=int(r),
+                          top_ids=top_i[j, :n].tolist() if n else [], top_logprobs=top_v[j, :n].tolist() if n else [])
+            for j, (t, v, r) in enumerate(zip(next_tokens, vals, ranks))]

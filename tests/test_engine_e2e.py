@@ -1,0 +1,171 @@
+"""The engine through its real processes: scheduler and worker over ZeroMQ, offline API."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.llm import EngineDeadError
+from model.hf_reference import load_hf_model
+
+BLOCK = 16
+FP32_BYTES_PER_BLOCK = 576 * 4 * 4 * BLOCK  # 576 values x fp32 x (3 layers + MTP) x tokens
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(11)
+    lengths = [3, 90, 20, 7, 60, 33]
+    return [torch.randint(2, 258, (n,), generator=g).tolist() for n in lengths]
+
+
+MAX_TOKENS = [12, 30, 8, 40, 20, 25]
+
+
+@pytest.fixture(scope="module")
+def small_cache_llm(tiny_checkpoint):
+    # 14 blocks of 16 tokens hold the longest request alone, but not the batch: preemption happens.
+    llm = LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, max_num_batched_tokens=48,
+              kv_cache_memory=14 * FP32_BYTES_PER_BLOCK)
+    yield llm
+    llm.shutdown()
+
+
+def test_greedy_mixed_batch_equals_transformers_with_chunking_and_preemption(small_cache_llm, tiny_checkpoint):
+    prompts = _prompts()
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
+    before = small_cache_llm.stats()
+    outs = small_cache_llm.generate(prompts, params, use_tqdm=False)
+    after = small_cache_llm.stats()
+    assert after.num_preemptions > before.num_preemptions
+    hf = load_hf_model(tiny_checkpoint)
+    with torch.inference_mode():
+        for p, m, out in zip(prompts, MAX_TOKENS, outs):
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=m, min_new_tokens=m, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            assert out.token_ids == ref and out.finish_reason == "length"
+    assert after.num_free_blocks == after.num_blocks and after.num_running == 0
+
+
+def test_prefix_cache_computes_only_new_tokens_and_keeps_output(tiny_checkpoint):
+    prefix = torch.randint(2, 258, (80,), generator=torch.Generator().manual_seed(5)).tolist()
+    first, second = prefix + [10, 11, 12], prefix + [20, 21]
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, kv_cache_memory=64 * FP32_BYTES_PER_BLOCK) as llm:
+        llm.generate([first], greedy, use_tqdm=False)
+        before = llm.stats()
+        cached = llm.generate([second], greedy, use_tqdm=False)[0]
+        after = llm.stats()
+    assert after.computed_prompt_tokens - before.computed_prompt_tokens == len(second) - 80
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 80 and cached.metrics.num_cached_tokens == 80
+    with LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, enable_prefix_caching=False,
+             kv_cache_memory=64 * FP32_BYTES_PER_BLOCK) as llm:
+        plain = llm.generate([second], greedy, use_tqdm=False)[0]
+    assert cached.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], {}, "prompt is empty"),
+    ([5] * 5000, {}, "prompt has 5000 tokens; the model's context is 4096"),
+    ([5, 999], {}, r"prompt token ids \[999\] are outside the vocabulary"),
+    ([5], {"max_tokens": 0}, "max_tokens must be at least 1"),
+    ([5], {"temperature": -1.0}, "temperature must be >= 0"),
+    ([5], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ([5], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ([5], {"bogus": 1}, "unknown field `bogus`"),
+])
+def test_bad_input_fails_that_request_alone(small_cache_llm, prompt, params, message):
+    good = SamplingParams(temperature=0, max_tokens=4)
+    outs = small_cache_llm.generate([[7, 8, 9], prompt, [10, 11]], [good, params, good], use_tqdm=False)
+    assert outs[1].finish_reason == "error"
+    assert outs[1].error is not None and pytest.importorskip("re").search(message, outs[1].error)
+    assert [len(o.token_ids) for o in (outs[0], outs[2])] == [4, 4]
+    assert outs[0].finish_reason == outs[2].finish_reason == "length"
+
+
+def test_seeded_sampling_is_the_same_whatever_the_batch(small_cache_llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = small_cache_llm.generate([[5, 6, 7]], p, use_tqdm=False)[0].token_ids
+    crowd = small_cache_llm.generate([[9] * 30, [5, 6, 7], [4] * 8],
+                                     [SamplingParams(temperature=0.7, max_tokens=20), p,
+                                      SamplingParams(max_tokens=5)], use_tqdm=False)
+    assert crowd[1].token_ids == alone
+    other_seed = small_cache_llm.generate([[5, 6, 7]], SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    assert other_seed.token_ids != alone
+
+
+def test_stop_token_and_min_tokens(small_cache_llm):
+    greedy = small_cache_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    stop_at = greedy.token_ids[3]
+    first = greedy.token_ids.index(stop_at)
+    out = small_cache_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10,
+                                                               stop_token_ids=[stop_at]), use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids == greedy.token_ids[: first + 1]
+
+
+def test_stop_string_is_cut_from_the_text(tiny_checkpoint, small_cache_llm):
+    greedy = small_cache_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20,
+                                                                  skip_special_tokens=True), use_tqdm=False)[0]
+    text = greedy.text
+    stop = next(text[i : i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[i : i + 2])
+    out = small_cache_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20, stop=[stop]),
+                                   use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
+
+
+def test_logprobs_and_prompt_logprobs(small_cache_llm):
+    out = small_cache_llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=3, logprobs=2,
+                                                                  prompt_logprobs=1), use_tqdm=False)[0]
+    assert len(out.logprobs) == 3 and len(out.prompt_logprobs) == 4 and out.prompt_logprobs[0] is None
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == tok and lp.rank == 1 and lp.top_ids[0] == tok and len(lp.top_ids) == 2
+        assert lp.logprob == pytest.approx(lp.top_logprobs[0])
+    assert [e.token_id for e in out.prompt_logprobs[1:]] == [6, 7, 8]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture
+def fresh_llm(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, kv_cache_memory=16 * FP32_BYTES_PER_BLOCK)
+    pids = [p.pid for p in llm.engine.procs]
+    assert len(pids) == 2 and not any(_gone(p) for p in pids)
+    yield llm, pids
+    llm.shutdown()
+
+
+def test_shutdown_leaves_no_process(fresh_llm):
+    llm, pids = fresh_llm
+    llm.shutdown()
+    assert all(_gone(p) for p in pids)
+
+
+def test_a_dead_worker_fails_generate_and_stops_everything(fresh_llm):
+    llm, pids = fresh_llm
+    os.kill(pids[1], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=50), use_tqdm=False)
+    assert time.monotonic() - start < 30
+    assert all(_gone(p) for p in pids)
+
+
+def test_interrupt_during_generate_stops_every_process(fresh_llm, monkeypatch):
+    llm, pids = fresh_llm
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm, "_collect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5), use_tqdm=False)
+    assert all(_gone(p) for p in pids)
