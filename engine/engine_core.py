@@ -81,7 +81,7 @@ class EngineCore:
         if step.scheduled or step.plan.finished_ids:
             result = self.worker(step.plan)
         else:
-            result = StepResult(step.plan.step_id, [])
+            result = StepResult(step.plan.step_id)
         return self.scheduler.update(step, result)
 
     def stats(self) -> EngineStats:

@@ -111,7 +111,7 @@ class _Tracked:
         if m is not None:
             m.scheduled_time = d.scheduled_time or m.scheduled_time
             m.first_token_time = d.first_token_time or m.first_token_time
-            m.num_cached_tokens = d.num_cached_tokens
+            m.num_cached_tokens = d.num_cached_tokens or m.num_cached_tokens
         stopped = bool(d.new_token_ids) and self.detok.add(d.new_token_ids)
         if stopped:
             out.finish_reason = "stop"

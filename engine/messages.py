@@ -105,29 +105,25 @@ class NewRequestPlan(Message):
     num_scheduled: int
 
 
-class RunningDelta(Message):
-    req_id: str
-    new_block_ids: list[int]
-    num_scheduled: int
-
-
 class StepPlan(Message):
+    """Running requests travel as columns: running_ids[i] computes running_num_scheduled[i]
+    tokens and has the blocks running_new_blocks[i] appended to its table."""
     step_id: int
     new: list[NewRequestPlan] = []
-    running: list[RunningDelta] = []
+    running_ids: list[str] = []
+    running_num_scheduled: list[int] = []
+    running_new_blocks: list[list[int]] = []
     finished_ids: list[str] = []  # finished, aborted or preempted since the last step: drop state
 
 
-class SampledTokens(Message):
-    req_id: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs] = []
-    prompt_logprobs: list[TokenLogprobs | None] = []
-
-
 class StepResult(Message):
+    """Columnar, so that a step of hundreds of decodes is a few flat lists on the wire.
+    req_ids[i] produced token_ids[i] (empty for a prefill chunk that only returns prompt logprobs)."""
     step_id: int
-    sampled: list[SampledTokens]
+    req_ids: list[str] = []
+    token_ids: list[list[int]] = []
+    logprobs: dict[str, list[TokenLogprobs]] = {}
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
 
 
 class WorkerReady(Message):

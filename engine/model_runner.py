@@ -6,7 +6,7 @@ import torch
 
 from cache.latent_cache import LatentCache
 from engine.config import EngineConfig
-from engine.messages import SampledTokens, StepPlan, StepResult, TokenLogprobs
+from engine.messages import StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
 from engine.worker_state import ScheduledWork, WorkerState
 from model.deepseek_v3 import DeepseekV3
@@ -62,7 +62,7 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         work = self.state.apply(plan)
         if not work:
-            return StepResult(plan.step_id, [])
+            return StepResult(plan.step_id)
         chunks = [SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table) for w in work]
         batch = ForwardBatch.build(chunks, self.config.block_size, self.config.device)
         hidden = self.model(batch, self._cache_layers)
@@ -77,15 +77,20 @@ class ModelRunner:
             tokens, logprobs = sample(self.model.logits(hidden[last]).cpu(), rows, self.cfg.eos_token_id,
                                       self.config.seed)
         sampled = {r.req_id: [t] for r, t in zip(rows, tokens)}
-        results = []
-        lp_of = {r.req_id: lp for r, lp in zip(rows, logprobs)}
+        result = StepResult(plan.step_id)
+        for r, lp in zip(rows, logprobs):
+            if lp:
+                result.logprobs[r.req_id] = lp
         for i, w in enumerate(work):
+            rid = w.req.req_id
             plp = self._prompt_logprobs(w, hidden[batch.query_start[i] : batch.query_start[i + 1]])
-            if w.req.req_id in sampled or plp:
-                results.append(SampledTokens(w.req.req_id, sampled.get(w.req.req_id, []),
-                                             lp_of.get(w.req.req_id, []), plp))
+            if plp:
+                result.prompt_logprobs[rid] = plp
+            if rid in sampled or plp:
+                result.req_ids.append(rid)
+                result.token_ids.append(sampled.get(rid, []))
         WorkerState.advance(work, sampled)
-        return StepResult(plan.step_id, results)
+        return result
 
     def _prompt_logprobs(self, w: ScheduledWork, hidden: torch.Tensor) -> list[TokenLogprobs | None]:
         """Entries for the prompt tokens this chunk predicts (the first prompt token gets None)."""

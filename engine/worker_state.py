@@ -53,10 +53,11 @@ class WorkerState:
                                 list(n.block_ids), n.num_computed)
             self.requests[n.req_id] = req
             work.append(ScheduledWork(req, n.num_scheduled))
-        for d in plan.running:
-            req = self.requests[d.req_id]
-            req.block_table.extend(d.new_block_ids)
-            work.append(ScheduledWork(req, d.num_scheduled))
+        for req_id, n, blocks in zip(plan.running_ids, plan.running_num_scheduled, plan.running_new_blocks):
+            req = self.requests[req_id]
+            if blocks:
+                req.block_table.extend(blocks)
+            work.append(ScheduledWork(req, n))
         return work
 
     @staticmethod

@@ -14,6 +14,39 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    from engine import LLM, SamplingParams
+
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    else:
+        prompts = args.prompt
+    if not prompts:
+        print("error: give --prompt TEXT (repeatable) or --prompts-file FILE", file=sys.stderr)
+        return 2
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    with LLM(args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
+             max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+             enable_prefix_caching=not args.no_prefix_caching) as llm:
+        print(f"latent cache: {llm.kv_cache_tokens} tokens of {llm.engine.ready.kv_bytes_per_token} bytes each",
+              file=sys.stderr)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+        elapsed = time.perf_counter() - start
+    for i, out in enumerate(outs):
+        body = out.text if out.error is None else f"[error] {out.error}"
+        print(f"--- [{i}] {out.prompt!r} ({out.finish_reason})\n{body}")
+    n_out = sum(len(o.token_ids) for o in outs)
+    n_in = sum(len(o.prompt_token_ids) for o in outs)
+    print(f"throughput: {len(outs) / elapsed:.2f} requests/s, {n_out / elapsed:.1f} output tokens/s, "
+          f"{(n_in + n_out) / elapsed:.1f} total tokens/s ({len(outs)} requests, {elapsed:.2f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlaserve", description="DeepSeek-V3 serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("out_dir")
     mk.set_defaults(func=_make_checkpoint)
+
+    gen = sub.add_parser("generate", help="run prompts through the engine and print completions")
+    gen.add_argument("--model", required=True, help="checkpoint directory")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="one prompt per line (\\n for newlines)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    gen.add_argument("--max-num-seqs", type=int, default=256)
+    gen.add_argument("--block-size", type=int, default=64)
+    gen.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
+    gen.add_argument("--no-prefix-caching", action="store_true")
+    gen.set_defaults(func=_generate)
     return parser
 
 

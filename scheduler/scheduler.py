@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cache.block_manager import BlockManager
-from engine.messages import NewRequestPlan, RequestDelta, RunningDelta, StepPlan, StepResult
+from engine.messages import NewRequestPlan, RequestDelta, StepPlan, StepResult
 from engine.request import Request, Status
 
 
@@ -101,16 +101,18 @@ class Scheduler:
         return step
 
     def _schedule_running(self, step: ScheduledStep, budget: int) -> int:
+        bs = self.blocks.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
-            if self.blocks.blocks_for(req.num_computed + n) > self.blocks.num_blocks:
-                self._finish(req, "length")  # the whole pool cannot hold it any longer
-                self._unreported.append(req)
-                continue
-            if not self._grow(req, n):
-                break  # req itself was preempted: nothing after it is running any more
+            n = min(len(req.token_ids) - req.num_computed, budget)
+            if req.num_computed + n > len(req.block_table) * bs:  # needs blocks: the uncommon case
+                if self.blocks.blocks_for(req.num_computed + n) > self.blocks.num_blocks:
+                    self._finish(req, "length")  # the whole pool cannot hold it any longer
+                    self._unreported.append(req)
+                    continue
+                if not self._grow(req, n):
+                    break  # req itself was preempted: nothing after it is running any more
             self._add_to_plan(step, req, n)
             budget -= n
             i += 1
@@ -171,7 +173,10 @@ class Scheduler:
 
     def _add_to_plan(self, step: ScheduledStep, req: Request, n: int) -> None:
         if req.on_worker:
-            step.plan.running.append(RunningDelta(req.req_id, req.new_blocks, n))
+            plan = step.plan
+            plan.running_ids.append(req.req_id)
+            plan.running_num_scheduled.append(n)
+            plan.running_new_blocks.append(req.new_blocks)
         else:
             step.plan.new.append(NewRequestPlan(
                 req_id=req.req_id, prompt_ids=req.token_ids[: req.num_prompt_tokens],
@@ -204,42 +209,50 @@ class Scheduler:
     def update(self, step: ScheduledStep, result: StepResult) -> list[RequestDelta]:
         """Folds a step's sampled tokens back in; returns a delta per request that produced
         tokens or finished."""
+        bs = self.blocks.block_size
         for req, n in step.scheduled:
             if req.status is Status.RUNNING:
                 if req.num_computed < req.num_prompt_tokens:
                     self.counters.computed_prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed)
                 req.num_computed += n
-                self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, req.num_computed)
+                if req.num_computed // bs > len(req.block_hashes):  # a block just filled up
+                    self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes,
+                                                  req.num_computed)
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
         self._unreported = []
         now = time.time()
-        for s in result.sampled:
-            req = self.requests.get(s.req_id)
+        for req_id, token_ids in zip(result.req_ids, result.token_ids):
+            req = self.requests.get(req_id)
             if req is None or req.status is not Status.RUNNING:
                 continue  # aborted while the step ran
-            delta = RequestDelta(req.req_id, logprobs=s.logprobs, prompt_logprobs=s.prompt_logprobs)
-            if s.token_ids and not req.first_token_time:
+            first = bool(token_ids) and not req.first_token_time
+            if first:
                 req.first_token_time = now
-            for t in s.token_ids:
+            accepted = []
+            for t in token_ids:
                 req.token_ids.append(t)
-                delta.new_token_ids.append(t)
-                self.counters.generation_tokens += 1
+                accepted.append(t)
                 reason = self._stop_reason(req, t)
                 if reason:
                     self._finish(req, reason)
                     break
-            deltas.append(self._fill_delta(delta, req))
+            self.counters.generation_tokens += len(accepted)
+            delta = RequestDelta(req_id, accepted)
+            if result.logprobs or result.prompt_logprobs:
+                delta.logprobs = result.logprobs.get(req_id, [])
+                delta.prompt_logprobs = result.prompt_logprobs.get(req_id, [])
+            deltas.append(self._fill_delta(delta, req) if first or req.status is Status.FINISHED else delta)
         return deltas
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
-        n_out = req.num_output_tokens
+        n_out = len(req.token_ids) - req.num_prompt_tokens
         if n_out >= p.min_tokens:
             if token == self.config.eos_token_id and not p.ignore_eos:
                 return "stop"
-            if token in p.stop_token_ids:
+            if p.stop_token_ids and token in p.stop_token_ids:
                 return "stop"
-        if n_out >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+        if n_out >= p.max_tokens or len(req.token_ids) >= self.config.max_model_len:
             return "length"
         return None
 

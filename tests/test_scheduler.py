@@ -5,7 +5,7 @@ import random
 import pytest
 
 from cache.block_manager import BlockManager
-from engine.messages import SampledTokens, StepResult
+from engine.messages import StepResult
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.worker_state import WorkerState
@@ -24,7 +24,7 @@ def run_step(sched: Scheduler, worker: WorkerState, rng: random.Random, vocab=50
     step = sched.schedule()
     work = worker.apply(step.plan)
     sampled = {w.req.req_id: [rng.randrange(vocab)] for w in work if w.samples}
-    result = StepResult(step.plan.step_id, [SampledTokens(k, v) for k, v in sampled.items()])
+    result = StepResult(step.plan.step_id, list(sampled), list(sampled.values()))
     WorkerState.advance(work, sampled)
     return step, sched.update(step, result)
 

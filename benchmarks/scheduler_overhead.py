@@ -1,0 +1,73 @@
+"""Scheduler cost per step with the model replaced by a no-op worker process, ZeroMQ round trip
+included: the engine core plans, sends the plan, the worker applies it (WorkerState) and answers
+with one token per due request, and the core folds the result back in.
+
+    .venv/bin/python benchmarks/scheduler_overhead.py --running 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import zmq
+
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore, _remote_worker
+from engine.messages import AddRequest, SchedulerToWorker, Shutdown, StepResult, WorkerReady
+from engine.processes import Channel, become_child_process, spawn
+from engine.sampling_params import SamplingParams
+from engine.worker_state import WorkerState
+
+
+def noop_worker(plan_addr: str, result_addr: str) -> None:
+    become_child_process()
+    ctx = zmq.Context()
+    plans = Channel(ctx, zmq.PULL, plan_addr, bind=False, decode_type=SchedulerToWorker)
+    results = Channel(ctx, zmq.PUSH, result_addr, bind=False, decode_type=None)
+    state = WorkerState()
+    while not isinstance(plan := plans.recv(), Shutdown):
+        work = state.apply(plan)
+        sampled = {w.req.req_id: [7] for w in work if w.samples}
+        WorkerState.advance(work, sampled)
+        results.send(StepResult(plan.step_id, list(sampled), list(sampled.values())))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--running", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    args = ap.parse_args()
+    d = tempfile.mkdtemp()
+    ctx = zmq.Context()
+    plans = Channel(ctx, zmq.PUSH, f"ipc://{d}/plans", bind=True, decode_type=None)
+    results = Channel(ctx, zmq.PULL, f"ipc://{d}/results", bind=True, decode_type=StepResult)
+    proc = spawn(noop_worker, f"ipc://{d}/plans", f"ipc://{d}/results")
+    try:
+        cfg = EngineConfig(model_dir="-", block_size=64, max_num_batched_tokens=8192, max_num_seqs=args.running)
+        tokens = (args.prompt_len + args.steps + 64) * args.running
+        core = EngineCore(cfg, WorkerReady(0, tokens // 64 + args.running, 0, 1000, 1 << 20), None,
+                          _remote_worker(plans, results))
+        big = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True)
+        for i in range(args.running):
+            core.add(AddRequest(str(i), [2 + i % 50] * args.prompt_len, big))
+        while len(core.scheduler.running) < args.running or any(
+                r.num_computed < r.num_prompt_tokens for r in core.scheduler.running):
+            core.step()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            core.step()
+        per_step = (time.perf_counter() - start) / args.steps
+        print(f"{args.running} running requests: {per_step * 1e3:.3f} ms per step "
+              f"({1 / per_step:.0f} steps/s), ZeroMQ round trip to a no-op worker included")
+        plans.send(Shutdown())
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Offline throughput: mlaserve vs transformers `generate` on the same checkpoint, same threads.
+
+N requests with seeded random input and output lengths; every request generates exactly its
+output length (ignore_eos). transformers runs padded batches (left padding) of --hf-batch-size and
+is credited only with the tokens each request asked for.
+
+    .venv/bin/python benchmarks/throughput.py --num-requests 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+
+
+def workload(n: int, seed: int, vocab: int, in_range, out_range):
+    rng = random.Random(seed)
+    return [([rng.randrange(2, vocab) for _ in range(rng.randint(*in_range))], rng.randint(*out_range))
+            for _ in range(n)]
+
+
+def run_mlaserve(ckpt: Path, reqs, args) -> float:
+    from engine import LLM, SamplingParams
+
+    with LLM(ckpt, dtype="bfloat16", max_num_batched_tokens=args.max_num_batched_tokens,
+             max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory) as llm:
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
+        start = time.perf_counter()
+        outs = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == n for o, (_, n) in zip(outs, reqs))
+    return elapsed
+
+
+def run_transformers(ckpt: Path, reqs, batch_size: int) -> float:
+    from model.hf_reference import load_hf_model
+
+    model = load_hf_model(ckpt, torch.bfloat16)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(reqs), batch_size):
+            batch = reqs[i : i + batch_size]
+            width = max(len(p) for p, _ in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for j, (p, _) in enumerate(batch):
+                ids[j, width - len(p):] = torch.tensor(p)
+                mask[j, width - len(p):] = 1
+            n = max(o for _, o in batch)
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, nargs=2, default=[32, 256])
+    ap.add_argument("--output-len", type=int, nargs=2, default=[32, 128])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint", default="checkpoints/small-seed0")
+    ap.add_argument("--hf-batch-size", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--kv-cache-memory", type=int, default=2 << 30)
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "config.json").exists():
+        from model.checkpoint_maker import make_checkpoint
+
+        make_checkpoint("small", 0, ckpt)
+    reqs = workload(args.num_requests, args.seed, 258, args.input_len, args.output_len)
+    out_tokens = sum(o for _, o in reqs)
+    t_ours = run_mlaserve(ckpt, reqs, args)
+    print(f"mlaserve:     {len(reqs) / t_ours:7.2f} req/s  {out_tokens / t_ours:9.1f} output tok/s  ({t_ours:.1f} s)")
+    if not args.skip_transformers:
+        t_hf = run_transformers(ckpt, reqs, args.hf_batch_size)
+        print(f"transformers: {len(reqs) / t_hf:7.2f} req/s  {out_tokens / t_hf:9.1f} output tok/s  ({t_hf:.1f} s)")
+        print(f"ratio (mlaserve / transformers output tok/s): {t_hf / t_ours:.2f}x")
+    print(f"threads: {torch.get_num_threads()}, requests: {len(reqs)}, output tokens: {out_tokens}")
+
+
+if __name__ == "__main__":
+    main()
