@@ -17,8 +17,8 @@ class LatentCache:
         self.data = torch.zeros(num_layers, num_blocks, block_size, entry_dim, dtype=dtype, device=device)
 
     def layer(self, i: int) -> torch.Tensor:
-        """Layer i's cache as flat slots: [num_blocks * block_size, entry_dim] (a view)."""
-        return self.data[i].view(-1, self.entry_dim)
+        """Layer i's cache, [num_blocks, block_size, entry_dim] (a view)."""
+        return self.data[i]
 
     @staticmethod
     def bytes_per_token(num_layers: int, entry_dim: int, dtype: torch.dtype) -> int:

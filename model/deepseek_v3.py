@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
-from kernels.mla_attention import plan_attention
+from kernels.mla_attention import GatherBuffer, plan_attention
 from model.forward_batch import ForwardBatch
 from model.layers import DenseMLP, Linear, RMSNorm
 from model.mla import MLA
@@ -30,8 +30,10 @@ class DecoderLayer(nn.Module):
             m = p + ".mlp."
             self.mlp = DenseMLP(w[m + "gate_proj.weight"], w[m + "up_proj.weight"], w[m + "down_proj.weight"])
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, groups, rope) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), batch.positions, batch.slot_mapping, cache, groups, rope)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, groups, rope,
+                buffer: GatherBuffer) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), batch.positions, batch.slot_mapping, cache, groups, rope,
+                               buffer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -48,6 +50,7 @@ class DeepseekV3(nn.Module):
         self.norm = RMSNorm(w["model.norm.weight"], cfg.rms_norm_eps)
         self.lm_head = Linear(w["lm_head.weight"])
         self.rope = RotaryEmbedding(cfg, max_positions, device=self.embed_tokens.device)
+        self.gather_buffer = GatherBuffer()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -59,7 +62,7 @@ class DeepseekV3(nn.Module):
         groups = plan_attention(batch)
         x = F.embedding(batch.input_ids, self.embed_tokens)
         for layer in self.layers:
-            x = layer(x, batch, cache_layers[layer.layer_idx], groups, self.rope)
+            x = layer(x, batch, cache_layers[layer.layer_idx], groups, self.rope, self.gather_buffer)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

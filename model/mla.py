@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.model_config import ModelConfig
-from kernels.mla_attention import AttentionGroup, paged_mla_attention_ref
+from kernels.mla_attention import AttentionGroup, GatherBuffer, paged_mla_attention_ref
 from model.layers import Linear, RMSNorm
 from model.rope import RotaryEmbedding
 
@@ -38,7 +38,8 @@ class MLA(nn.Module):
         self.w_uv = nn.Parameter(kv_b[:, nope:].contiguous(), requires_grad=False)  # [H, v, kv_lora_rank]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                cache: torch.Tensor, groups: list[AttentionGroup], rope: RotaryEmbedding) -> torch.Tensor:
+                cache: torch.Tensor, groups: list[AttentionGroup], rope: RotaryEmbedding,
+                buffer: GatherBuffer | None = None) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
         if cfg.q_lora_rank:
@@ -51,9 +52,9 @@ class MLA(nn.Module):
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         entry = torch.cat([self.kv_a_layernorm(c_kv), rope(k_pe, positions)], dim=-1)
-        cache[slot_mapping] = entry.to(cache.dtype)
+        cache.view(-1, cache.shape[-1])[slot_mapping] = entry.to(cache.dtype)
 
         q_latent = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, H, kv_lora_rank]
-        o_latent = paged_mla_attention_ref(q_latent, q_pe, cache, groups, cfg.softmax_scale)
+        o_latent = paged_mla_attention_ref(q_latent, q_pe, cache, groups, cfg.softmax_scale, buffer)
         o = torch.einsum("thc,hvc->thv", o_latent.to(x.dtype), self.w_uv)  # [T, H, v_head_dim]
         return self.o_proj(o.reshape(t, -1))
