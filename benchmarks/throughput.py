@@ -70,7 +70,6 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", type=int, default=2 << 30)
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     ckpt = Path(args.checkpoint)
     if not (ckpt / "config.json").exists():
         from model.checkpoint_maker import make_checkpoint

@@ -14,8 +14,20 @@ import zmq
 from cache.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.messages import (
-    AbortRequests, AddRequest, EngineDead, EngineReady, EngineStats, FrontendToScheduler, GetStats, RequestDelta,
-    RequestOutputs, Shutdown, StepResult, WorkerFailed, WorkerReady, WorkerToScheduler,
+    AbortRequests,
+    AddRequest,
+    EngineDead,
+    EngineReady,
+    EngineStats,
+    FrontendToScheduler,
+    GetStats,
+    RequestDelta,
+    RequestOutputs,
+    Shutdown,
+    StepResult,
+    WorkerFailed,
+    WorkerReady,
+    WorkerToScheduler,
 )
 from engine.processes import Channel, become_child_process
 from engine.request import Request

@@ -15,8 +15,16 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_core import run_engine_core
 from engine.messages import (
-    AbortRequests, AddRequest, EngineDead, EngineReady, EngineStats, GetStats, RequestDelta, RequestOutputs,
-    SchedulerToFrontend, Shutdown,
+    AbortRequests,
+    AddRequest,
+    EngineDead,
+    EngineReady,
+    EngineStats,
+    GetStats,
+    RequestDelta,
+    RequestOutputs,
+    SchedulerToFrontend,
+    Shutdown,
 )
 from engine.model_config import ModelConfig
 from engine.outputs import RequestMetrics, RequestOutput

@@ -68,8 +68,8 @@ class ModelRunner:
         hidden = self.model(batch, self._cache_layers)
 
         due = [i for i, w in enumerate(work) if w.samples]
-        rows = [SampleRow(work[i].req.req_id, work[i].req.params, work[i].req.token_ids[: work[i].req.num_prompt_tokens],
-                          work[i].req.output_ids) for i in due]
+        rows = [SampleRow(w.req_id, w.params, w.token_ids[: w.num_prompt_tokens], w.output_ids)
+                for w in (work[i].req for i in due)]
         tokens: list[int] = []
         logprobs: list[list[TokenLogprobs]] = []
         if due:

@@ -17,10 +17,7 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
     plans = Channel(ctx, zmq.PULL, plan_addr, bind=False, decode_type=SchedulerToWorker)
     results = Channel(ctx, zmq.PUSH, result_addr, bind=False, decode_type=None)
     try:
-        import torch
-
-        torch.set_num_threads(torch.get_num_threads())
-        from engine.model_runner import ModelRunner
+        from engine.model_runner import ModelRunner  # torch loads here, in the worker only
 
         runner = ModelRunner(config)
         results.send(WorkerReady(rank, runner.num_blocks, runner.kv_bytes_per_token, runner.cfg.vocab_size,

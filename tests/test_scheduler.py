@@ -115,7 +115,7 @@ def test_random_traffic_keeps_every_invariant(seed):
     worker = WorkerState()
     shared_prefix = [rng.randrange(2, 50) for _ in range(24)]
     added, finished = 0, set()
-    for step_no in range(1500):
+    for _ in range(1500):
         if added < 300 and rng.random() < 0.3:
             n = rng.randrange(1, 40)
             prompt = (shared_prefix[: rng.randrange(0, 24)] + [rng.randrange(2, 50) for _ in range(n)])[:40]
