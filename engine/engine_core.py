@@ -105,7 +105,8 @@ class EngineCore:
             prefix_cache_hits=c.prefix_cache_hits, num_free_blocks=s.blocks.num_free, num_blocks=s.blocks.num_blocks)
 
 
-def _remote_worker(plans: Channel, results: Channel):
+def remote_worker(plans: Channel, results: Channel):
+    """A worker behind a socket pair, as the callable EngineCore drives: StepPlan -> StepResult."""
     def execute(plan):
         plans.send(plan)
         deadline = time.monotonic() + WORKER_STEP_TIMEOUT_S
@@ -132,7 +133,7 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
         ready = results.recv(timeout_ms=int(startup_timeout_s * 1000))
         if not isinstance(ready, WorkerReady):
             raise WorkerGone(ready.error if isinstance(ready, WorkerFailed) else "worker did not start in time")
-        core = EngineCore(config, ready, eos_token_id, _remote_worker(plans, results))
+        core = EngineCore(config, ready, eos_token_id, remote_worker(plans, results))
         outbox.send(EngineReady(ready.num_blocks, config.block_size, ready.max_model_len, ready.vocab_size,
                                 ready.num_blocks * config.block_size, ready.kv_bytes_per_token))
         _serve(core, inbox, outbox)

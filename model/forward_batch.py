@@ -32,11 +32,6 @@ class ForwardBatch:
     def num_seqs(self) -> int:
         return len(self.context_lens)
 
-    @property
-    def last_token_indices(self) -> torch.Tensor:
-        """Flat index of each sequence's last token this step (where its next token is predicted)."""
-        return torch.tensor(self.query_start[1:], dtype=torch.long) - 1
-
     @classmethod
     def build(cls, chunks: list[SequenceChunk], block_size: int, device: str | torch.device = "cpu"):
         if not chunks:

@@ -69,14 +69,14 @@ class Scheduler:
         self.requests[req.req_id] = req
         self.waiting.append(req)
 
-    def abort(self, req_id: str, reason: str = "abort") -> Request | None:
-        """Ends a request at once, wherever it is (an abort, or a stop string the frontend saw)."""
+    def abort(self, req_id: str) -> Request | None:
+        """Ends a request at once, wherever it is (a client abort, or a stop string the frontend saw)."""
         req = self.requests.get(req_id)
         if req is None:
             return None
         if req.status is Status.WAITING:
             self.waiting.remove(req)
-        self._finish(req, reason)
+        self._finish(req, "abort")
         return req
 
     @property
@@ -107,9 +107,7 @@ class Scheduler:
             req = self.running[i]
             n = min(len(req.token_ids) - req.num_computed, budget)
             if req.num_computed + n > len(req.block_table) * bs:  # needs blocks: the uncommon case
-                if self.blocks.blocks_for(req.num_computed + n) > self.blocks.num_blocks:
-                    self._finish(req, "length")  # the whole pool cannot hold it any longer
-                    self._unreported.append(req)
+                if self._end_if_unservable(req, n):
                     continue
                 if not self._grow(req, n):
                     break  # req itself was preempted: nothing after it is running any more
@@ -117,6 +115,17 @@ class Scheduler:
             budget -= n
             i += 1
         return budget
+
+    def _end_if_unservable(self, req: Request, n: int) -> bool:
+        """A request whose next step needs more blocks than the whole pool (a long generation)
+        ends with "length" rather than preempting itself, or blocking the queue, forever."""
+        if self.blocks.blocks_for(req.num_computed + n) <= self.blocks.num_blocks:
+            return False
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+        self._finish(req, "length")
+        self._unreported.append(req)
+        return True
 
     def _grow(self, req: Request, n: int) -> bool:
         """Makes req's table hold num_computed + n tokens, preempting from the back if needed."""
@@ -137,16 +146,11 @@ class Scheduler:
             if not req.block_table:
                 self._apply_prefix_hit(req)
             n = min(req.num_tokens - req.num_computed, budget)
+            if self._end_if_unservable(req, n):
+                continue
             need = self.blocks.blocks_for(req.num_computed + n) - len(req.block_table)
             if need > self.blocks.num_free:
                 self._release(req)  # waiting requests hold no blocks, prefix hits included
-                if not self.running:
-                    # Even the whole pool cannot hold it (a long generation): end it rather
-                    # than block the queue forever.
-                    self.waiting.popleft()
-                    self._finish(req, "length")
-                    self._unreported.append(req)
-                    continue
                 break
             req.block_table.extend(self.blocks.allocate(need))
             self.waiting.popleft()
