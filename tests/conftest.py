@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# Without a GPU the Triton kernels run under Triton's interpreter; it must be chosen before
+# torch (which imports triton) is imported.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 

@@ -1,0 +1,264 @@
+"""Kernel speed on the current GPU, next to the device's own measured ceilings.
+
+Ceilings, measured in the same run: a large device-to-device copy (bytes read + written per
+second), a large bf16 matmul and a large FP8 matmul (torch._scaled_mm) in TFLOP/s. Each kernel
+runs on DeepSeek-V3's real shapes (hidden 7168, 128 heads, kv_lora_rank 512 + rope 64, 256
+experts top-8, moe_intermediate 2048) and reports achieved GB/s (fewest bytes it must move) or
+TFLOP/s and the fraction of the matching ceiling. Inputs are random (never zeros); where one set
+of inputs would fit in L2, several sets are rotated.
+
+    python benchmarks/kernels.py [--quick] [--json OUT.json] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.fp8_gemm import fp8_gemm  # noqa: E402
+from kernels.fused_moe import fused_moe  # noqa: E402
+from kernels.mla_decode import choose_num_splits, decode_bytes, paged_mla_decode  # noqa: E402
+from kernels.quant import FP8, act_quant  # noqa: E402
+
+HIDDEN, HEADS, RANK, ROPE, PAGE = 7168, 128, 512, 64, 64
+EXPERTS, TOP_K, MOE_INTER = 256, 8, 2048
+# (name, N, K) of DeepSeek-V3's FP8 linears
+GEMM_SHAPES = [("q_a_proj", 1536, 7168), ("q_b_proj", 24576, 1536), ("kv_a_proj_with_mqa", 576, 7168),
+               ("o_proj", 7168, 16384), ("dense gate_up", 36864, 7168), ("dense down_proj", 7168, 18432)]
+
+
+def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def rotate(calls):
+    state = {"i": 0}
+
+    def run():
+        calls[state["i"] % len(calls)]()
+        state["i"] += 1
+    return run
+
+
+def copies_for(nbytes: int, l2_bytes: int) -> int:
+    """How many input sets to rotate so that they do not all sit in L2."""
+    return max(1, min(8, -(-3 * l2_bytes // max(nbytes, 1))))
+
+
+def ceilings() -> dict:
+    n = 1 << 30  # 1 GiB
+    src = torch.randn(n // 4, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    bf16_ms = bench_ms(lambda: a @ b)
+    out = {"copy_GBps": 2 * n / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192 ** 3 / bf16_ms / 1e9}
+    try:
+        a8, b8 = a.to(FP8), b.to(FP8).T  # _scaled_mm wants B column-major
+        one = torch.ones((), device="cuda")
+        fp8_ms = bench_ms(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+        out["fp8_TFLOPs"] = 2 * 8192 ** 3 / fp8_ms / 1e9
+    except (RuntimeError, AttributeError) as e:  # no FP8 matmul in this torch build / on this GPU
+        out["fp8_TFLOPs"] = None
+        out["fp8_error"] = str(e)[:200]
+    return out
+
+
+def mla_case(batch: int, ctx: int, **kw):
+    """A decode step: `batch` sequences of `ctx` cached tokens each, blocks shuffled."""
+    pages = -(-ctx // PAGE)
+    num_blocks = batch * pages
+    cache = torch.randn(num_blocks, PAGE, RANK + ROPE, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(num_blocks, device="cuda").view(batch, pages)
+    q_lat = torch.randn(batch, HEADS, RANK, device="cuda", dtype=torch.bfloat16)
+    q_pe = torch.randn(batch, HEADS, ROPE, device="cuda", dtype=torch.bfloat16)
+    seq = torch.arange(batch, device="cuda")
+    lens = torch.full((batch,), ctx, device="cuda")
+    return lambda **over: paged_mla_decode(q_lat, q_pe, cache, tables, seq, lens, 0.1, ctx, **{**kw, **over})
+
+
+def bench_mla(copy_gbps: float, quick: bool, sweep: bool) -> list[dict]:
+    rows = []
+    batches = [1, 8, 64, 256]
+    contexts = [1024, 4096, 16384, 32768] if not quick else [1024, 4096]
+    variants = [dict(block_h=bh, block_n=bn, num_warps=w, num_stages=s, reload_v=r)
+                for bh, bn, w, s, r in [(64, 64, 8, 2, False), (64, 64, 8, 2, True), (64, 32, 8, 2, True),
+                                        (64, 64, 8, 3, True), (64, 32, 4, 2, True), (128, 32, 8, 2, True),
+                                        (128, 64, 8, 2, True), (32, 64, 4, 2, True), (64, 16, 4, 3, True)]]
+    for ctx in contexts:
+        for b in batches:
+            run = mla_case(b, ctx)
+            nbytes = decode_bytes(b, HEADS, b * ctx)
+            ms = bench_ms(run)
+            row = {"kernel": "mla_decode", "batch": b, "ctx": ctx, "ms": ms, "GBps": nbytes / ms / 1e6,
+                   "splits": choose_num_splits(b, 2, ctx, torch.device("cuda"))}
+            row["frac_copy"] = row["GBps"] / copy_gbps
+            if sweep and b >= 64 and ctx in (4096, 32768):
+                best = None
+                for v in variants:
+                    try:
+                        v_ms = bench_ms(lambda run=run, v=v: run(**v))
+                    except Exception as e:  # a tile too large for shared memory on this GPU
+                        print(f"  variant {v} failed: {type(e).__name__}", flush=True)
+                        continue
+                    if best is None or v_ms < best[0]:
+                        best = (v_ms, v)
+                if best:
+                    row["best_variant"] = best[1]
+                    row["best_GBps"] = nbytes / best[0] / 1e6
+            rows.append(row)
+            print(row, flush=True)
+            del run
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_act_quant(copy_gbps: float) -> list[dict]:
+    rows = []
+    for m in [1, 64, 256, 4096]:
+        sets = copies_for(m * HIDDEN * 2, 60 << 20)
+        xs = [torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+        ms = bench_ms(rotate([lambda x=x: act_quant(x) for x in xs]))
+        nbytes = m * HIDDEN * 3 + m * (HIDDEN // 128) * 4
+        rows.append({"kernel": "act_quant", "M": m, "K": HIDDEN, "ms": ms, "GBps": nbytes / ms / 1e6,
+                     "frac_copy": nbytes / ms / 1e6 / copy_gbps})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def random_fp8(shape) -> torch.Tensor:
+    return (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 100).clamp(-448, 448).to(FP8)
+
+
+def bench_gemm(fp8_tflops: float | None, bf16_tflops: float, quick: bool) -> list[dict]:
+    rows = []
+    ms_list = [1, 8, 64, 256, 512, 2048, 4096] if not quick else [8, 512, 4096]
+    for name, n, k in GEMM_SHAPES:
+        sets = copies_for(n * k, 60 << 20)
+        weights = [(random_fp8((n, k)), torch.rand(-(-n // 128), -(-k // 128), device="cuda") * 1e-2 + 1e-3)
+                   for _ in range(sets)]
+        for m in ms_list:
+            a, a_s = act_quant(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            ms = bench_ms(rotate([lambda w=w, s=s, a=a, a_s=a_s: fp8_gemm(a, a_s, w, s) for w, s in weights]))
+            flops = 2 * m * n * k
+            row = {"kernel": "fp8_gemm", "shape": name, "M": m, "N": n, "K": k, "ms": ms,
+                   "TFLOPs": flops / ms / 1e9, "GBps": (n * k + m * k + 2 * m * n) / ms / 1e6}
+            row["frac_fp8_peak"] = row["TFLOPs"] / fp8_tflops if fp8_tflops else None
+            bf = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            row["torch_bf16_TFLOPs"] = flops / bench_ms(lambda bf=bf, wb=wb: bf @ wb.T) / 1e9
+            rows.append(row)
+            print(row, flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_moe(copy_gbps: float, fp8_tflops: float | None, quick: bool) -> list[dict]:
+    rows = []
+    gate_up = torch.empty(EXPERTS, 2 * MOE_INTER, HIDDEN, device="cuda", dtype=FP8)
+    down = torch.empty(EXPERTS, HIDDEN, MOE_INTER, device="cuda", dtype=FP8)
+    for e in range(EXPERTS):
+        gate_up[e] = random_fp8((2 * MOE_INTER, HIDDEN))
+        down[e] = random_fp8((HIDDEN, MOE_INTER))
+    gate_up_s = torch.rand(EXPERTS, 2 * MOE_INTER // 128, HIDDEN // 128, device="cuda") * 1e-4 + 1e-5
+    down_s = torch.rand(EXPERTS, HIDDEN // 128, MOE_INTER // 128, device="cuda") * 1e-4 + 1e-5
+    per_expert = 3 * MOE_INTER * HIDDEN
+    for t in [1, 8, 64, 256, 2048] if not quick else [8, 256]:
+        x = torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        ids = torch.rand(t, EXPERTS, device="cuda").topk(TOP_K, dim=1).indices
+        w = torch.rand(t, TOP_K, device="cuda")
+        ms = bench_ms(lambda x=x, w=w, ids=ids: fused_moe(x, gate_up, gate_up_s, down, down_s, w, ids))
+        touched = int(torch.unique(ids).numel())
+        nbytes = touched * per_expert + t * HIDDEN * 4
+        flops = 2 * t * TOP_K * per_expert
+        row = {"kernel": "fused_moe", "tokens": t, "experts_touched": touched, "ms": ms,
+               "GBps": nbytes / ms / 1e6, "frac_copy": nbytes / ms / 1e6 / copy_gbps, "TFLOPs": flops / ms / 1e9}
+        row["frac_fp8_peak"] = row["TFLOPs"] / fp8_tflops if fp8_tflops else None
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def ptx_report() -> dict:
+    """Which matrix instructions each compiled kernel uses (wgmma is Hopper's fast path)."""
+    import os
+
+    root = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    report: dict[str, list] = {}
+    for ptx in root.rglob("*.ptx"):
+        text = ptx.read_text(errors="ignore")
+        report.setdefault(ptx.stem, []).append(
+            {"wgmma": text.count("wgmma.mma_async"), "mma.sync": text.count("mma.sync"),
+             "cp.async": text.count("cp.async"), "tma": text.count("cp.async.bulk.tensor")})
+    return report
+
+
+def table(rows: list[dict], ceil: dict, device_name: str) -> str:
+    out = [f"Device: {device_name}; copy {ceil['copy_GBps']:.0f} GB/s (read+write), bf16 matmul "
+           f"{ceil['bf16_TFLOPs']:.0f} TFLOP/s, FP8 matmul "
+           f"{ceil['fp8_TFLOPs']:.0f} TFLOP/s" if ceil.get("fp8_TFLOPs") else f"Device: {device_name}", ""]
+    out += ["| kernel | shape | time (ms) | achieved | of ceiling |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["kernel"] == "mla_decode":
+            extra = f" (best variant {r['best_GBps']:.0f} GB/s: {r['best_variant']})" if "best_GBps" in r else ""
+            out.append(f"| MLA decode | batch {r['batch']}, ctx {r['ctx']}, splits {r['splits']} | {r['ms']:.3f} | "
+                       f"{r['GBps']:.0f} GB/s{extra} | {100 * r['frac_copy']:.0f}% of copy |")
+        elif r["kernel"] == "act_quant":
+            out.append(f"| act quant | M {r['M']} × K {r['K']} | {r['ms']:.4f} | {r['GBps']:.0f} GB/s | "
+                       f"{100 * r['frac_copy']:.0f}% of copy |")
+        elif r["kernel"] == "fp8_gemm":
+            frac = f"{100 * r['frac_fp8_peak']:.0f}% of FP8 peak" if r["frac_fp8_peak"] else "-"
+            out.append(f"| FP8 GEMM {r['shape']} | M {r['M']}, N {r['N']}, K {r['K']} | {r['ms']:.4f} | "
+                       f"{r['TFLOPs']:.0f} TFLOP/s, {r['GBps']:.0f} GB/s (torch bf16: "
+                       f"{r['torch_bf16_TFLOPs']:.0f} TFLOP/s) | {frac} |")
+        elif r["kernel"] == "fused_moe":
+            out.append(f"| fused MoE | {r['tokens']} tokens, {r['experts_touched']} experts touched | {r['ms']:.3f} | "
+                       f"{r['GBps']:.0f} GB/s, {r['TFLOPs']:.0f} TFLOP/s | {100 * r['frac_copy']:.0f}% of copy |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer sizes")
+    ap.add_argument("--sweep", action="store_true", help="also try MLA decode tile variants")
+    ap.add_argument("--json", type=Path, help="write every row here")
+    ap.add_argument("--only", choices=["mla", "quant", "gemm", "moe"], action="append")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py measures GPU kernels and needs a CUDA device; none is visible.")
+        sys.exit(2)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    ceil = ceilings()
+    print("ceilings:", ceil, flush=True)
+    only = set(args.only or ["mla", "quant", "gemm", "moe"])
+    rows: list[dict] = []
+    if "mla" in only:
+        rows += bench_mla(ceil["copy_GBps"], args.quick, args.sweep)
+    if "quant" in only:
+        rows += bench_act_quant(ceil["copy_GBps"])
+    if "gemm" in only:
+        rows += bench_gemm(ceil["fp8_TFLOPs"], ceil["bf16_TFLOPs"], args.quick)
+    if "moe" in only:
+        rows += bench_moe(ceil["copy_GBps"], ceil["fp8_TFLOPs"], args.quick)
+    ptx = ptx_report()
+    for kernel, variants in sorted(ptx.items()):
+        print("ptx", kernel, variants[:6])
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "ceilings": ceil, "rows": rows, "ptx": ptx}, indent=1))
+    print()
+    print(table(rows, ceil, name))
+
+
+if __name__ == "__main__":
+    main()

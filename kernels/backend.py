@@ -1,0 +1,51 @@
+"""Which implementation a kernel entry point runs: the Triton kernel or its torch reference.
+
+Triton runs on CUDA tensors. On the CPU the references run, unless `MLASERVE_KERNELS=triton` (or
+`use_triton_kernels(True)`) asks for the kernels, which then need `TRITON_INTERPRET=1`: that is how
+the tests run every kernel, and the whole model through them, on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+_forced: bool | None = None
+
+
+def triton_wanted(t: torch.Tensor) -> bool:
+    if _forced is not None:
+        return _forced
+    choice = os.environ.get("MLASERVE_KERNELS", "auto")
+    if choice == "triton":
+        return True
+    if choice == "torch":
+        return False
+    if choice != "auto":
+        raise ValueError(f"MLASERVE_KERNELS={choice!r}: expected auto, triton or torch")
+    return t.is_cuda
+
+
+@contextmanager
+def use_triton_kernels(enabled: bool):
+    global _forced
+    previous, _forced = _forced, enabled
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def interpreting() -> bool:
+    """Under TRITON_INTERPRET=1 (Triton 3.9) a bf16 `tl.dot` returns garbage, so kernels upcast
+    their bf16 dot operands to float32 there; bf16 products are exact in float32, so the result
+    is the one the GPU's bf16 tensor cores give. Its float32 -> e4m3 cast also drops the carry
+    when rounding crosses a power of two (124.3 becomes 64, not 128), so the quantization kernel
+    rounds onto the e4m3 grid itself there and the cast then only has exact values to convert."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

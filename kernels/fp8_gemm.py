@@ -1,0 +1,118 @@
+"""W8A8 block-scaled FP8 GEMM: C = (A · a_scale) (B · b_scale)ᵀ, bf16 out.
+
+A [M, K] e4m3 with float32 scales per row per 128 columns (from `act_quant`); B [N, K] e4m3, the
+checkpoint's weight, with `weight_scale_inv` [ceil(N/128), ceil(K/128)]. The K loop steps 128 at a
+time, so each step's partial product is scaled by one A scale per row and one B scale per column
+before it is accumulated in float32. M, N and K need not be multiples of the tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import cdiv, triton_wanted
+from kernels.quant import QUANT_GROUP, act_quant
+
+
+def fp8_gemm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    m, k = a.shape
+    n = b.shape[0]
+    a_deq = a.float() * a_scale.repeat_interleave(QUANT_GROUP, dim=1)[:, :k]
+    b_deq = b.float() * b_scale.repeat_interleave(QUANT_GROUP, 0).repeat_interleave(QUANT_GROUP, 1)[:n, :k]
+    return (a_deq @ b_deq.T).to(out_dtype)
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    BLOCK_K: tl.constexpr = 128
+    pid = tl.program_id(0)
+    # Programs that share B columns run close together, so B tiles are reused from L2.
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    # Edge tiles read wrapped-around rows instead of masking them, so the loads stay unmasked
+    # and wide; the store below drops those rows.
+    rows_a = offs_m % M
+    rows_b = offs_n % N
+    k_groups = tl.cdiv(K, BLOCK_K)
+    a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * K + offs_k[None, :]
+    b_ptrs = b_ptr + rows_b[None, :].to(tl.int64) * K + offs_k[:, None]
+    as_ptrs = as_ptr + rows_a * k_groups
+    bs_ptrs = bs_ptr + (rows_b // BLOCK_K) * k_groups
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, k_groups):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        a_s = tl.load(as_ptrs + kb)
+        b_s = tl.load(bs_ptrs + kb)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_TUNING_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (16, 64, 4, 4), (32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 4, 5),
+        (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 256, 8, 3), (128, 256, 8, 4),
+        (64, 256, 8, 3), (64, 256, 4, 4), (256, 128, 8, 3),
+    ]
+]
+_fp8_gemm_tuned = triton.autotune(configs=_TUNING_CONFIGS, key=["N", "K", "M_BUCKET"])(_fp8_gemm_kernel)
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    if not triton_wanted(a):
+        return fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype)
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k or a_scale.shape != (m, cdiv(k, QUANT_GROUP)) or b_scale.shape != (
+            cdiv(n, QUANT_GROUP), cdiv(k, QUANT_GROUP)):
+        raise ValueError(f"fp8_gemm shapes do not fit: a {list(a.shape)} a_scale {list(a_scale.shape)} "
+                         f"b {list(b.shape)} b_scale {list(b_scale.shape)}")
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0:
+        return c
+    a, b = a.contiguous(), b.contiguous()
+    if a.is_cuda:
+        def grid(meta):
+            return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
+        _fp8_gemm_tuned[grid](a, a_scale, b, b_scale, c, m, n, k, _m_bucket(m), EVEN_K=k % 128 == 0)
+    else:  # the interpreter: one fixed tile, no tuning runs
+        _fp8_gemm_kernel[(cdiv(m, 32) * cdiv(n, 64),)](a, a_scale, b, b_scale, c, m, n, k, 0,
+                                                      BLOCK_M=32, BLOCK_N=64, GROUP_M=4,
+                                                      EVEN_K=k % 128 == 0)
+    return c
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ for an FP8 block-scaled weight, activations quantized on the fly; y in x's dtype."""
+    shape = x.shape
+    q, s = act_quant(x.reshape(-1, shape[-1]))
+    return fp8_gemm(q, s, weight, weight_scale_inv, x.dtype).view(*shape[:-1], weight.shape[0])

@@ -1,0 +1,206 @@
+"""Each Triton kernel against its torch reference, on fresh random inputs with ragged shapes.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest); with one, on CUDA.
+Outputs are poisoned with NaN first, so an element the kernel fails to write fails the test.
+"""
+
+import pytest
+import torch
+
+from kernels.backend import use_triton_kernels
+from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, fp8_linear
+from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_ref
+from kernels.mla_decode import paged_mla_decode, paged_mla_decode_ref
+from kernels.quant import act_quant, act_quant_ref, silu_mul_quant, silu_mul_quant_ref
+from model.fp8 import dequantize_weight, quantize_weight
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "unwritten (NaN-poisoned) or NaN output"
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on():
+    with use_triton_kernels(True):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """Every torch.empty the kernels allocate starts as NaN (or 0xFF bytes for FP8/int)."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn,):
+            t.fill_(float("nan"))
+        elif t.dtype == torch.float8_e4m3fn:
+            t.view(torch.uint8).fill_(0x7F)  # NaN in e4m3fn
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def dequant_act(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return q.float() * s.repeat_interleave(128, dim=1)[:, : q.shape[1]]
+
+
+@pytest.mark.parametrize("m,k", [(1, 128), (7, 300), (33, 7 * 128 + 5)])
+def test_act_quant_matches_reference(m, k):
+    x = torch.randn(m, k, device=DEVICE) * torch.rand(m, 1, device=DEVICE) * 10
+    q, s = act_quant(x)
+    q_ref, s_ref = act_quant_ref(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.float(), q_ref.float())  # same rounding, including ties and carries
+    assert rel_err(dequant_act(q, s), x) < 0.04  # e4m3 keeps 3 mantissa bits
+
+
+def test_act_quant_bf16_and_zero_block():
+    x = torch.randn(5, 256, device=DEVICE, dtype=torch.bfloat16)
+    x[2, 128:] = 0
+    q, s = act_quant(x)
+    assert torch.isfinite(q.float()).all() and (s > 0).all()
+    assert rel_err(dequant_act(q, s), x.float()) < 0.04
+
+
+def test_silu_mul_quant_matches_reference():
+    inter = 3 * 128 + 17
+    gate_up = torch.randn(9, 2 * inter, device=DEVICE)
+    q, s = silu_mul_quant(gate_up)
+    q_ref, s_ref = silu_mul_quant_ref(gate_up)
+    assert q.shape == (9, inter) and s.shape == (9, 4)
+    assert rel_err(s, s_ref) < 1e-5
+    assert rel_err(dequant_act(q, s), dequant_act(q_ref, s_ref)) < 1e-3
+
+
+def random_fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Blocks of different magnitudes, so a wrong block scale shows.
+    w = torch.randn(n, k) * torch.rand(-(-n // 128), 1, -(-k // 128), 1).repeat_interleave(128, 0).repeat_interleave(
+        128, 2).view(-(-n // 128) * 128, -(-k // 128) * 128)[:n, :k]
+    q, s = quantize_weight(w)
+    return q.to(DEVICE), s.to(DEVICE)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (5, 200, 300), (70, 576, 384), (33, 130, 1000)])
+def test_fp8_gemm_matches_reference(m, n, k):
+    a_q, a_s = act_quant_ref(torch.randn(m, k, device=DEVICE))
+    w_q, w_s = random_fp8_weight(n, k)
+    out = fp8_gemm(a_q, a_s, w_q, w_s, torch.bfloat16)
+    ref = fp8_gemm_ref(a_q, a_s, w_q, w_s, torch.float32)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_fp8_linear_close_to_dequantized_weight():
+    x = torch.randn(2, 3, 256, device=DEVICE, dtype=torch.bfloat16)
+    w_q, w_s = random_fp8_weight(192, 256)
+    y = fp8_linear(x, w_q, w_s)
+    exact = x.float() @ dequantize_weight(w_q.cpu(), w_s.cpu()).to(DEVICE).T
+    assert y.shape == (2, 3, 192)
+    assert rel_err(y, exact) < 0.05  # the activation quantization's error, no more
+
+
+def make_cache(num_blocks: int, page: int, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.randn(num_blocks, page, 576, device=DEVICE, dtype=dtype)
+
+
+def shuffled_tables(lens: list[int], page: int, num_blocks: int) -> torch.Tensor:
+    perm = torch.randperm(num_blocks)
+    width = max(-(-n // page) for n in lens)
+    tables = torch.randint(0, num_blocks, (len(lens), width))  # padding holds junk block ids
+    used = 0
+    for i, n in enumerate(lens):
+        nb = -(-n // page)
+        tables[i, :nb] = perm[used: used + nb]
+        used += nb
+    assert used <= num_blocks
+    return tables.to(DEVICE)
+
+
+@pytest.mark.parametrize("heads,page,splits", [(4, 16, 1), (4, 16, 3), (16, 64, None), (20, 8, 2)])
+def test_mla_decode_matches_reference(heads, page, splits):
+    lens = [1, 17, 100, 64, 33, 130]
+    num_blocks = sum(-(-n // page) for n in lens) + 3
+    cache = make_cache(num_blocks, page)
+    tables = shuffled_tables(lens, page, num_blocks)
+    rows = len(lens)
+    q_lat = torch.randn(rows, heads, 512, device=DEVICE, dtype=torch.bfloat16)
+    q_pe = torch.randn(rows, heads, 64, device=DEVICE, dtype=torch.bfloat16)
+    seq = torch.arange(rows, device=DEVICE)
+    kv_lens = torch.tensor(lens, device=DEVICE)
+    out = paged_mla_decode(q_lat, q_pe, cache, tables, seq, kv_lens, 0.07, max(lens), num_splits=splits,
+                           block_n=16 if page < 64 else 64)
+    ref = paged_mla_decode_ref(q_lat.float(), q_pe.float(), cache.float(), tables, seq, kv_lens, 0.07, max(lens))
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_mla_decode_several_query_tokens_per_sequence():
+    """Speculative verification: 3 rows of one sequence see 48, 49, 50 entries (causal)."""
+    page, heads = 16, 8
+    cache = make_cache(12, page)
+    tables = shuffled_tables([50, 20], page, 12)
+    seq = torch.tensor([0, 0, 0, 1, 1], device=DEVICE)
+    kv_lens = torch.tensor([48, 49, 50, 19, 20], device=DEVICE)
+    q_lat = torch.randn(5, heads, 512, device=DEVICE, dtype=torch.bfloat16)
+    q_pe = torch.randn(5, heads, 64, device=DEVICE, dtype=torch.bfloat16)
+    out = paged_mla_decode(q_lat, q_pe, cache, tables, seq, kv_lens, 0.1, 50, num_splits=2, block_n=16)
+    ref = paged_mla_decode_ref(q_lat.float(), q_pe.float(), cache.float(), tables, seq, kv_lens, 0.1, 50)
+    assert rel_err(out, ref) < 1e-2
+    # Row 0 must not see entry 48: changing it leaves row 0 alone and moves row 2.
+    cache[tables[0, 3], 0] += 5
+    out2 = paged_mla_decode(q_lat, q_pe, cache, tables, seq, kv_lens, 0.1, 50, num_splits=2, block_n=16)
+    assert torch.equal(out2[0], out[0]) and not torch.equal(out2[2], out[2])
+
+
+def moe_weights(num_experts: int, hidden: int, inter: int):
+    gu = [random_fp8_weight(2 * inter, hidden) for _ in range(num_experts)]
+    dn = [random_fp8_weight(hidden, inter) for _ in range(num_experts)]
+    return (torch.stack([g[0] for g in gu]), torch.stack([g[1] for g in gu]),
+            torch.stack([d[0] for d in dn]), torch.stack([d[1] for d in dn]))
+
+
+def random_routing(tokens: int, num_experts: int, top_k: int):
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)]).to(DEVICE)
+    return torch.rand(tokens, top_k, device=DEVICE), ids
+
+
+def test_align_by_expert_places_every_pair_once_in_its_experts_tiles():
+    weights, ids = random_routing(37, 16, 4)
+    for first, local, block_m in [(0, 16, 16), (4, 8, 8), (12, 4, 16)]:
+        a = align_by_expert(ids, first, local, block_m)
+        pairs = a.sorted_pairs.cpu()
+        tile_expert = a.block_expert.cpu().repeat_interleave(block_m)
+        real = pairs < a.num_pairs
+        flat = ids.flatten().cpu()
+        expected = ((flat >= first) & (flat < first + local)).nonzero().squeeze(1)
+        assert sorted(pairs[real].tolist()) == expected.tolist()
+        assert torch.equal(tile_expert[real], flat[pairs[real]] - first)
+
+
+@pytest.mark.parametrize("tokens,first,local", [(1, 0, 8), (19, 0, 8), (19, 8, 8), (45, 3, 5)])
+def test_fused_moe_matches_reference_exactly_in_float32(tokens, first, local):
+    """In float32 the kernel and the reference quantize identical values, so any difference is
+    a wrong tile, row, expert or scale, not rounding."""
+    hidden, inter, top_k = 256, 128 + 64, 3
+    gu, gus, dn, dns = moe_weights(local, hidden, inter)
+    weights, ids = random_routing(tokens, 16, top_k)
+    x = torch.randn(tokens, hidden, device=DEVICE)
+    out = fused_moe(x, gu, gus, dn, dns, weights, ids, first)
+    ref = fused_moe_ref(x, gu, gus, dn, dns, weights, ids, first)
+    off_rank = ~((ids >= first) & (ids < first + local)).any(1)
+    assert torch.equal(out[off_rank], torch.zeros_like(out[off_rank]))
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_fused_moe_bf16_within_tolerance():
+    hidden, inter, top_k = 256, 128, 4
+    gu, gus, dn, dns = moe_weights(8, hidden, inter)
+    weights, ids = random_routing(23, 8, top_k)
+    x = torch.randn(23, hidden, device=DEVICE, dtype=torch.bfloat16)
+    out = fused_moe(x, gu, gus, dn, dns, weights, ids, 0)
+    # bf16 intermediates can round to the other side of an e4m3 step than the reference's:
+    # a few percent, the size of FP8 activation error itself.
+    assert rel_err(out, fused_moe_ref(x, gu, gus, dn, dns, weights, ids, 0)) < 3e-2
