@@ -9,6 +9,7 @@ from engine.config import EngineConfig
 from engine.messages import StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
 from engine.worker_state import ScheduledWork, WorkerState
+from kernels.backend import triton_wanted
 from model.deepseek_v3 import DeepseekV3
 from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
@@ -37,7 +38,9 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.cfg = ModelConfig.from_checkpoint(config.model_dir)
         self.max_model_len = max_model_len(config, self.cfg)
-        weights = load_weights(config.model_dir, self.cfg, self.dtype, include_mtp=False)
+        # The GPU path keeps the checkpoint's FP8 weights for the FP8 kernels; the CPU path dequantizes.
+        keep_fp8 = triton_wanted(torch.empty(0, device=config.device))
+        weights = load_weights(config.model_dir, self.cfg, self.dtype, include_mtp=False, keep_fp8=keep_fp8)
         self.model = DeepseekV3(self.cfg, weights, max_positions=self.max_model_len).to(config.device)
         del weights
         self.kv_bytes_per_token = LatentCache.bytes_per_token(self.cfg.num_cache_layers, self.cfg.kv_entry_dim,

@@ -104,8 +104,6 @@ def _moe_tiles(num_tokens: int, device: torch.device) -> tuple[int, int, int, in
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): small M tiles while few tokens reach each expert."""
     if device.type != "cuda":
         return 16, 64, 4, 2
-    if num_tokens <= 16:  # few weights rows per program: more programs to keep memory busy
-        return 16, 64, 4, 4
     if num_tokens <= 64:
         return 16, 128, 4, 4
     if num_tokens <= 512:

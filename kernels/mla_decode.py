@@ -139,7 +139,7 @@ def paged_mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
                      block_tables: torch.Tensor, seq_of_row: torch.Tensor, kv_lens: torch.Tensor,
                      softmax_scale: float, max_kv_len: int, num_splits: int | None = None,
                      block_h: int | None = None, block_n: int = 64, num_warps: int | None = None,
-                     num_stages: int = 2, reload_v: bool = False) -> torch.Tensor:
+                     num_stages: int = 3, reload_v: bool = True) -> torch.Tensor:
     """q_latent [rows, H, 512], q_pe [rows, H, 64], cache [num_blocks, page, 576],
     block_tables [seqs, max_pages], seq_of_row and kv_lens [rows] -> [rows, H, 512].
     `max_kv_len` (host side) bounds kv_lens; it sizes the splits without a device sync."""
@@ -149,10 +149,10 @@ def paged_mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
     rows, heads, rank = q_latent.shape
     rope = q_pe.shape[-1]
     page = cache.shape[1]
-    out = torch.empty_like(q_latent)
+    q_latent, q_pe = q_latent.contiguous(), q_pe.contiguous()
+    out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)  # contiguous, whatever q was
     if rows == 0:
         return out
-    q_latent, q_pe = q_latent.contiguous(), q_pe.contiguous()
     block_h = block_h or min(64, max(16, triton.next_power_of_2(heads)))
     head_blocks = cdiv(heads, block_h)
     splits = num_splits or choose_num_splits(rows, head_blocks, max_kv_len, q_latent.device)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
-from kernels.mla_attention import GatherBuffer, plan_attention
+from kernels.mla_attention import AttentionPlan, GatherBuffer, plan_attention
 from model.forward_batch import ForwardBatch
 from model.layers import DenseMLP, Linear, RMSNorm
 from model.mla import MLA
@@ -28,12 +28,11 @@ class DecoderLayer(nn.Module):
             self.mlp = MoE(cfg, w, p, experts)
         else:
             m = p + ".mlp."
-            self.mlp = DenseMLP(w[m + "gate_proj.weight"], w[m + "up_proj.weight"], w[m + "down_proj.weight"])
+            self.mlp = DenseMLP(w, m)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, groups, rope,
-                buffer: GatherBuffer) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), batch.positions, batch.slot_mapping, cache, groups, rope,
-                               buffer)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, plan: AttentionPlan,
+                rope: RotaryEmbedding) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), batch.positions, batch.slot_mapping, cache, plan, rope)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -48,7 +47,7 @@ class DeepseekV3(nn.Module):
         self.embed_tokens = nn.Parameter(w["model.embed_tokens.weight"], requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, w, i, experts) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(w["model.norm.weight"], cfg.rms_norm_eps)
-        self.lm_head = Linear(w["lm_head.weight"])
+        self.lm_head = Linear.load(w, "lm_head.weight")
         self.rope = RotaryEmbedding(cfg, max_positions, device=self.embed_tokens.device)
         self.gather_buffer = GatherBuffer()
 
@@ -59,10 +58,10 @@ class DeepseekV3(nn.Module):
     def forward(self, batch: ForwardBatch, cache_layers: list[torch.Tensor]) -> torch.Tensor:
         """Writes every token's latent entries into the cache; returns the last layer's hidden
         states before the final norm, [T, hidden] (the MTP module reads these)."""
-        groups = plan_attention(batch)
+        plan = plan_attention(batch, self.embed_tokens, self.gather_buffer)
         x = F.embedding(batch.input_ids, self.embed_tokens)
         for layer in self.layers:
-            x = layer(x, batch, cache_layers[layer.layer_idx], groups, self.rope, self.gather_buffer)
+            x = layer(x, batch, cache_layers[layer.layer_idx], plan, self.rope)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""Basic layers: RMSNorm and a linear holding its dequantized weight."""
+"""Basic layers: RMSNorm, a linear over a dequantized or an FP8 block-scaled weight, the dense MLP."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels.fp8_gemm import fp8_gemm, fp8_linear
+from kernels.quant import QUANT_GROUP, silu_mul_quant
 
 
 class RMSNorm(nn.Module):
@@ -21,24 +24,73 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x Wᵀ with W [out, in]; FP8 checkpoint weights arrive here already dequantized."""
+    """y = x Wᵀ with W [out, in]. With `scale_inv` the weight is the checkpoint's e4m3 and the
+    product is an FP8 GEMM over activations quantized on the fly; without, W is already dequantized."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale_inv = None if scale_inv is None else nn.Parameter(scale_inv, requires_grad=False)
+
+    @classmethod
+    def load(cls, w: dict[str, torch.Tensor], name: str) -> Linear:
+        return cls(w[name], w.get(name + "_scale_inv"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        if self.scale_inv is None:
+            return F.linear(x, self.weight)
+        return fp8_linear(x, self.weight, self.scale_inv)
+
+
+def pad_fp8_rows(weight: torch.Tensor, scale_inv: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows up to `rows` (a multiple of 128): the scale grid already covers a partial block."""
+    if weight.shape[0] == rows:
+        return weight, scale_inv
+    padded = weight.new_zeros(rows, weight.shape[1])
+    padded[: weight.shape[0]] = weight
+    return padded, scale_inv
+
+
+def pad_fp8_cols(weight: torch.Tensor, scale_inv: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if weight.shape[1] == cols:
+        return weight, scale_inv
+    padded = weight.new_zeros(weight.shape[0], cols)
+    padded[:, : weight.shape[1]] = weight
+    return padded, scale_inv
+
+
+def fuse_gate_up_fp8(gate, gate_s, up, up_s, down, down_s):
+    """gate|up stacked into one FP8 weight whose halves both start on a 128-row block, and down
+    padded to match: padding rows are zero, so SiLU(0)·0 adds nothing."""
+    inter = gate.shape[0]
+    padded = -(-inter // QUANT_GROUP) * QUANT_GROUP
+    gate, gate_s = pad_fp8_rows(gate, gate_s, padded)
+    up, up_s = pad_fp8_rows(up, up_s, padded)
+    down, down_s = pad_fp8_cols(down, down_s, padded)
+    return torch.cat([gate, up]), torch.cat([gate_s, up_s]), down, down_s
 
 
 class DenseMLP(nn.Module):
     """SwiGLU MLP with gate and up fused into one weight [2 * inter, hidden]."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str):
         super().__init__()
-        self.gate_up = Linear(torch.cat([gate, up], dim=0))
-        self.down_proj = Linear(down)
+        gate, up, down = (prefix + n + ".weight" for n in ("gate_proj", "up_proj", "down_proj"))
+        self.fp8 = gate + "_scale_inv" in w
+        if self.fp8:
+            gu, gu_s, dn, dn_s = fuse_gate_up_fp8(w[gate], w[gate + "_scale_inv"], w[up], w[up + "_scale_inv"],
+                                                  w[down], w[down + "_scale_inv"])
+            self.gate_up, self.down_proj = Linear(gu, gu_s), Linear(dn, dn_s)
+        else:
+            self.gate_up = Linear(torch.cat([w[gate], w[up]], dim=0))
+            self.down_proj = Linear(w[down])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            shape = x.shape
+            h = self.gate_up(x.reshape(-1, shape[-1]))
+            q, s = silu_mul_quant(h)
+            d = self.down_proj
+            return fp8_gemm(q, s, d.weight, d.scale_inv, x.dtype).view(*shape[:-1], -1)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -94,14 +94,27 @@ class ShardReader:
         return t
 
 
-def _load_one(reader: ShardReader, spec: TensorSpec, cfg: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
+# The FP8 kernels take 128x128 weight blocks; other block sizes are dequantized at load.
+KERNEL_FP8_BLOCK = (128, 128)
+
+
+def _keeps_fp8(spec: TensorSpec) -> bool:
+    # kv_b_proj is split into the absorbed W_UK / W_UV, which are used in the compute dtype.
+    return not spec.name.endswith("kv_b_proj.weight")
+
+
+def _load_one(reader: ShardReader, spec: TensorSpec, cfg: ModelConfig, dtype: torch.dtype,
+              keep_fp8: bool) -> dict[str, torch.Tensor]:
     if spec.kind == "fp8" and cfg.fp8_block is not None:
         q = reader.get(spec.name, spec.shape, (FP8_DTYPE,))
-        s = reader.get(spec.name + "_scale_inv", scale_inv_shape(spec.shape, cfg.fp8_block), (torch.float32,))
-        return dequantize_weight(q, s, cfg.fp8_block, dtype)
+        scale_name = spec.name + "_scale_inv"
+        s = reader.get(scale_name, scale_inv_shape(spec.shape, cfg.fp8_block), (torch.float32,))
+        if keep_fp8 and _keeps_fp8(spec):
+            return {spec.name: q, scale_name: s}
+        return {spec.name: dequantize_weight(q, s, cfg.fp8_block, dtype)}
     t = reader.get(spec.name, spec.shape, _FLOAT_DTYPES)
     # The router's correction bias stays float32 whatever the compute dtype, as the reference keeps it.
-    return t.float() if spec.kind == "f32" else t.to(dtype)
+    return {spec.name: t.float() if spec.kind == "f32" else t.to(dtype)}
 
 
 def load_weights(
@@ -110,9 +123,16 @@ def load_weights(
     dtype: torch.dtype = torch.bfloat16,
     experts: range | None = None,
     include_mtp: bool = True,
+    keep_fp8: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Dequantized tensors by published name; `experts` limits routed experts to one EP rank's."""
+    """Tensors by published name; `experts` limits routed experts to one EP rank's. FP8 weights
+    are dequantized to `dtype`, unless `keep_fp8` (the GPU kernels' path): then they stay e4m3 and
+    their `<name>_scale_inv` comes along."""
     model_dir = Path(model_dir)
+    keep_fp8 = keep_fp8 and cfg.fp8_block == KERNEL_FP8_BLOCK
     weight_map = read_weight_map(model_dir)
+    out: dict[str, torch.Tensor] = {}
     with ShardReader(model_dir, weight_map) as reader:
-        return {s.name: _load_one(reader, s, cfg, dtype) for s in model_specs(cfg, experts, include_mtp)}
+        for spec in model_specs(cfg, experts, include_mtp):
+            out.update(_load_one(reader, spec, cfg, dtype, keep_fp8))
+    return out

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.model_config import ModelConfig
-from kernels.mla_attention import AttentionGroup, GatherBuffer, paged_mla_attention_ref
+from kernels.mla_attention import AttentionPlan, mla_attention
 from model.layers import Linear, RMSNorm
 from model.rope import RotaryEmbedding
 
@@ -24,22 +24,21 @@ class MLA(nn.Module):
         self.cfg = cfg
         p = prefix + ".self_attn."
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear(w[p + "q_a_proj.weight"])
+            self.q_a_proj = Linear.load(w, p + "q_a_proj.weight")
             self.q_a_layernorm = RMSNorm(w[p + "q_a_layernorm.weight"], cfg.rms_norm_eps)
-            self.q_b_proj = Linear(w[p + "q_b_proj.weight"])
+            self.q_b_proj = Linear.load(w, p + "q_b_proj.weight")
         else:
-            self.q_proj = Linear(w[p + "q_proj.weight"])
-        self.kv_a_proj_with_mqa = Linear(w[p + "kv_a_proj_with_mqa.weight"])
+            self.q_proj = Linear.load(w, p + "q_proj.weight")
+        self.kv_a_proj_with_mqa = Linear.load(w, p + "kv_a_proj_with_mqa.weight")
         self.kv_a_layernorm = RMSNorm(w[p + "kv_a_layernorm.weight"], cfg.rms_norm_eps)
-        self.o_proj = Linear(w[p + "o_proj.weight"])
+        self.o_proj = Linear.load(w, p + "o_proj.weight")
         heads, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
         kv_b = w[p + "kv_b_proj.weight"].view(heads, nope + v, cfg.kv_lora_rank)
         self.w_uk = nn.Parameter(kv_b[:, :nope].contiguous(), requires_grad=False)  # [H, nope, kv_lora_rank]
         self.w_uv = nn.Parameter(kv_b[:, nope:].contiguous(), requires_grad=False)  # [H, v, kv_lora_rank]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                cache: torch.Tensor, groups: list[AttentionGroup], rope: RotaryEmbedding,
-                buffer: GatherBuffer | None = None) -> torch.Tensor:
+                cache: torch.Tensor, plan: AttentionPlan, rope: RotaryEmbedding) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
         if cfg.q_lora_rank:
@@ -54,7 +53,5 @@ class MLA(nn.Module):
         entry = torch.cat([self.kv_a_layernorm(c_kv), rope(k_pe, positions)], dim=-1)
         cache.view(-1, cache.shape[-1])[slot_mapping] = entry.to(cache.dtype)
 
-        q_latent = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, H, kv_lora_rank]
-        o_latent = paged_mla_attention_ref(q_latent, q_pe, cache, groups, cfg.softmax_scale, buffer)
-        o = torch.einsum("thc,hvc->thv", o_latent.to(x.dtype), self.w_uv)  # [T, H, v_head_dim]
+        o = mla_attention(q_nope, q_pe, cache, plan, self.w_uk, self.w_uv, cfg.softmax_scale)  # [T, H, v]
         return self.o_proj(o.reshape(t, -1))

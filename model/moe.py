@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
-from model.layers import DenseMLP
+from kernels.fused_moe import fused_moe
+from model.layers import DenseMLP, fuse_gate_up_fp8
 
 
 class Gate(nn.Module):
@@ -37,14 +38,20 @@ class Gate(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """This rank's experts [first, first + n), stacked; tokens are sorted by expert and each
-    expert runs one matmul over its contiguous rows."""
+    """This rank's experts [first, first + n), stacked. With FP8 weights (scales given) the fused
+    MoE kernel runs them all in two grouped GEMMs; with dequantized weights tokens are sorted by
+    expert and each expert runs one matmul over its contiguous rows."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, first_expert: int):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, first_expert: int,
+                 gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None):
         super().__init__()
         self.gate_up = nn.Parameter(gate_up, requires_grad=False)  # [n, 2 * inter, hidden]
         self.down = nn.Parameter(down, requires_grad=False)  # [n, hidden, inter]
         self.first_expert = first_expert
+        self.fp8 = gate_up_scale is not None
+        if self.fp8:
+            self.gate_up_scale = nn.Parameter(gate_up_scale, requires_grad=False)
+            self.down_scale = nn.Parameter(down_scale, requires_grad=False)
 
     @property
     def num_local(self) -> int:
@@ -53,6 +60,9 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, hidden]; ids, weights [T, k] (global expert ids). Returns Σ_k w·expert(x) over
         the choices that fall on this rank's experts."""
+        if self.fp8:
+            return fused_moe(x, self.gate_up, self.gate_up_scale, self.down, self.down_scale, weights, ids,
+                             self.first_expert)
         k = ids.shape[1]
         local = ids.flatten() - self.first_expert
         on_rank = (local >= 0) & (local < self.num_local)
@@ -78,15 +88,17 @@ class MoE(nn.Module):
         super().__init__()
         p = prefix + ".mlp."
         self.gate = Gate(cfg, w[p + "gate.weight"], w[p + "gate.e_score_correction_bias"])
-        gate_up = torch.stack(
-            [torch.cat([w[f"{p}experts.{e}.gate_proj.weight"], w[f"{p}experts.{e}.up_proj.weight"]]) for e in experts]
-        )
-        down = torch.stack([w[f"{p}experts.{e}.down_proj.weight"] for e in experts])
-        self.experts = RoutedExperts(gate_up, down, experts.start)
+        names = [tuple(f"{p}experts.{e}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")) for e in experts]
+        if names[0][0] + "_scale_inv" in w:
+            fused = [fuse_gate_up_fp8(*(t for n in trio for t in (w[n], w[n + "_scale_inv"]))) for trio in names]
+            gate_up, gate_up_s, down, down_s = (torch.stack(parts) for parts in zip(*fused))
+            self.experts = RoutedExperts(gate_up, down, experts.start, gate_up_s, down_s)
+        else:
+            gate_up = torch.stack([torch.cat([w[g], w[u]]) for g, u, _ in names])
+            down = torch.stack([w[d] for _, _, d in names])
+            self.experts = RoutedExperts(gate_up, down, experts.start)
         sp = p + "shared_experts."
-        self.shared_experts = DenseMLP(
-            w[sp + "gate_proj.weight"], w[sp + "up_proj.weight"], w[sp + "down_proj.weight"]
-        )
+        self.shared_experts = DenseMLP(w, sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)

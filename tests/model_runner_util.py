@@ -15,11 +15,13 @@ from model.forward_batch import ForwardBatch, SequenceChunk
 class PagedRunner:
     """Hands out blocks in a shuffled order so block tables are never contiguous."""
 
-    def __init__(self, model: DeepseekV3, num_blocks: int = 256, block_size: int = 16, seed: int = 0):
+    def __init__(self, model: DeepseekV3, num_blocks: int = 256, block_size: int = 16, seed: int = 0,
+                 device: str = "cpu"):
         cfg: ModelConfig = model.cfg
         self.model = model
         self.block_size = block_size
-        self.cache = LatentCache(cfg.num_cache_layers, num_blocks, block_size, cfg.kv_entry_dim, model.dtype)
+        self.device = device
+        self.cache = LatentCache(cfg.num_cache_layers, num_blocks, block_size, cfg.kv_entry_dim, model.dtype, device)
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.tables: dict[int, list[int]] = {}
@@ -35,7 +37,7 @@ class PagedRunner:
     def step(self, work: dict[int, list[int]]) -> dict[int, torch.Tensor]:
         """work: seq id -> tokens to compute. Returns seq id -> logits of every computed token."""
         chunks = [self._chunk(s, toks) for s, toks in work.items()]
-        batch = ForwardBatch.build(chunks, self.block_size)
+        batch = ForwardBatch.build(chunks, self.block_size, self.device)
         with torch.inference_mode():
             hidden = self.model(batch, [self.cache.layer(i) for i in range(self.model.cfg.num_cache_layers)])
             logits = self.model.logits(hidden)
