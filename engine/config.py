@@ -17,7 +17,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.05
     enable_prefix_caching: bool = True
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # the worker picks cuda when torch sees a GPU, else cpu
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):

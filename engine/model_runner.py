@@ -18,6 +18,14 @@ from model.sampler import SampleRow, prompt_logprob_entries, sample
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return device
+
+
 def available_memory(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info()[0]
@@ -36,24 +44,25 @@ class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.dtype = DTYPES[config.dtype]
+        self.device = resolve_device(config.device)
         self.cfg = ModelConfig.from_checkpoint(config.model_dir)
         self.max_model_len = max_model_len(config, self.cfg)
         # The GPU path keeps the checkpoint's FP8 weights for the FP8 kernels; the CPU path dequantizes.
-        keep_fp8 = triton_wanted(torch.empty(0, device=config.device))
+        keep_fp8 = triton_wanted(torch.empty(0, device=self.device))
         weights = load_weights(config.model_dir, self.cfg, self.dtype, include_mtp=False, keep_fp8=keep_fp8)
-        self.model = DeepseekV3(self.cfg, weights, max_positions=self.max_model_len).to(config.device)
+        self.model = DeepseekV3(self.cfg, weights, max_positions=self.max_model_len).to(self.device)
         del weights
         self.kv_bytes_per_token = LatentCache.bytes_per_token(self.cfg.num_cache_layers, self.cfg.kv_entry_dim,
                                                               self.dtype)
         budget = config.kv_cache_memory
         if budget is None:
-            budget = int(available_memory(config.device) * config.kv_cache_memory_fraction)
+            budget = int(available_memory(self.device) * config.kv_cache_memory_fraction)
         num_blocks = budget // (self.kv_bytes_per_token * config.block_size)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block of {config.block_size} tokens "
                              f"({self.kv_bytes_per_token} bytes per token)")
         self.cache = LatentCache(self.cfg.num_cache_layers, num_blocks, config.block_size, self.cfg.kv_entry_dim,
-                                 self.dtype, config.device)
+                                 self.dtype, self.device)
         self._cache_layers = [self.cache.layer(i) for i in range(self.cfg.num_cache_layers)]
         self.state = WorkerState()
 
@@ -67,7 +76,7 @@ class ModelRunner:
         if not work:
             return StepResult(plan.step_id)
         chunks = [SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table) for w in work]
-        batch = ForwardBatch.build(chunks, self.config.block_size, self.config.device)
+        batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
         hidden = self.model(batch, self._cache_layers)
 
         due = [i for i, w in enumerate(work) if w.samples]

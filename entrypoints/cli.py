@@ -31,7 +31,7 @@ def _generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
              max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-             enable_prefix_caching=not args.no_prefix_caching) as llm:
+             enable_prefix_caching=not args.no_prefix_caching, device=args.device) as llm:
         print(f"latent cache: {llm.kv_cache_tokens} tokens of {llm.engine.ready.kv_bytes_per_token} bytes each",
               file=sys.stderr)
         start = time.perf_counter()
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--block-size", type=int, default=64)
     gen.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
     gen.add_argument("--no-prefix-caching", action="store_true")
+    gen.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda[:N]")
     gen.set_defaults(func=_generate)
     return parser
 
