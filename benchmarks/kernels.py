@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This file's name would shadow the kernels package: the repo root goes first.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from kernels.fp8_gemm import fp8_gemm  # noqa: E402
-from kernels.fused_moe import fused_moe  # noqa: E402
-from kernels.mla_decode import choose_num_splits, decode_bytes, paged_mla_decode  # noqa: E402
-from kernels.quant import FP8, act_quant  # noqa: E402
+from kernels.fp8_gemm import fp8_gemm
+from kernels.fused_moe import fused_moe
+from kernels.mla_decode import choose_num_splits, decode_bytes, paged_mla_decode
+from kernels.quant import FP8, act_quant
 
 HIDDEN, HEADS, RANK, ROPE, PAGE = 7168, 128, 512, 64, 64
 EXPERTS, TOP_K, MOE_INTER = 256, 8, 2048

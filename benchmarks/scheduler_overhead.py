@@ -8,8 +8,13 @@ with one token per due request, and the core folds the result back in.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+# This folder holds kernels.py, which would shadow the kernels package: the repo root goes first.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import zmq
 

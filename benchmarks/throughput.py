@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from pathlib import Path
+
+# This folder holds kernels.py, which would shadow the kernels package: the repo root goes first.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
