@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from engine.model_config import ModelConfig
 
@@ -44,15 +45,21 @@ def yarn_cos_sin_scale(cfg: ModelConfig) -> float:
     return m(y.factor, y.mscale) / m(y.factor, y.mscale_all_dim) if y.mscale_all_dim else m(y.factor, 1.0)
 
 
-class RotaryEmbedding:
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables are (non-persistent) buffers, so they follow the model's `.to(device)`."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None, device="cpu"):
+        super().__init__()
         n = max_positions or cfg.max_position_embeddings
         freqs = torch.outer(torch.arange(n, dtype=torch.float32), yarn_inv_freq(cfg))
         scale = yarn_cos_sin_scale(cfg)
-        self.cos = (freqs.cos() * scale).to(device)  # [max_pos, rope_dim // 2], float32
-        self.sin = (freqs.sin() * scale).to(device)
+        self.register_buffer("cos", (freqs.cos() * scale).to(device), persistent=False)  # [max_pos, rope_dim // 2]
+        self.register_buffer("sin", (freqs.sin() * scale).to(device), persistent=False)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, ..., rope_dim]; rotates each interleaved pair by its position's angle."""
         shape = [x.shape[0]] + [1] * (x.dim() - 2) + [x.shape[-1] // 2]
         cos = self.cos[positions].view(shape)

@@ -53,7 +53,9 @@ def test_act_quant_matches_reference(m, k):
     x = torch.randn(m, k, device=DEVICE) * torch.rand(m, 1, device=DEVICE) * 10
     q, s = act_quant(x)
     q_ref, s_ref = act_quant_ref(x)
-    assert torch.equal(s, s_ref)
+    # torch on CUDA divides by a scalar through its reciprocal: a last-bit difference from the
+    # kernel's IEEE division.
+    assert torch.allclose(s, s_ref, rtol=1e-6, atol=0)
     # Same rounding, ties and carries included; a GPU's conversion may still land one e4m3 step
     # away on a rare element, never more.
     differ = q.float() != q_ref.float()

@@ -27,8 +27,8 @@ def cfg(tiny_checkpoint):
     return ModelConfig.from_checkpoint(tiny_checkpoint)
 
 
-def greedy(model: DeepseekV3, new_tokens: int, block_size: int = 16) -> list[list[int]]:
-    return PagedRunner(model, num_blocks=64, block_size=block_size, device=DEVICE).greedy(PROMPTS, new_tokens)
+def greedy(model: DeepseekV3, new_tokens: int, device: str = "cpu") -> list[list[int]]:
+    return PagedRunner(model, num_blocks=64, block_size=16, device=device).greedy(PROMPTS, new_tokens)
 
 
 def test_kernel_path_holds_fp8_weights(tiny_checkpoint, cfg):
@@ -49,12 +49,12 @@ def test_kernel_path_gives_the_reference_paths_greedy_tokens(tiny_checkpoint, cf
     with use_triton_kernels(False):
         expected = greedy(fp8_model(tiny_checkpoint, cfg), 8)
     with use_triton_kernels(True):
-        got = greedy(fp8_model(tiny_checkpoint, cfg).to(DEVICE), 8)
+        got = greedy(fp8_model(tiny_checkpoint, cfg).to(DEVICE), 8, DEVICE)
     assert got == expected
 
 
-def prefill_logits(model: DeepseekV3) -> list[torch.Tensor]:
-    out = PagedRunner(model, num_blocks=64, block_size=16, device=DEVICE).step(dict(enumerate(PROMPTS)))
+def prefill_logits(model: DeepseekV3, device: str = "cpu") -> list[torch.Tensor]:
+    out = PagedRunner(model, num_blocks=64, block_size=16, device=device).step(dict(enumerate(PROMPTS)))
     return [out[i].float().cpu() for i in range(len(PROMPTS))]
 
 
@@ -69,7 +69,7 @@ def test_kernel_path_in_bf16_and_fp8_quantization_error(tiny_checkpoint, cfg):
         reference_fp32 = prefill_logits(fp8_model(tiny_checkpoint, cfg, torch.float32))
         reference_bf16 = prefill_logits(fp8_model(tiny_checkpoint, cfg, torch.bfloat16))
     with use_triton_kernels(True):
-        kernel_bf16 = prefill_logits(fp8_model(tiny_checkpoint, cfg, torch.bfloat16).to(DEVICE))
+        kernel_bf16 = prefill_logits(fp8_model(tiny_checkpoint, cfg, torch.bfloat16).to(DEVICE), DEVICE)
     for k, r, r32, d in zip(kernel_bf16, reference_bf16, reference_fp32, dequantized):
         # A bf16 rounding that moves an activation across an e4m3 step changes it by 1/8, and this
         # random model amplifies such changes; the kernels' bf16 error must be of the size the
