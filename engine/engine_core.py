@@ -29,6 +29,7 @@ from engine.messages import (
     WorkerReady,
     WorkerToScheduler,
 )
+from engine.metrics import EngineMetrics
 from engine.processes import Channel, become_child_process
 from engine.request import Request
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -50,6 +51,7 @@ class EngineCore:
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ready.max_model_len, eos_token_id),
             blocks)
         self.worker = worker  # callable: StepPlan -> StepResult
+        self.metrics = EngineMetrics()
 
     def validate(self, msg: AddRequest) -> str | None:
         prompt = msg.prompt_ids
@@ -74,9 +76,13 @@ class EngineCore:
     def add(self, msg: AddRequest) -> RequestDelta | None:
         error = self.validate(msg)
         if error:
-            return RequestDelta(msg.req_id, finished=True, finish_reason="error", error=error,
-                                num_prompt_tokens=len(msg.prompt_ids), finish_time=time.time())
-        self.scheduler.add(Request(msg.req_id, msg.prompt_ids, msg.params, msg.arrival_time or None))
+            delta = RequestDelta(msg.req_id, finished=True, finish_reason="error", error=error,
+                                 num_prompt_tokens=len(msg.prompt_ids), finish_time=time.time())
+            self.metrics.on_deltas([delta])
+            return delta
+        req = Request(msg.req_id, msg.prompt_ids, msg.params, msg.arrival_time or None)
+        self.scheduler.add(req)
+        self.metrics.on_arrival(msg.req_id, req.arrival_time)
         return None
 
     def abort(self, req_ids: list[str]) -> list[RequestDelta]:
@@ -86,15 +92,20 @@ class EngineCore:
             if req is not None:
                 out.append(RequestDelta(rid, finished=True, finish_reason="abort",
                                         num_prompt_tokens=req.num_prompt_tokens, finish_time=req.finish_time))
+        self.metrics.on_deltas(out)
         return out
 
     def step(self) -> list[RequestDelta]:
+        start = time.perf_counter()
         step = self.scheduler.schedule()
         if step.scheduled or step.plan.finished_ids:
             result = self.worker(step.plan)
         else:
             result = StepResult(step.plan.step_id)
-        return self.scheduler.update(step, result)
+        deltas = self.scheduler.update(step, result)
+        self.metrics.on_step(time.perf_counter() - start, len(step.scheduled))
+        self.metrics.on_deltas(deltas)
+        return deltas
 
     def stats(self) -> EngineStats:
         c, s = self.scheduler.counters, self.scheduler
@@ -102,7 +113,8 @@ class EngineCore:
             num_running=len(s.running), num_waiting=len(s.waiting), num_preemptions=c.num_preemptions,
             num_steps=c.num_steps, prompt_tokens=c.prompt_tokens, computed_prompt_tokens=c.computed_prompt_tokens,
             generation_tokens=c.generation_tokens, prefix_cache_queries=c.prefix_cache_queries,
-            prefix_cache_hits=c.prefix_cache_hits, num_free_blocks=s.blocks.num_free, num_blocks=s.blocks.num_blocks)
+            prefix_cache_hits=c.prefix_cache_hits, num_free_blocks=s.blocks.num_free, num_blocks=s.blocks.num_blocks,
+            metrics=self.metrics.snapshot())
 
 
 def remote_worker(plans: Channel, results: Channel):

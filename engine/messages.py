@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
+from engine.metrics import MetricsSnapshot
 from engine.sampling_params import SamplingParams
 
 
@@ -86,6 +87,7 @@ class EngineStats(Message):
     prefix_cache_hits: int  # tokens found there
     num_free_blocks: int
     num_blocks: int
+    metrics: MetricsSnapshot | None = None
 
 
 class EngineDead(Message):

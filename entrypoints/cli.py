@@ -66,15 +66,45 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    gen.add_argument("--max-num-seqs", type=int, default=256)
-    gen.add_argument("--block-size", type=int, default=64)
-    gen.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
-    gen.add_argument("--no-prefix-caching", action="store_true")
-    gen.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda[:N]")
+    _add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="serve the ZeroMQ endpoint (docs/protocol.md) and Prometheus metrics")
+    srv.add_argument("--model", required=True, help="checkpoint directory")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=5555, help="ZeroMQ ROUTER port (0: any free port)")
+    srv.add_argument("--metrics-port", type=int, default=None, help="serve http://HOST:PORT/metrics")
+    srv.add_argument("--shutdown-grace", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish after SIGTERM")
+    srv.add_argument("--seed", type=int, default=0)
+    _add_engine_args(srv)
+    srv.set_defaults(func=_serve)
     return parser
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda[:N]")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from entrypoints.server import Server
+
+    config = EngineConfig(model_dir=args.model, dtype=args.dtype, block_size=args.block_size,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                          kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+                          seed=args.seed, device=args.device)
+    server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace)
+    metrics = f", metrics on http://{args.host}:{server.metrics_server.server_port}/metrics" \
+        if server.metrics_server else ""
+    print(f"mlaserve serving {args.model} on {server.address}{metrics}", file=sys.stderr, flush=True)
+    return server.serve_forever()
 
 
 def main(argv: list[str] | None = None) -> int:

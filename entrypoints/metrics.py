@@ -1,0 +1,84 @@
+"""Prometheus export of the scheduler's numbers (docs/metrics.md lists them).
+
+Names carry the `mlaserve:` prefix and follow vLLM's where the meaning is the same, so a vLLM
+dashboard ports by changing the prefix. The collector reads the server's latest EngineStats
+snapshot; it never talks to the engine itself (ZeroMQ sockets stay on the server's thread).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+PREFIX = "mlaserve:"
+
+HISTOGRAM_HELP = {
+    "time_to_first_token_seconds": "Time from arrival to the first generated token.",
+    "inter_token_latency_seconds": "Time between consecutive generated tokens of a request.",
+    "time_per_output_token_seconds": "Per request: (last token time - first token time) / (tokens - 1).",
+    "e2e_request_latency_seconds": "Time from arrival to finish, per finished request.",
+    "request_queue_time_seconds": "Time from arrival to first being scheduled.",
+    "request_prompt_tokens": "Prompt length of finished requests.",
+    "request_generation_tokens": "Generated tokens of finished requests.",
+    "step_duration_seconds": "Wall time of one engine step (schedule, model, update).",
+    "batch_size": "Requests scheduled in one engine step.",
+}
+
+
+class EngineCollector:
+    def __init__(self, server):
+        self.server = server
+
+    def collect(self):
+        stats, counters = self.server.stats_snapshot()
+        yield _counter("server_requests_received", "Generate messages received.", counters["requests_received"])
+        yield _counter("server_bad_messages", "Frames refused as unreadable.", counters["bad_messages"])
+        if stats is None:
+            return
+        yield _gauge("num_requests_running", "Requests in the running batch.", stats.num_running)
+        yield _gauge("num_requests_waiting", "Requests waiting to be admitted (preempted ones included).",
+                     stats.num_waiting)
+        yield _counter("num_preemptions", "Requests preempted for lack of cache blocks.", stats.num_preemptions)
+        used = 1.0 - stats.num_free_blocks / stats.num_blocks if stats.num_blocks else 0.0
+        yield _gauge("kv_cache_usage_perc", "Fraction of latent-cache blocks in use (0-1).", used)
+        yield _gauge("kv_cache_num_blocks", "Latent-cache blocks in the pool.", stats.num_blocks)
+        yield _gauge("kv_cache_free_blocks", "Latent-cache blocks free (cached-but-unused ones included).",
+                     stats.num_free_blocks)
+        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                       stats.prefix_cache_queries)
+        yield _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+        yield _counter("prompt_tokens", "Prompt tokens of admitted requests.", stats.prompt_tokens)
+        yield _counter("generation_tokens", "Generated tokens.", stats.generation_tokens)
+        yield _counter("engine_steps", "Engine steps run.", stats.num_steps)
+        snap = stats.metrics
+        if snap is None:
+            return
+        finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by reason.",
+                                       labels=["finished_reason"])
+        for reason, n in sorted(snap.finished.items()):
+            finished.add_metric([reason], n)
+        yield finished
+        for name, h in snap.histograms.items():
+            buckets, cumulative = [], 0
+            for bound, count in zip(h.bounds + [float("inf")], h.counts):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+            yield HistogramMetricFamily(PREFIX + name, HISTOGRAM_HELP.get(name, name), buckets=buckets,
+                                        sum_value=h.total)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+
+def start_metrics_server(server, host: str, port: int):
+    """Serves /metrics on host:port (0 picks a free port: see `.server_port`). Returns the HTTP
+    server; `.shutdown()` stops it."""
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(server))
+    httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    return httpd

@@ -1,0 +1,123 @@
+"""The serving protocol: msgspec structs, msgpack on the wire, one struct per ZeroMQ frame,
+tagged by a "type" field. docs/protocol.md is the reference for client writers.
+
+client -> server: Generate, Abort, Health, GetModelInfo
+server -> client: Delta*, then Final (or Error) for a Generate; HealthReply; ModelInfo; Error
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+# ---- client -> server -------------------------------------------------------------------------
+
+class Generate(_Msg, tag="generate"):
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    params: dict[str, Any] = {}  # SamplingParams fields; unknown names are an error
+    stream: bool = True
+
+
+class Abort(_Msg, tag="abort"):
+    request_id: str
+
+
+class Health(_Msg, tag="health"):
+    pass
+
+
+class GetModelInfo(_Msg, tag="get_model_info"):
+    pass
+
+
+ClientMessage = Generate | Abort | Health | GetModelInfo
+
+
+# ---- server -> client -------------------------------------------------------------------------
+
+class TokenLogprob(msgspec.Struct, omit_defaults=True):
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class Delta(_Msg, tag="delta"):
+    request_id: str
+    text: str = ""  # new text since the previous Delta
+    token_ids: list[int] = []  # new token ids since the previous Delta
+    logprobs: list[TokenLogprob] = []
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+
+
+class Timing(msgspec.Struct):
+    queue_s: float  # arrival to first scheduled
+    time_to_first_token_s: float
+    e2e_s: float
+
+
+class Final(_Msg, tag="final"):
+    request_id: str
+    finish_reason: str  # "length" | "stop" | "abort"
+    text: str  # the whole completion
+    token_ids: list[int]  # the whole completion
+    usage: Usage
+    timing: Timing
+    logprobs: list[TokenLogprob] = []  # all of them, when not streaming and asked for
+
+
+class Error(_Msg, tag="error"):
+    code: str  # see ERROR_CODES
+    message: str  # a sentence for people
+    request_id: str | None = None  # None when the message could not be read far enough
+
+
+class HealthReply(_Msg, tag="health_reply"):
+    status: str  # "ok" | "shutting_down"
+    running: int
+    waiting: int
+
+
+class ModelInfo(_Msg, tag="model_info"):
+    model: str
+    protocol_version: int
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    kv_cache_tokens: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    dtype: str
+
+
+ServerMessage = Delta | Final | Error | HealthReply | ModelInfo
+
+ERROR_CODES = {
+    "bad_message": "the frame is not msgpack, not a known message type, or has wrong or unknown fields",
+    "invalid_request": "the request's prompt or parameters are not acceptable (the message says which)",
+    "duplicate_request_id": "this client already has an unfinished request with that id",
+    "unknown_request": "Abort named a request id this client has no unfinished request with",
+    "shutting_down": "the server is stopping and takes no new requests",
+    "engine_error": "the engine failed while running the request",
+}
+
+client_encoder = msgspec.msgpack.Encoder()
+client_decoder = msgspec.msgpack.Decoder(ServerMessage)
+server_decoder = msgspec.msgpack.Decoder(ClientMessage)
+server_encoder = msgspec.msgpack.Encoder()

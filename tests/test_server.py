@@ -1,0 +1,246 @@
+"""The serving endpoint end to end: a real `mlaserve serve` process on loopback, real clients."""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import msgspec
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine import LLM, SamplingParams
+from entrypoints.client import AsyncClient, Client, ServerError
+from entrypoints.protocol import Delta, Final
+
+ENGINE_ARGS = ["--dtype", "float32", "--kv-cache-memory", "40000000", "--block-size", "16",
+               "--max-num-batched-tokens", "256"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+class RunningServer:
+    def __init__(self, checkpoint, *extra: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(checkpoint), "--port", "0",
+             "--metrics-port", "0", *ENGINE_ARGS, *extra],
+            stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        m = re.search(r"on (tcp://\S+), metrics on (http://\S+)", line)
+        assert m, f"server did not start: {line}{self.proc.stderr.read() if self.proc.poll() is not None else ''}"
+        self.address, self.metrics_url = m.group(1), m.group(2)
+        self.children = _children(self.proc.pid)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def metric(self, name: str, **labels) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def wait_metric(self, name: str, predicate, timeout_s: float = 10.0) -> float:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            v = self.metric(name)
+            if predicate(v) or time.monotonic() > deadline:
+                return v
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def _left_running(pids: list[int], wait_s: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    s = RunningServer(tiny_checkpoint)
+    yield s
+    assert s.stop() == 0
+    assert not _left_running(s.children), "engine processes left running"
+
+
+PROMPTS = ["The quick brown fox", "a", "Mixture of experts routes each token to", "0123456789" * 4, "hello"]
+
+
+def mixed_requests(n: int):
+    reqs = []
+    for i in range(n):
+        params = {"max_tokens": 4 + (i * 7) % 20, "ignore_eos": True, "temperature": 0.0}
+        if i % 3 == 1:  # seeded sampling: the same draws whatever the batch
+            params.update(temperature=0.8, top_p=0.9, seed=1000 + i)
+        if i % 5 == 2:
+            params.update(logprobs=2)
+        reqs.append((PROMPTS[i % len(PROMPTS)] + " " * (i % 4), params))
+    return reqs
+
+
+def test_64_concurrent_streaming_clients_match_the_offline_api(server, tiny_checkpoint):
+    reqs = mixed_requests(64)
+
+    async def one(prompt, params):
+        async with AsyncClient(server.address, timeout_s=120) as c:
+            deltas, final = [], None
+            async for ev in c.generate(prompt, params):
+                if isinstance(ev, Delta):
+                    deltas.append(ev)
+                else:
+                    final = ev
+            return deltas, final
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(p, params) for p, params in reqs))
+
+    results = asyncio.run(all_of_them())
+    with LLM(tiny_checkpoint, dtype="float32", kv_cache_memory=40_000_000, block_size=16) as llm:
+        offline = llm.generate([p for p, _ in reqs], [SamplingParams(**params) for _, params in reqs],
+                               use_tqdm=False)
+    for i, ((deltas, final), off, (_, params)) in enumerate(zip(results, offline, reqs)):
+        assert isinstance(final, Final) and final.finish_reason == "length"
+        streamed_ids = [t for d in deltas for t in d.token_ids]
+        assert streamed_ids == final.token_ids == off.token_ids, (i, params)
+        assert "".join(d.text for d in deltas) == final.text == off.text
+        assert final.usage.completion_tokens == params["max_tokens"]
+        if "logprobs" in params:
+            assert len([lp for d in deltas for lp in d.logprobs]) == params["max_tokens"]
+
+
+def test_abort_and_disconnect_free_their_blocks(server):
+    with Client(server.address, timeout_s=60) as c:
+        stream = c.generate("abort me " * 3, {"max_tokens": 3000, "ignore_eos": True}, request_id="long")
+        for _ in range(3):
+            assert isinstance(next(stream), Delta)
+        assert server.wait_metric("mlaserve:kv_cache_usage_perc", lambda v: v > 0) > 0
+        c.abort("long")
+        events = list(stream)
+        assert isinstance(events[-1], Final) and events[-1].finish_reason == "abort"
+    assert server.wait_metric("mlaserve:kv_cache_usage_perc", lambda v: v == 0) == 0
+    aborted_before = server.metric("mlaserve:request_success_total", finished_reason="abort")
+
+    c = Client(server.address, timeout_s=60)
+    stream = c.generate("disconnect me", {"max_tokens": 3000, "ignore_eos": True})
+    next(stream)
+    assert server.wait_metric("mlaserve:kv_cache_usage_perc", lambda v: v > 0) > 0
+    c.drop_connection()
+    assert server.wait_metric("mlaserve:kv_cache_usage_perc", lambda v: v == 0) == 0
+    deadline = time.monotonic() + 10
+    while server.metric("mlaserve:request_success_total", finished_reason="abort") < aborted_before + 1:
+        assert time.monotonic() < deadline, "the vanished client's request was not aborted"
+        time.sleep(0.1)
+    stream.close()
+    c.close()
+
+
+@pytest.mark.parametrize("payload,code", [
+    (b"\xc1 not msgpack", "bad_message"),
+    (msgspec.msgpack.encode({"type": "generate", "request_id": 7, "prompt": "x"}), "bad_message"),
+    (msgspec.msgpack.encode({"type": "generate", "request_id": "u", "prompt": "x", "colour": 1}), "bad_message"),
+    (msgspec.msgpack.encode({"type": "launch_missiles"}), "bad_message"),
+    (msgspec.msgpack.encode({"type": "generate", "request_id": "p", "prompt": "x", "params": {"top_q": 1}}),
+     "invalid_request"),
+    (msgspec.msgpack.encode({"type": "generate", "request_id": "h", "prompt_token_ids": [5] * 5000}),
+     "invalid_request"),
+    (msgspec.msgpack.encode({"type": "generate", "request_id": "hs", "prompt": "z" * 300_000}), "invalid_request"),
+    (msgspec.msgpack.encode({"type": "generate", "request_id": "v", "prompt_token_ids": [1, 999]}),
+     "invalid_request"),
+    (msgspec.msgpack.encode({"type": "abort", "request_id": "nobody"}), "unknown_request"),
+])
+def test_malformed_messages_get_typed_errors_and_the_server_keeps_serving(server, payload, code):
+    with Client(server.address, timeout_s=30) as c:
+        c.send_raw(payload)
+        err = c.recv()
+        assert type(err).__name__ == "Error" and err.code == code, err
+        assert err.message
+        final = c.complete("still there?", {"max_tokens": 3})
+        assert final.usage.completion_tokens == 3
+
+
+def test_duplicate_request_id_is_refused(server):
+    with Client(server.address, timeout_s=30) as c:
+        stream = c.generate("one", {"max_tokens": 2000, "ignore_eos": True}, request_id="same")
+        next(stream)
+        with pytest.raises(ServerError) as e:
+            next(c.generate("two", {"max_tokens": 2}, request_id="same"))
+        assert e.value.code == "duplicate_request_id"
+        c.abort("same")
+
+
+def test_metrics_parse_and_count_what_was_returned(server):
+    server.wait_metric("mlaserve:num_requests_running", lambda v: v == 0)
+    time.sleep(0.6)  # the server refreshes its snapshot every 0.25 s
+    before = server.metrics()
+    with Client(server.address, timeout_s=60) as c:
+        finals = [c.complete(p, {"max_tokens": n, "ignore_eos": True}) for p, n in [("abc", 5), ("xyz", 9)]]
+    returned = sum(len(f.token_ids) for f in finals)
+    time.sleep(0.6)  # the server refreshes its snapshot every 0.25 s
+    after = server.metrics()
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("mlaserve:generation_tokens_total") == returned
+    assert delta("mlaserve:request_success_total", finished_reason="length") == 2
+    assert delta("mlaserve:time_to_first_token_seconds_count") == 2
+    assert delta("mlaserve:e2e_request_latency_seconds_count") == 2
+    assert delta("mlaserve:request_generation_tokens_sum") == returned
+    assert delta("mlaserve:inter_token_latency_seconds_count") == returned - 2
+    assert after[("mlaserve:kv_cache_num_blocks", ())] > 0
+
+
+def test_sigterm_finishes_in_flight_refuses_new_and_exits_clean(tiny_checkpoint):
+    s = RunningServer(tiny_checkpoint, "--shutdown-grace", "60")
+    with Client(s.address, timeout_s=60) as c, Client(s.address, timeout_s=60) as late:
+        stream = c.generate("finish me", {"max_tokens": 1000, "ignore_eos": True})
+        next(stream)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        with pytest.raises(ServerError) as e:
+            late.complete("too late", {"max_tokens": 2})
+        assert e.value.code == "shutting_down"
+        events = list(stream)
+        assert isinstance(events[-1], Final) and events[-1].finish_reason == "length"
+        assert len(events[-1].token_ids) == 1000
+    assert s.proc.wait(timeout=60) == 0
+    assert not _left_running(s.children)
