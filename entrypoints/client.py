@@ -187,6 +187,8 @@ class AsyncClient:
         self._sock.connect(self.address)
 
     async def close(self) -> None:
+        if self._ctx.closed:
+            return
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
@@ -194,6 +196,14 @@ class AsyncClient:
             self._sock.close(linger=0)
             self._sock = None
         self._ctx.term()
+
+    def drop_connection(self) -> None:
+        """Vanish without a word, as a crashed client would (for tests of the server)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self._sock.close(linger=0)
+        self._sock = None
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -1,0 +1,142 @@
+"""Online serving benchmark: Poisson arrivals against a running `mlaserve serve`, in the style of
+vLLM's and SGLang's serving benchmarks (TTFT, inter-token latency, end-to-end latency, output
+throughput). The peer measured in the same run is the engine's own offline throughput on the
+same requests (LLM.generate, all at once): the ratio says what serving costs on top.
+
+    .venv/bin/python benchmarks/serve.py --rate 8 --num-requests 200            # starts a server
+    .venv/bin/python benchmarks/serve.py --address tcp://host:5555 --rate 8     # an existing one
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from entrypoints.client import AsyncClient
+from entrypoints.protocol import Delta, Final
+
+
+def workload(n: int, seed: int, in_range, out_range) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(2, 258) for _ in range(rng.randint(*in_range))], rng.randint(*out_range))
+            for _ in range(n)]
+
+
+async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float, rec: list) -> None:
+    await asyncio.sleep(delay)
+    start = time.perf_counter()
+    times: list[float] = []
+    n_tokens = 0
+    async for ev in client.generate(prompt, {"max_tokens": out_len, "ignore_eos": True, "temperature": 0.0}):
+        now = time.perf_counter()
+        if isinstance(ev, Delta) and ev.token_ids:
+            times.extend([now] * len(ev.token_ids))
+            n_tokens += len(ev.token_ids)
+        elif isinstance(ev, Final):
+            rec.append({"start": start, "token_times": times, "end": now, "tokens": len(ev.token_ids)})
+
+
+async def run(address: str, reqs, rate: float, seed: int) -> tuple[list[dict], float]:
+    rng = random.Random(seed + 1)
+    delays, t = [], 0.0
+    for _ in reqs:
+        delays.append(t)
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+    rec: list[dict] = []
+    async with AsyncClient(address, timeout_s=600) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, p, n, d, rec) for (p, n), d in zip(reqs, delays)))
+        return rec, time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summarize(rec: list[dict], elapsed: float) -> dict:
+    ttft = [r["token_times"][0] - r["start"] for r in rec if r["token_times"]]
+    itl = [b - a for r in rec for a, b in zip(r["token_times"], r["token_times"][1:])]
+    e2e = [r["end"] - r["start"] for r in rec]
+    out_tokens = sum(r["tokens"] for r in rec)
+    return {"requests": len(rec), "elapsed_s": elapsed, "req_per_s": len(rec) / elapsed,
+            "output_tok_per_s": out_tokens / elapsed,
+            **{f"{name}_p{q}_ms": 1000 * pct(v, q) for name, v in (("ttft", ttft), ("itl", itl), ("e2e", e2e))
+               for q in (50, 90, 99)},
+            "ttft_mean_ms": 1000 * statistics.fmean(ttft) if ttft else float("nan")}
+
+
+def offline_throughput(ckpt: str, reqs, engine_args: dict) -> float:
+    from engine import LLM, SamplingParams
+
+    with LLM(ckpt, **engine_args) as llm:
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+        start = time.perf_counter()
+        outs = llm.generate([p for p, _ in reqs], [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0)
+                                                   for _, n in reqs], use_tqdm=False)
+        elapsed = time.perf_counter() - start
+    return sum(len(o.token_ids) for o in outs) / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--address", help="a running server; without it one is started on --checkpoint")
+    ap.add_argument("--checkpoint", default="checkpoints/small-seed0")
+    ap.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second (Poisson); 0 = all at once")
+    ap.add_argument("--num-requests", type=int, default=100)
+    ap.add_argument("--input-len", type=int, nargs=2, default=[32, 256])
+    ap.add_argument("--output-len", type=int, nargs=2, default=[32, 128])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-cache-memory", type=int, default=2 << 30)
+    ap.add_argument("--skip-offline", action="store_true", help="do not measure the offline peer")
+    args = ap.parse_args()
+    reqs = workload(args.num_requests, args.seed, args.input_len, args.output_len)
+    server = None
+    address = args.address
+    if address is None:
+        ckpt = Path(args.checkpoint)
+        if not (ckpt / "config.json").exists():
+            from model.checkpoint_maker import make_checkpoint
+
+            make_checkpoint("small" if "small" in ckpt.name else "tiny", 0, ckpt)
+        server = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(ckpt),
+                                   "--port", "0", "--metrics-port", "0", "--kv-cache-memory",
+                                   str(args.kv_cache_memory)], stderr=subprocess.PIPE, text=True)
+        m = re.search(r"on (tcp://[^\s,]+)", server.stderr.readline())
+        if not m:
+            server.kill()
+            sys.exit("the server did not start")
+        address = m.group(1)
+    try:
+        asyncio.run(run(address, reqs[:2], 0, args.seed))  # warm-up
+        rec, elapsed = asyncio.run(run(address, reqs, args.rate, args.seed))
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
+    s = summarize(rec, elapsed)
+    print(f"rate {args.rate}/s, {s['requests']} requests in {s['elapsed_s']:.1f} s: {s['req_per_s']:.2f} req/s, "
+          f"{s['output_tok_per_s']:.1f} output tok/s")
+    for name in ("ttft", "itl", "e2e"):
+        print(f"  {name.upper():4s} p50 {s[f'{name}_p50_ms']:9.1f} ms   p90 {s[f'{name}_p90_ms']:9.1f} ms   "
+              f"p99 {s[f'{name}_p99_ms']:9.1f} ms")
+    if args.address is None and not args.skip_offline:
+        peer = offline_throughput(args.checkpoint, reqs, {"kv_cache_memory": args.kv_cache_memory})
+        print(f"offline LLM.generate on the same requests: {peer:.1f} output tok/s; served/offline = "
+              f"{s['output_tok_per_s'] / peer:.2f} (below 1 where arrivals, not the engine, set the pace)")
+
+
+if __name__ == "__main__":
+    main()
