@@ -38,9 +38,16 @@ def rss_kib(pid: int) -> int:
         return 0
 
 
+def family(pid: int) -> list[int]:
+    return [pid] + [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == pid]
+
+
 def family_rss(pid: int) -> int:
-    kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == pid]
-    return rss_kib(pid) + sum(rss_kib(k) for k in kids)
+    return sum(rss_kib(p) for p in family(pid))
+
+
+def rss_breakdown(pid: int) -> str:
+    return "+".join(f"{rss_kib(p) // 1024}" for p in family(pid))
 
 
 def _ppid(pid: int) -> int:
@@ -135,7 +142,7 @@ def main() -> int:
             print(f"[{(time.monotonic() - start) / 60:5.1f} min] {counts} "
                   f"running={mt.get('mlaserve:num_requests_running')} "
                   f"kv_use={mt.get('mlaserve:kv_cache_usage_perc', 0):.3f} "
-                  f"rss={family_rss(server.pid) / 1024:.0f} MiB", flush=True)
+                  f"rss={family_rss(server.pid) / 1024:.0f} MiB ({rss_breakdown(server.pid)})", flush=True)
 
         # A first minute warms every allocator up; the baseline is taken after it.
         asyncio.run(drive(address, min(1.0, args.minutes), args.concurrency, args.seed, report))

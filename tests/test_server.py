@@ -230,9 +230,9 @@ def test_metrics_parse_and_count_what_was_returned(server):
 
 
 def test_sigterm_finishes_in_flight_refuses_new_and_exits_clean(tiny_checkpoint):
-    s = RunningServer(tiny_checkpoint, "--shutdown-grace", "60")
+    s = RunningServer(tiny_checkpoint, "--shutdown-grace", "300")
     with Client(s.address, timeout_s=60) as c, Client(s.address, timeout_s=60) as late:
-        stream = c.generate("finish me", {"max_tokens": 1000, "ignore_eos": True})
+        stream = c.generate("finish me", {"max_tokens": 300, "ignore_eos": True})
         next(stream)
         s.proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
@@ -241,6 +241,6 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_clean(tiny_checkpoint)
         assert e.value.code == "shutting_down"
         events = list(stream)
         assert isinstance(events[-1], Final) and events[-1].finish_reason == "length"
-        assert len(events[-1].token_ids) == 1000
+        assert len(events[-1].token_ids) == 300
     assert s.proc.wait(timeout=60) == 0
     assert not _left_running(s.children)
