@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from cache.latent_cache import LatentCache
@@ -16,6 +18,13 @@ from model.loader import load_weights
 from model.sampler import SampleRow, prompt_logprob_entries, sample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def resolve_device(device: str) -> str:
@@ -65,6 +74,14 @@ class ModelRunner:
                                  self.dtype, self.device)
         self._cache_layers = [self.cache.layer(i) for i in range(self.cfg.num_cache_layers)]
         self.state = WorkerState()
+
+    def release_idle_memory(self) -> None:
+        """Drops the attention gather buffer (sized by the largest step so far) and returns freed
+        heap to the OS: without this a long-running worker's resident memory keeps its peak."""
+        self.model.gather_buffer.release()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        _malloc_trim()
 
     @property
     def num_blocks(self) -> int:

@@ -10,6 +10,9 @@ from engine.config import EngineConfig
 from engine.messages import SchedulerToWorker, Shutdown, WorkerFailed, WorkerReady
 from engine.processes import Channel, become_child_process
 
+# After this long without a plan the worker returns its scratch buffers and free heap pages.
+IDLE_RELEASE_MS = 1000
+
 
 def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str) -> None:
     become_child_process()
@@ -22,11 +25,18 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
         runner = ModelRunner(config)
         results.send(WorkerReady(rank, runner.num_blocks, runner.kv_bytes_per_token, runner.cfg.vocab_size,
                                  runner.max_model_len))
+        busy_since_release = False
         while True:
-            msg = plans.recv()
+            msg = plans.recv(timeout_ms=IDLE_RELEASE_MS)
+            if msg is None:  # idle: hand step-sized scratch memory back, once per busy spell
+                if busy_since_release:
+                    runner.release_idle_memory()
+                    busy_since_release = False
+                continue
             if isinstance(msg, Shutdown):
                 break
             results.send(runner.execute(msg))
+            busy_since_release = True
     except Exception:
         results.send(WorkerFailed(rank, traceback.format_exc()))
     finally:

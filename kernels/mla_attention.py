@@ -127,6 +127,9 @@ class GatherBuffer:
             self._buf = torch.empty(n, dtype=dtype, device=device)
         return self._buf[:n].view(rows, cols)
 
+    def release(self) -> None:
+        self._buf = None
+
 
 def paged_mla_attention_ref(
     q_latent: torch.Tensor,  # [T, H, kv_lora_rank]
