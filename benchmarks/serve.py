@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--skip-offline", action="store_true", help="do not measure the offline peer")
     args = ap.parse_args()
     reqs = workload(args.num_requests, args.seed, args.input_len, args.output_len)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # so `finally` stops the server we start
     server = None
     address = args.address
     if address is None:

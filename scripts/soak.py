@@ -119,6 +119,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-rss-growth", type=float, default=0.10)
     args = ap.parse_args()
+    # SIGTERM runs the `finally` below (which stops the server) instead of killing us outright.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     ckpt = Path(args.checkpoint)
     if not (ckpt / "config.json").exists():
         from model.checkpoint_maker import make_checkpoint
