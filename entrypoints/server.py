@@ -246,7 +246,7 @@ class Server:
             s.detok.flush()
         finished = stopped or d.finished
         if d.finished and d.finish_reason == "error":
-            self._finish(d.req_id, s, None, Error("invalid_request", d.error or "rejected by the engine",
+            self._finish(d.req_id, s, Error("invalid_request", d.error or "rejected by the engine",
                                                   s.request_id))
             return
         if s.stream and (d.new_token_ids or len(s.detok.text) > s.sent_text):
@@ -265,9 +265,9 @@ class Server:
             final = Final(s.request_id, reason, s.detok.text, s.token_ids,
                           Usage(s.num_prompt_tokens, len(s.token_ids), s.num_cached_tokens), timing,
                           [] if s.stream else s.logprobs)
-            self._finish(d.req_id, s, reason, final)
+            self._finish(d.req_id, s, final)
 
-    def _finish(self, engine_id: str, s: Served, reason: str | None, msg) -> None:
+    def _finish(self, engine_id: str, s: Served, msg) -> None:
         self.requests.pop(engine_id, None)
         self.by_client.pop((s.identity, s.request_id), None)
         self._send(s.identity, msg)
@@ -287,7 +287,7 @@ class Server:
                 pass
         for engine_id in ids:
             s = self.requests[engine_id]
-            self._finish(engine_id, s, "abort", Error(code or "shutting_down", why, s.request_id))
+            self._finish(engine_id, s, Error(code or "shutting_down", why, s.request_id))
 
     def _refresh_stats(self) -> None:
         now = time.monotonic()
