@@ -197,13 +197,24 @@ def test_malformed_messages_get_typed_errors_and_the_server_keeps_serving(server
 
 
 def test_duplicate_request_id_is_refused(server):
+    # Both frames go out back to back, so the first request is still running when the server reads the
+    # second whatever the machine's speed (waiting for a first token raced a fast machine's 2000 tokens).
+    first = {"type": "generate", "request_id": "same", "prompt": "one",
+             "params": {"max_tokens": 2000, "ignore_eos": True}}
+    second = {"type": "generate", "request_id": "same", "prompt": "two", "params": {"max_tokens": 2}}
     with Client(server.address, timeout_s=30) as c:
-        stream = c.generate("one", {"max_tokens": 2000, "ignore_eos": True}, request_id="same")
-        next(stream)
-        with pytest.raises(ServerError) as e:
-            next(c.generate("two", {"max_tokens": 2}, request_id="same"))
-        assert e.value.code == "duplicate_request_id"
-        c.abort("same")
+        c.send_raw(msgspec.msgpack.encode(first))
+        c.send_raw(msgspec.msgpack.encode(second))
+        seen = []
+        while not any(type(m).__name__ == "Error" for m in seen):
+            seen.append(c.recv())
+            assert not isinstance(seen[-1], Final), "the first request ended before the duplicate was refused"
+        err = seen[-1]
+        assert err.code == "duplicate_request_id" and err.request_id == "same", err
+        c.send_raw(msgspec.msgpack.encode({"type": "abort", "request_id": "same"}))
+        while not isinstance(m := c.recv(), Final):
+            assert isinstance(m, Delta), m
+        assert m.finish_reason == "abort"
 
 
 def test_metrics_parse_and_count_what_was_returned(server):
@@ -232,7 +243,8 @@ def test_metrics_parse_and_count_what_was_returned(server):
 def test_sigterm_finishes_in_flight_refuses_new_and_exits_clean(tiny_checkpoint):
     s = RunningServer(tiny_checkpoint, "--shutdown-grace", "300")
     with Client(s.address, timeout_s=60) as c, Client(s.address, timeout_s=60) as late:
-        stream = c.generate("finish me", {"max_tokens": 300, "ignore_eos": True})
+        # long enough to still be running after the signal on a fast machine
+        stream = c.generate("finish me", {"max_tokens": 1500, "ignore_eos": True})
         next(stream)
         s.proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
@@ -241,6 +253,6 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_clean(tiny_checkpoint)
         assert e.value.code == "shutting_down"
         events = list(stream)
         assert isinstance(events[-1], Final) and events[-1].finish_reason == "length"
-        assert len(events[-1].token_ids) == 300
+        assert len(events[-1].token_ids) == 1500
     assert s.proc.wait(timeout=60) == 0
     assert not _left_running(s.children)
