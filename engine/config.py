@@ -18,9 +18,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     device: str = "auto"  # the worker picks cuda when torch sees a GPU, else cpu
+    num_speculative_tokens: int = 0  # MTP drafts per decode step (1-3); 0: no speculative decoding
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+        if not 0 <= self.num_speculative_tokens <= 3:
+            raise ValueError(f"num_speculative_tokens must be 0 (off) to 3, got {self.num_speculative_tokens}")

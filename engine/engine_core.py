@@ -48,7 +48,8 @@ class EngineCore:
         self.max_model_len = ready.max_model_len
         blocks = BlockManager(ready.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ready.max_model_len, eos_token_id),
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ready.max_model_len, eos_token_id,
+                            config.num_speculative_tokens),
             blocks)
         self.worker = worker  # callable: StepPlan -> StepResult
         self.metrics = EngineMetrics()
@@ -66,7 +67,7 @@ class EngineCore:
         if problems:
             return "; ".join(problems)
         blocks = self.scheduler.blocks
-        if blocks.blocks_for(len(prompt) + 1) > blocks.num_blocks:
+        if blocks.blocks_for(len(prompt) + 1 + self.scheduler.config.num_speculative_tokens) > blocks.num_blocks:
             return (f"prompt has {len(prompt)} tokens but the whole cache holds "
                     f"{blocks.num_blocks * blocks.block_size}")
         if msg.req_id in self.scheduler.requests:
@@ -114,7 +115,8 @@ class EngineCore:
             num_steps=c.num_steps, prompt_tokens=c.prompt_tokens, computed_prompt_tokens=c.computed_prompt_tokens,
             generation_tokens=c.generation_tokens, prefix_cache_queries=c.prefix_cache_queries,
             prefix_cache_hits=c.prefix_cache_hits, num_free_blocks=s.blocks.num_free, num_blocks=s.blocks.num_blocks,
-            metrics=self.metrics.snapshot())
+            metrics=self.metrics.snapshot(), spec_num_drafts=c.spec_num_drafts, spec_draft_tokens=c.spec_draft_tokens,
+            spec_accepted_tokens=c.spec_accepted_tokens, spec_accepted_per_pos=list(c.spec_accepted_per_pos))
 
 
 def remote_worker(plans: Channel, results: Channel):

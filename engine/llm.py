@@ -137,12 +137,12 @@ class LLM:
                  max_num_seqs: int = 256, block_size: int = 64, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, max_model_len: int | None = None,
                  kv_cache_memory_fraction: float = 0.05, startup_timeout_s: float = 600.0,
-                 device: str = "auto"):
+                 device: str = "auto", num_speculative_tokens: int = 0):
         self.config = EngineConfig(
             model_dir=str(model), dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
             kv_cache_memory_fraction=kv_cache_memory_fraction, enable_prefix_caching=enable_prefix_caching,
-            seed=seed, device=device)
+            seed=seed, device=device, num_speculative_tokens=num_speculative_tokens)
         self.tokenizer = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
         self.engine = EngineClient(self.config, startup_timeout_s)
         self._next_id = 0

@@ -88,6 +88,10 @@ class EngineStats(Message):
     num_free_blocks: int
     num_blocks: int
     metrics: MetricsSnapshot | None = None
+    spec_num_drafts: int = 0  # verifications with at least one draft
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = []
 
 
 class EngineDead(Message):
@@ -120,10 +124,13 @@ class StepPlan(Message):
 
 class StepResult(Message):
     """Columnar, so that a step of hundreds of decodes is a few flat lists on the wire.
-    req_ids[i] produced token_ids[i] (empty for a prefill chunk that only returns prompt logprobs)."""
+    req_ids[i] produced token_ids[i] (empty for a prefill chunk that only returns prompt logprobs;
+    several when drafts were accepted) and, with speculative decoding, proposes draft_ids[i]
+    (kept by the worker too: the next plan only says how many of them to verify)."""
     step_id: int
     req_ids: list[str] = []
     token_ids: list[list[int]] = []
+    draft_ids: list[list[int]] = []  # empty when speculative decoding is off
     logprobs: dict[str, list[TokenLogprobs]] = {}
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
 

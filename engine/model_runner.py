@@ -15,7 +15,8 @@ from kernels.backend import triton_wanted
 from model.deepseek_v3 import DeepseekV3
 from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
-from model.sampler import SampleRow, prompt_logprob_entries, sample
+from model.mtp import MTPModule
+from model.sampler import SampleRow, draft_rows, prompt_logprob_entries, speculative_sample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -58,8 +59,15 @@ class ModelRunner:
         self.max_model_len = max_model_len(config, self.cfg)
         # The GPU path keeps the checkpoint's FP8 weights for the FP8 kernels; the CPU path dequantizes.
         keep_fp8 = triton_wanted(torch.empty(0, device=self.device))
-        weights = load_weights(config.model_dir, self.cfg, self.dtype, include_mtp=False, keep_fp8=keep_fp8)
-        self.model = DeepseekV3(self.cfg, weights, max_positions=self.max_model_len).to(self.device)
+        self.num_spec = config.num_speculative_tokens
+        if self.num_spec and self.cfg.num_nextn_predict_layers < 1:
+            raise ValueError(f"num_speculative_tokens={self.num_spec} needs an MTP module, and {config.model_dir} "
+                             "has none (num_nextn_predict_layers is 0)")
+        weights = load_weights(config.model_dir, self.cfg, self.dtype, include_mtp=self.num_spec > 0,
+                               keep_fp8=keep_fp8)
+        # Chained drafting reads rope tables k positions past the last verified token.
+        self.model = DeepseekV3(self.cfg, weights, max_positions=self.max_model_len + self.num_spec).to(self.device)
+        self.mtp = MTPModule(self.cfg, weights, self.model).to(self.device) if self.num_spec else None
         del weights
         self.kv_bytes_per_token = LatentCache.bytes_per_token(self.cfg.num_cache_layers, self.cfg.kv_entry_dim,
                                                               self.dtype)
@@ -97,19 +105,13 @@ class ModelRunner:
         hidden = self.model(batch, self._cache_layers)
 
         due = [i for i, w in enumerate(work) if w.samples]
-        rows = [SampleRow(w.req_id, w.params, w.token_ids[: w.num_prompt_tokens], w.output_ids)
-                for w in (work[i].req for i in due)]
-        tokens: list[int] = []
-        logprobs: list[list[TokenLogprobs]] = []
-        if due:
-            last = torch.tensor([batch.query_start[i + 1] - 1 for i in due], device=hidden.device)
-            tokens, logprobs = sample(self.model.logits(hidden[last]).cpu(), rows, self.cfg.eos_token_id,
-                                      self.config.seed)
-        sampled = {r.req_id: [t] for r, t in zip(rows, tokens)}
+        emitted, logprobs = self._sample(work, due, batch, hidden)
+        sampled = {work[i].req.req_id: toks for i, toks in zip(due, emitted)}
+        drafts = self._propose(work, batch, hidden, sampled) if self.mtp is not None else {}
         result = StepResult(plan.step_id)
-        for r, lp in zip(rows, logprobs):
+        for i, lp in zip(due, logprobs):
             if lp:
-                result.logprobs[r.req_id] = lp
+                result.logprobs[work[i].req.req_id] = lp
         for i, w in enumerate(work):
             rid = w.req.req_id
             plp = self._prompt_logprobs(w, hidden[batch.query_start[i] : batch.query_start[i + 1]])
@@ -118,8 +120,84 @@ class ModelRunner:
             if rid in sampled or plp:
                 result.req_ids.append(rid)
                 result.token_ids.append(sampled.get(rid, []))
-        WorkerState.advance(work, sampled)
+                if self.mtp is not None:
+                    result.draft_ids.append(drafts.get(rid, []))
+        WorkerState.advance(work, sampled, drafts)
         return result
+
+    def _sample(self, work: list[ScheduledWork], due: list[int], batch: ForwardBatch, hidden: torch.Tensor
+                ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
+        """Per due request: the last known token's row, then one row per draft it verifies."""
+        if not due:
+            return [], []
+        rows: list[SampleRow] = []
+        row_drafts: list[int] = []
+        sizes: list[int] = []
+        positions: list[int] = []
+        for i in due:
+            w = work[i]
+            r = w.req
+            drafts = r.draft_ids[: w.num_drafts]
+            rows += draft_rows(SampleRow(r.req_id, r.params, r.token_ids[: r.num_prompt_tokens], r.output_ids), drafts)
+            row_drafts += drafts + [-1]
+            sizes.append(len(drafts) + 1)
+            first = batch.query_start[i] + w.num_known - 1
+            positions += range(first, first + len(drafts) + 1)
+        index = torch.tensor(positions, device=hidden.device)
+        return speculative_sample(self.model.logits(hidden[index]).cpu(), rows, row_drafts, sizes,
+                                  self.cfg.eos_token_id, self.config.seed)
+
+    def _propose(self, work: list[ScheduledWork], batch: ForwardBatch, hidden: torch.Tensor,
+                 sampled: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Runs the MTP module over every verified position of the step (which keeps its own cache
+        layer complete), then chains it from each sampled request's last position for k drafts."""
+        assert self.mtp is not None
+        chunks, rows = [], []
+        last: list[tuple[str, int]] = []  # (req id, row of its last MTP input) for requests that sampled
+        verified_end: dict[str, int] = {}  # cached tokens once this step is folded in
+        for i, w in enumerate(work):
+            r = w.req
+            emitted = sampled.get(r.req_id, [])
+            valid = w.num_known + (len(emitted) - 1 if w.num_drafts else 0)
+            known_after = r.token_ids + emitted
+            start = r.num_computed
+            # position p's input is the token at p + 1: the next known one, or what was just emitted
+            chunks.append(SequenceChunk(known_after[start + 1 : start + valid + 1], start, r.block_table))
+            rows += range(batch.query_start[i], batch.query_start[i] + valid)
+            if emitted:
+                last.append((r.req_id, len(rows) - 1))
+                verified_end[r.req_id] = start + valid
+        mtp_batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
+        mtp_cache = self._cache_layers[self.mtp.layer_idx]
+        h = self.mtp(mtp_batch, hidden[torch.tensor(rows, device=hidden.device)], mtp_cache)
+        if not last:
+            return {}
+        by_id = {w.req.req_id: w for w in work}
+        wanted = {rid: self._num_drafts(by_id[rid], sampled[rid]) for rid, _ in last}
+        ids = [rid for rid, _ in last]
+        h = h[torch.tensor([row for _, row in last], device=h.device)]
+        drafts: dict[str, list[int]] = {rid: [] for rid in ids}
+        for j in range(self.num_spec):
+            tokens = self.mtp.logits(h).argmax(-1).tolist()
+            for rid, t in zip(ids, tokens):
+                drafts[rid].append(t)
+            keep = [n for n, rid in enumerate(ids) if wanted[rid] > j + 1]
+            if not keep:
+                break
+            ids = [ids[n] for n in keep]
+            # draft j sits at verified_end + 1 + j, so the module reads it at position verified_end + j
+            chain = [SequenceChunk([drafts[rid][-1]], verified_end[rid] + j, by_id[rid].req.block_table)
+                     for rid in ids]
+            h = self.mtp(ForwardBatch.build(chain, self.config.block_size, self.device),
+                         h[torch.tensor(keep, device=h.device)], mtp_cache)
+        return {rid: d[: wanted[rid]] for rid, d in drafts.items()}
+
+    def _num_drafts(self, w: ScheduledWork, emitted: list[int]) -> int:
+        """k, or fewer where the request would pass max_tokens or the context with them."""
+        r = w.req
+        num_tokens = len(r.token_ids) + len(emitted)
+        left = min(r.params.max_tokens - (num_tokens - r.num_prompt_tokens), self.max_model_len - num_tokens)
+        return max(0, min(self.num_spec, left - 1))
 
     def _prompt_logprobs(self, w: ScheduledWork, hidden: torch.Tensor) -> list[TokenLogprobs | None]:
         """Entries for the prompt tokens this chunk predicts (the first prompt token gets None)."""

@@ -25,6 +25,7 @@ class Request:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chain of hashes of the full, verified blocks
         self.new_blocks: list[int] = []  # allocated since the worker last heard of this request
+        self.spec_token_ids: list[int] = []  # drafts the worker proposed, verified at the next decode
         self.status = Status.WAITING
         self.on_worker = False  # whether the worker holds this request's state
         self.num_cached_tokens = 0  # prefix-cache hit at first admission

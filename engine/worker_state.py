@@ -4,7 +4,7 @@ the scheduler benchmark."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.messages import StepPlan
 from engine.sampling_params import SamplingParams
@@ -18,6 +18,7 @@ class WorkerRequest:
     params: SamplingParams
     block_table: list[int]
     num_computed: int
+    draft_ids: list[int] = field(default_factory=list)  # proposed last step, verified at the next
 
     @property
     def output_ids(self) -> list[int]:
@@ -27,17 +28,25 @@ class WorkerRequest:
 @dataclass
 class ScheduledWork:
     req: WorkerRequest
-    num_tokens: int
+    num_tokens: int  # known tokens to compute, then drafts to verify
+
+    @property
+    def num_known(self) -> int:
+        return min(self.num_tokens, len(self.req.token_ids) - self.req.num_computed)
+
+    @property
+    def num_drafts(self) -> int:
+        return self.num_tokens - self.num_known
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens, so a next token is due."""
-        return self.req.num_computed + self.num_tokens == len(self.req.token_ids)
+        return self.req.num_computed + self.num_tokens >= len(self.req.token_ids)
 
     @property
     def tokens(self) -> list[int]:
         start = self.req.num_computed
-        return self.req.token_ids[start : start + self.num_tokens]
+        return self.req.token_ids[start : start + self.num_known] + self.req.draft_ids[: self.num_drafts]
 
 
 class WorkerState:
@@ -61,7 +70,13 @@ class WorkerState:
         return work
 
     @staticmethod
-    def advance(work: list[ScheduledWork], sampled: dict[str, list[int]]) -> None:
+    def advance(work: list[ScheduledWork], sampled: dict[str, list[int]],
+                drafts: dict[str, list[int]] | None = None) -> None:
+        """sampled: the tokens each request emitted (accepted drafts, then one sampled token);
+        drafts: what each proposes for the next step."""
         for w in work:
-            w.req.num_computed += w.num_tokens
-            w.req.token_ids.extend(sampled.get(w.req.req_id, ()))
+            emitted = sampled.get(w.req.req_id, ())
+            accepted = len(emitted) - 1 if w.num_drafts else 0
+            w.req.num_computed += w.num_known + accepted
+            w.req.token_ids.extend(emitted)
+            w.req.draft_ids = drafts.get(w.req.req_id, []) if drafts else []

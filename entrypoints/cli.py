@@ -31,7 +31,8 @@ def _generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
              max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-             enable_prefix_caching=not args.no_prefix_caching, device=args.device) as llm:
+             enable_prefix_caching=not args.no_prefix_caching, device=args.device,
+             num_speculative_tokens=args.num_speculative_tokens) as llm:
         print(f"latent cache: {llm.kv_cache_tokens} tokens of {llm.engine.ready.kv_bytes_per_token} bytes each",
               file=sys.stderr)
         start = time.perf_counter()
@@ -90,6 +91,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda[:N]")
+    p.add_argument("--num-speculative-tokens", type=int, default=0, choices=range(4), metavar="{0..3}",
+                   help="MTP draft tokens verified per decode step (0: off)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -99,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = EngineConfig(model_dir=args.model, dtype=args.dtype, block_size=args.block_size,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                           kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-                          seed=args.seed, device=args.device)
+                          seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens)
     server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace)
     metrics = f", metrics on http://{args.host}:{server.metrics_server.server_port}/metrics" \
         if server.metrics_server else ""

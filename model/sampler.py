@@ -89,26 +89,69 @@ def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SampleR
     return out
 
 
+def draft_rows(row: SampleRow, drafts: list[int]) -> list[SampleRow]:
+    """The rows that verify `drafts` for one request: row j samples the token after drafts[:j],
+    so penalties, min_tokens and the seed see exactly the history they would without drafts."""
+    return [SampleRow(row.req_id, row.params, row.prompt_ids, row.output_ids + drafts[:j])
+            for j in range(len(drafts) + 1)]
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow], eos_token_id: int | None,
            engine_seed: int = 0) -> tuple[list[int], list[list[TokenLogprobs]]]:
     """logits [N, V] float32, one row per request due a token. Returns token ids and, per row,
     the logprobs entry when the request asked for logprobs (of the model's raw distribution)."""
+    tokens, logprobs = speculative_sample(logits, rows, [-1] * len(rows), [1] * len(rows), eos_token_id,
+                                          engine_seed)
+    return [t[0] for t in tokens], logprobs
+
+
+def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list[int], group_sizes: list[int],
+                       eos_token_id: int | None, engine_seed: int = 0
+                       ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
+    """Verifies drafts and samples, for groups of consecutive rows (one group per request, built
+    by draft_rows): row i carries drafts[i], the draft proposed for the token it predicts (-1 on a
+    group's last row). A group emits its drafts while they are accepted, then one sampled token.
+
+    Greedy rows accept a draft equal to their argmax. Sampling rows use rejection sampling with a
+    deterministic (one-hot) draft distribution: accept with probability p(draft), else draw from
+    p with the draft removed, renormalized; that emits exactly p's distribution. Returns, per
+    group, the emitted tokens and their logprobs entries (when asked for)."""
     raw = logits
     logits = logits.clone()
     _apply_penalties(logits, rows)
     _mask_early_stops(logits, rows, eos_token_id)
-    tokens = logits.argmax(-1)
+    choice = logits.argmax(-1)
+    draft = torch.tensor(drafts, dtype=torch.long)
+    has_draft = draft >= 0
+    safe_draft = draft.clamp(min=0)[:, None]
+    accept = has_draft & (choice == draft)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
+        idx = torch.tensor(random_rows)
         sub = [rows[i] for i in random_rows]
-        probs = _filter(logits[random_rows], sub).softmax(-1)
+        probs = _filter(logits[idx], sub).softmax(-1)
+        gens = [torch.Generator().manual_seed(_row_seed(r, engine_seed)) for r in sub]
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
-        noise = torch.stack([
-            torch.empty(probs.shape[1]).exponential_(generator=torch.Generator().manual_seed(_row_seed(r, engine_seed)))
-            for r in sub
-        ])
-        tokens[random_rows] = (probs / noise).argmax(-1)
-    return tokens.tolist(), _logprob_entries(raw, tokens, rows)
+        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=g) for g in gens])
+        uniform = torch.cat([torch.rand(1, generator=g) for g in gens])
+        d = safe_draft[idx]
+        accept[idx] = has_draft[idx] & (uniform < probs.gather(1, d)[:, 0])
+        residual = torch.where(has_draft[idx][:, None], probs.scatter(1, d, 0.0), probs)
+        choice[idx] = (residual / noise).argmax(-1)
+    emitted_by_row = torch.where(accept, draft, choice)
+    entries = _logprob_entries(raw, emitted_by_row, rows)
+    acc, tok = accept.tolist(), emitted_by_row.tolist()
+    tokens: list[list[int]] = []
+    logprobs: list[list[TokenLogprobs]] = []
+    start = 0
+    for size in group_sizes:
+        end = start
+        while end < start + size - 1 and acc[end]:
+            end += 1
+        tokens.append(tok[start : end + 1])
+        logprobs.append([e for i in range(start, end + 1) for e in entries[i]])
+        start += size
+    return tokens, logprobs
 
 
 def prompt_logprob_entries(logits: torch.Tensor, next_tokens: list[int], n: int) -> list[TokenLogprobs]:

@@ -7,6 +7,12 @@ case where many are; a prefix-cache hit starts `num_computed` above zero; preemp
 Each step: running requests first (admission order), each taking what it is missing up to the
 remaining budget; when blocks run out the most recently admitted running request is preempted.
 Then waiting requests are admitted first come first served, their prompts chunked to the budget.
+
+Speculative decoding: the worker returns up to k draft tokens with each sampled token; the next
+decode of that request computes its missing token plus those drafts (verification) and keeps
+the accepted ones. `num_computed` only ever counts verified tokens, so a rejected draft leaves
+nothing behind: its cache slots lie beyond `num_computed` and are overwritten, no block holding
+one is hashed into the prefix cache, and tables keep k slots of lookahead for the next drafts.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_model_len: int
     eos_token_id: int | None
+    num_speculative_tokens: int = 0
 
 
 @dataclass
@@ -37,12 +44,17 @@ class SchedulerCounters:
     generation_tokens: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    spec_num_drafts: int = 0  # verifications that had at least one draft
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)  # [k]: accepted at draft position j
 
 
 @dataclass
 class ScheduledStep:
     plan: StepPlan
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    drafts: dict[str, int] = field(default_factory=dict)  # req id -> draft tokens verified this step
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +68,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self.counters = SchedulerCounters()
+        self.counters = SchedulerCounters(spec_accepted_per_pos=[0] * config.num_speculative_tokens)
+        # Slots past the scheduled tokens that the worker's chained drafting writes (MTP layer).
+        self._lookahead = config.num_speculative_tokens
         self._dropped: list[str] = []  # ids the worker must forget at the next step
         self._unreported: list[Request] = []  # finished inside schedule(), reported by update()
         self._step_id = 0
@@ -105,12 +119,15 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(len(req.token_ids) - req.num_computed, budget)
-            if req.num_computed + n > len(req.block_table) * bs:  # needs blocks: the uncommon case
+            missing = len(req.token_ids) - req.num_computed
+            n = min(missing + len(req.spec_token_ids), budget)
+            if req.num_computed + n + self._lookahead > len(req.block_table) * bs:  # the uncommon case
                 if self._end_if_unservable(req, n):
                     continue
                 if not self._grow(req, n):
                     break  # req itself was preempted: nothing after it is running any more
+            if n > missing:
+                step.drafts[req.req_id] = n - missing
             self._add_to_plan(step, req, n)
             budget -= n
             i += 1
@@ -119,7 +136,7 @@ class Scheduler:
     def _end_if_unservable(self, req: Request, n: int) -> bool:
         """A request whose next step needs more blocks than the whole pool (a long generation)
         ends with "length" rather than preempting itself, or blocking the queue, forever."""
-        if self.blocks.blocks_for(req.num_computed + n) <= self.blocks.num_blocks:
+        if self.blocks.blocks_for(req.num_computed + n + self._lookahead) <= self.blocks.num_blocks:
             return False
         if req.status is Status.WAITING:
             self.waiting.remove(req)
@@ -129,7 +146,7 @@ class Scheduler:
 
     def _grow(self, req: Request, n: int) -> bool:
         """Makes req's table hold num_computed + n tokens, preempting from the back if needed."""
-        need = self.blocks.blocks_for(req.num_computed + n) - len(req.block_table)
+        need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
         while need > self.blocks.num_free:
             victim = self.running[-1]
             self._preempt(victim)
@@ -148,7 +165,7 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed, budget)
             if self._end_if_unservable(req, n):
                 continue
-            need = self.blocks.blocks_for(req.num_computed + n) - len(req.block_table)
+            need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
             if need > self.blocks.num_free:
                 self._release(req)  # waiting requests hold no blocks, prefix hits included
                 break
@@ -165,6 +182,10 @@ class Scheduler:
         if req.params.prompt_logprobs is not None:
             return  # cached tokens would have no prompt logprobs
         hit, hashes = self.blocks.lookup_prefix(req.token_ids)
+        if self._lookahead and hit:
+            # The MTP layer's entry at a block's last position was made with the token after the
+            # block, which this request may not share: recompute that block.
+            hit, hashes = hit[:-1], hashes[:-1]
         self.blocks.acquire(hit)
         req.block_table = list(hit)
         req.block_hashes = list(hashes)
@@ -201,6 +222,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         self.blocks.release(req.block_table)
         req.block_table = []
+        req.spec_token_ids = []
         req.block_hashes = []
         req.new_blocks = []
         req.num_computed = 0
@@ -213,19 +235,17 @@ class Scheduler:
     def update(self, step: ScheduledStep, result: StepResult) -> list[RequestDelta]:
         """Folds a step's sampled tokens back in; returns a delta per request that produced
         tokens or finished."""
-        bs = self.blocks.block_size
         for req, n in step.scheduled:
             if req.status is Status.RUNNING:
                 if req.num_computed < req.num_prompt_tokens:
                     self.counters.computed_prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed)
-                req.num_computed += n
-                if req.num_computed // bs > len(req.block_hashes):  # a block just filled up
-                    self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes,
-                                                  req.num_computed)
+                req.num_computed += n - step.drafts.get(req.req_id, 0)  # drafts count once verified
+                self._cache_filled_blocks(req)
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
         self._unreported = []
         now = time.time()
-        for req_id, token_ids in zip(result.req_ids, result.token_ids):
+        drafts_out = result.draft_ids or [[] for _ in result.req_ids]
+        for req_id, token_ids, new_drafts in zip(result.req_ids, result.token_ids, drafts_out):
             req = self.requests.get(req_id)
             if req is None or req.status is not Status.RUNNING:
                 continue  # aborted while the step ran
@@ -233,20 +253,40 @@ class Scheduler:
             if first:
                 req.first_token_time = now
             accepted = []
+            reason = None
             for t in token_ids:
                 req.token_ids.append(t)
                 accepted.append(t)
                 reason = self._stop_reason(req, t)
                 if reason:
-                    self._finish(req, reason)
-                    break
+                    break  # a stop inside accepted drafts truncates there
+            if req_id in step.drafts:
+                self._count_verified(req, step.drafts[req_id], len(token_ids) - 1)
+            req.spec_token_ids = new_drafts
+            if reason:
+                self._finish(req, reason)
             self.counters.generation_tokens += len(accepted)
             delta = RequestDelta(req_id, accepted)
             if result.logprobs or result.prompt_logprobs:
-                delta.logprobs = result.logprobs.get(req_id, [])
+                delta.logprobs = result.logprobs.get(req_id, [])[: len(accepted)]
                 delta.prompt_logprobs = result.prompt_logprobs.get(req_id, [])
             deltas.append(self._fill_delta(delta, req) if first or req.status is Status.FINISHED else delta)
         return deltas
+
+    def _cache_filled_blocks(self, req: Request) -> None:
+        if req.num_computed // self.blocks.block_size > len(req.block_hashes):  # a block just filled up
+            self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, req.num_computed)
+
+    def _count_verified(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        # The accepted drafts' cache entries are verified ones (those past a stop token are moot).
+        req.num_computed = min(req.num_computed + num_accepted, len(req.token_ids))
+        self._cache_filled_blocks(req)
+        c = self.counters
+        c.spec_num_drafts += 1
+        c.spec_draft_tokens += num_drafts
+        c.spec_accepted_tokens += num_accepted
+        for j in range(num_accepted):
+            c.spec_accepted_per_pos[j] += 1
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params

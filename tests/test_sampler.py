@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from model.sampler import SampleRow, sample
+from model.sampler import SampleRow, draft_rows, sample, speculative_sample
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
 
@@ -70,3 +71,48 @@ def test_logprobs_are_of_the_raw_distribution():
     entry = lps[0][0]
     assert entry.token_id == 1 and entry.rank == 2 and entry.top_ids == [0, 1]
     assert math.isclose(entry.logprob, float(LOGITS.log_softmax(-1)[0, 1]), rel_tol=1e-6)
+
+
+# Chi-square critical values at p = 0.001, by degrees of freedom.
+CHI2_999 = {3: 16.27, 4: 18.47, 5: 20.52, 7: 24.32}
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("draft,params", [
+    (1, SamplingParams(temperature=1.0)),  # a likely draft
+    (5, SamplingParams(temperature=0.7)),  # an unlikely one
+    (4, SamplingParams(temperature=1.0, top_k=4)),  # outside top-k: never accepted
+])
+def test_rejection_sampling_keeps_the_target_distribution(draft, params):
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
+    n = 6000
+    rows = [SampleRow(f"r{i}", params, [2, 3], [4]) for i in range(n)]
+    # one group per request: the draft's row, then the bonus row
+    tokens, _ = speculative_sample(logits.repeat(2 * n, 1), [r for row in rows for r in draft_rows(row, [draft])],
+                                   [draft, -1] * n, [2] * n, eos_token_id=None, engine_seed=3)
+    first = torch.tensor([t[0] for t in tokens])
+    counts = torch.bincount(first, minlength=6).float()
+    target = (logits[0] / params.temperature)
+    if params.top_k:
+        target[params.top_k:] = float("-inf")
+    p = target.softmax(-1)
+    support = p > 0
+    assert counts[~support].sum() == 0
+    assert _chi2(counts[support], p[support]) < CHI2_999[int(support.sum()) - 1]
+    accepted = sum(len(t) == 2 for t in tokens)
+    assert abs(accepted / n - float(p[draft])) < 4 * (float(p[draft]) * (1 - float(p[draft])) / n) ** 0.5 + 1e-9
+    assert all(t[0] == draft for t in tokens if len(t) == 2)  # what is emitted after an acceptance
+    assert all(t[0] != draft for t in tokens if len(t) == 1)  # a rejection never emits the draft
+
+
+def test_greedy_verification_accepts_the_argmax_prefix():
+    logits = torch.zeros(4, 10)
+    for row, best in enumerate([3, 4, 9, 7]):
+        logits[row, best] = 5.0
+    rows = draft_rows(SampleRow("g", SamplingParams(temperature=0), [1], []), [3, 4, 8])
+    tokens, _ = speculative_sample(logits, rows, [3, 4, 8, -1], [4], None)
+    assert tokens == [[3, 4, 9]]  # two drafts accepted, the third replaced by the argmax

@@ -14,18 +14,27 @@ from scheduler.scheduler import Scheduler, SchedulerConfig
 EOS = 1
 
 
-def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, max_len=4096, caching=True):
+def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, max_len=4096, caching=True, spec=0):
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=max_len,
-                          eos_token_id=EOS)
+                          eos_token_id=EOS, num_speculative_tokens=spec)
     return Scheduler(cfg, BlockManager(num_blocks, block_size, caching))
 
 
 def run_step(sched: Scheduler, worker: WorkerState, rng: random.Random, vocab=50):
+    """A fake model: random tokens; with speculation, random drafts of which a random prefix is accepted."""
+    k = sched.config.num_speculative_tokens
     step = sched.schedule()
     work = worker.apply(step.plan)
-    sampled = {w.req.req_id: [rng.randrange(vocab)] for w in work if w.samples}
-    result = StepResult(step.plan.step_id, list(sampled), list(sampled.values()))
-    WorkerState.advance(work, sampled)
+    sampled, drafts = {}, {}
+    for w in work:
+        if w.samples:
+            verified = w.tokens[w.num_known:]
+            assert verified == w.req.draft_ids[: w.num_drafts]
+            sampled[w.req.req_id] = verified[: rng.randint(0, len(verified))] + [rng.randrange(vocab)]
+            drafts[w.req.req_id] = [rng.randrange(vocab) for _ in range(k)]
+    result = StepResult(step.plan.step_id, list(sampled), list(sampled.values()),
+                        [drafts[r] for r in sampled] if k else [])
+    WorkerState.advance(work, sampled, drafts)
     return step, sched.update(step, result)
 
 
@@ -106,12 +115,13 @@ def test_a_request_larger_than_the_pool_finishes_instead_of_blocking():
     assert reasons == {"big": "length", "small": "length"}
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_random_traffic_keeps_every_invariant(seed):
     rng = random.Random(seed)
     budget, max_seqs = rng.choice([8, 16, 64]), rng.choice([2, 4, 16])
-    sched = make_scheduler(num_blocks=rng.choice([12, 24, 64]), block_size=rng.choice([1, 4, 16]),
-                           budget=budget, max_seqs=max_seqs, caching=bool(seed % 2))
+    spec = [0, 0, 0, 0, 2, 3][seed]
+    sched = make_scheduler(num_blocks=rng.choice([12, 24, 64]) + 8 * spec, block_size=rng.choice([1, 4, 16]),
+                           budget=budget, max_seqs=max_seqs, caching=bool(seed % 2), spec=spec)
     worker = WorkerState()
     shared_prefix = [rng.randrange(2, 50) for _ in range(24)]
     added, finished = 0, set()
@@ -138,3 +148,7 @@ def test_random_traffic_keeps_every_invariant(seed):
     assert finished == {f"r{i}" for i in range(added)}
     assert sched.blocks.num_free == sched.blocks.num_blocks  # an idle engine holds no block
     assert sched.counters.num_steps > 1000
+    if spec:
+        c = sched.counters
+        assert c.spec_num_drafts > 100 and 0 < c.spec_accepted_tokens < c.spec_draft_tokens
+        assert sum(c.spec_accepted_per_pos) == c.spec_accepted_tokens
