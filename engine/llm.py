@@ -133,11 +133,15 @@ class _Tracked:
 
 
 class LLM:
-    def __init__(self, model: str | Path, dtype: str = "bfloat16", max_num_batched_tokens: int = 2048,
+    def __init__(self, model: str | Path | None = None, dtype: str = "bfloat16", max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, block_size: int = 64, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, max_model_len: int | None = None,
                  kv_cache_memory_fraction: float = 0.05, startup_timeout_s: float = 600.0,
                  device: str = "auto", num_speculative_tokens: int = 0):
+        if model is None:  # the embedded demo model, trained on first use if it is not shipped
+            from model.demo_checkpoint import default_model_dir
+
+            model = default_model_dir()
         self.config = EngineConfig(
             model_dir=str(model), dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,

@@ -6,6 +6,30 @@ import argparse
 import sys
 
 
+def _model_dir(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    from model.demo_checkpoint import default_model_dir
+
+    return str(default_model_dir())
+
+
+def _train_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from model.demo_checkpoint import train_demo
+
+    out = train_demo(Path(args.out_dir), args.seed, args.steps)
+    print(f"wrote the demo model (seed {args.seed}) to {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from entrypoints.demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from model.checkpoint_maker import make_checkpoint
 
@@ -29,7 +53,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-    with LLM(args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
+    with LLM(_model_dir(args), dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
              max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
              enable_prefix_caching=not args.no_prefix_caching, device=args.device,
              num_speculative_tokens=args.num_speculative_tokens) as llm:
@@ -52,13 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlaserve", description="DeepSeek-V3 serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the published layout")
-    mk.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    mk.add_argument("--preset", choices=["tiny", "small", "demo"], default="tiny",
+                    help="random weights in the preset's shape (`train-demo` trains the demo one)")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("out_dir")
     mk.set_defaults(func=_make_checkpoint)
+    tr = sub.add_parser("train-demo", help="train the embedded demo model (CPU, minutes) and write it")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--steps", type=int, default=None)
+    tr.add_argument("out_dir")
+    tr.set_defaults(func=_train_demo)
+    dm = sub.add_parser("demo", help="the main job: task prompts through the engine on the demo model",
+                        add_help=False)
+    dm.add_argument("demo_args", nargs=argparse.REMAINDER)
+    dm.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="run prompts through the engine and print completions")
-    gen.add_argument("--model", required=True, help="checkpoint directory")
+    gen.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", help="one prompt per line (\\n for newlines)")
     gen.add_argument("--max-tokens", type=int, default=32)
@@ -71,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="serve the ZeroMQ endpoint (docs/protocol.md) and Prometheus metrics")
-    srv.add_argument("--model", required=True, help="checkpoint directory")
+    srv.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=5555, help="ZeroMQ ROUTER port (0: any free port)")
     srv.add_argument("--metrics-port", type=int, default=None, help="serve http://HOST:PORT/metrics")
@@ -99,14 +133,14 @@ def _serve(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from entrypoints.server import Server
 
-    config = EngineConfig(model_dir=args.model, dtype=args.dtype, block_size=args.block_size,
+    config = EngineConfig(model_dir=_model_dir(args), dtype=args.dtype, block_size=args.block_size,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                           kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                           seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens)
     server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace)
     metrics = f", metrics on http://{args.host}:{server.metrics_server.server_port}/metrics" \
         if server.metrics_server else ""
-    print(f"mlaserve serving {args.model} on {server.address}{metrics}", file=sys.stderr, flush=True)
+    print(f"mlaserve serving {config.model_dir} on {server.address}{metrics}", file=sys.stderr, flush=True)
     return server.serve_forever()
 
 

@@ -50,6 +50,7 @@ class EngineCollector:
         yield _counter("prompt_tokens", "Prompt tokens of admitted requests.", stats.prompt_tokens)
         yield _counter("generation_tokens", "Generated tokens.", stats.generation_tokens)
         yield _counter("engine_steps", "Engine steps run.", stats.num_steps)
+        yield from _spec_decode(stats)
         snap = stats.metrics
         if snap is None:
             return
@@ -65,6 +66,19 @@ class EngineCollector:
                 buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
             yield HistogramMetricFamily(PREFIX + name, HISTOGRAM_HELP.get(name, name), buckets=buckets,
                                         sum_value=h.total)
+
+
+def _spec_decode(stats):
+    yield _counter("spec_decode_num_drafts", "Verifications of MTP drafts (decode steps of a request that had drafts).",
+                   stats.spec_num_drafts)
+    yield _counter("spec_decode_num_draft_tokens", "MTP draft tokens verified.", stats.spec_draft_tokens)
+    yield _counter("spec_decode_num_accepted_tokens", "MTP draft tokens accepted.", stats.spec_accepted_tokens)
+    per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                  "MTP draft tokens accepted, by draft position (0: the first draft).",
+                                  labels=["position"])
+    for pos, n in enumerate(stats.spec_accepted_per_pos):
+        per_pos.add_metric([str(pos)], n)
+    yield per_pos
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

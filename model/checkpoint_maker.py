@@ -105,9 +105,37 @@ PRESETS: dict[str, dict[str, Any]] = {
             "mscale_all_dim": 1.0,
         },
     },
+    # The embedded demo model (model/demo_trainer.py trains it): small enough to train on two CPU
+    # cores in minutes, with the real MLA cache geometry, a MoE layer and the MTP module.
+    "demo": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 128,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 4,
+        "topk_group": 2,
+        "max_position_embeddings": 256,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    },
 }
 
-SHARDS = {"tiny": 3, "small": 4}
+SHARDS = {"tiny": 3, "small": 4, "demo": 1}
 
 
 def preset_config(preset: str) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def test_mtp_logits_match_the_reference_chunk_by_chunk(models):
             h = mtp(ForwardBatch.build(mtp_chunks, runner.block_size), hidden[torch.tensor(rows)], cache)
             logits = mtp.logits(h)
         at = 0
-        for j, (i, toks) in enumerate(work.items()):
+        for j, i in enumerate(work):
             n = len(mtp_chunks[j].token_ids)
             got[i].append(logits[at : at + n])
             at += n

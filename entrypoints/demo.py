@@ -1,0 +1,107 @@
+"""`mlaserve demo`: the main job. Runs held-out task prompts (sorting digit lists) through the engine on the embedded
+demo model and prints completions, accuracy, throughput, and what MTP speculation buys.
+
+The speculation figures come from the same engine settings run twice, once with
+`num_speculative_tokens=k` and once without, on the same prompts: the first draft's acceptance
+rate, and decode tokens/s (output tokens after the first, over the time from first token to
+finish) at batch 1 and for the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from model.demo_checkpoint import default_model_dir, training_meta
+from model.demo_task import Problem, held_out, is_correct, problems
+
+HELD_OUT_SEED = 1_000_003
+
+
+def demo_prompts(model_dir: Path, n: int) -> list[Problem]:
+    """n problems none of which the model was trained on (its training stream is regenerated
+    from the seed and size recorded in the checkpoint)."""
+    meta = training_meta(model_dir)
+    seen: set[str] = set()
+    if meta is not None:
+        seen = {p.prompt for p in problems(meta["seed"], meta["steps"] * meta["batch_size"])}
+    return held_out(HELD_OUT_SEED, n, seen)
+
+
+def _decode_rate(outs) -> float:
+    """Output tokens after the first, per second of decoding, summed over requests' own timelines."""
+    tokens = sum(len(o.token_ids) - 1 for o in outs if len(o.token_ids) > 1)
+    seconds = sum(o.metrics.finish_time - o.metrics.first_token_time for o in outs if len(o.token_ids) > 1)
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def _run(model_dir: Path, probs: list[Problem], k: int, args, batch1: int):
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    with LLM(model_dir, dtype=args.dtype, num_speculative_tokens=k, max_num_seqs=args.max_num_seqs,
+             device=args.device) as llm:
+        start = time.perf_counter()
+        outs = llm.generate([p.prompt for p in probs], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        stats = llm.stats()
+        single = [llm.generate(p.prompt, params, use_tqdm=False)[0] for p in probs[:batch1]]
+    return outs, elapsed, stats, single
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mlaserve demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--num-speculative-tokens", type=int, default=2, choices=range(1, 4))
+    ap.add_argument("--batch1-prompts", type=int, default=16, help="prompts run one at a time for batch-1 speed")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--show", type=int, default=12, help="completions to print")
+    args = ap.parse_args(argv)
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    meta = training_meta(model_dir)
+    trained = f"trained {meta['steps']} steps, seed {meta['seed']}" if meta else "not a demo checkpoint"
+    print(f"model: {model_dir} ({trained})")
+    probs = demo_prompts(model_dir, args.num_prompts)
+    k = args.num_speculative_tokens
+
+    base, base_s, _, base_single = _run(model_dir, probs, 0, args, args.batch1_prompts)
+    spec, spec_s, st, spec_single = _run(model_dir, probs, k, args, args.batch1_prompts)
+
+    print(f"\n{len(probs)} held-out prompts, greedy; first {args.show} completions (with speculation):")
+    for p, o in list(zip(probs, spec))[: args.show]:
+        mark = "ok " if is_correct(p, o.text) else "BAD"
+        print(f"  {mark} {p.prompt}{o.text}")
+
+    right = sum(is_correct(p, o.text) for p, o in zip(probs, spec))
+    by_len: dict[int, list[bool]] = {}
+    for p, o in zip(probs, spec):
+        by_len.setdefault(p.prompt.count(",") + 1, []).append(is_correct(p, o.text))
+    lengths = ", ".join(f"{n} digits {sum(v)}/{len(v)}" for n, v in sorted(by_len.items()))
+    same = sum(a.token_ids == b.token_ids for a, b in zip(base, spec))
+    print(f"\naccuracy: {right}/{len(probs)} ({100 * right / len(probs):.1f}%): {lengths}")
+    print(f"greedy with speculation vs without: {same}/{len(probs)} outputs identical")
+    first = st.spec_accepted_per_pos[0] / st.spec_num_drafts if st.spec_num_drafts else 0.0
+    per_pos = ", ".join(f"{n / st.spec_num_drafts:.2f}" for n in st.spec_accepted_per_pos) if st.spec_num_drafts \
+        else "-"
+    mean_tokens = 1 + st.spec_accepted_tokens / st.spec_num_drafts if st.spec_num_drafts else 1.0
+    print(f"MTP drafts (k={k}): first-draft acceptance {100 * first:.1f}%, per position [{per_pos}], "
+          f"{mean_tokens:.2f} tokens per verification step")
+    n_out = sum(len(o.token_ids) for o in spec)
+    print(f"throughput (batch of {len(probs)}): {n_out / spec_s:.1f} output tokens/s with speculation, "
+          f"{sum(len(o.token_ids) for o in base) / base_s:.1f} without "
+          f"({base_s / spec_s:.2f}x); per request, decode {_decode_rate(spec):.1f} vs "
+          f"{_decode_rate(base):.1f} tokens/s")
+    b1_spec, b1_base = _decode_rate(spec_single), _decode_rate(base_single)
+    print(f"batch 1 ({len(spec_single)} prompts one at a time): decode {b1_spec:.1f} tokens/s with speculation, "
+          f"{b1_base:.1f} without ({b1_spec / b1_base if b1_base else 0:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

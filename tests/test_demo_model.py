@@ -1,0 +1,57 @@
+"""The embedded demo model: trained, accurate on held-out problems through the engine (as under
+the transformers reference), its MTP module's drafts accepted; the trainer deterministic."""
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.model_config import ModelConfig
+from entrypoints.demo import demo_prompts
+from model.demo_checkpoint import ASSET_DIR, default_model_dir
+from model.demo_task import is_correct, problems
+from model.demo_trainer import make_batch, published_weights, teacher_forced_scores, train, write_checkpoint
+from model.hf_reference import load_hf_model_with_mtp
+from model.loader import load_weights
+
+N_HELD_OUT = 400
+
+
+def test_engine_accuracy_on_held_out_problems_equals_transformers_and_mtp_drafts_are_accepted():
+    model_dir = default_model_dir()
+    assert model_dir == ASSET_DIR, "the trained demo checkpoint is committed under assets/demo"
+    held = demo_prompts(model_dir, N_HELD_OUT)
+    with LLM(model_dir, dtype="float32", num_speculative_tokens=1) as llm:
+        outs = llm.generate([p.prompt for p in held], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+        stats = llm.stats()
+    engine_right = [is_correct(p, o.text) for p, o in zip(held, outs)]
+    assert all(o.finish_reason == "stop" for o, right in zip(outs, engine_right) if right)  # answer, then EOS
+    accuracy = sum(engine_right) / len(held)
+    assert accuracy >= 0.95, accuracy
+    assert len({p.prompt.count(",") for p in held}) >= 3  # lists of several lengths
+
+    # Greedy decoding emits the answer and EOS exactly when every answer token is the argmax
+    # under teacher forcing, so the reference's greedy accuracy is one batched forward.
+    hf, ref_mtp = load_hf_model_with_mtp(model_dir, torch.float32)
+    ids, labels = make_batch(held)
+    with torch.inference_mode():
+        logits, _ = ref_mtp(hf, ids)
+    target = labels[:, 1:]
+    ref_right = ((logits[:, :-1].argmax(-1) == target) | (target == -100)).all(-1).tolist()
+    assert engine_right == ref_right
+
+    first_draft = stats.spec_accepted_per_pos[0] / stats.spec_num_drafts
+    assert first_draft >= 0.8, first_draft
+
+
+def test_trainer_is_deterministic_by_seed_and_writes_a_loadable_checkpoint(tmp_path):
+    a = train(seed=3, steps=2, batch_size=4)
+    b = train(seed=3, steps=2, batch_size=4)
+    c = train(seed=4, steps=2, batch_size=4)
+    cfg = ModelConfig.from_dict(a[0])
+    wa, wb, wc = (published_weights(cfg, r[1], r[2]) for r in (a, b, c))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    out = write_checkpoint(a[0], a[1], a[2], tmp_path / "demo", a[3])
+    w = load_weights(out, ModelConfig.from_checkpoint(out), torch.float32, include_mtp=True)
+    assert f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in w
+    scores = teacher_forced_scores(a[1], a[2], problems(9, 8))
+    assert 0.0 <= scores["exact"] <= 1.0

@@ -1,0 +1,116 @@
+"""MTP speculative decoding through the real processes, on the trained demo model (whose MTP
+module predicts well, so drafts are accepted and the verification path really runs)."""
+
+import random
+
+import pytest
+
+from engine import LLM, SamplingParams
+from model.demo_checkpoint import default_model_dir
+from model.demo_task import held_out
+
+BLOCK = 16
+# 576 values x fp32 x (2 layers + MTP) x tokens
+FP32_BYTES_PER_BLOCK = 576 * 4 * 3 * BLOCK
+
+
+def chi2_critical(df: int, z: float = 3.0902) -> float:
+    """Chi-square value exceeded with probability 0.001 (z: the normal quantile), by
+    Wilson-Hilferty's approximation (within 1% for df >= 3)."""
+    a = 2 / (9 * df)
+    return df * (1 - a + z * a ** 0.5) ** 3
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return default_model_dir()
+
+
+def _mixed_batch():
+    """Task prompts (drafts get accepted) and long noise prompts (chunked prefill), mixed lengths."""
+    rng = random.Random(5)
+    prompts = [p.prompt for p in held_out(77, 18, set())]
+    prompts += ["sort " + ",".join(str(rng.randrange(10)) for _ in range(n)) + "=" for n in (20, 35)]
+    prompts += ["".join(rng.choice("0123456789+=,") for _ in range(n)) for n in (70, 45)]
+    params = [SamplingParams(temperature=0, max_tokens=[6, 17, 30, 40][i % 4], ignore_eos=i % 3 == 0)
+              for i in range(len(prompts))]
+    return prompts, params
+
+
+def _run(demo, k, prompts, params):
+    # A token budget of 24 chunks the long prompts; 12 blocks cannot hold the whole batch: preemption.
+    with LLM(demo, dtype="float32", block_size=BLOCK, max_num_batched_tokens=24, max_num_seqs=16,
+             kv_cache_memory=12 * FP32_BYTES_PER_BLOCK, num_speculative_tokens=k) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.stats()
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
+    return [(o.token_ids, o.finish_reason) for o in outs], stats
+
+
+@pytest.fixture(scope="module")
+def plain(demo):
+    prompts, params = _mixed_batch()
+    return _run(demo, 0, prompts, params)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_speculation_is_lossless_with_chunking_and_preemption(demo, plain, k):
+    prompts, params = _mixed_batch()
+    expected, base_stats = plain
+    got, stats = _run(demo, k, prompts, params)
+    assert base_stats.num_preemptions > 0 and stats.num_preemptions > 0
+    assert stats.spec_num_drafts > 50 and stats.spec_accepted_tokens > stats.spec_draft_tokens // 3
+    assert len(stats.spec_accepted_per_pos) == k and sum(stats.spec_accepted_per_pos) == stats.spec_accepted_tokens
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, f"prompt {i} {prompts[i]!r}"
+    assert stats.generation_tokens == base_stats.generation_tokens
+    # fewer steps is the point of speculation
+    assert stats.num_steps < base_stats.num_steps
+
+
+def _sample_counts(demo, k, n, seed0, temperature=1.0):
+    """Counts of the completions' tokens 2-4 (the first never follows a draft), each request an
+    independent draw: a prompt picked at random, then seeded sampling."""
+    # Unfinished problems (no "="): the model is unsure what follows, so drafts are often
+    # rejected and the residual distribution is sampled.
+    prompts = [p.prompt.rstrip("=") for p in held_out(99, 40, set())]
+    rng = random.Random(seed0)
+    reqs = [rng.choice(prompts) for _ in range(n)]
+    params = [SamplingParams(temperature=temperature, max_tokens=4, seed=seed0 + i, ignore_eos=True)
+              for i in range(n)]
+    with LLM(demo, dtype="bfloat16", block_size=BLOCK, num_speculative_tokens=k,
+             kv_cache_memory=400 * FP32_BYTES_PER_BLOCK) as llm:
+        outs = llm.generate(reqs, params, use_tqdm=False)
+        stats = llm.stats()
+    counts: dict[tuple[int, ...], int] = {}
+    for o in outs:
+        key = tuple(o.token_ids[1:])
+        counts[key] = counts.get(key, 0) + 1
+    return counts, stats
+
+
+def test_sampled_token_frequencies_match_without_speculation(demo):
+    """Rejection sampling keeps the main model's distribution: frequencies of the completions
+    of 4000 independent temperature-1 requests with k = 2 and without, two-sample chi-square at
+    p = 0.001 (different seeds: shared noise would make the samples agree beyond chance)."""
+    n = 4000
+    base, _ = _sample_counts(demo, 0, n, seed0=0)
+    spec, stats = _sample_counts(demo, 2, n, seed0=n)
+    # drafts were accepted often, and rejected often
+    assert 0.1 * stats.spec_draft_tokens < stats.spec_accepted_tokens < 0.9 * stats.spec_draft_tokens
+    keys = set(base) | set(spec)
+    common = [key for key in keys if base.get(key, 0) + spec.get(key, 0) >= 10]
+    rare_a = sum(v for key, v in base.items() if key not in common)
+    rare_b = sum(v for key, v in spec.items() if key not in common)
+    table = [(base.get(key, 0), spec.get(key, 0)) for key in common] + [(rare_a, rare_b)]
+    total_a, total_b = sum(a for a, _ in table), sum(b for _, b in table)
+    chi2 = 0.0
+    for a, b in table:
+        col = a + b
+        if col == 0:
+            continue
+        ea, eb = col * total_a / (total_a + total_b), col * total_b / (total_a + total_b)
+        chi2 += (a - ea) ** 2 / ea + (b - eb) ** 2 / eb
+    df = len([1 for a, b in table if a + b]) - 1
+    assert df >= 5, df
+    assert chi2 < chi2_critical(df), (chi2, df)
