@@ -19,7 +19,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import zmq
 
 from engine.config import EngineConfig
-from engine.engine_core import EngineCore, remote_worker
+from engine.engine_core import EngineCore, remote_workers
 from engine.messages import AddRequest, SchedulerToWorker, Shutdown, StepResult, WorkerReady
 from engine.processes import Channel, become_child_process, spawn
 from engine.sampling_params import SamplingParams
@@ -53,8 +53,8 @@ def main() -> None:
     try:
         cfg = EngineConfig(model_dir="-", block_size=64, max_num_batched_tokens=8192, max_num_seqs=args.running)
         tokens = (args.prompt_len + args.steps + 64) * args.running
-        core = EngineCore(cfg, WorkerReady(0, tokens // 64 + args.running, 0, 1000, 1 << 20), None,
-                          remote_worker(plans, results))
+        core = EngineCore(cfg, [WorkerReady(0, tokens // 64 + args.running, 0, 1000, 1 << 20)], None,
+                          remote_workers([plans], results))
         big = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True)
         for i in range(args.running):
             core.add(AddRequest(str(i), [2 + i % 50] * args.prompt_len, big))

@@ -19,11 +19,18 @@ class EngineConfig:
     seed: int = 0
     device: str = "auto"  # the worker picks cuda when torch sees a GPU, else cpu
     num_speculative_tokens: int = 0  # MTP drafts per decode step (1-3); 0: no speculative decoding
+    # Expert parallelism: ep_size worker processes, each with its own block pool (data-parallel
+    # attention) and 1/ep_size of the routed experts. Budgets and max_num_seqs are per rank.
+    ep_size: int = 1
+    master_addr: str = "127.0.0.1"  # torch.distributed rendezvous (torchrun's names)
+    master_port: int = 0  # 0: the engine picks a free port
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be at least 1, got {self.ep_size}")
         if not 0 <= self.num_speculative_tokens <= 3:
             raise ValueError(f"num_speculative_tokens must be 0 (off) to 3, got {self.num_speculative_tokens}")

@@ -42,17 +42,35 @@ class WorkerGone(RuntimeError):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, ready: WorkerReady, eos_token_id: int | None, worker) -> None:
-        self.ready = ready
-        self.vocab_size = ready.vocab_size
-        self.max_model_len = ready.max_model_len
-        blocks = BlockManager(ready.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, ready.max_model_len, eos_token_id,
-                            config.num_speculative_tokens),
-            blocks)
-        self.worker = worker  # callable: StepPlan -> StepResult
+    """One scheduler (block pool, running batch) per expert-parallel rank: attention is
+    data-parallel, so a request lives on one rank from arrival to finish. A step schedules every
+    rank and, when any has work, runs all of them (ranks without tokens serve the others'
+    expert choices). With one rank this is plain continuous batching."""
+
+    def __init__(self, config: EngineConfig, readies: list[WorkerReady], eos_token_id: int | None, worker) -> None:
+        readies = sorted(readies, key=lambda r: r.rank)
+        self.ready = readies[0]
+        self.vocab_size = self.ready.vocab_size
+        self.max_model_len = self.ready.max_model_len
+        self.schedulers = [
+            Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, r.max_model_len,
+                                      eos_token_id, config.num_speculative_tokens),
+                      BlockManager(r.num_blocks, config.block_size, config.enable_prefix_caching))
+            for r in readies]
+        self.worker = worker  # callable: [StepPlan per rank] -> [StepResult per rank]
         self.metrics = EngineMetrics()
+        self.rank_of: dict[str, int] = {}
+        self.rank_requests = [0] * len(self.schedulers)
+        self.routed_tokens: list[int] = []
+        self.idle_rank_steps = 0
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """Rank 0's scheduler (the only one without expert parallelism)."""
+        return self.schedulers[0]
+
+    def has_work(self) -> bool:
+        return any(s.has_work() for s in self.schedulers)
 
     def validate(self, msg: AddRequest) -> str | None:
         prompt = msg.prompt_ids
@@ -66,13 +84,20 @@ class EngineCore:
         problems = msg.params.problems(self.vocab_size)
         if problems:
             return "; ".join(problems)
-        blocks = self.scheduler.blocks
+        blocks = min((s.blocks for s in self.schedulers), key=lambda b: b.num_blocks)
         if blocks.blocks_for(len(prompt) + 1 + self.scheduler.config.num_speculative_tokens) > blocks.num_blocks:
             return (f"prompt has {len(prompt)} tokens but the whole cache holds "
                     f"{blocks.num_blocks * blocks.block_size}")
-        if msg.req_id in self.scheduler.requests:
+        if msg.req_id in self.rank_of:
             return f"request id {msg.req_id!r} is already in use"
         return None
+
+    def _place(self) -> int:
+        """The least loaded rank: fewest requests, then most free blocks."""
+        def load(rank: int):
+            s = self.schedulers[rank]
+            return len(s.running) + len(s.waiting), -s.blocks.num_free
+        return min(range(len(self.schedulers)), key=load)
 
     def add(self, msg: AddRequest) -> RequestDelta | None:
         error = self.validate(msg)
@@ -82,14 +107,18 @@ class EngineCore:
             self.metrics.on_deltas([delta])
             return delta
         req = Request(msg.req_id, msg.prompt_ids, msg.params, msg.arrival_time or None)
-        self.scheduler.add(req)
+        rank = self._place()
+        self.schedulers[rank].add(req)
+        self.rank_of[msg.req_id] = rank
+        self.rank_requests[rank] += 1
         self.metrics.on_arrival(msg.req_id, req.arrival_time)
         return None
 
     def abort(self, req_ids: list[str]) -> list[RequestDelta]:
         out = []
         for rid in req_ids:
-            req = self.scheduler.abort(rid)
+            rank = self.rank_of.pop(rid, None)
+            req = self.schedulers[rank].abort(rid) if rank is not None else None
             if req is not None:
                 out.append(RequestDelta(rid, finished=True, finish_reason="abort",
                                         num_prompt_tokens=req.num_prompt_tokens, finish_time=req.finish_time))
@@ -98,39 +127,74 @@ class EngineCore:
 
     def step(self) -> list[RequestDelta]:
         start = time.perf_counter()
-        step = self.scheduler.schedule()
-        if step.scheduled or step.plan.finished_ids:
-            result = self.worker(step.plan)
+        steps = [s.schedule() for s in self.schedulers]
+        if any(st.scheduled or st.plan.finished_ids for st in steps):
+            results = self.worker([st.plan for st in steps])
+            if len(steps) > 1:
+                self.idle_rank_steps += sum(not st.scheduled for st in steps)
         else:
-            result = StepResult(step.plan.step_id)
-        deltas = self.scheduler.update(step, result)
-        self.metrics.on_step(time.perf_counter() - start, len(step.scheduled))
+            results = [StepResult(st.plan.step_id) for st in steps]
+        deltas: list[RequestDelta] = []
+        for s, st, result in zip(self.schedulers, steps, results):
+            deltas.extend(s.update(st, result))
+            self._count_routed(result.routed_tokens)
+        for d in deltas:
+            if d.finished:
+                self.rank_of.pop(d.req_id, None)
+        self.metrics.on_step(time.perf_counter() - start, sum(len(st.scheduled) for st in steps))
         self.metrics.on_deltas(deltas)
         return deltas
 
+    def _count_routed(self, counts: list[int]) -> None:
+        if not counts:
+            return
+        if not self.routed_tokens:
+            self.routed_tokens = [0] * len(counts)
+        for e, n in enumerate(counts):
+            if n:
+                self.routed_tokens[e] += n
+
     def stats(self) -> EngineStats:
-        c, s = self.scheduler.counters, self.scheduler
+        ss = self.schedulers
+        cs = [s.counters for s in ss]
+
+        def total(name: str) -> int:
+            return sum(getattr(c, name) for c in cs)
+
+        per_pos = [sum(col) for col in zip(*(c.spec_accepted_per_pos for c in cs))]
         return EngineStats(
-            num_running=len(s.running), num_waiting=len(s.waiting), num_preemptions=c.num_preemptions,
-            num_steps=c.num_steps, prompt_tokens=c.prompt_tokens, computed_prompt_tokens=c.computed_prompt_tokens,
-            generation_tokens=c.generation_tokens, prefix_cache_queries=c.prefix_cache_queries,
-            prefix_cache_hits=c.prefix_cache_hits, num_free_blocks=s.blocks.num_free, num_blocks=s.blocks.num_blocks,
-            metrics=self.metrics.snapshot(), spec_num_drafts=c.spec_num_drafts, spec_draft_tokens=c.spec_draft_tokens,
-            spec_accepted_tokens=c.spec_accepted_tokens, spec_accepted_per_pos=list(c.spec_accepted_per_pos))
+            num_running=sum(len(s.running) for s in ss), num_waiting=sum(len(s.waiting) for s in ss),
+            num_preemptions=total("num_preemptions"), num_steps=self.scheduler.counters.num_steps,
+            prompt_tokens=total("prompt_tokens"), computed_prompt_tokens=total("computed_prompt_tokens"),
+            generation_tokens=total("generation_tokens"), prefix_cache_queries=total("prefix_cache_queries"),
+            prefix_cache_hits=total("prefix_cache_hits"), num_free_blocks=sum(s.blocks.num_free for s in ss),
+            num_blocks=sum(s.blocks.num_blocks for s in ss), metrics=self.metrics.snapshot(),
+            spec_num_drafts=total("spec_num_drafts"), spec_draft_tokens=total("spec_draft_tokens"),
+            spec_accepted_tokens=total("spec_accepted_tokens"), spec_accepted_per_pos=per_pos,
+            routed_tokens=list(self.routed_tokens), num_ranks=len(ss), rank_running=[len(s.running) for s in ss],
+            rank_requests=list(self.rank_requests),
+            idle_rank_steps=self.idle_rank_steps)
 
 
-def remote_worker(plans: Channel, results: Channel):
-    """A worker behind a socket pair, as the callable EngineCore drives: StepPlan -> StepResult."""
-    def execute(plan):
-        plans.send(plan)
+def remote_workers(plans: list[Channel], results: Channel):
+    """Workers behind sockets, as the callable EngineCore drives: a plan per rank in, a result
+    per rank out."""
+    def execute(step_plans):
+        for ch, plan in zip(plans, step_plans):
+            ch.send(plan)
+        got: dict[int, StepResult] = {}
         deadline = time.monotonic() + WORKER_STEP_TIMEOUT_S
-        while time.monotonic() < deadline:
+        while len(got) < len(plans):
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(len(plans))) - set(got))
+                raise WorkerGone(f"workers {missing} did not answer step {step_plans[0].step_id} "
+                                 f"within {WORKER_STEP_TIMEOUT_S:.0f} s")
             msg = results.recv(timeout_ms=1000)
-            if isinstance(msg, StepResult):
-                return msg
-            if isinstance(msg, WorkerFailed):
+            if isinstance(msg, StepResult) and msg.step_id == step_plans[msg.rank].step_id:
+                got[msg.rank] = msg
+            elif isinstance(msg, WorkerFailed):
                 raise WorkerGone(f"worker {msg.rank} failed:\n{msg.error}")
-        raise WorkerGone(f"worker did not answer step {plan.step_id} within {WORKER_STEP_TIMEOUT_S:.0f} s")
+        return [got[r] for r in range(len(plans))]
 
     return execute
 
@@ -141,21 +205,29 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
     ctx = zmq.Context()
     inbox = Channel(ctx, zmq.PULL, addrs["input"], bind=True, decode_type=FrontendToScheduler)
     outbox = Channel(ctx, zmq.PUSH, addrs["output"], bind=False, decode_type=None)
-    plans = Channel(ctx, zmq.PUSH, addrs["plans"], bind=True, decode_type=None)
+    plans = [Channel(ctx, zmq.PUSH, addrs[f"plans{r}"], bind=True, decode_type=None) for r in range(config.ep_size)]
     results = Channel(ctx, zmq.PULL, addrs["results"], bind=True, decode_type=WorkerToScheduler)
     try:
-        ready = results.recv(timeout_ms=int(startup_timeout_s * 1000))
-        if not isinstance(ready, WorkerReady):
-            raise WorkerGone(ready.error if isinstance(ready, WorkerFailed) else "worker did not start in time")
-        core = EngineCore(config, ready, eos_token_id, remote_worker(plans, results))
-        outbox.send(EngineReady(ready.num_blocks, config.block_size, ready.max_model_len, ready.vocab_size,
-                                ready.num_blocks * config.block_size, ready.kv_bytes_per_token))
+        readies: dict[int, WorkerReady] = {}
+        deadline = time.monotonic() + startup_timeout_s
+        while len(readies) < config.ep_size:
+            msg = results.recv(timeout_ms=max(1, int((deadline - time.monotonic()) * 1000)))
+            if isinstance(msg, WorkerReady):
+                readies[msg.rank] = msg
+            else:
+                raise WorkerGone(msg.error if isinstance(msg, WorkerFailed) else "workers did not start in time")
+        core = EngineCore(config, list(readies.values()), eos_token_id, remote_workers(plans, results))
+        tokens = sum(r.num_blocks for r in readies.values()) * config.block_size
+        ready = core.ready
+        outbox.send(EngineReady(sum(r.num_blocks for r in readies.values()), config.block_size, ready.max_model_len,
+                                ready.vocab_size, tokens, ready.kv_bytes_per_token))
         _serve(core, inbox, outbox)
-        plans.send(Shutdown())
+        for ch in plans:
+            ch.send(Shutdown())
     except Exception:
         outbox.send(EngineDead(traceback.format_exc()))
     finally:
-        for ch in (inbox, outbox, plans, results):
+        for ch in (inbox, outbox, results, *plans):
             ch.close()
         ctx.term()
 
@@ -163,7 +235,7 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
 def _serve(core: EngineCore, inbox: Channel, outbox: Channel) -> None:
     while True:
         deltas: list[RequestDelta] = []
-        timeout = 0 if core.scheduler.has_work() else 100
+        timeout = 0 if core.has_work() else 100
         while (msg := inbox.recv(timeout_ms=timeout)) is not None:
             timeout = 0
             if isinstance(msg, AddRequest):
@@ -175,7 +247,7 @@ def _serve(core: EngineCore, inbox: Channel, outbox: Channel) -> None:
                 outbox.send(core.stats())
             elif isinstance(msg, Shutdown):
                 return
-        if core.scheduler.has_work():
+        if core.has_work():
             deltas.extend(core.step())
         if deltas:
             outbox.send(RequestOutputs(deltas))

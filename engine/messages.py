@@ -92,6 +92,11 @@ class EngineStats(Message):
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = []
+    routed_tokens: list[int] = []  # per routed expert, since start, summed over MoE layers and ranks
+    num_ranks: int = 1
+    rank_running: list[int] = []  # requests running per expert-parallel rank
+    rank_requests: list[int] = []  # requests placed on each rank since start
+    idle_rank_steps: int = 0  # (step, rank) pairs where a rank had no tokens and only served the others
 
 
 class EngineDead(Message):
@@ -131,6 +136,8 @@ class StepResult(Message):
     req_ids: list[str] = []
     token_ids: list[list[int]] = []
     draft_ids: list[list[int]] = []  # empty when speculative decoding is off
+    rank: int = 0
+    routed_tokens: list[int] = []  # expert choices routed per expert (global ids) by this rank's tokens
     logprobs: dict[str, list[TokenLogprobs]] = {}
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
 

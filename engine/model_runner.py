@@ -13,6 +13,7 @@ from engine.model_config import ModelConfig
 from engine.worker_state import ScheduledWork, WorkerState
 from kernels.backend import triton_wanted
 from model.deepseek_v3 import DeepseekV3
+from model.expert_parallel import ExpertParallel, init_distributed
 from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
 from model.mtp import MTPModule
@@ -51,8 +52,9 @@ def max_model_len(config: EngineConfig, cfg: ModelConfig) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, rank: int = 0):
         self.config = config
+        self.rank = rank
         self.dtype = DTYPES[config.dtype]
         self.device = resolve_device(config.device)
         self.cfg = ModelConfig.from_checkpoint(config.model_dir)
@@ -63,10 +65,16 @@ class ModelRunner:
         if self.num_spec and self.cfg.num_nextn_predict_layers < 1:
             raise ValueError(f"num_speculative_tokens={self.num_spec} needs an MTP module, and {config.model_dir} "
                              "has none (num_nextn_predict_layers is 0)")
-        weights = load_weights(config.model_dir, self.cfg, self.dtype, include_mtp=self.num_spec > 0,
-                               keep_fp8=keep_fp8)
+        ep = None
+        if config.ep_size > 1:
+            ep = ExpertParallel(rank, config.ep_size, self.cfg.n_routed_experts)
+            init_distributed(rank, config.ep_size, config.master_addr, config.master_port, self.device)
+        # Each rank reads only its own routed experts from the shards.
+        weights = load_weights(config.model_dir, self.cfg, self.dtype, experts=ep.local if ep else None,
+                               include_mtp=self.num_spec > 0, keep_fp8=keep_fp8)
         # Chained drafting reads rope tables k positions past the last verified token.
-        self.model = DeepseekV3(self.cfg, weights, max_positions=self.max_model_len + self.num_spec).to(self.device)
+        self.model = DeepseekV3(self.cfg, weights, max_positions=self.max_model_len + self.num_spec,
+                                ep=ep).to(self.device)
         self.mtp = MTPModule(self.cfg, weights, self.model).to(self.device) if self.num_spec else None
         del weights
         self.kv_bytes_per_token = LatentCache.bytes_per_token(self.cfg.num_cache_layers, self.cfg.kv_entry_dim,
@@ -99,7 +107,11 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         work = self.state.apply(plan)
         if not work:
-            return StepResult(plan.step_id)
+            if self.model.ep is not None:  # the other ranks' tokens still need this rank's experts
+                self.model.idle_forward()
+                for _ in range(self.num_spec):
+                    self.mtp.idle_forward()
+            return StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
         chunks = [SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table) for w in work]
         batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
         hidden = self.model(batch, self._cache_layers)
@@ -108,7 +120,7 @@ class ModelRunner:
         emitted, logprobs = self._sample(work, due, batch, hidden)
         sampled = {work[i].req.req_id: toks for i, toks in zip(due, emitted)}
         drafts = self._propose(work, batch, hidden, sampled) if self.mtp is not None else {}
-        result = StepResult(plan.step_id)
+        result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
         for i, lp in zip(due, logprobs):
             if lp:
                 result.logprobs[work[i].req.req_id] = lp
@@ -170,27 +182,35 @@ class ModelRunner:
         mtp_batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
         mtp_cache = self._cache_layers[self.mtp.layer_idx]
         h = self.mtp(mtp_batch, hidden[torch.tensor(rows, device=hidden.device)], mtp_cache)
-        if not last:
-            return {}
         by_id = {w.req.req_id: w for w in work}
         wanted = {rid: self._num_drafts(by_id[rid], sampled[rid]) for rid, _ in last}
         ids = [rid for rid, _ in last]
-        h = h[torch.tensor([row for _, row in last], device=h.device)]
+        if ids:
+            h = h[torch.tensor([row for _, row in last], device=h.device)]
         drafts: dict[str, list[int]] = {rid: [] for rid in ids}
+        # With expert parallelism every rank runs all k passes (idle ones join the collectives).
         for j in range(self.num_spec):
-            tokens = self.mtp.logits(h).argmax(-1).tolist()
-            for rid, t in zip(ids, tokens):
-                drafts[rid].append(t)
-            keep = [n for n, rid in enumerate(ids) if wanted[rid] > j + 1]
-            if not keep:
+            if ids:
+                for rid, t in zip(ids, self.mtp.logits(h).argmax(-1).tolist()):
+                    drafts[rid].append(t)
+            if j == self.num_spec - 1:
                 break
+            keep = [n for n, rid in enumerate(ids) if wanted[rid] > j + 1]
             ids = [ids[n] for n in keep]
-            # draft j sits at verified_end + 1 + j, so the module reads it at position verified_end + j
-            chain = [SequenceChunk([drafts[rid][-1]], verified_end[rid] + j, by_id[rid].req.block_table)
-                     for rid in ids]
-            h = self.mtp(ForwardBatch.build(chain, self.config.block_size, self.device),
-                         h[torch.tensor(keep, device=h.device)], mtp_cache)
+            if ids:
+                # draft j sits at verified_end + 1 + j, so the module reads it at position verified_end + j
+                chain = [SequenceChunk([drafts[rid][-1]], verified_end[rid] + j, by_id[rid].req.block_table)
+                         for rid in ids]
+                h = self.mtp(ForwardBatch.build(chain, self.config.block_size, self.device),
+                             h[torch.tensor(keep, device=h.device)], mtp_cache)
+            elif self.model.ep is not None:
+                self.mtp.idle_forward()
+            else:
+                break
         return {rid: d[: wanted[rid]] for rid, d in drafts.items()}
+
+    def _routed_tokens(self) -> list[int]:
+        return self.model.take_routed_tokens([self.mtp.layer] if self.mtp is not None else [])
 
     def _num_drafts(self, w: ScheduledWork, emitted: list[int]) -> int:
         """k, or fewer where the request would pass max_tokens or the context with them."""

@@ -22,7 +22,7 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
     try:
         from engine.model_runner import ModelRunner  # torch loads here, in the worker only
 
-        runner = ModelRunner(config)
+        runner = ModelRunner(config, rank)
         results.send(WorkerReady(rank, runner.num_blocks, runner.kv_bytes_per_token, runner.cfg.vocab_size,
                                  runner.max_model_len))
         busy_since_release = False

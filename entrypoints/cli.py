@@ -56,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
     with LLM(_model_dir(args), dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
              max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
              enable_prefix_caching=not args.no_prefix_caching, device=args.device,
-             num_speculative_tokens=args.num_speculative_tokens) as llm:
+             num_speculative_tokens=args.num_speculative_tokens, ep_size=args.ep_size) as llm:
         print(f"latent cache: {llm.kv_cache_tokens} tokens of {llm.engine.ready.kv_bytes_per_token} bytes each",
               file=sys.stderr)
         start = time.perf_counter()
@@ -127,6 +127,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda[:N]")
     p.add_argument("--num-speculative-tokens", type=int, default=0, choices=range(4), metavar="{0..3}",
                    help="MTP draft tokens verified per decode step (0: off)")
+    p.add_argument("--ep-size", type=int, default=1,
+                   help="expert-parallel worker processes (each: 1/N of the routed experts, its own cache)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="torch.distributed rendezvous address")
+    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (0: a free one)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -136,7 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = EngineConfig(model_dir=_model_dir(args), dtype=args.dtype, block_size=args.block_size,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                           kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-                          seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens)
+                          seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens,
+                          ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port)
     server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace)
     metrics = f", metrics on http://{args.host}:{server.metrics_server.server_port}/metrics" \
         if server.metrics_server else ""

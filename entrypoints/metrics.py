@@ -51,6 +51,7 @@ class EngineCollector:
         yield _counter("generation_tokens", "Generated tokens.", stats.generation_tokens)
         yield _counter("engine_steps", "Engine steps run.", stats.num_steps)
         yield from _spec_decode(stats)
+        yield from _expert_load(stats)
         snap = stats.metrics
         if snap is None:
             return
@@ -79,6 +80,27 @@ def _spec_decode(stats):
     for pos, n in enumerate(stats.spec_accepted_per_pos):
         per_pos.add_metric([str(pos)], n)
     yield per_pos
+
+
+def _expert_load(stats):
+    if not stats.routed_tokens:
+        return
+    experts = CounterMetricFamily(PREFIX + "moe_routed_tokens", "Token choices routed to each routed expert, "
+                                  "summed over MoE layers (the MTP module's included).", labels=["expert"])
+    for e, n in enumerate(stats.routed_tokens):
+        experts.add_metric([str(e)], n)
+    yield experts
+    per_rank = len(stats.routed_tokens) // max(1, stats.num_ranks)
+    ranks = CounterMetricFamily(PREFIX + "moe_rank_routed_tokens", "Token choices routed to each expert-parallel "
+                                "rank's experts.", labels=["rank"])
+    for r in range(stats.num_ranks):
+        ranks.add_metric([str(r)], sum(stats.routed_tokens[r * per_rank : (r + 1) * per_rank]))
+    yield ranks
+    running = GaugeMetricFamily(PREFIX + "rank_num_requests_running", "Requests running on each rank.",
+                                labels=["rank"])
+    for r, n in enumerate(stats.rank_running):
+        running.add_metric([str(r)], n)
+    yield running
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

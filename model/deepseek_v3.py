@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from kernels.mla_attention import AttentionPlan, GatherBuffer, plan_attention
+from model.expert_parallel import ExpertParallel
 from model.forward_batch import ForwardBatch
 from model.layers import DenseMLP, Linear, RMSNorm
 from model.mla import MLA
@@ -16,7 +17,8 @@ from model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], layer_idx: int, experts: range):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], layer_idx: int, experts: range,
+                 ep: ExpertParallel | None = None):
         super().__init__()
         p = f"model.layers.{layer_idx}"
         self.layer_idx = layer_idx
@@ -25,7 +27,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLA(cfg, w, p)
         self.mlp: nn.Module
         if cfg.is_moe_layer(layer_idx):
-            self.mlp = MoE(cfg, w, p, experts)
+            self.mlp = MoE(cfg, w, p, experts, ep)
         else:
             m = p + ".mlp."
             self.mlp = DenseMLP(w, m)
@@ -40,12 +42,13 @@ class DeepseekV3(nn.Module):
     """The main model. Layer i uses latent cache layer i."""
 
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], experts: range | None = None,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, ep: ExpertParallel | None = None):
         super().__init__()
         self.cfg = cfg
-        experts = experts if experts is not None else range(cfg.n_routed_experts)
+        self.ep = ep
+        experts = ep.local if ep is not None else experts if experts is not None else range(cfg.n_routed_experts)
         self.embed_tokens = nn.Parameter(w["model.embed_tokens.weight"], requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, w, i, experts) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, w, i, experts, ep) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(w["model.norm.weight"], cfg.rms_norm_eps)
         self.lm_head = Linear.load(w, "lm_head.weight")
         self.rope = RotaryEmbedding(cfg, max_positions, device=self.embed_tokens.device)
@@ -63,6 +66,22 @@ class DeepseekV3(nn.Module):
         for layer in self.layers:
             x = layer(x, batch, cache_layers[layer.layer_idx], plan, self.rope)
         return x
+
+    def idle_forward(self) -> None:
+        """A step without tokens on this rank: it still serves the other ranks' expert choices,
+        layer by layer, in the order a real forward would."""
+        empty = self.embed_tokens.new_empty(0, self.cfg.hidden_size)
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp(empty)
+
+    def take_routed_tokens(self, extra: list[nn.Module] = ()) -> list[int]:
+        """Expert choices routed since the last call, per expert, summed over MoE layers."""
+        moes = [m for layer in [*self.layers, *extra] for m in layer.modules() if isinstance(m, MoE)]
+        total = sum(m.routed_tokens for m in moes)
+        for m in moes:
+            m.routed_tokens.zero_()
+        return total.tolist() if moes else []
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (pre-norm) -> float32 logits [N, vocab]."""

@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from kernels.fused_moe import fused_moe
+from model.expert_parallel import ExpertParallel
 from model.layers import DenseMLP, fuse_gate_up_fp8
 
 
@@ -84,8 +85,15 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str, experts: range):
+    """`experts` are the routed experts this rank holds; with expert parallelism (`ep`) the other
+    ranks hold the rest and token choices travel to them and back."""
+
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str, experts: range,
+                 ep: ExpertParallel | None = None):
         super().__init__()
+        self.ep = ep
+        # Choices routed to each expert (from this rank's tokens), for the load metric.
+        self.register_buffer("routed_tokens", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
         p = prefix + ".mlp."
         self.gate = Gate(cfg, w[p + "gate.weight"], w[p + "gate.e_score_correction_bias"])
         names = [tuple(f"{p}experts.{e}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")) for e in experts]
@@ -102,4 +110,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        return self.experts(x, weights, ids) + self.shared_experts(x)
+        self.routed_tokens += torch.bincount(ids.flatten(), minlength=self.routed_tokens.shape[0])
+        if self.ep is None:
+            routed = self.experts(x, weights, ids)
+        else:
+            routed = self.ep.dispatch_combine(x, weights, ids, self.experts)
+        return routed + self.shared_experts(x)

@@ -33,11 +33,13 @@ class MTPModule(nn.Module):
             raise ValueError("the checkpoint has no MTP module (num_nextn_predict_layers is 0)")
         self.layer_idx = cfg.num_hidden_layers
         p = f"model.layers.{self.layer_idx}"
+        if main.ep is not None:
+            experts = main.ep.local
         experts = experts if experts is not None else range(cfg.n_routed_experts)
         self.enorm = RMSNorm(w[p + ".enorm.weight"], cfg.rms_norm_eps)
         self.hnorm = RMSNorm(w[p + ".hnorm.weight"], cfg.rms_norm_eps)
         self.eh_proj = Linear.load(w, p + ".eh_proj.weight")
-        self.layer = DecoderLayer(cfg, w, self.layer_idx, experts)
+        self.layer = DecoderLayer(cfg, w, self.layer_idx, experts, main.ep)
         self.head_norm = RMSNorm(w[p + ".shared_head.norm.weight"], cfg.rms_norm_eps)
         # Shared, not owned: the main model's embedding, head, rope tables and gather buffer.
         self._main = [main]
@@ -54,6 +56,10 @@ class MTPModule(nn.Module):
         e = self.enorm(F.embedding(batch.input_ids, main.embed_tokens))
         x = self.eh_proj(torch.cat([e, self.hnorm(prev_hidden)], dim=-1))
         return self.layer(x, batch, cache, plan, main.rope)
+
+    def idle_forward(self) -> None:
+        """A pass without tokens on this rank (expert parallelism): serve the others' choices."""
+        self.layer.mlp(self.main.embed_tokens.new_empty(0, self.main.cfg.hidden_size))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.main.lm_head(self.head_norm(hidden)).float()

@@ -1,0 +1,127 @@
+"""Expert parallelism on the CPU (gloo): N worker processes as one model."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.llm import EngineDeadError
+from engine.model_config import ModelConfig
+from model.deepseek_v3 import DeepseekV3
+from model.expert_parallel import ExpertParallel, expert_range
+from model.loader import load_weights
+from model.moe import RoutedExperts
+
+BLOCK = 16
+FP32_BYTES_PER_BLOCK = 576 * 4 * 4 * BLOCK  # 576 values x fp32 x (3 layers + MTP) x tokens
+
+
+def _batch():
+    g = torch.Generator().manual_seed(21)
+    lengths = [3, 70, 20, 9, 41, 12, 5, 28]
+    prompts = [torch.randint(2, 258, (n,), generator=g).tolist() for n in lengths]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 30, 14, 40, 9, 22, 3, 17)]
+    return prompts, params
+
+
+def _generate(checkpoint, ep_size):
+    prompts, params = _batch()
+    # per rank: 10 blocks of 16 tokens and a budget of 32 tokens: chunked prefill, and preemption at ep 1
+    with LLM(checkpoint, dtype="float32", block_size=BLOCK, max_num_batched_tokens=32,
+             kv_cache_memory=10 * FP32_BYTES_PER_BLOCK, ep_size=ep_size) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.stats()
+    assert stats.num_free_blocks == stats.num_blocks
+    return [o.token_ids for o in outs], stats
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint):
+    return _generate(tiny_checkpoint, 1)
+
+
+@pytest.mark.parametrize("ep_size", [2, 4])
+def test_expert_parallel_greedy_equals_one_rank(tiny_checkpoint, single, ep_size):
+    expected, base = single
+    got, stats = _generate(tiny_checkpoint, ep_size)
+    assert base.num_preemptions > 0
+    assert stats.num_ranks == ep_size and all(n > 0 for n in stats.rank_requests), stats.rank_requests
+    assert stats.idle_rank_steps > 0  # steps where a rank had no tokens and only served the others
+    assert len(stats.routed_tokens) == 16 and min(stats.routed_tokens) > 0  # every expert got tokens
+    assert got == expected
+
+
+def test_each_rank_holds_only_its_experts(tiny_checkpoint):
+    cfg = ModelConfig.from_checkpoint(tiny_checkpoint)
+    full = load_weights(tiny_checkpoint, cfg, torch.float32)
+    E, N = cfg.n_routed_experts, 4
+    for rank in range(N):
+        mine = expert_range(rank, N, E)
+        w = load_weights(tiny_checkpoint, cfg, torch.float32, experts=mine)
+        experts = {int(n.split(".mlp.experts.")[1].split(".")[0]) for n in w if ".mlp.experts." in n}
+        assert experts == set(mine)
+        assert set(w) - {n for n in w if ".mlp.experts." in n} == set(full) - {n for n in full if ".mlp.experts." in n}
+        model = DeepseekV3(cfg, w, ep=ExpertParallel(rank, N, E))
+        routed = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+        assert routed and all(m.first_expert == mine.start and m.num_local == len(mine) for m in routed)
+        routed_bytes = sum(p.numel() * p.element_size() for m in routed for p in m.parameters())
+        full_routed = sum(t.numel() * t.element_size() for n, t in full.items()
+                          if ".mlp.experts." in n and int(n.split(".")[2]) < cfg.num_hidden_layers)
+        assert routed_bytes * N == full_routed
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_killing_one_worker_ends_the_engine_with_an_error_and_no_orphans(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, kv_cache_memory=40 * FP32_BYTES_PER_BLOCK,
+              ep_size=2)
+    pids = [p.pid for p in llm.engine.procs]
+    assert len(pids) == 3  # scheduler, two workers
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            llm.generate([[5, 6, 7]] * 4, SamplingParams(max_tokens=2000, ignore_eos=True), use_tqdm=False)
+        except BaseException as e:  # noqa: B036 - the test inspects whatever generate raised
+            failure.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(2.0)
+    assert t.is_alive(), "the generation finished before a worker could be killed"
+    killed = time.monotonic()
+    os.kill(pids[2], signal.SIGKILL)
+    t.join(timeout=30)
+    assert not t.is_alive() and time.monotonic() - killed < 30
+    assert failure and isinstance(failure[0], EngineDeadError), failure
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids)
+
+
+def test_expert_parallel_with_mtp_speculation_keeps_greedy_outputs():
+    """Ranks run the same number of MTP passes every step (idle ones serve the others' experts)."""
+    from model.demo_checkpoint import default_model_dir
+    from model.demo_task import held_out
+
+    prompts = [p.prompt for p in held_out(5, 20, set())] + ["sort 1,2", "xyz" * 10]
+    outs = {}
+    for ep, k in ((1, 0), (2, 2)):
+        with LLM(default_model_dir(), dtype="float32", ep_size=ep, num_speculative_tokens=k, block_size=16,
+                 max_num_batched_tokens=32, kv_cache_memory=2_000_000) as llm:
+            outs[ep] = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20),
+                                                           use_tqdm=False)]
+            stats = llm.stats()
+    assert stats.spec_accepted_tokens > 50 and stats.idle_rank_steps > 0
+    assert outs[2] == outs[1]
