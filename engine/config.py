@@ -23,7 +23,13 @@ class EngineConfig:
     # attention) and 1/ep_size of the routed experts. Budgets and max_num_seqs are per rank.
     ep_size: int = 1
     master_addr: str = "127.0.0.1"  # torch.distributed rendezvous (torchrun's names)
-    master_port: int = 0  # 0: the engine picks a free port
+    master_port: int = 0  # 0: the engine picks a free port (one host only)
+    # Several hosts: node 0 runs the frontend, the scheduler and its share of the workers; node n
+    # runs `mlaserve worker --node-rank n`, whose workers reach the scheduler over ZeroMQ tcp on
+    # master_addr, ports scheduler_port (results) and scheduler_port + 1 + rank (plans).
+    nnodes: int = 1
+    node_rank: int = 0
+    scheduler_port: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):
@@ -32,5 +38,25 @@ class EngineConfig:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be at least 1, got {self.ep_size}")
+        if self.nnodes < 1 or self.ep_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"ep_size {self.ep_size} must be a multiple of nnodes {self.nnodes}, and node_rank "
+                             f"{self.node_rank} in [0, nnodes)")
+        if self.nnodes > 1 and not (self.master_port and self.scheduler_port):
+            raise ValueError("with nnodes > 1 every host needs the same explicit master_port and scheduler_port")
         if not 0 <= self.num_speculative_tokens <= 3:
             raise ValueError(f"num_speculative_tokens must be 0 (off) to 3, got {self.num_speculative_tokens}")
+
+    @property
+    def local_ranks(self) -> range:
+        """The expert-parallel ranks whose workers run on this host."""
+        per = self.ep_size // self.nnodes
+        return range(self.node_rank * per, (self.node_rank + 1) * per)
+
+    def worker_links(self, bind: bool, ipc_dir: str | None = None) -> dict[str, str]:
+        """Addresses of the scheduler's worker sockets ("results", "plans{r}"): ipc on one host,
+        tcp across hosts (the scheduler binds on every interface; workers connect to master_addr)."""
+        names = ["results"] + [f"plans{r}" for r in range(self.ep_size)]
+        if self.nnodes == 1:
+            return {n: f"ipc://{ipc_dir}/{n}" for n in names}
+        host = "*" if bind else self.master_addr
+        return {n: f"tcp://{host}:{self.scheduler_port + i}" for i, n in enumerate(names)}

@@ -50,16 +50,18 @@ class EngineClient:
 
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0):
         self._dir = tempfile.mkdtemp(prefix="mlaserve-")
-        names = ["input", "output", "results"] + [f"plans{r}" for r in range(config.ep_size)]
-        addrs = {k: f"ipc://{self._dir}/{k}" for k in names}
+        if config.node_rank != 0:
+            raise ValueError("the frontend and scheduler run on node 0; other nodes run `mlaserve worker`")
+        addrs = {k: f"ipc://{self._dir}/{k}" for k in ("input", "output")}
         self._ctx = zmq.Context()
         self.outputs = Channel(self._ctx, zmq.PULL, addrs["output"], bind=True, decode_type=SchedulerToFrontend)
         eos = ModelConfig.from_checkpoint(config.model_dir).eos_token_id
         if config.ep_size > 1 and config.master_port == 0:
             config = dataclasses.replace(config, master_port=_free_port(config.master_addr))
-        self.procs = [spawn(run_engine_core, config, addrs, eos, startup_timeout_s)]
-        self.procs += [spawn(run_worker, config, r, addrs[f"plans{r}"], addrs["results"])
-                       for r in range(config.ep_size)]
+        links = config.worker_links(bind=False, ipc_dir=self._dir)
+        self.procs = [spawn(run_engine_core, config, {**addrs, **config.worker_links(bind=True, ipc_dir=self._dir)},
+                            eos, startup_timeout_s)]
+        self.procs += [spawn(run_worker, config, r, links[f"plans{r}"], links["results"]) for r in config.local_ranks]
         self.inputs = Channel(self._ctx, zmq.PUSH, addrs["input"], bind=False, decode_type=None)
         atexit.register(self.shutdown)
         try:
@@ -149,7 +151,8 @@ class LLM:
                  max_num_seqs: int = 256, block_size: int = 64, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, max_model_len: int | None = None,
                  kv_cache_memory_fraction: float = 0.05, startup_timeout_s: float = 600.0,
-                 device: str = "auto", num_speculative_tokens: int = 0, ep_size: int = 1):
+                 device: str = "auto", num_speculative_tokens: int = 0, ep_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int = 0, nnodes: int = 1, scheduler_port: int = 0):
         if model is None:  # the embedded demo model, trained on first use if it is not shipped
             from model.demo_checkpoint import default_model_dir
 
@@ -158,7 +161,8 @@ class LLM:
             model_dir=str(model), dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
             kv_cache_memory_fraction=kv_cache_memory_fraction, enable_prefix_caching=enable_prefix_caching,
-            seed=seed, device=device, num_speculative_tokens=num_speculative_tokens, ep_size=ep_size)
+            seed=seed, device=device, num_speculative_tokens=num_speculative_tokens, ep_size=ep_size,
+            master_addr=master_addr, master_port=master_port, nnodes=nnodes, scheduler_port=scheduler_port)
         self.tokenizer = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
         self.engine = EngineClient(self.config, startup_timeout_s)
         self._next_id = 0

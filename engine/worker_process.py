@@ -43,3 +43,35 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
         plans.close()
         results.close()
         ctx.term()
+
+
+def run_node_workers(config: EngineConfig, poll_s: float = 0.5) -> int:
+    """`mlaserve worker`: this host's expert-parallel workers (node_rank > 0), joined to the
+    scheduler on master_addr over tcp. Returns when they end (the scheduler sends Shutdown), or
+    stops them all when one fails or this process gets SIGTERM / Ctrl-C."""
+    import signal
+    import time
+
+    from engine.processes import spawn
+
+    if config.nnodes < 2 or config.node_rank == 0:
+        raise ValueError("`mlaserve worker` runs the workers of node_rank >= 1 of nnodes >= 2 "
+                         "(node 0 runs `mlaserve serve` or the offline API)")
+    links = config.worker_links(bind=False)
+    procs = [spawn(run_worker, config, r, links[f"plans{r}"], links["results"]) for r in config.local_ranks]
+    stop = []
+    old = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while not stop and any(p.is_alive() for p in procs):
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+    return max((p.exitcode or 0) != 0 for p in procs) if not stop else 0

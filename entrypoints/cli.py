@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--seed", type=int, default=0)
     _add_engine_args(srv)
     srv.set_defaults(func=_serve)
+    wk = sub.add_parser("worker", help="the expert-parallel workers of one more host (--node-rank >= 1)")
+    wk.add_argument("--model", default=None, help="checkpoint directory (the same on every host)")
+    wk.add_argument("--seed", type=int, default=0)
+    _add_engine_args(wk)
+    wk.set_defaults(func=_worker)
     return parser
 
 
@@ -130,18 +135,34 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep-size", type=int, default=1,
                    help="expert-parallel worker processes (each: 1/N of the routed experts, its own cache)")
     p.add_argument("--master-addr", default="127.0.0.1", help="torch.distributed rendezvous address")
-    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (0: a free one)")
+    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (0: a free one, one host only)")
+    p.add_argument("--nnodes", type=int, default=1, help="hosts taking part (expert parallelism across hosts)")
+    p.add_argument("--node-rank", type=int, default=0, help="this host's index; 0 runs the scheduler")
+    p.add_argument("--scheduler-port", type=int, default=0,
+                   help="with --nnodes > 1: tcp ports PORT (results) and PORT+1+rank (plans) on master-addr")
+
+
+def _engine_config(args: argparse.Namespace, model_dir: str):
+    from engine.config import EngineConfig
+
+    return EngineConfig(model_dir=model_dir, dtype=args.dtype, block_size=args.block_size,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+                        seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens,
+                        ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,
+                        nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from engine.worker_process import run_node_workers
+
+    return run_node_workers(_engine_config(args, _model_dir(args)))
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from engine.config import EngineConfig
     from entrypoints.server import Server
 
-    config = EngineConfig(model_dir=_model_dir(args), dtype=args.dtype, block_size=args.block_size,
-                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                          kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-                          seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens,
-                          ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port)
+    config = _engine_config(args, _model_dir(args))
     server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace)
     metrics = f", metrics on http://{args.host}:{server.metrics_server.server_port}/metrics" \
         if server.metrics_server else ""

@@ -125,3 +125,52 @@ def test_expert_parallel_with_mtp_speculation_keeps_greedy_outputs():
             stats = llm.stats()
     assert stats.spec_accepted_tokens > 50 and stats.idle_rank_steps > 0
     assert outs[2] == outs[1]
+
+
+def _free_ports(n: int) -> int:
+    """A base port with n free ports after it."""
+    import socket
+
+    for base in range(29500 + os.getpid() % 2000, 40000, 7):
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def test_two_hosts_over_tcp_equal_one_rank(tiny_checkpoint, single):
+    """Node 1's workers are a separate `mlaserve worker` process reaching the scheduler and the
+    rendezvous over tcp, as they would from another host."""
+    import subprocess
+    import sys
+
+    expected, _ = single
+    base = _free_ports(5)
+    common = ["--dtype", "float32", "--block-size", str(BLOCK), "--max-num-batched-tokens", "32",
+              "--kv-cache-memory", str(10 * FP32_BYTES_PER_BLOCK), "--ep-size", "2", "--nnodes", "2",
+              "--master-addr", "127.0.0.1", "--master-port", str(base), "--scheduler-port", str(base + 1)]
+    node1 = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "worker", "--model", str(tiny_checkpoint),
+                              "--node-rank", "1", *common])
+    try:
+        prompts, params = _batch()
+        with LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, max_num_batched_tokens=32,
+                 kv_cache_memory=10 * FP32_BYTES_PER_BLOCK, ep_size=2, nnodes=2, master_port=base,
+                 scheduler_port=base + 1) as llm:
+            assert len(llm.engine.procs) == 2  # the scheduler and rank 0's worker; rank 1 is node 1's
+            got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            stats = llm.stats()
+        assert all(n > 0 for n in stats.rank_requests)
+        assert got == expected
+        assert node1.wait(timeout=30) == 0  # the scheduler's shutdown ends node 1's workers
+    finally:
+        if node1.poll() is None:
+            node1.kill()
