@@ -24,12 +24,6 @@ def _train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from entrypoints.demo import main as demo_main
-
-    return demo_main(args.demo_args)
-
-
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from model.checkpoint_maker import make_checkpoint
 
@@ -86,10 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=None)
     tr.add_argument("out_dir")
     tr.set_defaults(func=_train_demo)
-    dm = sub.add_parser("demo", help="the main job: task prompts through the engine on the demo model",
-                        add_help=False)
-    dm.add_argument("demo_args", nargs=argparse.REMAINDER)
-    dm.set_defaults(func=_demo)
+    sub.add_parser("demo", help="the main job: held-out task prompts through the engine on the demo model "
+                   "(`mlaserve demo --help`)")
 
     gen = sub.add_parser("generate", help="run prompts through the engine and print completions")
     gen.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
@@ -171,6 +163,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # its options are its own (argparse would claim them for the top level)
+        from entrypoints.demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
