@@ -114,3 +114,32 @@ def test_sampled_token_frequencies_match_without_speculation(demo):
     df = len([1 for a, b in table if a + b]) - 1
     assert df >= 5, df
     assert chi2 < chi2_critical(df), (chi2, df)
+
+
+def test_speculation_with_prefix_caching_stop_tokens_and_logprobs(demo):
+    """A stop token inside accepted drafts truncates there; logprobs come one per returned token;
+    a prefix-cache hit (its last block recomputed for the MTP layer) changes nothing."""
+    comma = 2 + ord(",")
+    shared = "sort " + ",".join(str(d) for d in [7, 3, 9, 1, 4, 4, 0, 2, 8, 6, 5] * 2) + ","  # 49 tokens
+    prompts = [shared + "1=", shared + "3=", "sort 9,8,7,1=", "sort 5,5,2,0="]
+    params = [SamplingParams(temperature=0, max_tokens=20, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=20),
+              SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[comma]),
+              SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[comma], logprobs=1)]
+    runs = {}
+    for k in (0, 2):
+        with LLM(demo, dtype="float32", block_size=BLOCK, num_speculative_tokens=k,
+                 kv_cache_memory=100 * FP32_BYTES_PER_BLOCK) as llm:
+            first = llm.generate(prompts[:1], params[:1], use_tqdm=False)
+            rest = llm.generate(prompts[1:], params[1:], use_tqdm=False)
+            runs[k] = (first + rest, llm.stats())
+    (plain, _), (spec, stats) = runs[0], runs[2]
+    assert stats.prefix_cache_hits >= BLOCK and stats.spec_accepted_tokens > 10
+    for a, b in zip(plain, spec):
+        assert (a.token_ids, a.finish_reason, a.text) == (b.token_ids, b.finish_reason, b.text)
+    assert spec[2].finish_reason == "stop" and spec[2].token_ids == [2 + ord("1"), comma]
+    for out in (spec[0], spec[3]):
+        assert len(out.logprobs) == len(out.token_ids)
+        assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    for a, b in zip(plain[0].logprobs, spec[0].logprobs):
+        assert abs(a.logprob - b.logprob) < 1e-3
