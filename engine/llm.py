@@ -45,6 +45,15 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def _check_fits_model(config: EngineConfig, cfg: ModelConfig) -> None:
+    """Options that cannot work with this checkpoint fail here, before any process starts."""
+    if config.ep_size > 1 and cfg.n_routed_experts % config.ep_size:
+        raise ValueError(f"ep_size {config.ep_size} does not divide the model's {cfg.n_routed_experts} routed experts")
+    if config.num_speculative_tokens and cfg.num_nextn_predict_layers < 1:
+        raise ValueError(f"num_speculative_tokens={config.num_speculative_tokens} needs the checkpoint's MTP module, "
+                         f"and {config.model_dir} has none (num_nextn_predict_layers is 0)")
+
+
 class EngineClient:
     """Starts the scheduler and worker processes and talks to the scheduler; stops them all."""
 
@@ -55,7 +64,9 @@ class EngineClient:
         addrs = {k: f"ipc://{self._dir}/{k}" for k in ("input", "output")}
         self._ctx = zmq.Context()
         self.outputs = Channel(self._ctx, zmq.PULL, addrs["output"], bind=True, decode_type=SchedulerToFrontend)
-        eos = ModelConfig.from_checkpoint(config.model_dir).eos_token_id
+        model_cfg = ModelConfig.from_checkpoint(config.model_dir)
+        _check_fits_model(config, model_cfg)
+        eos = model_cfg.eos_token_id
         if config.ep_size > 1 and config.master_port == 0:
             config = dataclasses.replace(config, master_port=_free_port(config.master_addr))
         links = config.worker_links(bind=False, ipc_dir=self._dir)

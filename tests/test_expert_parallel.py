@@ -174,3 +174,18 @@ def test_two_hosts_over_tcp_equal_one_rank(tiny_checkpoint, single):
     finally:
         if node1.poll() is None:
             node1.kill()
+
+
+def test_options_the_checkpoint_cannot_serve_fail_before_any_process_starts(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    with pytest.raises(ValueError, match="ep_size 3 does not divide the model's 16 routed experts"):
+        LLM(tiny_checkpoint, ep_size=3)
+    no_mtp = tmp_path / "no_mtp"
+    shutil.copytree(tiny_checkpoint, no_mtp)
+    cfg = json.loads((no_mtp / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 0
+    (no_mtp / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="needs the checkpoint's MTP module"):
+        LLM(no_mtp, num_speculative_tokens=2)
