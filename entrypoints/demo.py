@@ -30,6 +30,23 @@ def demo_prompts(model_dir: Path, n: int) -> list[Problem]:
     return held_out(HELD_OUT_SEED, n, seen)
 
 
+def reference_correct(model_dir: Path, probs: list[Problem]) -> list[bool]:
+    """Per problem, whether transformers' greedy decoding answers it: greedy emits the answer and
+    EOS exactly when every answer position is the argmax under teacher forcing, so one batched
+    forward decides it."""
+    import torch
+
+    from model.demo_trainer import IGNORE, make_batch
+    from model.hf_reference import load_hf_model
+
+    hf = load_hf_model(model_dir, torch.float32)
+    ids, labels = make_batch(probs)
+    with torch.inference_mode():
+        logits = hf(ids).logits
+    target = labels[:, 1:]
+    return ((logits[:, :-1].argmax(-1) == target) | (target == IGNORE)).all(-1).tolist()
+
+
 def _decode_rate(outs) -> float:
     """Output tokens after the first, per second of decoding, summed over requests' own timelines."""
     tokens = sum(len(o.token_ids) - 1 for o in outs if len(o.token_ids) > 1)
@@ -85,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     lengths = ", ".join(f"{n} digits {sum(v)}/{len(v)}" for n, v in sorted(by_len.items()))
     same = sum(a.token_ids == b.token_ids for a, b in zip(base, spec))
     print(f"\naccuracy: {right}/{len(probs)} ({100 * right / len(probs):.1f}%): {lengths}")
+    ref = reference_correct(model_dir, probs)
+    agree = sum(r == is_correct(p, o.text) for r, p, o in zip(ref, probs, spec))
+    print(f"transformers reference (fp32, same checkpoint, greedy): {sum(ref)}/{len(probs)} "
+          f"({100 * sum(ref) / len(probs):.1f}%); right/wrong agrees with the engine on {agree}/{len(probs)}")
     print(f"greedy with speculation vs without: {same}/{len(probs)} outputs identical")
     first = st.spec_accepted_per_pos[0] / st.spec_num_drafts if st.spec_num_drafts else 0.0
     per_pos = ", ".join(f"{n / st.spec_num_drafts:.2f}" for n in st.spec_accepted_per_pos) if st.spec_num_drafts \
