@@ -150,7 +150,7 @@ class ModelRunner:
             w = work[i]
             r = w.req
             drafts = r.draft_ids[: w.num_drafts]
-            rows += draft_rows(SampleRow(r.req_id, r.params, r.token_ids[: r.num_prompt_tokens], r.output_ids), drafts)
+            rows += draft_rows(SampleRow(r.req_id, r.params, r.token_ids, r.num_prompt_tokens), drafts)
             row_drafts += drafts + [-1]
             sizes.append(len(drafts) + 1)
             first = batch.query_start[i] + w.num_known - 1

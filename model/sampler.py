@@ -7,7 +7,7 @@ seeded request draws the same tokens whatever its batch, and again after a preem
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,15 +17,31 @@ from engine.sampling_params import SamplingParams
 
 @dataclass
 class SampleRow:
+    """One token to sample. `token_ids` is the request's own list (prompt, then output), read and
+    never copied unless a penalty needs the history, so a step's sampling does not cost more as
+    sequences grow; `drafts` are the draft tokens verified before this row's position."""
     req_id: str
     params: SamplingParams
-    prompt_ids: list[int]
-    output_ids: list[int]
+    token_ids: list[int]
+    num_prompt: int
+    drafts: list[int] = field(default_factory=list)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt + len(self.drafts)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :] + self.drafts
 
 
 def _row_seed(row: SampleRow, engine_seed: int) -> int:
     base = row.params.seed if row.params.seed is not None else (engine_seed << 32) ^ zlib.crc32(row.req_id.encode())
-    return (base * 1_000_003 + len(row.output_ids)) & 0x7FFF_FFFF_FFFF_FFFF
+    return (base * 1_000_003 + row.num_output) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
@@ -35,14 +51,14 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
             seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long)
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and r.output_ids:
+        if (p.frequency_penalty or p.presence_penalty) and r.num_output:
             counts = torch.bincount(torch.tensor(r.output_ids), minlength=logits.shape[1]).float()
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 
 def _mask_early_stops(logits: torch.Tensor, rows: list[SampleRow], eos: int | None) -> None:
     for i, r in enumerate(rows):
-        if len(r.output_ids) < r.params.min_tokens:
+        if r.num_output < r.params.min_tokens:
             banned = list(r.params.stop_token_ids) + ([eos] if eos is not None else [])
             logits[i, banned] = float("-inf")
 
@@ -92,7 +108,7 @@ def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SampleR
 def draft_rows(row: SampleRow, drafts: list[int]) -> list[SampleRow]:
     """The rows that verify `drafts` for one request: row j samples the token after drafts[:j],
     so penalties, min_tokens and the seed see exactly the history they would without drafts."""
-    return [SampleRow(row.req_id, row.params, row.prompt_ids, row.output_ids + drafts[:j])
+    return [SampleRow(row.req_id, row.params, row.token_ids, row.num_prompt, row.drafts + drafts[:j])
             for j in range(len(drafts) + 1)]
 
 

@@ -12,13 +12,13 @@ LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
 
 
 def row(output=(), prompt=(0,), **kw):
-    return SampleRow("r", SamplingParams(**kw), list(prompt), list(output))
+    return SampleRow("r", SamplingParams(**kw), list(prompt) + list(output), len(prompt))
 
 
 def draw_counts(logits, n=4000, **kw):
     counts = torch.zeros(logits.shape[1])
     for i in range(n):
-        tok, _ = sample(logits, [SampleRow(f"r{i}", SamplingParams(seed=i, **kw), [0], [])], None)
+        tok, _ = sample(logits, [SampleRow(f"r{i}", SamplingParams(seed=i, **kw), [0], 1)], None)
         counts[tok[0]] += 1
     return counts
 
@@ -90,7 +90,7 @@ def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
 def test_rejection_sampling_keeps_the_target_distribution(draft, params):
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
     n = 6000
-    rows = [SampleRow(f"r{i}", params, [2, 3], [4]) for i in range(n)]
+    rows = [SampleRow(f"r{i}", params, [2, 3, 4], 2) for i in range(n)]
     # one group per request: the draft's row, then the bonus row
     tokens, _ = speculative_sample(logits.repeat(2 * n, 1), [r for row in rows for r in draft_rows(row, [draft])],
                                    [draft, -1] * n, [2] * n, eos_token_id=None, engine_seed=3)
@@ -113,6 +113,6 @@ def test_greedy_verification_accepts_the_argmax_prefix():
     logits = torch.zeros(4, 10)
     for row, best in enumerate([3, 4, 9, 7]):
         logits[row, best] = 5.0
-    rows = draft_rows(SampleRow("g", SamplingParams(temperature=0), [1], []), [3, 4, 8])
+    rows = draft_rows(SampleRow("g", SamplingParams(temperature=0), [1], 1), [3, 4, 8])
     tokens, _ = speculative_sample(logits, rows, [3, 4, 8, -1], [4], None)
     assert tokens == [[3, 4, 9]]  # two drafts accepted, the third replaced by the argmax
