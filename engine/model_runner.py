@@ -171,10 +171,11 @@ class ModelRunner:
             r = w.req
             emitted = sampled.get(r.req_id, [])
             valid = w.num_known + (len(emitted) - 1 if w.num_drafts else 0)
-            known_after = r.token_ids + emitted
             start = r.num_computed
             # position p's input is the token at p + 1: the next known one, or what was just emitted
-            chunks.append(SequenceChunk(known_after[start + 1 : start + valid + 1], start, r.block_table))
+            nxt = r.token_ids[start + 1 : start + valid + 1]
+            nxt += emitted[: valid - len(nxt)]
+            chunks.append(SequenceChunk(nxt, start, r.block_table))
             rows += range(batch.query_start[i], batch.query_start[i] + valid)
             if emitted:
                 last.append((r.req_id, len(rows) - 1))
