@@ -31,15 +31,18 @@ NUM_EXPERTS, TOP_K = 256, 8
 
 
 def deepseek_v3_bytes(hidden: int = 7168, top_k: int = TOP_K) -> dict[str, int]:
-    """Per token per MoE layer, one row per expert choice as this engine sends them."""
-    bf16_row = hidden * 2
-    fp8_row = hidden + hidden // 128 * 4  # e4m3 values + a float32 scale per 128
-    return {"dispatch_bf16": top_k * bf16_row, "combine_bf16": top_k * bf16_row,
-            "dispatch_fp8": top_k * fp8_row}
+    """Per token per MoE layer and per destination rank of the token (this engine sends a token
+    once to each rank holding one of its experts, with its k expert ids and weights)."""
+    choices = top_k * (8 + 4)  # int64 id + float32 weight each
+    return {"dispatch_bf16": hidden * 2 + choices, "combine_bf16": hidden * 2,
+            "dispatch_fp8": hidden + hidden // 128 * 4 + choices}  # e4m3 + a float32 scale per 128
 
 
-def _identity_experts(rows, weights, ids):
-    return rows * weights.to(rows.dtype)
+def _identity_experts(local: range):
+    def run(rows, weights, ids):
+        mine = (ids >= local.start) & (ids < local.stop)
+        return rows * (weights * mine).sum(-1, keepdim=True).to(rows.dtype)
+    return run
 
 
 def _worker(rank: int, size: int, port: int, tokens: int, hidden: int, dtype: str, reps: int, out) -> None:
@@ -55,18 +58,20 @@ def _worker(rank: int, size: int, port: int, tokens: int, hidden: int, dtype: st
     for i in range(reps + 2):
         dist.barrier()
         t = time.perf_counter()
-        y = ep.dispatch_combine(x, w, ids, _identity_experts)
+        y = ep.dispatch_combine(x, w, ids, _identity_experts(ep.local))
         if i >= 2:
             times.append(time.perf_counter() - t)
     expected = x * w.sum(-1, keepdim=True).to(dt)
     assert torch.allclose(y.float(), expected.float(), rtol=2e-2, atol=2e-2), "the route lost or mixed rows"
-    remote = int((torch.div(ids, NUM_EXPERTS // size, rounding_mode="floor") != rank).sum())
+    dest = torch.div(ids, NUM_EXPERTS // size, rounding_mode="floor")
+    pairs = torch.zeros(tokens, size, dtype=torch.bool).scatter_(1, dest, True)
+    remote = int(pairs.sum()) - int(pairs[:, rank].sum())  # rows that leave this rank
     t = time.perf_counter()
     for _ in range(reps):
         x.repeat(TOP_K, 1).clone()
     copy = (time.perf_counter() - t) / reps
     if rank == 0:
-        out.put((statistics.median(times), remote * hidden * x.element_size() * 2, copy))
+        out.put((statistics.median(times), remote * (hidden * x.element_size() * 2 + TOP_K * 12), copy))
     dist.destroy_process_group()
 
 
@@ -102,13 +107,15 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     b = deepseek_v3_bytes()
-    print("DeepSeek-V3 (hidden 7168, top-8), per token per MoE layer, one row per expert choice: "
-          f"dispatch {b['dispatch_bf16'] / 1e3:.1f} KB bf16 / {b['dispatch_fp8'] / 1e3:.1f} KB FP8 (+scales), "
-          f"combine {b['combine_bf16'] / 1e3:.1f} KB bf16: {(b['dispatch_bf16'] + b['combine_bf16']) / 1e3:.1f} KB "
-          f"in bf16, {(b['dispatch_fp8'] + b['combine_bf16']) / 1e3:.1f} KB with FP8 dispatch; "
-          "a fraction (N-1)/N of it leaves the rank")
+    bf16, fp8 = b["dispatch_bf16"] + b["combine_bf16"], b["dispatch_fp8"] + b["combine_bf16"]
+    print("DeepSeek-V3 (hidden 7168, top-8), per token per MoE layer, per destination rank d of the token "
+          f"(d <= min(8, N); <= 4 when ranks align with its 8 expert groups, topk_group 4): dispatch "
+          f"{b['dispatch_bf16'] / 1e3:.1f} KB bf16 / {b['dispatch_fp8'] / 1e3:.1f} KB FP8 (+scales), combine "
+          f"{b['combine_bf16'] / 1e3:.1f} KB bf16: d x {bf16 / 1e3:.1f} KB in bf16, d x {fp8 / 1e3:.1f} KB with FP8 "
+          f"dispatch (d = 4: {4 * bf16 / 1e3:.0f} / {4 * fp8 / 1e3:.0f} KB; d = 8: {8 * bf16 / 1e3:.0f} / "
+          f"{8 * fp8 / 1e3:.0f} KB); the rows for the token's own rank stay local")
     print(f"\ngloo on this CPU, hidden {args.hidden}, {args.dtype}, top-{TOP_K} of {NUM_EXPERTS} experts, identity "
-          "experts; peer: one in-memory copy of the rank's 8 rows per token")
+          "experts; peer: one in-memory copy of 8 rows per token")
     print(f"{'ep':>3} {'tokens/rank':>11} {'ms per layer':>12} {'remote MB':>9} {'GB/s':>6} {'copy ms':>8} "
           f"{'x copy':>7} {'us/token':>8}")
     for size in args.ep:

@@ -2,11 +2,12 @@
 choices are sent to the ranks that hold them and the results come back (torch.distributed
 all_to_all_single: NCCL on GPUs, gloo on CPUs).
 
-Per MoE layer, per step, every rank runs the same four collectives in the same order, with zero
+Per MoE layer, per step, every rank runs the same five collectives in the same order, with zero
 rows when it has no tokens, so a rank that has nothing scheduled still serves the others:
-  1. choice counts per destination rank,   2. token rows,   3. their expert ids,
-  4. the expert outputs, back along the reverse route; the source sums them with the routing
-     weights.
+  1. row counts per destination rank,   2. token rows (one per token and destination rank),
+  3. their k expert ids,   4. their k routing weights,
+  5. each row's weighted sum over the destination's experts, back along the reverse route; the
+     source adds up what each rank returned.
 """
 
 from __future__ import annotations
@@ -43,24 +44,27 @@ class ExpertParallel:
 
     def dispatch_combine(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts) -> torch.Tensor:
         """x [T, hidden]; weights, ids [T, k] (global expert ids; T may be 0). `experts` runs this
-        rank's experts on rows that each carry one expert id. Returns Σ_k w·expert(x) per token."""
+        rank's experts on rows with their k choices, summing w·expert(x) over the choices it holds
+        (the others count zero). Returns Σ_k w·expert(x) per token.
+
+        A token goes once to each rank that holds at least one of its experts, with all k choices,
+        not once per choice: with top-8 routing that divides the rows moved by up to 8/N."""
         T, k = ids.shape
-        flat = ids.flatten()
-        dest = torch.div(flat, len(self.local), rounding_mode="floor")
-        order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=self.size).to(torch.int64)
+        dest = torch.div(ids, len(self.local), rounding_mode="floor")  # [T, k]
+        hit = torch.zeros(T, self.size, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
+        rank_of_pair, token_of_pair = hit.t().nonzero(as_tuple=True)  # grouped by destination rank
+        send_counts = torch.bincount(rank_of_pair, minlength=self.size).to(torch.int64)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        source_row = torch.div(order, k, rounding_mode="floor")
-        rows = x[source_row].contiguous()
-        got_rows = x.new_empty(sum(recv), x.shape[1])
-        dist.all_to_all_single(got_rows, rows, recv, send)
-        got_ids = flat.new_empty(sum(recv))
-        dist.all_to_all_single(got_ids, flat[order].contiguous(), recv, send)
-        ones = torch.ones(len(got_ids), 1, dtype=weights.dtype, device=x.device)
-        y = experts(got_rows, ones, got_ids[:, None]) if len(got_ids) else got_rows
-        back = x.new_empty(sum(send), x.shape[1])
+        n_recv = sum(recv)
+        got_rows = x.new_empty(n_recv, x.shape[1])
+        dist.all_to_all_single(got_rows, x[token_of_pair].contiguous(), recv, send)
+        got_ids = ids.new_empty(n_recv, k)
+        dist.all_to_all_single(got_ids, ids[token_of_pair].contiguous(), recv, send)
+        got_w = weights.new_empty(n_recv, k)
+        dist.all_to_all_single(got_w, weights[token_of_pair].contiguous(), recv, send)
+        y = experts(got_rows, got_w, got_ids) if n_recv else got_rows
+        back = x.new_empty(len(token_of_pair), x.shape[1])
         dist.all_to_all_single(back, y.to(x.dtype).contiguous(), send, recv)
-        back = back * weights.flatten()[order].to(back.dtype)[:, None]
-        return torch.zeros_like(x).index_add_(0, source_row, back)
+        return torch.zeros_like(x).index_add_(0, token_of_pair, back)
