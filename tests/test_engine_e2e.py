@@ -10,6 +10,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.llm import EngineDeadError
 from model.hf_reference import load_hf_model
+from tests.process_util import gone
 
 BLOCK = 16
 FP32_BYTES_PER_BLOCK = 576 * 4 * 4 * BLOCK  # 576 values x fp32 x (3 layers + MTP) x tokens
@@ -126,19 +127,11 @@ def test_logprobs_and_prompt_logprobs(small_cache_llm):
     assert [e.token_id for e in out.prompt_logprobs[1:]] == [6, 7, 8]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.fixture
 def fresh_llm(tiny_checkpoint):
     llm = LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, kv_cache_memory=16 * FP32_BYTES_PER_BLOCK)
     pids = [p.pid for p in llm.engine.procs]
-    assert len(pids) == 2 and not any(_gone(p) for p in pids)
+    assert len(pids) == 2 and not any(gone(p) for p in pids)
     yield llm, pids
     llm.shutdown()
 
@@ -146,7 +139,7 @@ def fresh_llm(tiny_checkpoint):
 def test_shutdown_leaves_no_process(fresh_llm):
     llm, pids = fresh_llm
     llm.shutdown()
-    assert all(_gone(p) for p in pids)
+    assert all(gone(p) for p in pids)
 
 
 def test_a_dead_worker_fails_generate_and_stops_everything(fresh_llm):
@@ -156,7 +149,7 @@ def test_a_dead_worker_fails_generate_and_stops_everything(fresh_llm):
     with pytest.raises(EngineDeadError):
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=50), use_tqdm=False)
     assert time.monotonic() - start < 30
-    assert all(_gone(p) for p in pids)
+    assert all(gone(p) for p in pids)
 
 
 def test_interrupt_during_generate_stops_every_process(fresh_llm, monkeypatch):
@@ -168,4 +161,4 @@ def test_interrupt_during_generate_stops_every_process(fresh_llm, monkeypatch):
     monkeypatch.setattr(llm, "_collect", interrupted)
     with pytest.raises(KeyboardInterrupt):
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5), use_tqdm=False)
-    assert all(_gone(p) for p in pids)
+    assert all(gone(p) for p in pids)

@@ -15,6 +15,7 @@ from model.deepseek_v3 import DeepseekV3
 from model.expert_parallel import ExpertParallel, expert_range
 from model.loader import load_weights
 from model.moe import RoutedExperts
+from tests.process_util import gone
 
 BLOCK = 16
 FP32_BYTES_PER_BLOCK = 576 * 4 * 4 * BLOCK  # 576 values x fp32 x (3 layers + MTP) x tokens
@@ -74,14 +75,6 @@ def test_each_rank_holds_only_its_experts(tiny_checkpoint):
         assert routed_bytes * N == full_routed
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def test_killing_one_worker_ends_the_engine_with_an_error_and_no_orphans(tiny_checkpoint):
     llm = LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, kv_cache_memory=40 * FP32_BYTES_PER_BLOCK,
               ep_size=2)
@@ -105,9 +98,9 @@ def test_killing_one_worker_ends_the_engine_with_an_error_and_no_orphans(tiny_ch
     assert not t.is_alive() and time.monotonic() - killed < 30
     assert failure and isinstance(failure[0], EngineDeadError), failure
     deadline = time.monotonic() + 10
-    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert all(_gone(p) for p in pids)
+    assert all(gone(p) for p in pids)
 
 
 def test_expert_parallel_with_mtp_speculation_keeps_greedy_outputs():
