@@ -16,6 +16,7 @@ from model.deepseek_v3 import DeepseekV3
 from model.expert_parallel import ExpertParallel, init_distributed
 from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
+from model.moe import MoE
 from model.mtp import MTPModule
 from model.sampler import SampleRow, draft_rows, prompt_logprob_entries, speculative_sample
 
@@ -76,6 +77,8 @@ class ModelRunner:
         self.model = DeepseekV3(self.cfg, weights, max_positions=self.max_model_len + self.num_spec,
                                 ep=ep).to(self.device)
         self.mtp = MTPModule(self.cfg, weights, self.model).to(self.device) if self.num_spec else None
+        modules = [*self.model.modules(), *(self.mtp.modules() if self.mtp is not None else ())]
+        self._moes = [m for m in modules if isinstance(m, MoE)]  # found once, read every step
         del weights
         self.kv_bytes_per_token = LatentCache.bytes_per_token(self.cfg.num_cache_layers, self.cfg.kv_entry_dim,
                                                               self.dtype)
@@ -211,7 +214,13 @@ class ModelRunner:
         return {rid: d[: wanted[rid]] for rid, d in drafts.items()}
 
     def _routed_tokens(self) -> list[int]:
-        return self.model.take_routed_tokens([self.mtp.layer] if self.mtp is not None else [])
+        """Expert choices routed since the last step, per expert, summed over MoE layers."""
+        if not self._moes:
+            return []
+        total = sum(m.routed_tokens for m in self._moes)
+        for m in self._moes:
+            m.routed_tokens.zero_()
+        return total.tolist()
 
     def _num_drafts(self, w: ScheduledWork, emitted: list[int]) -> int:
         """k, or fewer where the request would pass max_tokens or the context with them."""

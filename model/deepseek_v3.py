@@ -75,14 +75,6 @@ class DeepseekV3(nn.Module):
             if isinstance(layer.mlp, MoE):
                 layer.mlp(empty)
 
-    def take_routed_tokens(self, extra: list[nn.Module] = ()) -> list[int]:
-        """Expert choices routed since the last call, per expert, summed over MoE layers."""
-        moes = [m for layer in [*self.layers, *extra] for m in layer.modules() if isinstance(m, MoE)]
-        total = sum(m.routed_tokens for m in moes)
-        for m in moes:
-            m.routed_tokens.zero_()
-        return total.tolist() if moes else []
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (pre-norm) -> float32 logits [N, vocab]."""
         return self.lm_head(self.norm(hidden)).float()

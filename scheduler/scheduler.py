@@ -17,6 +17,7 @@ one is hashed into the prefix cache, and tables keep k slots of lookahead for th
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -244,7 +245,7 @@ class Scheduler:
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
         self._unreported = []
         now = time.time()
-        drafts_out = result.draft_ids or [[] for _ in result.req_ids]
+        drafts_out = result.draft_ids or itertools.repeat([])
         for req_id, token_ids, new_drafts in zip(result.req_ids, result.token_ids, drafts_out):
             req = self.requests.get(req_id)
             if req is None or req.status is not Status.RUNNING:
