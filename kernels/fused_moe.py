@@ -82,17 +82,22 @@ def _grouped_fp8_gemm_kernel(
     a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]
     b_ptrs = b_ptr + e64 * N * K + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
     as_ptrs = as_ptr + a_rows * k_groups
-    bs_ptrs = bs_ptr + e64 * n_groups * k_groups + (offs_n // BLOCK_K) * k_groups
+    ONE_B_SCALE: tl.constexpr = BLOCK_N <= BLOCK_K  # the tile lies in one weight-block column
+    if ONE_B_SCALE:
+        bs_ptrs = bs_ptr + e64 * n_groups * k_groups + (pid_n * BLOCK_N // BLOCK_K) * k_groups
+    else:
+        bs_ptrs = bs_ptr + e64 * n_groups * k_groups + (offs_n // BLOCK_K) * k_groups
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, k_groups):
         k_ok = offs_k < K - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs + kb * BLOCK_K, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs + kb * BLOCK_K, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
-        b_s = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        if ONE_B_SCALE:
+            acc += tl.dot(a, b) * (a_s * tl.load(bs_ptrs + kb))[:, None]
+        else:
+            b_s = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
     if APPLY_WEIGHT:
         w = tl.load(weight_ptr + pairs, mask=m_ok, other=0.0)
         acc = acc * w[:, None]

@@ -103,6 +103,22 @@ def test_fp8_gemm_matches_reference(m, n, k):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("block_n", [64, 256])
+def test_fp8_gemm_tile_narrower_and_wider_than_a_weight_block(block_n):
+    """A tile inside one 128-column weight block reads one scale per K step; a wider one reads
+    a scale per column. Both, on a shape whose last tile is partial in M, N and K."""
+    from kernels.fp8_gemm import _fp8_gemm_kernel
+
+    m, n, k = 37, 300, 392
+    a_q, a_s = act_quant_ref(torch.randn(m, k, device=DEVICE))
+    w_q, w_s = random_fp8_weight(n, k)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    grid = (-(-m // 32) * -(-n // block_n),)
+    _fp8_gemm_kernel[grid](a_q, a_s, w_q, w_s, out, m, n, k, 0, BLOCK_M=32, BLOCK_N=block_n, GROUP_M=2,
+                           EVEN_K=False)
+    assert rel_err(out, fp8_gemm_ref(a_q, a_s, w_q, w_s, torch.float32)) < 1e-2
+
+
 def test_fp8_linear_close_to_dequantized_weight():
     x = torch.randn(2, 3, 256, device=DEVICE, dtype=torch.bfloat16)
     w_q, w_s = random_fp8_weight(192, 256)

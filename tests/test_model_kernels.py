@@ -44,13 +44,40 @@ def fp8_model(checkpoint, cfg, dtype=torch.float32) -> DeepseekV3:
     return DeepseekV3(cfg, load_weights(checkpoint, cfg, dtype, include_mtp=False, keep_fp8=True))
 
 
+def forced_logits(model: DeepseekV3, continuations: list[list[int]], device: str) -> list[list[torch.Tensor]]:
+    """Last-position logits of every step while decoding the given tokens (teacher forcing)."""
+    runner = PagedRunner(model, num_blocks=64, block_size=16, device=device)
+    last = runner.step(dict(enumerate(PROMPTS)))
+    steps = []
+    for j in range(len(continuations[0])):
+        steps.append([last[i][-1].float().cpu() for i in range(len(PROMPTS))])
+        last = runner.step({i: [c[j]] for i, c in enumerate(continuations)})
+    return steps
+
+
 def test_kernel_path_gives_the_reference_paths_greedy_tokens(tiny_checkpoint, cfg):
-    """float32 activations: both sides quantize identical values, so tokens must agree exactly."""
+    """float32 activations, references on the same device. Under the interpreter both sides
+    quantize identical values, so the tokens must agree exactly. On a Hopper GPU the FP8 tensor
+    cores accumulate each 128-wide K step with fewer bits than float32 (the limit the DeepSeek-V3
+    report describes; DeepGEMM, like these kernels, promotes to float32 once per 128): a GEMM is
+    1.1e-4 off in relative terms (measured on an H100, float32 output), and wherever that puts a
+    later activation on the other side of an e4m3 rounding step this random model amplifies it,
+    to 5-60% of one step's logits. So on a GPU, along the reference's own tokens: the typical
+    step's logits are within 15% and most chosen tokens agree; broken kernels give ~100% and
+    chance agreement (1/258)."""
     with use_triton_kernels(False):
-        expected = greedy(fp8_model(tiny_checkpoint, cfg), 8)
+        expected = greedy(fp8_model(tiny_checkpoint, cfg).to(DEVICE), 8, DEVICE)
     with use_triton_kernels(True):
-        got = greedy(fp8_model(tiny_checkpoint, cfg).to(DEVICE), 8, DEVICE)
-    assert got == expected
+        if DEVICE == "cpu":
+            assert greedy(fp8_model(tiny_checkpoint, cfg), 8) == expected
+            return
+        got = forced_logits(fp8_model(tiny_checkpoint, cfg).to(DEVICE), expected, DEVICE)
+    with use_triton_kernels(False):
+        ref = forced_logits(fp8_model(tiny_checkpoint, cfg).to(DEVICE), expected, DEVICE)
+    pairs = [(g, r) for step_got, step_ref in zip(got, ref) for g, r in zip(step_got, step_ref)]
+    errors = torch.tensor([rel(g, r) for g, r in pairs])
+    agree = sum(int(g.argmax() == r.argmax()) for g, r in pairs) / len(pairs)
+    assert errors.median() < 0.15 and agree >= 0.6, (errors, agree)
 
 
 def prefill_logits(model: DeepseekV3, device: str = "cpu") -> list[torch.Tensor]:
