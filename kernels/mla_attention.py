@@ -4,12 +4,15 @@ Queries arrive already mapped into latent space (q_latent = q_nope · W_UK per h
 rope part; every cache entry is [latent (kv_lora_rank) | rope key (qk_rope_head_dim)], shared by
 all heads. score = q_latent·c + q_pe·k_pe; output = softmax · c (in latent space, [T, H, kv_lora_rank]).
 
-`mla_attention` is what the model calls. On the CPU it runs the plain-torch reference here:
-sequences with few query tokens (decode, speculative verification) are padded into one batched
-computation; each longer prefill chunk is computed on its own, so padding never grows with the
-longest chunk times the batch. On CUDA (or with the kernels forced on) the short-query rows go to
-the Triton paged decode kernel, and each long prefill chunk expands its context's latents to
-per-head keys and values and runs torch's fused scaled_dot_product_attention.
+`mla_attention` is what the model calls. Sequences with few query tokens (decode, speculative
+verification) attend in the absorbed form: on CUDA (or with the kernels forced on) through the
+Triton paged decode kernel; on the CPU through the plain-torch reference here, which pads
+sequences that need the same number of cache blocks into one batched computation (so padding
+stays under a block per sequence, instead of growing to the longest context of the step) and runs
+torch's fused attention on it, the heads as query rows of one shared key/value head. Each longer
+prefill chunk, on either device, expands its context's latents to per-head keys and values (for
+a chunk of many queries that costs fewer flops than the absorbed form's 576-wide products) and
+runs torch's fused scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from kernels.backend import triton_wanted
 from kernels.mla_decode import paged_mla_decode
@@ -58,9 +60,9 @@ class AttentionPlan:
     """Built once per step and shared by every layer."""
     block_tables: torch.Tensor
     use_kernels: bool
-    groups: list[AttentionGroup]  # reference path
-    rows: DecodeRows | None  # kernel path
-    prefills: list[PrefillChunk]  # kernel path
+    groups: list[AttentionGroup]  # short queries, reference path
+    rows: DecodeRows | None  # short queries, kernel path
+    prefills: list[PrefillChunk]  # long queries, both paths
     buffer: GatherBuffer | None = None
 
 
@@ -69,13 +71,34 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
     q_lens = [batch.query_start[i + 1] - batch.query_start[i] for i in range(batch.num_seqs)]
     short = [i for i, n in enumerate(q_lens) if n <= SHORT_QUERY_MAX]
     long = [i for i, n in enumerate(q_lens) if n > SHORT_QUERY_MAX]
-    if not triton_wanted(like):
-        groups = [_group(batch, short, q_lens)] if short else []
-        groups += [_group(batch, [i], q_lens) for i in long]
-        return AttentionPlan(batch.block_tables, False, groups, None, [], buffer)
-    rows = _decode_rows(batch, short, q_lens) if short else None
     prefills = [PrefillChunk(batch.query_start[i], batch.query_start[i + 1], i, batch.context_lens[i]) for i in long]
+    if not triton_wanted(like):
+        groups = [_group(batch, seqs, q_lens) for seqs in _similar_lengths(batch, short)]
+        return AttentionPlan(batch.block_tables, False, groups, None, prefills, buffer)
+    rows = _decode_rows(batch, short, q_lens) if short else None
     return AttentionPlan(batch.block_tables, True, [], rows, prefills, buffer)
+
+
+# A group's shortest member is padded by at most this fraction of its blocks (beyond one block).
+_GROUP_PADDING = 0.125
+
+
+def _similar_lengths(batch: ForwardBatch, seqs: list[int]) -> list[list[int]]:
+    """Sequences grouped by how many cache blocks they span: one group per block count while
+    counts are small, ranges of counts within _GROUP_PADDING of each other beyond (a few dozen
+    groups at most, whatever the context lengths)."""
+    by_blocks: dict[int, list[int]] = {}
+    for i in seqs:
+        by_blocks.setdefault(-(-batch.context_lens[i] // batch.block_size), []).append(i)
+    groups: list[list[int]] = []
+    first = 0
+    for n in sorted(by_blocks):
+        if groups and n <= first * (1 + _GROUP_PADDING):
+            groups[-1].extend(by_blocks[n])
+        else:
+            groups.append(list(by_blocks[n]))
+            first = n
+    return groups
 
 
 def _decode_rows(batch: ForwardBatch, seqs: list[int], q_lens: list[int]) -> DecodeRows:
@@ -132,35 +155,37 @@ class GatherBuffer:
 
 
 def paged_mla_attention_ref(
-    q_latent: torch.Tensor,  # [T, H, kv_lora_rank]
-    q_pe: torch.Tensor,  # [T, H, rope_dim]
+    q_nope: torch.Tensor,  # [T, H, qk_nope_head_dim]
+    q_pe: torch.Tensor,  # [T, H, rope_dim], rope applied
     cache: torch.Tensor,  # [num_blocks, block_size, kv_lora_rank + rope_dim]
     groups: list[AttentionGroup],
+    w_uk: torch.Tensor,  # [H, nope, kv_lora_rank]
+    w_uv: torch.Tensor,  # [H, v, kv_lora_rank]
     softmax_scale: float,
+    out: torch.Tensor,  # [T, H, v]: the groups' tokens are written
     buffer: GatherBuffer | None = None,
-) -> torch.Tensor:
-    kv_lora_rank = q_latent.shape[-1]
-    heads = q_latent.shape[1]
+) -> None:
+    heads, _, kv_lora_rank = w_uk.shape
     num_blocks, block_size, entry = cache.shape
     flat_blocks = cache.view(num_blocks, block_size * entry)
     buffer = buffer or GatherBuffer()
-    q = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, 576]
-    out = torch.empty_like(q_latent)
     for g in groups:
         b, lq = g.token_index.shape
-        qg = q[g.token_index].view(b, lq * heads, entry)
+        tokens = g.token_index.flatten()
+        q_latent = torch.einsum("thd,hdc->thc", q_nope[tokens], w_uk)
+        q = torch.cat([q_latent, q_pe[tokens]], dim=-1).view(b, 1, lq * heads, entry)
         blocks = g.block_index.flatten()
         kv = buffer.get(blocks.numel(), block_size * entry, cache.dtype, cache.device)
         torch.index_select(flat_blocks, 0, blocks, out=kv)
-        kv = kv.view(b, -1, entry)  # [B, Lk, 576]
-        scores = torch.bmm(qg, kv.transpose(1, 2)).float().view(b, lq, heads, -1) * softmax_scale
-        scores.masked_fill_(~g.mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(kv.dtype).view(b, lq * heads, -1)
-        # Multiplying by all 576 values and dropping the rope part after is cheaper than
-        # multiplying by a strided 512-wide view, which bmm would first copy.
-        og = torch.bmm(probs, kv).view(b, lq, heads, entry)[..., :kv_lora_rank]
+        kv = kv.view(b, 1, -1, entry)  # one key/value head shared by every query row
+        mask = g.mask.expand(b, lq, heads, kv.shape[2]).reshape(b, 1, lq * heads, kv.shape[2])
+        # The values are the latents, the keys' first kv_lora_rank columns: passing the whole
+        # 576-wide rows as values (and dropping the rope columns after) keeps the key and value
+        # widths equal, which the fused CPU kernel requires.
+        o = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=softmax_scale)
+        o_latent = o.view(b, lq, heads, entry)[..., :kv_lora_rank]
+        og = torch.einsum("blhc,hvc->blhv", o_latent, w_uv)
         out[g.token_index[g.query_valid]] = og[g.query_valid]
-    return out
 
 
 def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
@@ -170,36 +195,43 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
     latents expanded to per-head K [L, H, nope + rope] and V [L, H, v], then fused attention with
     a bottom-right causal mask. Returns [Tq, H, v]."""
     page = cache.shape[1]
-    rank = w_uk.shape[-1]
+    heads, nope, rank = w_uk.shape
+    v_dim = w_uv.shape[1]
     pages = -(-context_len // page)
     latent = cache[block_table[:pages]].view(pages * page, -1)[:context_len]  # [L, 576]
     c, k_pe = latent.split([rank, latent.shape[-1] - rank], dim=-1)
-    heads = w_uk.shape[0]
-    k_nope = torch.einsum("lc,hdc->hld", c, w_uk)  # [H, L, nope]
-    k = torch.cat([k_nope, k_pe[None].expand(heads, -1, -1)], dim=-1)
-    v = torch.einsum("lc,hvc->hlv", c, w_uv)  # [H, L, v]
+    kv = torch.einsum("lc,hdc->hld", c, torch.cat([w_uk, w_uv], dim=1))  # [H, L, nope + v]
+    k = torch.cat([kv[..., :nope], k_pe[None].expand(heads, -1, -1)], dim=-1)
+    v = kv[..., nope:]
+    if not v.is_cuda:
+        # The fused CPU kernel wants values as wide as keys: zero columns, dropped after.
+        v = F.pad(v, (0, k.shape[-1] - v_dim))
     q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, Tq, nope + rope]
-    mask = causal_lower_right(q.shape[1], context_len)
-    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=softmax_scale)
-    return o[0].transpose(0, 1)
+    if q.shape[1] == context_len:  # no cached prefix: the plain causal mask
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=softmax_scale)
+    else:
+        # Bottom-right causal: query i sits at position context_len - Tq + i. (torch's
+        # causal_lower_right would do, but importing it loads torch._dynamo, a second of start-up.)
+        tq = q.shape[1]
+        mask = torch.ones(tq, context_len, dtype=torch.bool, device=q.device).tril(context_len - tq)
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=softmax_scale)
+    return o[0, ..., :v_dim].transpose(0, 1)
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
                   w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """q_nope [T, H, nope], q_pe [T, H, rope] (rope applied), this layer's cache (already holding
     the step's entries) -> attention output [T, H, v_head_dim], before o_proj."""
-    if not plan.use_kernels:
-        q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)
-        o_latent = paged_mla_attention_ref(q_latent, q_pe, cache, plan.groups, softmax_scale, plan.buffer)
-        return torch.einsum("thc,hvc->thv", o_latent.to(q_nope.dtype), w_uv)
     t, heads = q_nope.shape[:2]
     rows = plan.rows
-    if rows is not None and rows.token_index is None:  # a pure decode step: no gathers
+    if rows is not None and rows.token_index is None:  # a pure decode step on the kernels: no gathers
         q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)
         o_latent = paged_mla_decode(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
                                     softmax_scale, rows.max_kv_len)
         return torch.einsum("thc,hvc->thv", o_latent, w_uv)
     out = torch.empty(t, heads, w_uv.shape[1], dtype=q_nope.dtype, device=q_nope.device)
+    if plan.groups:
+        paged_mla_attention_ref(q_nope, q_pe, cache, plan.groups, w_uk, w_uv, softmax_scale, out, plan.buffer)
     if rows is not None:
         idx = rows.token_index
         q_latent = torch.einsum("thd,hdc->thc", q_nope[idx], w_uk)
