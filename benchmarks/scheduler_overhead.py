@@ -35,8 +35,9 @@ def noop_worker(plan_addr: str, result_addr: str) -> None:
     while not isinstance(plan := plans.recv(), Shutdown):
         work = state.apply(plan)
         sampled = {w.req.req_id: [7] for w in work if w.samples}
-        WorkerState.advance(work, sampled)
+        # As the model worker does: the result goes out before the worker's own bookkeeping.
         results.send(StepResult(plan.step_id, list(sampled), list(sampled.values())))
+        WorkerState.advance(work, sampled)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
@@ -107,14 +108,19 @@ class ModelRunner:
         return self.cache.num_blocks
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, publish: Callable[[StepResult], None] | None = None) -> StepResult:
+        """Runs one step. `publish`, when given, gets the result as soon as it is known, before
+        this worker's own bookkeeping for the next step, so the scheduler's work overlaps it."""
         work = self.state.apply(plan)
         if not work:
             if self.model.ep is not None:  # the other ranks' tokens still need this rank's experts
                 self.model.idle_forward()
                 for _ in range(self.num_spec):
                     self.mtp.idle_forward()
-            return StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
+            result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
+            if publish is not None:
+                publish(result)
+            return result
         chunks = [SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table) for w in work]
         batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
         hidden = self.model(batch, self._cache_layers)
@@ -137,6 +143,8 @@ class ModelRunner:
                 result.token_ids.append(sampled.get(rid, []))
                 if self.mtp is not None:
                     result.draft_ids.append(drafts.get(rid, []))
+        if publish is not None:
+            publish(result)
         WorkerState.advance(work, sampled, drafts)
         return result
 

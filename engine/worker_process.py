@@ -35,7 +35,7 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
                 continue
             if isinstance(msg, Shutdown):
                 break
-            results.send(runner.execute(msg))
+            runner.execute(msg, publish=results.send)
             busy_since_release = True
     except Exception:
         results.send(WorkerFailed(rank, traceback.format_exc()))

@@ -25,23 +25,20 @@ class WorkerRequest:
         return self.token_ids[self.num_prompt_tokens :]
 
 
-@dataclass
 class ScheduledWork:
-    req: WorkerRequest
-    num_tokens: int  # known tokens to compute, then drafts to verify
+    """One request's share of a step. Its counts are fixed when the plan is applied (they are
+    read many times per step, before `advance` moves the request on)."""
 
-    @property
-    def num_known(self) -> int:
-        return min(self.num_tokens, len(self.req.token_ids) - self.req.num_computed)
+    __slots__ = ("req", "num_tokens", "num_known", "num_drafts", "samples")
 
-    @property
-    def num_drafts(self) -> int:
-        return self.num_tokens - self.num_known
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the known tokens, so a next token is due."""
-        return self.req.num_computed + self.num_tokens >= len(self.req.token_ids)
+    def __init__(self, req: WorkerRequest, num_tokens: int):
+        self.req = req
+        self.num_tokens = num_tokens  # known tokens to compute, then drafts to verify
+        unknown = len(req.token_ids) - req.num_computed
+        self.num_known = num_tokens if num_tokens < unknown else unknown
+        self.num_drafts = num_tokens - self.num_known
+        # Whether this chunk reaches the end of the known tokens, so a next token is due.
+        self.samples = num_tokens >= unknown
 
     @property
     def tokens(self) -> list[int]:
@@ -62,8 +59,9 @@ class WorkerState:
                                 list(n.block_ids), n.num_computed)
             self.requests[n.req_id] = req
             work.append(ScheduledWork(req, n.num_scheduled))
+        requests = self.requests
         for req_id, n, blocks in zip(plan.running_ids, plan.running_num_scheduled, plan.running_new_blocks):
-            req = self.requests[req_id]
+            req = requests[req_id]
             if blocks:
                 req.block_table.extend(blocks)
             work.append(ScheduledWork(req, n))
@@ -75,8 +73,12 @@ class WorkerState:
         """sampled: the tokens each request emitted (accepted drafts, then one sampled token);
         drafts: what each proposes for the next step."""
         for w in work:
-            emitted = sampled.get(w.req.req_id, ())
-            accepted = len(emitted) - 1 if w.num_drafts else 0
-            w.req.num_computed += w.num_known + accepted
-            w.req.token_ids.extend(emitted)
-            w.req.draft_ids = drafts.get(w.req.req_id, []) if drafts else []
+            req = w.req
+            emitted = sampled.get(req.req_id)
+            if emitted:
+                req.num_computed += w.num_known + (len(emitted) - 1 if w.num_drafts else 0)
+                req.token_ids.extend(emitted)
+            else:
+                req.num_computed += w.num_known
+            if req.draft_ids or drafts:
+                req.draft_ids = drafts.get(req.req_id, []) if drafts else []

@@ -116,20 +116,36 @@ class Scheduler:
         return step
 
     def _schedule_running(self, step: ScheduledStep, budget: int) -> int:
+        # Runs once per running request every step: the usual case (a request already on the
+        # worker, blocks to spare) is inlined; the rest goes through _grow and _add_to_plan.
         bs = self.blocks.block_size
+        lookahead = self._lookahead
+        running = self.running
+        plan = step.plan
+        ids, nums, new_blocks = plan.running_ids, plan.running_num_scheduled, plan.running_new_blocks
+        scheduled = step.scheduled
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        while i < len(running) and budget > 0:
+            req = running[i]
             missing = len(req.token_ids) - req.num_computed
-            n = min(missing + len(req.spec_token_ids), budget)
-            if req.num_computed + n + self._lookahead > len(req.block_table) * bs:  # the uncommon case
+            n = missing + len(req.spec_token_ids)
+            if n > budget:
+                n = budget
+            if req.num_computed + n + lookahead > len(req.block_table) * bs:  # the uncommon case
                 if self._end_if_unservable(req, n):
                     continue
                 if not self._grow(req, n):
                     break  # req itself was preempted: nothing after it is running any more
             if n > missing:
                 step.drafts[req.req_id] = n - missing
-            self._add_to_plan(step, req, n)
+            if req.on_worker:
+                ids.append(req.req_id)
+                nums.append(n)
+                new_blocks.append(req.new_blocks)
+                req.new_blocks = []
+                scheduled.append((req, n))
+            else:
+                self._add_to_plan(step, req, n)
             budget -= n
             i += 1
         return budget
@@ -236,42 +252,67 @@ class Scheduler:
     def update(self, step: ScheduledStep, result: StepResult) -> list[RequestDelta]:
         """Folds a step's sampled tokens back in; returns a delta per request that produced
         tokens or finished."""
+        # Runs once per scheduled request every step: locals and inlined checks, not calls.
+        drafts = step.drafts
+        block_size = self.blocks.block_size
+        counters = self.counters
+        running = Status.RUNNING
         for req, n in step.scheduled:
-            if req.status is Status.RUNNING:
-                if req.num_computed < req.num_prompt_tokens:
-                    self.counters.computed_prompt_tokens += min(n, req.num_prompt_tokens - req.num_computed)
-                req.num_computed += n - step.drafts.get(req.req_id, 0)  # drafts count once verified
-                self._cache_filled_blocks(req)
+            if req.status is running:
+                computed = req.num_computed
+                if computed < req.num_prompt_tokens:
+                    counters.computed_prompt_tokens += min(n, req.num_prompt_tokens - computed)
+                computed += n - drafts.get(req.req_id, 0) if drafts else n  # drafts count once verified
+                req.num_computed = computed
+                if computed // block_size > len(req.block_hashes):  # a block just filled up
+                    self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, computed)
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
         self._unreported = []
         now = time.time()
         drafts_out = result.draft_ids or itertools.repeat([])
+        with_logprobs = bool(result.logprobs or result.prompt_logprobs)
+        requests = self.requests
+        eos = self.config.eos_token_id
+        max_len = self.config.max_model_len
         for req_id, token_ids, new_drafts in zip(result.req_ids, result.token_ids, drafts_out):
-            req = self.requests.get(req_id)
-            if req is None or req.status is not Status.RUNNING:
+            req = requests.get(req_id)
+            if req is None or req.status is not running:
                 continue  # aborted while the step ran
-            first = bool(token_ids) and not req.first_token_time
+            first = not req.first_token_time and bool(token_ids)
             if first:
                 req.first_token_time = now
-            accepted = []
             reason = None
-            for t in token_ids:
-                req.token_ids.append(t)
-                accepted.append(t)
-                reason = self._stop_reason(req, t)
-                if reason:
-                    break  # a stop inside accepted drafts truncates there
-            if req_id in step.drafts:
-                self._count_verified(req, step.drafts[req_id], len(token_ids) - 1)
+            if len(token_ids) == 1:  # the usual decode: one token, checked inline
+                t = token_ids[0]
+                out = req.token_ids
+                out.append(t)
+                accepted = token_ids
+                p = req.params
+                n_out = len(out) - req.num_prompt_tokens
+                if n_out >= p.min_tokens and ((t == eos and not p.ignore_eos) or (p.stop_token_ids and
+                                                                                  t in p.stop_token_ids)):
+                    reason = "stop"
+                elif n_out >= p.max_tokens or len(out) >= max_len:
+                    reason = "length"
+            else:
+                accepted = []
+                for t in token_ids:
+                    req.token_ids.append(t)
+                    accepted.append(t)
+                    reason = self._stop_reason(req, t)
+                    if reason:
+                        break  # a stop inside accepted drafts truncates there
+            if drafts and req_id in drafts:
+                self._count_verified(req, drafts[req_id], len(token_ids) - 1)
             req.spec_token_ids = new_drafts
             if reason:
                 self._finish(req, reason)
-            self.counters.generation_tokens += len(accepted)
+            counters.generation_tokens += len(accepted)
             delta = RequestDelta(req_id, accepted)
-            if result.logprobs or result.prompt_logprobs:
+            if with_logprobs:
                 delta.logprobs = result.logprobs.get(req_id, [])[: len(accepted)]
                 delta.prompt_logprobs = result.prompt_logprobs.get(req_id, [])
-            deltas.append(self._fill_delta(delta, req) if first or req.status is Status.FINISHED else delta)
+            deltas.append(self._fill_delta(delta, req) if first or reason else delta)
         return deltas
 
     def _cache_filled_blocks(self, req: Request) -> None:
