@@ -1,6 +1,8 @@
 """Scheduler cost per step with the model replaced by a no-op worker process, ZeroMQ round trip
 included: the engine core plans, sends the plan, the worker applies it (WorkerState) and answers
-with one token per due request, and the core folds the result back in.
+with one token per due request, and the core folds the result back in. Measured with
+asynchronous scheduling (the engine's default: the next step is planned and sent before the
+last one's result is folded in) and, as the peer in the same run, without.
 
     .venv/bin/python benchmarks/scheduler_overhead.py --running 256
 """
@@ -40,19 +42,16 @@ def noop_worker(plan_addr: str, result_addr: str) -> None:
         WorkerState.advance(work, sampled)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--running", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    args = ap.parse_args()
+def measure(args: argparse.Namespace, pipelined: bool) -> float:
+    """Seconds per step with 256 (--running) decoding requests."""
     d = tempfile.mkdtemp()
     ctx = zmq.Context()
     plans = Channel(ctx, zmq.PUSH, f"ipc://{d}/plans", bind=True, decode_type=None)
     results = Channel(ctx, zmq.PULL, f"ipc://{d}/results", bind=True, decode_type=StepResult)
     proc = spawn(noop_worker, f"ipc://{d}/plans", f"ipc://{d}/results")
     try:
-        cfg = EngineConfig(model_dir="-", block_size=64, max_num_batched_tokens=8192, max_num_seqs=args.running)
+        cfg = EngineConfig(model_dir="-", block_size=64, max_num_batched_tokens=8192, max_num_seqs=args.running,
+                           async_scheduling=pipelined)
         tokens = (args.prompt_len + args.steps + 64) * args.running
         core = EngineCore(cfg, [WorkerReady(0, tokens // 64 + args.running, 0, 1000, 1 << 20)], None,
                           remote_workers([plans], results))
@@ -66,13 +65,30 @@ def main() -> None:
         for _ in range(args.steps):
             core.step()
         per_step = (time.perf_counter() - start) / args.steps
-        print(f"{args.running} running requests: {per_step * 1e3:.3f} ms per step "
-              f"({1 / per_step:.0f} steps/s), ZeroMQ round trip to a no-op worker included")
         plans.send(Shutdown())
+        return per_step
     finally:
         proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
+        plans.close()
+        results.close()
+        ctx.term()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--running", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    args = ap.parse_args()
+    # The peer, measured in the same run: the same core planning each step only after the last
+    # one's result is in.
+    for pipelined in (True, False):
+        per_step = measure(args, pipelined)
+        mode = "next step planned while one runs" if pipelined else "each step planned after the last returns"
+        print(f"{args.running} running requests, {mode}: {per_step * 1e3:.3f} ms per step "
+              f"({1 / per_step:.0f} steps/s), ZeroMQ round trip to a no-op worker included")
 
 
 if __name__ == "__main__":

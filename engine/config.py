@@ -19,6 +19,9 @@ class EngineConfig:
     seed: int = 0
     device: str = "auto"  # the worker picks cuda when torch sees a GPU, else cpu
     num_speculative_tokens: int = 0  # MTP drafts per decode step (1-3); 0: no speculative decoding
+    # Plan step N+1 while the worker runs step N (off with speculative decoding, whose next plan
+    # needs this step's drafts).
+    async_scheduling: bool = True
     # Expert parallelism: ep_size worker processes, each with its own block pool (data-parallel
     # attention) and 1/ep_size of the routed experts. Budgets and max_num_seqs are per rank.
     ep_size: int = 1

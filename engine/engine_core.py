@@ -1,7 +1,8 @@
 """The scheduler process: owns every request, plans each step, folds results back in.
 
-EngineCore.step() is schedule -> execute on the worker -> update; run_engine_core() is the thin
-ZMQ loop around it. No torch here.
+EngineCore.step() is schedule -> execute on the worker -> update; with asynchronous scheduling
+the next step is planned and sent before the one in flight is folded in, so the scheduler's work
+overlaps the worker's. run_engine_core() is the thin ZMQ loop around it. No torch here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from engine.messages import (
     RequestDelta,
     RequestOutputs,
     Shutdown,
+    StepPlan,
     StepResult,
     WorkerFailed,
     WorkerReady,
@@ -32,7 +34,7 @@ from engine.messages import (
 from engine.metrics import EngineMetrics
 from engine.processes import Channel, become_child_process
 from engine.request import Request
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 WORKER_STEP_TIMEOUT_S = 600.0
 
@@ -57,7 +59,12 @@ class EngineCore:
                                       eos_token_id, config.num_speculative_tokens),
                       BlockManager(r.num_blocks, config.block_size, config.enable_prefix_caching))
             for r in readies]
-        self.worker = worker  # callable: [StepPlan per rank] -> [StepResult per rank]
+        # callable: [StepPlan per rank] -> [StepResult per rank]; one with send/collect (workers
+        # behind sockets) can have a step in flight while the next is planned.
+        self.worker = worker
+        self.pipelined = (config.async_scheduling and not config.num_speculative_tokens
+                          and hasattr(worker, "send"))
+        self._in_flight: list[ScheduledStep] | None = None
         self.metrics = EngineMetrics()
         self.rank_of: dict[str, int] = {}
         self.rank_requests = [0] * len(self.schedulers)
@@ -70,7 +77,7 @@ class EngineCore:
         return self.schedulers[0]
 
     def has_work(self) -> bool:
-        return any(s.has_work() for s in self.schedulers)
+        return self._in_flight is not None or any(s.has_work() for s in self.schedulers)
 
     def validate(self, msg: AddRequest) -> str | None:
         prompt = msg.prompt_ids
@@ -127,13 +134,43 @@ class EngineCore:
 
     def step(self) -> list[RequestDelta]:
         start = time.perf_counter()
-        steps = [s.schedule() for s in self.schedulers]
-        if any(st.scheduled or st.plan.finished_ids for st in steps):
-            results = self.worker([st.plan for st in steps])
-            if len(steps) > 1:
-                self.idle_rank_steps += sum(not st.scheduled for st in steps)
-        else:
-            results = [StepResult(st.plan.step_id) for st in steps]
+        if not self.pipelined:
+            steps = self._schedule()
+            results = self._run(steps) if self._has_plan(steps) else [StepResult(st.plan.step_id) for st in steps]
+            return self._fold(steps, results, start)
+        if self._in_flight is None:
+            steps = self._schedule()
+            if not self._has_plan(steps):
+                return self._fold(steps, [StepResult(st.plan.step_id) for st in steps], start)
+            self.worker.send([st.plan for st in steps])
+            self._in_flight = steps
+        steps = self._in_flight
+        # The next step goes out before this one's result is read: the worker starts it as soon
+        # as it is done with this one, while the results are folded in here.
+        upcoming = self._schedule()
+        self._in_flight = None
+        if self._has_plan(upcoming):
+            self.worker.send([st.plan for st in upcoming])
+            self._in_flight = upcoming
+        results = self.worker.collect([st.plan for st in steps])
+        deltas = self._fold(steps, results, start)
+        if self._in_flight is None:  # nothing to send: what the planning ended (if anything) is reported now
+            deltas.extend(self._fold(upcoming, [StepResult(st.plan.step_id) for st in upcoming], None))
+        return deltas
+
+    def _schedule(self) -> list[ScheduledStep]:
+        return [s.schedule() for s in self.schedulers]
+
+    @staticmethod
+    def _has_plan(steps: list[ScheduledStep]) -> bool:
+        return any(st.scheduled or st.plan.finished_ids for st in steps)
+
+    def _run(self, steps: list[ScheduledStep]) -> list[StepResult]:
+        return self.worker([st.plan for st in steps])
+
+    def _fold(self, steps: list[ScheduledStep], results: list[StepResult], start: float | None) -> list[RequestDelta]:
+        if len(steps) > 1 and self._has_plan(steps):
+            self.idle_rank_steps += sum(not st.scheduled for st in steps)
         deltas: list[RequestDelta] = []
         for s, st, result in zip(self.schedulers, steps, results):
             deltas.extend(s.update(st, result))
@@ -141,7 +178,8 @@ class EngineCore:
         for d in deltas:
             if d.finished:
                 self.rank_of.pop(d.req_id, None)
-        self.metrics.on_step(time.perf_counter() - start, sum(len(st.scheduled) for st in steps))
+        if start is not None:
+            self.metrics.on_step(time.perf_counter() - start, sum(len(st.scheduled) for st in steps))
         self.metrics.on_deltas(deltas)
         return deltas
 
@@ -176,13 +214,32 @@ class EngineCore:
             idle_rank_steps=self.idle_rank_steps)
 
 
-def remote_workers(plans: list[Channel], results: Channel):
-    """Workers behind sockets, as the callable EngineCore drives: a plan per rank in, a result
-    per rank out."""
-    def execute(step_plans):
-        for ch, plan in zip(plans, step_plans):
+class RemoteWorkers:
+    """Workers behind sockets, as EngineCore drives them: a plan per rank in, a result per rank
+    out; `send` and `collect` apart let a step be in flight while the next one is planned."""
+
+    def __init__(self, plans: list[Channel], results: Channel):
+        self.plans = plans
+        self.results = results
+        # A rank can answer the next step before another rank answers this one.
+        self._early: dict[tuple[int, int], StepResult] = {}
+
+    def __call__(self, step_plans: list[StepPlan]) -> list[StepResult]:
+        self.send(step_plans)
+        return self.collect(step_plans)
+
+    def send(self, step_plans: list[StepPlan]) -> None:
+        for ch, plan in zip(self.plans, step_plans):
             ch.send(plan)
+
+    def collect(self, step_plans: list[StepPlan]) -> list[StepResult]:
+        """The results of step_plans (results of earlier steps are not waiting: each is
+        collected before the next is)."""
+        plans, results = self.plans, self.results
         got: dict[int, StepResult] = {}
+        for rank, plan in enumerate(step_plans):
+            if (early := self._early.pop((rank, plan.step_id), None)) is not None:
+                got[rank] = early
         deadline = time.monotonic() + WORKER_STEP_TIMEOUT_S
         while len(got) < len(plans):
             if time.monotonic() > deadline:
@@ -190,13 +247,18 @@ def remote_workers(plans: list[Channel], results: Channel):
                 raise WorkerGone(f"workers {missing} did not answer step {step_plans[0].step_id} "
                                  f"within {WORKER_STEP_TIMEOUT_S:.0f} s")
             msg = results.recv(timeout_ms=1000)
-            if isinstance(msg, StepResult) and msg.step_id == step_plans[msg.rank].step_id:
-                got[msg.rank] = msg
+            if isinstance(msg, StepResult):
+                if msg.step_id == step_plans[msg.rank].step_id:
+                    got[msg.rank] = msg
+                elif msg.step_id > step_plans[msg.rank].step_id:
+                    self._early[(msg.rank, msg.step_id)] = msg
             elif isinstance(msg, WorkerFailed):
                 raise WorkerGone(f"worker {msg.rank} failed:\n{msg.error}")
         return [got[r] for r in range(len(plans))]
 
-    return execute
+
+def remote_workers(plans: list[Channel], results: Channel) -> RemoteWorkers:
+    return RemoteWorkers(plans, results)
 
 
 def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: int | None,

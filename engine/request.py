@@ -21,7 +21,8 @@ class Request:
         self.params = params
         self.num_prompt_tokens = len(prompt_ids)
         self.token_ids = list(prompt_ids)  # prompt, then every accepted output token
-        self.num_computed = 0  # tokens whose cache entries exist
+        self.num_computed = 0  # tokens whose cache entries exist, or will once the steps sent have run
+        self.num_pending = 0  # sampled tokens of steps sent whose results are not folded in yet
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chain of hashes of the full, verified blocks
         self.new_blocks: list[int] = []  # allocated since the worker last heard of this request

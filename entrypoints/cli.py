@@ -124,6 +124,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda[:N]")
     p.add_argument("--num-speculative-tokens", type=int, default=0, choices=range(4), metavar="{0..3}",
                    help="MTP draft tokens verified per decode step (0: off)")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="plan each step only after the previous one returns")
     p.add_argument("--ep-size", type=int, default=1,
                    help="expert-parallel worker processes (each: 1/N of the routed experts, its own cache)")
     p.add_argument("--master-addr", default="127.0.0.1", help="torch.distributed rendezvous address")
@@ -142,7 +144,8 @@ def _engine_config(args: argparse.Namespace, model_dir: str):
                         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                         seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens,
                         ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,
-                        nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port)
+                        nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port,
+                        async_scheduling=not args.no_async_scheduling)
 
 
 def _worker(args: argparse.Namespace) -> int:

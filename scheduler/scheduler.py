@@ -8,6 +8,14 @@ Each step: running requests first (admission order), each taking what it is miss
 remaining budget; when blocks run out the most recently admitted running request is preempted.
 Then waiting requests are admitted first come first served, their prompts chunked to the budget.
 
+Accounting happens when a step is planned, not when its result returns: the scheduled tokens
+count as computed at once, and a request whose step samples holds a pending token until the
+result is folded in. So the next step can be planned while the worker still runs this one
+(asynchronous scheduling, EngineCore): a decode then schedules its pending token, which the
+worker already knows. A request whose pending tokens will reach its max_tokens is not scheduled
+again; one that stops on EOS runs one step more, whose result is dropped. Cached prefix blocks
+are hashed only when their tokens are known.
+
 Speculative decoding: the worker returns up to k draft tokens with each sampled token; the next
 decode of that request computes its missing token plus those drafts (verification) and keeps
 the accepted ones. `num_computed` only ever counts verified tokens, so a rejected draft leaves
@@ -89,8 +97,6 @@ class Scheduler:
         req = self.requests.get(req_id)
         if req is None:
             return None
-        if req.status is Status.WAITING:
-            self.waiting.remove(req)
         self._finish(req, "abort")
         return req
 
@@ -127,7 +133,10 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            missing = len(req.token_ids) - req.num_computed
+            missing = len(req.token_ids) + req.num_pending - req.num_computed
+            if req.num_pending and self._done_when_pending_arrive(req):
+                i += 1
+                continue
             n = missing + len(req.spec_token_ids)
             if n > budget:
                 n = budget
@@ -136,8 +145,10 @@ class Scheduler:
                     continue
                 if not self._grow(req, n):
                     break  # req itself was preempted: nothing after it is running any more
+            known = n
             if n > missing:
                 step.drafts[req.req_id] = n - missing
+                known = missing
             if req.on_worker:
                 ids.append(req.req_id)
                 nums.append(n)
@@ -146,17 +157,32 @@ class Scheduler:
                 scheduled.append((req, n))
             else:
                 self._add_to_plan(step, req, n)
+            self._account(req, known)
             budget -= n
             i += 1
         return budget
+
+    def _done_when_pending_arrive(self, req: Request) -> bool:
+        """Whether the tokens already on their way end the request by length."""
+        total = len(req.token_ids) + req.num_pending
+        return total - req.num_prompt_tokens >= req.params.max_tokens or total >= self.config.max_model_len
+
+    def _account(self, req: Request, known: int) -> None:
+        """The step's known tokens (not its drafts) count as computed from now; a step that
+        reaches the end of what is known samples, and its token is pending until the result."""
+        computed = req.num_computed
+        if computed < req.num_prompt_tokens:
+            self.counters.computed_prompt_tokens += min(known, req.num_prompt_tokens - computed)
+        computed += known
+        req.num_computed = computed
+        if computed >= len(req.token_ids) + req.num_pending:
+            req.num_pending += 1
 
     def _end_if_unservable(self, req: Request, n: int) -> bool:
         """A request whose next step needs more blocks than the whole pool (a long generation)
         ends with "length" rather than preempting itself, or blocking the queue, forever."""
         if self.blocks.blocks_for(req.num_computed + n + self._lookahead) <= self.blocks.num_blocks:
             return False
-        if req.status is Status.WAITING:
-            self.waiting.remove(req)
         self._finish(req, "length")
         self._unreported.append(req)
         return True
@@ -177,6 +203,8 @@ class Scheduler:
     def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted while its last step ran: back once that step's token is in
             if not req.block_table:
                 self._apply_prefix_hit(req)
             n = min(req.num_tokens - req.num_computed, budget)
@@ -193,6 +221,7 @@ class Scheduler:
                 req.scheduled_time = time.time()
             self.running.append(req)
             self._add_to_plan(step, req, n)
+            self._account(req, n)
             budget -= n
 
     def _apply_prefix_hit(self, req: Request) -> None:
@@ -254,18 +283,13 @@ class Scheduler:
         tokens or finished."""
         # Runs once per scheduled request every step: locals and inlined checks, not calls.
         drafts = step.drafts
-        block_size = self.blocks.block_size
         counters = self.counters
         running = Status.RUNNING
-        for req, n in step.scheduled:
-            if req.status is running:
-                computed = req.num_computed
-                if computed < req.num_prompt_tokens:
-                    counters.computed_prompt_tokens += min(n, req.num_prompt_tokens - computed)
-                computed += n - drafts.get(req.req_id, 0) if drafts else n  # drafts count once verified
-                req.num_computed = computed
-                if computed // block_size > len(req.block_hashes):  # a block just filled up
-                    self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, computed)
+        block_size = self.blocks.block_size
+        for req, _ in step.scheduled:  # full blocks whose tokens are all known now
+            known = min(req.num_computed, len(req.token_ids))
+            if req.status is running and known // block_size > len(req.block_hashes):
+                self._cache_filled_blocks(req)
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
         self._unreported = []
         now = time.time()
@@ -274,10 +298,17 @@ class Scheduler:
         requests = self.requests
         eos = self.config.eos_token_id
         max_len = self.config.max_model_len
+        finished = Status.FINISHED
         for req_id, token_ids, new_drafts in zip(result.req_ids, result.token_ids, drafts_out):
             req = requests.get(req_id)
-            if req is None or req.status is not running:
-                continue  # aborted while the step ran
+            if req is None or req.status is finished:
+                continue  # aborted, or ended while a step already sent ran
+            if token_ids:
+                # (A request preempted while its step ran is waiting now: its tokens count all
+                # the same, and it is readmitted once they are in.)
+                req.num_pending -= 1
+            elif req.status is not running:
+                continue
             first = not req.first_token_time and bool(token_ids)
             if first:
                 req.first_token_time = now
@@ -316,8 +347,9 @@ class Scheduler:
         return deltas
 
     def _cache_filled_blocks(self, req: Request) -> None:
-        if req.num_computed // self.blocks.block_size > len(req.block_hashes):  # a block just filled up
-            self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, req.num_computed)
+        known = min(req.num_computed, len(req.token_ids))  # (tokens still pending are not hashable)
+        if known // self.blocks.block_size > len(req.block_hashes):  # a block just filled up
+            self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, known)
 
     def _count_verified(self, req: Request, num_drafts: int, num_accepted: int) -> None:
         # The accepted drafts' cache entries are verified ones (those past a stop token are moot).
@@ -345,6 +377,8 @@ class Scheduler:
     def _finish(self, req: Request, reason: str) -> None:
         if req.status is Status.RUNNING:
             self.running.remove(req)
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
         self._release(req)
         req.status = Status.FINISHED
         req.finish_reason = reason

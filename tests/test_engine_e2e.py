@@ -50,6 +50,21 @@ def test_greedy_mixed_batch_equals_transformers_with_chunking_and_preemption(sma
     assert after.num_free_blocks == after.num_blocks and after.num_running == 0
 
 
+def test_planning_each_step_after_the_last_returns_gives_the_same_tokens(small_cache_llm, tiny_checkpoint):
+    """The default engine plans step N+1 while step N runs; without that, each step waits for
+    the last. Same seeded samples and the same greedy tokens, preemption included."""
+    prompts = _prompts()
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=m, ignore_eos=True) for i, m in enumerate(MAX_TOKENS)]
+    params[1] = SamplingParams(temperature=0, max_tokens=MAX_TOKENS[1], ignore_eos=True)
+    pipelined = small_cache_llm.generate(prompts, params, use_tqdm=False)
+    with LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, max_num_batched_tokens=48,
+             kv_cache_memory=14 * FP32_BYTES_PER_BLOCK, async_scheduling=False) as llm:
+        before = llm.stats()
+        stepwise = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.stats().num_preemptions > before.num_preemptions
+    assert [o.token_ids for o in stepwise] == [o.token_ids for o in pipelined]
+
+
 def test_prefix_cache_computes_only_new_tokens_and_keeps_output(tiny_checkpoint):
     prefix = torch.randint(2, 258, (80,), generator=torch.Generator().manual_seed(5)).tolist()
     first, second = prefix + [10, 11, 12], prefix + [20, 21]

@@ -6,7 +6,7 @@ import pytest
 
 from cache.block_manager import BlockManager
 from engine.messages import StepResult
-from engine.request import Request
+from engine.request import Request, Status
 from engine.sampling_params import SamplingParams
 from engine.worker_state import WorkerState
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -152,3 +152,69 @@ def test_random_traffic_keeps_every_invariant(seed):
         c = sched.counters
         assert c.spec_num_drafts > 100 and 0 < c.spec_accepted_tokens < c.spec_draft_tokens
         assert sum(c.spec_accepted_per_pos) == c.spec_accepted_tokens
+
+
+def sample_step(worker: WorkerState, step, rng: random.Random, vocab=50) -> StepResult:
+    """The fake model runs one plan (no speculation)."""
+    work = worker.apply(step.plan)
+    sampled = {w.req.req_id: [rng.randrange(vocab)] for w in work if w.samples}
+    WorkerState.advance(work, sampled)
+    return StepResult(step.plan.step_id, list(sampled), list(sampled.values()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed):
+    """Asynchronous scheduling: step N+1 is planned before step N's tokens are folded in, as
+    EngineCore does with workers behind sockets. Preemption of a request whose token is still on
+    its way, EOS while the next step is already planned, aborts: blocks, budgets and max_num_seqs
+    hold after every step, every request ends, what the scheduler reports is exactly what the
+    worker sampled, and no request gets a token past its max_tokens."""
+    rng = random.Random(100 + seed)
+    budget, max_seqs = rng.choice([8, 16, 64]), rng.choice([4, 16])
+    block_size = rng.choice([1, 4, 16])
+    sched = make_scheduler(num_blocks=160 // block_size, block_size=block_size, budget=budget, max_seqs=max_seqs,
+                           caching=bool(seed % 2))
+    worker = WorkerState()
+    shared_prefix = [rng.randrange(2, 50) for _ in range(24)]
+    added, finished, outputs, max_tokens = 0, set(), {}, {}
+    in_flight = None
+    preempted_in_flight = 0
+    for _ in range(1500):
+        if added < 300 and rng.random() < 0.3:
+            n = rng.randrange(1, 40)
+            prompt = (shared_prefix[: rng.randrange(0, 24)] + [rng.randrange(2, 50) for _ in range(n)])[:40]
+            max_tokens[f"r{added}"] = rng.randrange(1, 30)
+            sched.add(Request(f"r{added}", prompt, SamplingParams(max_tokens=max_tokens[f"r{added}"])))
+            added += 1
+        if sched.requests and rng.random() < 0.03:
+            rid = rng.choice(list(sched.requests))
+            sched.abort(rid)
+            finished.add(rid)
+        awaited = [r for r in sched.running if r.num_pending]
+        upcoming = sched.schedule()
+        preempted_in_flight += sum(r.status is Status.WAITING for r in awaited)
+        assert upcoming.num_tokens <= budget and len(sched.running) <= max_seqs
+        deltas = sched.update(*in_flight) if in_flight else []
+        for d in deltas:
+            outputs.setdefault(d.req_id, []).extend(d.new_token_ids)
+        finished |= {d.req_id for d in deltas if d.finished}
+        in_flight = (upcoming, sample_step(worker, upcoming, rng))
+        sched.check_integrity()
+        for req in sched.running:  # the scheduler's tokens are a prefix of the worker's
+            w = worker.requests[req.req_id]
+            assert w.token_ids[: len(req.token_ids)] == req.token_ids and req.num_pending >= 0
+    while in_flight is not None:
+        deltas = sched.update(*in_flight)
+        for d in deltas:
+            outputs.setdefault(d.req_id, []).extend(d.new_token_ids)
+        finished |= {d.req_id for d in deltas if d.finished}
+        in_flight = None
+        if sched.has_work():
+            step = sched.schedule()
+            in_flight = (step, sample_step(worker, step, rng))
+        sched.check_integrity()
+    assert finished == {f"r{i}" for i in range(added)}
+    assert sched.blocks.num_free == sched.blocks.num_blocks
+    assert preempted_in_flight > 0
+    for rid, toks in outputs.items():
+        assert len(toks) <= max_tokens[rid]
