@@ -136,12 +136,12 @@ class EngineCore:
         start = time.perf_counter()
         if not self.pipelined:
             steps = self._schedule()
-            results = self._run(steps) if self._has_plan(steps) else [StepResult(st.plan.step_id) for st in steps]
+            results = self.worker([st.plan for st in steps]) if self._has_plan(steps) else _no_results(steps)
             return self._fold(steps, results, start)
         if self._in_flight is None:
             steps = self._schedule()
             if not self._has_plan(steps):
-                return self._fold(steps, [StepResult(st.plan.step_id) for st in steps], start)
+                return self._fold(steps, _no_results(steps), start)
             self.worker.send([st.plan for st in steps])
             self._in_flight = steps
         steps = self._in_flight
@@ -155,7 +155,7 @@ class EngineCore:
         results = self.worker.collect([st.plan for st in steps])
         deltas = self._fold(steps, results, start)
         if self._in_flight is None:  # nothing to send: what the planning ended (if anything) is reported now
-            deltas.extend(self._fold(upcoming, [StepResult(st.plan.step_id) for st in upcoming], None))
+            deltas.extend(self._fold(upcoming, _no_results(upcoming), None))
         return deltas
 
     def _schedule(self) -> list[ScheduledStep]:
@@ -164,9 +164,6 @@ class EngineCore:
     @staticmethod
     def _has_plan(steps: list[ScheduledStep]) -> bool:
         return any(st.scheduled or st.plan.finished_ids for st in steps)
-
-    def _run(self, steps: list[ScheduledStep]) -> list[StepResult]:
-        return self.worker([st.plan for st in steps])
 
     def _fold(self, steps: list[ScheduledStep], results: list[StepResult], start: float | None) -> list[RequestDelta]:
         if len(steps) > 1 and self._has_plan(steps):
@@ -212,6 +209,11 @@ class EngineCore:
             routed_tokens=list(self.routed_tokens), num_ranks=len(ss), rank_running=[len(s.running) for s in ss],
             rank_requests=list(self.rank_requests),
             idle_rank_steps=self.idle_rank_steps)
+
+
+def _no_results(steps: list[ScheduledStep]) -> list[StepResult]:
+    """For steps that sent the worker nothing."""
+    return [StepResult(st.plan.step_id) for st in steps]
 
 
 class RemoteWorkers:

@@ -286,8 +286,12 @@ class Scheduler:
         counters = self.counters
         running = Status.RUNNING
         block_size = self.blocks.block_size
-        for req, _ in step.scheduled:  # full blocks whose tokens are all known now
-            known = min(req.num_computed, len(req.token_ids))
+        # Results are matched to the requests this step scheduled, not looked up by id: with a
+        # step in flight, a finished request's id may already belong to a new request.
+        in_step: dict[str, Request] = {}
+        for req, _ in step.scheduled:
+            in_step[req.req_id] = req
+            known = min(req.num_computed, len(req.token_ids))  # full blocks whose tokens are all known now
             if req.status is running and known // block_size > len(req.block_hashes):
                 self._cache_filled_blocks(req)
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
@@ -295,12 +299,11 @@ class Scheduler:
         now = time.time()
         drafts_out = result.draft_ids or itertools.repeat([])
         with_logprobs = bool(result.logprobs or result.prompt_logprobs)
-        requests = self.requests
         eos = self.config.eos_token_id
         max_len = self.config.max_model_len
         finished = Status.FINISHED
         for req_id, token_ids, new_drafts in zip(result.req_ids, result.token_ids, drafts_out):
-            req = requests.get(req_id)
+            req = in_step.get(req_id)
             if req is None or req.status is finished:
                 continue  # aborted, or ended while a step already sent ran
             if token_ids:

@@ -218,3 +218,31 @@ def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed)
     assert preempted_in_flight > 0
     for rid, toks in outputs.items():
         assert len(toks) <= max_tokens[rid]
+
+
+def test_a_reused_id_does_not_get_the_finished_requests_last_token():
+    """x stops on EOS while its next step is already in flight; a new request takes the id x
+    before that step's result returns. The stale token goes nowhere."""
+    sched, worker = make_scheduler(budget=64), WorkerState()
+
+    def run(step, token):
+        work = worker.apply(step.plan)
+        sampled = {w.req.req_id: [token] for w in work if w.samples}
+        WorkerState.advance(work, sampled)
+        return step, StepResult(step.plan.step_id, list(sampled), list(sampled.values()))
+
+    sched.add(Request("x", [2, 3], SamplingParams(max_tokens=10)))
+    first = run(sched.schedule(), 5)
+    second = run(sched.schedule(), EOS)
+    assert [d.new_token_ids for d in sched.update(*first)] == [[5]]
+    third = run(sched.schedule(), 7)  # planned before x's EOS is known
+    (stopped,) = sched.update(*second)
+    assert stopped.finished and stopped.finish_reason == "stop"
+    sched.add(Request("x", [4, 4, 4], SamplingParams(max_tokens=5)))
+    fourth = run(sched.schedule(), 9)
+    assert fourth[0].plan.finished_ids == ["x"] and fourth[0].plan.new[0].prompt_ids == [4, 4, 4]
+    assert sched.update(*third) == []
+    new_x = sched.requests["x"]
+    assert new_x.token_ids == [4, 4, 4] and new_x.num_pending == 1
+    assert [d.new_token_ids for d in sched.update(*fourth)] == [[9]]
+    sched.check_integrity()
