@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-cache-memory", type=int, default=2 << 30)
     ap.add_argument("--skip-offline", action="store_true", help="do not measure the offline peer")
+    ap.add_argument("--no-async-scheduling", action="store_true",
+                    help="start the server planning each step after the last returns")
     args = ap.parse_args()
     reqs = workload(args.num_requests, args.seed, args.input_len, args.output_len)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # so `finally` stops the server we start
@@ -114,7 +116,8 @@ def main() -> None:
             make_checkpoint("small" if "small" in ckpt.name else "tiny", 0, ckpt)
         server = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(ckpt),
                                    "--port", "0", "--metrics-port", "0", "--kv-cache-memory",
-                                   str(args.kv_cache_memory)], stderr=subprocess.PIPE, text=True)
+                                   str(args.kv_cache_memory)] + ["--no-async-scheduling"] * args.no_async_scheduling,
+                                  stderr=subprocess.PIPE, text=True)
         m = re.search(r"on (tcp://[^\s,]+)", server.stderr.readline())
         if not m:
             server.kill()
