@@ -87,21 +87,16 @@ class EngineMetrics:
             self.hist["batch_size"].observe(batch_size)
 
     def on_deltas(self, deltas: list[RequestDelta]) -> None:
-        # Runs over every running request each step: the inter-token histogram is updated inline.
         now = time.time()
         h = self.hist
-        live_of = self._live
         itl = h["inter_token_latency_seconds"]
-        bounds, counts = itl.bounds, itl.counts
         for d in deltas:
-            live = live_of.get(d.req_id)
+            live = self._live.get(d.req_id)
             if d.new_token_ids and live is not None:
                 if live.num_output == 0:
                     h["time_to_first_token_seconds"].observe((d.first_token_time or now) - live.arrival)
                 else:
-                    gap = now - live.last_token
-                    counts[bisect.bisect_left(bounds, gap)] += 1
-                    itl.total += gap
+                    itl.observe(now - live.last_token)
                 live.last_token = now
                 live.num_output += len(d.new_token_ids)
             if d.finished:

