@@ -21,7 +21,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import zmq
 
 from engine.config import EngineConfig
-from engine.engine_core import EngineCore, remote_workers
+from engine.engine_core import EngineCore, RemoteWorkers
 from engine.messages import AddRequest, SchedulerToWorker, Shutdown, StepResult, WorkerReady
 from engine.processes import Channel, become_child_process, spawn
 from engine.sampling_params import SamplingParams
@@ -54,7 +54,7 @@ def measure(args: argparse.Namespace, pipelined: bool) -> float:
                            async_scheduling=pipelined)
         tokens = (args.prompt_len + args.steps + 64) * args.running
         core = EngineCore(cfg, [WorkerReady(0, tokens // 64 + args.running, 0, 1000, 1 << 20)], None,
-                          remote_workers([plans], results))
+                          RemoteWorkers([plans], results))
         big = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True)
         for i in range(args.running):
             core.add(AddRequest(str(i), [2 + i % 50] * args.prompt_len, big))

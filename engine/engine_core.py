@@ -259,10 +259,6 @@ class RemoteWorkers:
         return [got[r] for r in range(len(plans))]
 
 
-def remote_workers(plans: list[Channel], results: Channel) -> RemoteWorkers:
-    return RemoteWorkers(plans, results)
-
-
 def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: int | None,
                     startup_timeout_s: float) -> None:
     become_child_process()
@@ -280,7 +276,7 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
                 readies[msg.rank] = msg
             else:
                 raise WorkerGone(msg.error if isinstance(msg, WorkerFailed) else "workers did not start in time")
-        core = EngineCore(config, list(readies.values()), eos_token_id, remote_workers(plans, results))
+        core = EngineCore(config, list(readies.values()), eos_token_id, RemoteWorkers(plans, results))
         tokens = sum(r.num_blocks for r in readies.values()) * config.block_size
         ready = core.ready
         outbox.send(EngineReady(sum(r.num_blocks for r in readies.values()), config.block_size, ready.max_model_len,
