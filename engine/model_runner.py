@@ -14,7 +14,7 @@ from engine.model_config import ModelConfig
 from engine.worker_state import ScheduledWork, WorkerState
 from kernels.backend import triton_wanted
 from model.deepseek_v3 import DeepseekV3
-from model.expert_parallel import ExpertParallel, init_distributed
+from model.expert_parallel import ExpertParallel, init_distributed, leave_distributed
 from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
 from model.moe import MoE
@@ -102,6 +102,13 @@ class ModelRunner:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
         _malloc_trim()
+
+    def close(self) -> None:
+        """An orderly exit: expert-parallel ranks leave their group together (the last step, run
+        just before Shutdown with asynchronous scheduling, may still be finishing on a peer), so
+        no rank's communication threads see a peer vanish mid-exit."""
+        if self.model.ep is not None:
+            leave_distributed()
 
     @property
     def num_blocks(self) -> int:

@@ -34,6 +34,7 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
                     busy_since_release = False
                 continue
             if isinstance(msg, Shutdown):
+                runner.close()
                 break
             runner.execute(msg, publish=results.send)
             busy_since_release = True

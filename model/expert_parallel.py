@@ -36,6 +36,13 @@ def init_distributed(rank: int, size: int, master_addr: str, master_port: int, d
                             world_size=size, timeout=timedelta(seconds=timeout_s))
 
 
+def leave_distributed() -> None:
+    """Waits for every rank, then tears the group down."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class ExpertParallel:
     def __init__(self, rank: int, size: int, num_experts: int):
         self.rank = rank
