@@ -6,7 +6,8 @@ all heads. score = q_latent·c + q_pe·k_pe; output = softmax · c (in latent sp
 
 `mla_attention` is what the model calls. Sequences with few query tokens (decode, speculative
 verification) attend in the absorbed form: on CUDA (or with the kernels forced on) through the
-Triton paged decode kernel; on the CPU through the plain-torch reference here, which pads
+Triton paged decode kernel; on the CPU through the compiled kernel of kernels/native.py, which
+reads the cache blocks where they lie. Where that cannot be built, the plain-torch path here pads
 sequences that need the same number of cache blocks into one batched computation (so padding
 stays under a block per sequence, instead of growing to the longest context of the step) and runs
 torch's fused attention on it, the heads as query rows of one shared key/value head. Each longer
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import native
 from kernels.backend import triton_wanted
 from kernels.mla_decode import paged_mla_decode
 from model.forward_batch import ForwardBatch
@@ -43,7 +45,7 @@ class AttentionGroup:
 
 @dataclass
 class DecodeRows:
-    """The kernel path's short-query tokens: one row per token, with its own causal length."""
+    """The decode kernels' short-query tokens: one row per token, with its own causal length."""
     token_index: torch.Tensor | None  # [R] flat token ids; None when every token is a row
     seq_of_row: torch.Tensor  # [R] row of batch.block_tables
     kv_lens: torch.Tensor  # [R]
@@ -62,9 +64,8 @@ class PrefillChunk:
 class AttentionPlan:
     """Built once per step and shared by every layer."""
     block_tables: torch.Tensor
-    use_kernels: bool
-    groups: list[AttentionGroup]  # short queries, reference path
-    rows: DecodeRows | None  # short queries, kernel path
+    groups: list[AttentionGroup]  # short queries, torch path
+    rows: DecodeRows | None  # short queries, Triton or compiled CPU kernel
     prefills: list[PrefillChunk]  # long queries, both paths
     buffer: GatherBuffer | None = None
 
@@ -75,11 +76,11 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
     short = [i for i, n in enumerate(q_lens) if n <= SHORT_QUERY_MAX]
     long = [i for i, n in enumerate(q_lens) if n > SHORT_QUERY_MAX]
     prefills = [PrefillChunk(batch.query_start[i], batch.query_start[i + 1], i, batch.context_lens[i]) for i in long]
-    if not triton_wanted(like):
+    if not triton_wanted(like) and native.library() is None:
         groups = [_group(batch, seqs, q_lens, like.dtype) for seqs in _similar_lengths(batch, short)]
-        return AttentionPlan(batch.block_tables, False, groups, None, prefills, buffer)
+        return AttentionPlan(batch.block_tables, groups, None, prefills, buffer)
     rows = _decode_rows(batch, short, q_lens) if short else None
-    return AttentionPlan(batch.block_tables, True, [], rows, prefills, buffer)
+    return AttentionPlan(batch.block_tables, [], rows, prefills, buffer)
 
 
 # A group's shortest member is padded by at most this fraction of its blocks (beyond one block).
@@ -217,12 +218,15 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
     pages = -(-context_len // page)
     latent = cache[block_table[:pages]].view(pages * page, -1)[:context_len]  # [L, 576]
     c, k_pe = latent.split([rank, latent.shape[-1] - rank], dim=-1)
-    kv = torch.einsum("lc,hdc->hld", c, torch.cat([w_uk, w_uv], dim=1))  # [H, L, nope + v]
-    k = torch.cat([kv[..., :nope], k_pe[None].expand(heads, -1, -1)], dim=-1)
-    v = kv[..., nope:]
+    # Two plain linears over the [H * d, rank] weights: an einsum would copy the weights into
+    # its batched layout on every chunk (5x slower on the CPU).
+    k_nope = F.linear(c, w_uk.view(heads * nope, rank)).view(context_len, heads, nope)
+    v = F.linear(c, w_uv.view(heads * v_dim, rank)).view(context_len, heads, v_dim)
+    k = torch.cat([k_nope, k_pe[:, None].expand(-1, heads, -1)], dim=-1).transpose(0, 1)  # [H, L, nope + rope]
     if not v.is_cuda:
         # The fused CPU kernel wants values as wide as keys: zero columns, dropped after.
         v = F.pad(v, (0, k.shape[-1] - v_dim))
+    v = v.transpose(0, 1)
     q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, Tq, nope + rope]
     if q.shape[1] == context_len:  # no cached prefix: the plain causal mask
         o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=softmax_scale)
@@ -241,10 +245,20 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
     the step's entries) -> attention output [T, H, v_head_dim], before o_proj."""
     t, heads = q_nope.shape[:2]
     rows = plan.rows
+    on_cuda_kernels = triton_wanted(q_nope)
+    decode = paged_mla_decode if on_cuda_kernels else native.paged_mla_decode_cpu
+    if rows is not None and rows.token_index is None and not on_cuda_kernels:
+        # A pure decode step on the CPU kernel: the absorbed products stay [heads, rows, ...] (the
+        # kernel takes any row and head strides), saving two copies of every query and output.
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, T, rank]
+        o_latent = torch.empty_like(q_latent)
+        decode(q_latent.transpose(0, 1), q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
+               softmax_scale, rows.max_kv_len, out=o_latent.transpose(0, 1))
+        return torch.bmm(o_latent, w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
     if rows is not None and rows.token_index is None:  # a pure decode step on the kernels: no gathers
         q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)
-        o_latent = paged_mla_decode(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
-                                    softmax_scale, rows.max_kv_len)
+        o_latent = decode(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
+                          softmax_scale, rows.max_kv_len)
         return torch.einsum("thc,hvc->thv", o_latent, w_uv)
     out = torch.empty(t, heads, w_uv.shape[1], dtype=q_nope.dtype, device=q_nope.device)
     if plan.groups:
@@ -252,8 +266,8 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
     if rows is not None:
         idx = rows.token_index
         q_latent = torch.einsum("thd,hdc->thc", q_nope[idx], w_uk)
-        o_latent = paged_mla_decode(q_latent, q_pe[idx], cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
-                                    softmax_scale, rows.max_kv_len)
+        o_latent = decode(q_latent, q_pe[idx], cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
+                          softmax_scale, rows.max_kv_len)
         out[idx] = torch.einsum("thc,hvc->thv", o_latent, w_uv)
     for p in plan.prefills:
         out[p.start: p.end] = mla_prefill_expanded(q_nope[p.start: p.end], q_pe[p.start: p.end], cache,

@@ -1,14 +1,17 @@
-"""The CPU attention paths (decode groups by block count, sliced gathers, expanded prefill chunks)
-against attention written out per sequence from the MLA definition: keys and values expanded
-per head from the latents, a causal softmax in float64."""
+"""The CPU attention paths (the compiled decode kernel; without it, decode groups by block count
+and sliced gathers; expanded prefill chunks) against attention written out per sequence from the
+MLA definition: keys and values expanded per head from the latents, a causal softmax in float64."""
 
 import random
+import shutil
 
 import pytest
 import torch
 
 import kernels.mla_attention as attention
+from kernels import native
 from kernels.backend import use_triton_kernels
+from kernels.mla_decode import paged_mla_decode_ref
 from model.forward_batch import ForwardBatch, SequenceChunk
 
 HEADS, NOPE, ROPE, RANK, V, PAGE = 4, 16, 8, 32, 16, 8
@@ -33,12 +36,25 @@ def per_sequence_reference(q_nope, q_pe, cache, tables, chunks, w_uk, w_uv, scal
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("slice_bytes", [1 << 40, 3000])
-def test_cpu_attention_matches_the_definition(monkeypatch, slice_bytes):
+def compiled_kernels() -> bool:
+    """The compiled kernels must build wherever there is a compiler (CI has one)."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        return False
+    assert native.library() is not None, "kernels/csrc did not build: see the warning logged by kernels.native"
+    return True
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch", "torch-sliced"])
+def test_cpu_attention_matches_the_definition(monkeypatch, path):
     """Decodes of many lengths (several block-count groups, ragged last blocks), speculative
     verification rows (3 queries), and prefill chunks with and without a cached prefix, in one
-    batch over shuffled blocks; with tiny slices every group's gather is split."""
-    monkeypatch.setattr(attention, "GATHER_SLICE_BYTES", slice_bytes)
+    batch over shuffled blocks: through the compiled decode kernel, and through the torch path
+    that replaces it without a compiler (with tiny slices every group's gather is split)."""
+    if path == "compiled" and not compiled_kernels():
+        pytest.skip("no C++ compiler")
+    if path != "compiled":
+        monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(attention, "GATHER_SLICE_BYTES", 3000 if path == "torch-sliced" else 1 << 40)
     rng = random.Random(0)
     torch.manual_seed(0)
     num_blocks = 400
@@ -58,7 +74,11 @@ def test_cpu_attention_matches_the_definition(monkeypatch, slice_bytes):
     w_uk, w_uv = torch.randn(HEADS, NOPE, RANK) / 4, torch.randn(HEADS, V, RANK) / 4
     with use_triton_kernels(False):
         plan = attention.plan_attention(batch, cache, attention.GatherBuffer())
-        assert len(plan.groups) > 3 and len(plan.prefills) == 3
+        assert len(plan.prefills) == 3
+        if path == "compiled":
+            assert not plan.groups and plan.rows is not None and len(plan.rows.kv_lens) == 30 + 4 * 3
+        else:
+            assert len(plan.groups) > 3 and plan.rows is None
         out = attention.mla_attention(q_nope, q_pe, cache, plan, w_uk, w_uv, 0.3)
     ref = per_sequence_reference(q_nope, q_pe, cache, tables, chunks, w_uk, w_uv, 0.3)
     assert out.shape == (t, HEADS, V)
@@ -73,3 +93,51 @@ def test_groups_pad_little():
     groups = attention._similar_lengths(batch, list(range(len(chunks))))
     counts = [sorted({-(-batch.context_lens[i] // PAGE) for i in g}) for g in groups]
     assert counts == [[1], [2], [3], [8, 9], [10], [40, 44, 45], [50]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("splits", [None, 1, 3, 40])
+def test_compiled_decode_kernel_matches_reference(dtype, generic, splits):
+    """DeepSeek-V3's cache geometry (512 + 64), 8 heads: ragged lengths with partial last blocks,
+    shuffled blocks, three query rows of one sequence at growing lengths, transposed (strided)
+    queries and output, the output poisoned with NaN first; the AVX-512 BF16 implementation (bf16)
+    and the portable one; contexts split in 3, and in more pieces than they have blocks."""
+    if not compiled_kernels():
+        pytest.skip("no C++ compiler")
+    torch.manual_seed(1)
+    heads, rank, rope, page, num_blocks = 8, 512, 64, 16, 300
+    cache = torch.randn(num_blocks, page, rank + rope).to(dtype)
+    lens = [1, 15, 16, 17, 40, 100, 250]
+    perm = torch.randperm(num_blocks)
+    tables = torch.zeros(len(lens), 16, dtype=torch.long)
+    used = 0
+    for i, n in enumerate(lens):
+        k = -(-n // page)
+        tables[i, :k] = perm[used: used + k]
+        used += k
+    seq_of_row = torch.tensor(list(range(len(lens))) + [5, 5])  # sequence 5 verifies two more tokens
+    kv_lens = torch.tensor(lens + [98, 99])
+    rows = len(kv_lens)
+    q_latent = torch.randn(heads, rows, rank).to(dtype).transpose(0, 1)
+    q_pe = torch.randn(rows, heads, rope).to(dtype)
+    out = torch.full((heads, rows, rank), float("nan"), dtype=dtype).transpose(0, 1)
+    native.paged_mla_decode_cpu(q_latent, q_pe, cache, tables, seq_of_row, kv_lens, 0.06, max(lens),
+                                num_splits=splits, generic=generic, out=out)
+    ref = paged_mla_decode_ref(q_latent.float(), q_pe.float(), cache.float(), tables, seq_of_row, kv_lens, 0.06,
+                               max(lens))
+    assert not out.isnan().any()
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
+    per_row = (out.float() - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2))
+    assert per_row.max() < (2e-2 if dtype == torch.bfloat16 else 1e-5), per_row
+
+
+def test_compiled_decode_kernel_refuses_mismatched_dtypes():
+    if not compiled_kernels():
+        pytest.skip("no C++ compiler")
+    cache = torch.zeros(2, 4, 576, dtype=torch.bfloat16)
+    one = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(TypeError, match="one dtype"):
+        native.paged_mla_decode_cpu(torch.zeros(1, 4, 512), torch.zeros(1, 4, 64), cache, one[None], one, one + 1,
+                                    0.1, 1)

@@ -1,0 +1,155 @@
+"""The CPU path's compiled kernels (kernels/csrc), built on first use and called through ctypes.
+
+The library is compiled with the machine's C++ compiler for the machine's own instruction set
+(-march=native) into a cache folder keyed by the source, the compiler and the CPU, so a process
+after the first loads it in milliseconds. It shares torch's OpenMP runtime (same soname), so its
+threads are torch's threads. Without a compiler, or with MLASERVE_NATIVE=0, `library()` is None
+and callers use their torch implementation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "mla_decode_cpu.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MLASERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mlaserve")
+    return Path(root) / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _build(cxx: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes starting together never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.mla_decode.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, p, p, p, i64, i64, p,
+                               i32, i32, i32, i32, i32, i32, f32, i32, i32, i32]
+    lib.mla_decode.restype = i32
+    lib.mla_decode_has_avx512_bf16.argtypes = []
+    lib.mla_decode_has_avx512_bf16.restype = i32
+    return lib
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    if os.environ.get("MLASERVE_NATIVE", "1") == "0":
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        log.warning("no C++ compiler found: the CPU path uses its torch attention (slower)")
+        return None
+    try:
+        version = subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+        target = cache_dir() / f"mla_decode_cpu-{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            _build(cxx, target)
+        return _bind(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("building the CPU kernels failed, the CPU path uses its torch attention (slower): %s",
+                    detail.strip()[-2000:])
+        return None
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def fast_path(q: torch.Tensor, heads: int, rank: int, rope: int) -> bool:
+    """Whether the AVX-512 BF16 implementation takes these shapes (every DeepSeek-V3 shape in bf16)."""
+    lib = library()
+    return (lib is not None and bool(lib.mla_decode_has_avx512_bf16()) and q.dtype == torch.bfloat16
+            and heads % 4 == 0 and rank % 64 == 0 and rope % 32 == 0)
+
+
+def choose_num_splits(rows: int, max_kv_len: int, page: int, threads: int) -> int:
+    """Enough (row, split) pieces for every thread twice over, each at least two blocks long."""
+    if rows >= 2 * threads:
+        return 1
+    blocks = -(-max_kv_len // page)
+    return max(1, min(-(-2 * threads // max(rows, 1)), blocks // 2))
+
+
+def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_of_row: torch.Tensor, kv_lens: torch.Tensor,
+                         softmax_scale: float, max_kv_len: int, num_splits: int | None = None,
+                         generic: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The contract of `kernels.mla_decode.paged_mla_decode`, on CPU tensors, through the compiled
+    kernel (the caller checks `library()` first). Queries and `out` ([rows, heads, rank], written
+    when given) may have any row and head strides, e.g. a transposed [heads, rows, ...] tensor.
+    `generic` forces the portable implementation."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not built (see kernels/native.py)")
+    dtype = q_latent.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or cache.dtype != dtype or q_pe.dtype != dtype:
+        raise TypeError(f"paged_mla_decode_cpu wants float32 or bfloat16 queries and cache of one dtype, "
+                        f"got {q_latent.dtype}, {q_pe.dtype} and {cache.dtype}")
+    rows, heads, rank = q_latent.shape
+    rope = q_pe.shape[-1]
+    page = cache.shape[1]
+    if cache.shape[-1] != rank + rope:
+        raise ValueError(f"cache entries are {cache.shape[-1]} wide, queries {rank} + {rope}")
+    q_latent, q_pe, cache = _last_dim_contiguous(q_latent), _last_dim_contiguous(q_pe), cache.contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    seq_of_row = seq_of_row.to(torch.int32).contiguous()
+    kv_lens = kv_lens.to(torch.int32).contiguous()
+    if out is None:
+        out = torch.empty(rows, heads, rank, dtype=dtype)
+    elif out.shape != q_latent.shape or out.dtype != dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q_latent.shape)} {dtype} with a contiguous last dim")
+    threads = torch.get_num_threads()
+    splits = num_splits or choose_num_splits(rows, max_kv_len, page, threads)
+    partial = torch.empty(rows * splits * heads * (rank + 2) if splits > 1 else 0, dtype=torch.float32)
+    avx512 = not generic and fast_path(q_latent, heads, rank, rope)
+    rc = lib.mla_decode(_ptr(q_latent), q_latent.stride(0), q_latent.stride(1), _ptr(q_pe), q_pe.stride(0),
+                        q_pe.stride(1), _ptr(cache), _ptr(tables), tables.stride(0), _ptr(seq_of_row),
+                        _ptr(kv_lens), _ptr(out), out.stride(0), out.stride(1), _ptr(partial), rows, heads, rank,
+                        rope, page, splits, float(softmax_scale), q_latent.element_size(), int(avx512), threads)
+    if rc != 0:
+        raise RuntimeError(f"mla_decode refused rows={rows} heads={heads} rank={rank} rope={rope} dtype={dtype}")
+    return out
