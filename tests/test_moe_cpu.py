@@ -1,0 +1,49 @@
+"""The CPU path's routed experts (dequantized weights): padded batched matmuls, and the per-expert
+loop they fall back to under skewed routing, against each choice computed on its own."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.moe import RoutedExperts
+
+E, HIDDEN, INTER, K = 8, 32, 24, 3
+
+
+def reference(gate_up, down, first, x, weights, ids):
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j]) - first
+            if 0 <= e < gate_up.shape[0]:
+                gate, up = (gate_up[e].double() @ x[t].double()).chunk(2)
+                out[t] += weights[t, j].double() * (down[e].double() @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("first,local", [(0, E), (2, 4)])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_routed_experts_match_each_choice(monkeypatch, first, local, skewed):
+    torch.manual_seed(0)
+    gate_up, down = torch.randn(local, 2 * INTER, HIDDEN) / 5, torch.randn(local, HIDDEN, INTER) / 5
+    experts = RoutedExperts(gate_up, down, first)
+    tokens = 40
+    x = torch.randn(tokens, HIDDEN)
+    weights = torch.rand(tokens, K)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(tokens)])
+    if skewed:  # most tokens pick expert `first`: padding every expert to its count would not pay
+        ids[:, 0] = first
+    loops = []
+    per_expert = experts._per_expert
+    monkeypatch.setattr(experts, "_per_expert", lambda *a: loops.append(1) or per_expert(*a))
+    out = experts(x, weights, ids)
+    assert bool(loops) == skewed
+    assert torch.allclose(out.double(), reference(gate_up, down, first, x, weights, ids), atol=1e-5)
+
+
+def test_routed_experts_without_tokens_or_local_choices():
+    experts = RoutedExperts(torch.randn(2, 2 * INTER, HIDDEN), torch.randn(2, HIDDEN, INTER), 4)
+    assert experts(torch.empty(0, HIDDEN), torch.empty(0, K), torch.empty(0, K, dtype=torch.long)).shape == (0, HIDDEN)
+    x = torch.randn(5, HIDDEN)
+    ids = torch.tensor([[0, 1, 2]] * 5)  # every choice on another rank
+    assert torch.equal(experts(x, torch.rand(5, K), ids), torch.zeros_like(x))
