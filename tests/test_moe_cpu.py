@@ -27,12 +27,13 @@ def test_routed_experts_match_each_choice(monkeypatch, first, local, skewed):
     torch.manual_seed(0)
     gate_up, down = torch.randn(local, 2 * INTER, HIDDEN) / 5, torch.randn(local, HIDDEN, INTER) / 5
     experts = RoutedExperts(gate_up, down, first)
-    tokens = 40
+    tokens = 600 if skewed else 40
     x = torch.randn(tokens, HIDDEN)
     weights = torch.rand(tokens, K)
     ids = torch.stack([torch.randperm(E)[:K] for _ in range(tokens)])
-    if skewed:  # most tokens pick expert `first`: padding every expert to its count would not pay
+    if skewed:  # every token picks expert `first`: padding every expert to its count would not pay
         ids[:, 0] = first
+        ids[:, 1:] = torch.where(ids[:, 1:] == first, first + 1, ids[:, 1:])
     loops = []
     per_expert = experts._per_expert
     monkeypatch.setattr(experts, "_per_expert", lambda *a: loops.append(1) or per_expert(*a))
