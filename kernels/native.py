@@ -28,8 +28,17 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
 def cache_dir() -> Path:
+    """$MLASERVE_CACHE_DIR/native, else ~/.cache/mlaserve/native, else (home not writable) the
+    temporary folder's mlaserve-native."""
     root = os.environ.get("MLASERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mlaserve")
-    return Path(root) / "native"
+    path = Path(root) / "native"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / "mlaserve-native"
 
 
 def _cpu_flags() -> str:

@@ -141,3 +141,23 @@ def test_compiled_decode_kernel_refuses_mismatched_dtypes():
     with pytest.raises(TypeError, match="one dtype"):
         native.paged_mla_decode_cpu(torch.zeros(1, 4, 512), torch.zeros(1, 4, 64), cache, one[None], one, one + 1,
                                     0.1, 1)
+
+
+def test_a_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, caplog):
+    """A compiler that fails leaves no library (and a warning naming why): the CPU path then
+    plans its torch attention instead; MLASERVE_NATIVE=0 does the same on purpose."""
+    monkeypatch.setenv("MLASERVE_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", "false")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert "building the CPU kernels failed" in caplog.text
+        batch = ForwardBatch.build([SequenceChunk([1], 5, [0])], PAGE)
+        plan = attention.plan_attention(batch, torch.zeros(1))
+        assert plan.rows is None and len(plan.groups) == 1
+        monkeypatch.delenv("CXX")
+        monkeypatch.setenv("MLASERVE_NATIVE", "0")
+        native.library.cache_clear()
+        assert native.library() is None
+    finally:
+        native.library.cache_clear()
