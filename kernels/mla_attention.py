@@ -239,36 +239,37 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
     return o[0, ..., :v_dim].transpose(0, 1)
 
 
+def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
+                     w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """The decode rows' attention through the Triton kernel (CUDA) or the compiled one (CPU).
+    The absorbed products stay [heads, rows, ...]; the CPU kernel takes them (and writes its
+    output) with any row and head strides, which saves copying every query and output."""
+    rows = plan.rows
+    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, rank]
+    if triton_wanted(q_nope):
+        o_latent = paged_mla_decode(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
+                                    softmax_scale, rows.max_kv_len)
+    else:
+        o_latent = torch.empty_like(q_latent.transpose(0, 1)).transpose(0, 1)
+        native.paged_mla_decode_cpu(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
+                                    softmax_scale, rows.max_kv_len, out=o_latent)
+    return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+
+
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
                   w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """q_nope [T, H, nope], q_pe [T, H, rope] (rope applied), this layer's cache (already holding
     the step's entries) -> attention output [T, H, v_head_dim], before o_proj."""
     t, heads = q_nope.shape[:2]
     rows = plan.rows
-    on_cuda_kernels = triton_wanted(q_nope)
-    decode = paged_mla_decode if on_cuda_kernels else native.paged_mla_decode_cpu
-    if rows is not None and rows.token_index is None and not on_cuda_kernels:
-        # A pure decode step on the CPU kernel: the absorbed products stay [heads, rows, ...] (the
-        # kernel takes any row and head strides), saving two copies of every query and output.
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, T, rank]
-        o_latent = torch.empty_like(q_latent)
-        decode(q_latent.transpose(0, 1), q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
-               softmax_scale, rows.max_kv_len, out=o_latent.transpose(0, 1))
-        return torch.bmm(o_latent, w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
     if rows is not None and rows.token_index is None:  # a pure decode step on the kernels: no gathers
-        q_latent = torch.einsum("thd,hdc->thc", q_nope, w_uk)
-        o_latent = decode(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
-                          softmax_scale, rows.max_kv_len)
-        return torch.einsum("thc,hvc->thv", o_latent, w_uv)
+        return _absorbed_decode(q_nope, q_pe, cache, plan, w_uk, w_uv, softmax_scale)
     out = torch.empty(t, heads, w_uv.shape[1], dtype=q_nope.dtype, device=q_nope.device)
     if plan.groups:
         paged_mla_attention_ref(q_nope, q_pe, cache, plan.groups, w_uk, w_uv, softmax_scale, out, plan.buffer)
     if rows is not None:
         idx = rows.token_index
-        q_latent = torch.einsum("thd,hdc->thc", q_nope[idx], w_uk)
-        o_latent = decode(q_latent, q_pe[idx], cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
-                          softmax_scale, rows.max_kv_len)
-        out[idx] = torch.einsum("thc,hvc->thv", o_latent, w_uv)
+        out[idx] = _absorbed_decode(q_nope[idx], q_pe[idx], cache, plan, w_uk, w_uv, softmax_scale)
     for p in plan.prefills:
         out[p.start: p.end] = mla_prefill_expanded(q_nope[p.start: p.end], q_pe[p.start: p.end], cache,
                                                    plan.block_tables[p.seq], p.context_len, w_uk, w_uv,

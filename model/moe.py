@@ -82,10 +82,10 @@ class RoutedExperts(nn.Module):
         key = torch.where(on_rank, local, n)  # choices for other ranks' experts sort last
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=n + 1)
-        width = int(counts[:n].max())
+        per_expert = counts[:n].tolist()
+        width = max(per_expert)
         if width == 0:
             return torch.zeros_like(x)
-        per_expert = counts[:n].tolist()
         padding = n * width - sum(per_expert)
         if padding > self.ROWS_PER_CALL * sum(c > 0 for c in per_expert):
             return self._per_expert(x, weights, order, per_expert, k)
