@@ -116,6 +116,29 @@ class ModelRunner:
                                  self.dtype, self.device)
         self._cache_layers = [self.cache.layer(i) for i in range(self.cfg.num_cache_layers)]
         self.state = WorkerState()
+        if keep_fp8 and self.device.startswith("cuda") and ep is None:
+            self._compile_kernels()
+
+    @torch.inference_mode()
+    def _compile_kernels(self) -> None:
+        """Triton compiles a kernel on the first use of each tile and variant, which the chosen
+        tiles tie to the token count: one prompt and one decode batch of each power-of-two size
+        now, so that no request waits for the compiler (tens of seconds on a fresh machine; later
+        starts read Triton's on-disk cache). Nothing is cached yet, so the blocks written are free.
+        (Expert-parallel ranks skip it: their steps must pair up across ranks.)"""
+        bs = self.config.block_size
+        limit = min(self.config.max_num_batched_tokens, self.num_blocks * bs)
+        blocks = list(range(self.num_blocks))
+        context = min(1024, limit - 1, self.max_model_len - 1)  # long enough for the split-context variant
+        t = 1
+        while t <= limit:
+            prompt = [SequenceChunk([0] * t, 0, blocks[: -(-t // bs)])]
+            decodes = [SequenceChunk([0], context, blocks[: context // bs + 1])] * min(t, self.config.max_num_seqs)
+            for chunks in (prompt, decodes):
+                self.model.logits(self.model(ForwardBatch.build(chunks, bs, self.device), self._cache_layers))
+            t *= 2
+        for moe in self._moes:
+            moe.routed_tokens.zero_()
 
     def release_idle_memory(self) -> None:
         """Drops the attention gather buffer (sized by the largest step so far) and returns freed

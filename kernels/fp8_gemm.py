@@ -8,6 +8,8 @@ before it is accumulated in float32. M, N and K need not be multiples of the til
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -79,6 +81,32 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemm_tile(m: int, n: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an M x N output, from the autotuner's winners
+    on DeepSeek-V3's linears on an H100 (benchmarks/kernels.py --autotune): 16 x 64 while M is a
+    few rows (the weight read dominates); 64 x 128 up to ~1K rows (64 x 64 where that leaves half
+    the multiprocessors idle, 128 x 128 where even those tiles make six waves); 128 x 128 with 8
+    warps beyond. Chosen, not autotuned: the engine meets a new M every few steps, and tuning times
+    all 15 candidates on each, which inside a serving step cost far more than it saved."""
+    if m <= 16:
+        return 16, 64, 4, 4
+    if m <= 64:
+        return 64, 64, 4, 4
+    big_tiles = cdiv(m, 128) * cdiv(n, 128)
+    if m > 1024:
+        return (128, 128, 8, 4) if big_tiles >= sms else (64, 128, 4, 4)
+    if big_tiles >= 6 * sms:
+        return 128, 128, 8, 4
+    if cdiv(m, 64) * cdiv(n, 128) < sms // 2:
+        return 64, 64, 4, 4
+    return 64, 128, 4, 4
+
+
 _TUNING_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [
@@ -87,7 +115,8 @@ _TUNING_CONFIGS = [
         (64, 256, 8, 3), (64, 256, 4, 4), (256, 128, 8, 3),
     ]
 ]
-_fp8_gemm_tuned = triton.autotune(configs=_TUNING_CONFIGS, key=["N", "K", "M_BUCKET"])(_fp8_gemm_kernel)
+# For the kernel benchmark only: how far the chosen tile is from the best of the candidates.
+fp8_gemm_autotuned = triton.autotune(configs=_TUNING_CONFIGS, key=["N", "K", "M_BUCKET"])(_fp8_gemm_kernel)
 
 
 def _m_bucket(m: int) -> int:
@@ -95,7 +124,10 @@ def _m_bucket(m: int) -> int:
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+             out_dtype: torch.dtype = torch.bfloat16, tile: tuple[int, int, int, int] | None = None,
+             autotune: bool = False) -> torch.Tensor:
+    """`tile` overrides the chosen (BLOCK_M, BLOCK_N, warps, stages); `autotune` times all candidates
+    on first use of each shape bucket instead (benchmarks)."""
     if not triton_wanted(a):
         return fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype)
     m, k = a.shape
@@ -108,14 +140,19 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     if m == 0:
         return c
     a, b = a.contiguous(), b.contiguous()
-    if a.is_cuda:
+    even_k = k % 128 == 0
+    if a.is_cuda and autotune:
         def grid(meta):
             return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
-        _fp8_gemm_tuned[grid](a, a_scale, b, b_scale, c, m, n, k, _m_bucket(m), EVEN_K=k % 128 == 0)
-    else:  # the interpreter: one fixed tile, no tuning runs
-        _fp8_gemm_kernel[(cdiv(m, 32) * cdiv(n, 64),)](a, a_scale, b, b_scale, c, m, n, k, 0,
-                                                      BLOCK_M=32, BLOCK_N=64, GROUP_M=4,
-                                                      EVEN_K=k % 128 == 0)
+        fp8_gemm_autotuned[grid](a, a_scale, b, b_scale, c, m, n, k, _m_bucket(m), EVEN_K=even_k)
+        return c
+    if a.is_cuda:
+        bm, bn, warps, stages = tile or gemm_tile(m, n, _num_sms(a.device))
+    else:  # the interpreter: small tiles
+        bm, bn, warps, stages = tile or (32, 64, 4, 1)
+    _fp8_gemm_kernel[(cdiv(m, bm) * cdiv(n, bn),)](a, a_scale, b, b_scale, c, m, n, k, 0, BLOCK_M=bm, BLOCK_N=bn,
+                                                  GROUP_M=8 if a.is_cuda else 4, EVEN_K=even_k,
+                                                  num_warps=warps, num_stages=stages)
     return c
 
 

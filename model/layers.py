@@ -42,6 +42,31 @@ class Linear(nn.Module):
         return fp8_linear(x, self.weight, self.scale_inv)
 
 
+class StackedLinear(Linear):
+    """The named linears (which share an input) as one product: `parts(x)` gives each one's output.
+    An FP8 part is padded with zero rows to whole 128-row blocks (except the last), so that every
+    part's rows keep their own scales; the padding's outputs are never handed out."""
+
+    def __init__(self, w: dict[str, torch.Tensor], names: list[str]):
+        fp8 = names[0] + "_scale_inv" in w
+        weights, scales, self.spans = [], [], []
+        start = 0
+        for i, n in enumerate(names):
+            weight, scale = w[n], w.get(n + "_scale_inv")
+            rows = weight.shape[0]
+            if fp8 and i < len(names) - 1:
+                weight, scale = pad_fp8_rows(weight, scale, -(-rows // QUANT_GROUP) * QUANT_GROUP)
+            weights.append(weight)
+            scales.append(scale)
+            self.spans.append((start, rows))
+            start += weight.shape[0]
+        super().__init__(torch.cat(weights), torch.cat(scales) if fp8 else None)
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self(x)
+        return [y[..., s : s + n] for s, n in self.spans]
+
+
 def pad_fp8_rows(weight: torch.Tensor, scale_inv: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero rows up to `rows` (a multiple of 128): the scale grid already covers a partial block."""
     if weight.shape[0] == rows:

@@ -2,6 +2,8 @@
 
 Per token: queries  h -> q_a_proj -> q_a_layernorm -> q_b_proj -> [H, nope | rope]
            latent   h -> kv_a_proj_with_mqa -> [c_kv (kv_lora_rank) | k_pe (rope)]
+q_a_proj and kv_a_proj_with_mqa read the same input, so they run as one linear over their stacked
+weights (as SGLang's fused_qkv_a_proj_with_mqa): one activation quantization and one GEMM launch.
 The cache keeps kv_a_layernorm(c_kv) and rope(k_pe). Attention runs in the absorbed form:
 W_UK (the key half of kv_b_proj) is folded into the queries and W_UV (the value half) is applied
 to the latent output, so keys and values are never expanded per head.
@@ -14,7 +16,7 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from kernels.mla_attention import AttentionPlan, mla_attention
-from model.layers import Linear, RMSNorm
+from model.layers import Linear, RMSNorm, StackedLinear
 from model.rope import RotaryEmbedding
 
 
@@ -24,12 +26,12 @@ class MLA(nn.Module):
         self.cfg = cfg
         p = prefix + ".self_attn."
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear.load(w, p + "q_a_proj.weight")
+            self.qkv_a_proj = StackedLinear(w, [p + "q_a_proj.weight", p + "kv_a_proj_with_mqa.weight"])
             self.q_a_layernorm = RMSNorm(w[p + "q_a_layernorm.weight"], cfg.rms_norm_eps)
             self.q_b_proj = Linear.load(w, p + "q_b_proj.weight")
         else:
             self.q_proj = Linear.load(w, p + "q_proj.weight")
-        self.kv_a_proj_with_mqa = Linear.load(w, p + "kv_a_proj_with_mqa.weight")
+            self.kv_a_proj_with_mqa = Linear.load(w, p + "kv_a_proj_with_mqa.weight")
         self.kv_a_layernorm = RMSNorm(w[p + "kv_a_layernorm.weight"], cfg.rms_norm_eps)
         self.o_proj = Linear.load(w, p + "o_proj.weight")
         heads, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -42,14 +44,16 @@ class MLA(nn.Module):
         cfg = self.cfg
         t = x.shape[0]
         if cfg.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_a, kv_a = self.qkv_a_proj.parts(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+            c_kv, k_pe = kv_a.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         else:
             q = self.q_proj(x)
+            c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q = q.view(t, cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         q_pe = rope(q_pe, positions)
 
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         entry = torch.cat([self.kv_a_layernorm(c_kv), rope(k_pe, positions)], dim=-1)
         cache.view(-1, cache.shape[-1])[slot_mapping] = entry.to(cache.dtype)
 

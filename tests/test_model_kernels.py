@@ -35,7 +35,7 @@ def test_kernel_path_holds_fp8_weights(tiny_checkpoint, cfg):
     w = load_weights(tiny_checkpoint, cfg, torch.bfloat16, include_mtp=False, keep_fp8=True)
     model = DeepseekV3(cfg, w)
     attn = model.layers[0].self_attn
-    assert attn.q_a_proj.weight.dtype == torch.float8_e4m3fn and attn.q_a_proj.scale_inv is not None
+    assert attn.qkv_a_proj.weight.dtype == torch.float8_e4m3fn and attn.qkv_a_proj.scale_inv is not None
     assert model.layers[1].mlp.experts.fp8 and model.layers[1].mlp.experts.gate_up.dtype == torch.float8_e4m3fn
     assert attn.w_uk.dtype == torch.bfloat16  # kv_b_proj is absorbed in the compute dtype
 
