@@ -76,7 +76,9 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
     short = [i for i, n in enumerate(q_lens) if n <= SHORT_QUERY_MAX]
     long = [i for i, n in enumerate(q_lens) if n > SHORT_QUERY_MAX]
     prefills = [PrefillChunk(batch.query_start[i], batch.query_start[i + 1], i, batch.context_lens[i]) for i in long]
-    if not triton_wanted(like) and native.library() is None:
+    # The compiled kernel reads host memory: the torch reference on a GPU tensor (tests comparing
+    # against it on the GPU) takes the gathering path.
+    if not triton_wanted(like) and (like.device.type != "cpu" or native.library() is None):
         groups = [_group(batch, seqs, q_lens, like.dtype) for seqs in _similar_lengths(batch, short)]
         return AttentionPlan(batch.block_tables, groups, None, prefills, buffer)
     rows = _decode_rows(batch, short, q_lens) if short else None

@@ -73,8 +73,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mla_decode.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, p, p, p, i64, i64, p,
                                i32, i32, i32, i32, i32, i32, f32, i32, i32, i32]
     lib.mla_decode.restype = i32
-    lib.mla_decode_has_avx512_bf16.argtypes = []
-    lib.mla_decode_has_avx512_bf16.restype = i32
+    lib.mla_decode_impls.argtypes = []
+    lib.mla_decode_impls.restype = i32
     return lib
 
 
@@ -108,11 +108,33 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def fast_path(q: torch.Tensor, heads: int, rank: int, rope: int) -> bool:
-    """Whether the AVX-512 BF16 implementation takes these shapes (every DeepSeek-V3 shape in bf16)."""
+IMPLS = {"generic": 0, "avx512": 1, "amx": 2}
+
+
+def available_impls() -> list[str]:
+    """The implementations this machine runs: always the portable one; the AVX-512 BF16 one where
+    the CPU has those instructions; the AMX one where it has tile units and the OS grants them."""
     lib = library()
-    return (lib is not None and bool(lib.mla_decode_has_avx512_bf16()) and q.dtype == torch.bfloat16
-            and heads % 4 == 0 and rank % 64 == 0 and rope % 32 == 0)
+    mask = lib.mla_decode_impls() if lib is not None else 0
+    return [name for name, bit in (("generic", 0), ("avx512", 1), ("amx", 2)) if bit == 0 or mask & bit]
+
+
+def choose_impl(dtype: torch.dtype, heads: int, rank: int, rope: int, page: int) -> str:
+    """The fastest implementation that takes these shapes (DeepSeek-V3's, in bf16, take all three):
+    AMX (matrix tiles) over AVX-512 BF16 (vector dot products) over the portable loops.
+    MLASERVE_CPU_DECODE=avx512 (or generic) caps the choice, to compare or to work around one."""
+    have = available_impls()
+    cap = os.environ.get("MLASERVE_CPU_DECODE")
+    if cap is not None:
+        if cap not in IMPLS:
+            raise ValueError(f"MLASERVE_CPU_DECODE={cap!r}: expected one of {sorted(IMPLS)}")
+        have = [name for name in have if IMPLS[name] <= IMPLS[cap]]
+    if dtype == torch.bfloat16 and rank % 32 == 0 and rope % 32 == 0:
+        if "amx" in have and heads % 8 == 0 and page % 16 == 0:
+            return "amx"
+        if "avx512" in have and heads % 4 == 0 and rank % 64 == 0:
+            return "avx512"
+    return "generic"
 
 
 def choose_num_splits(rows: int, max_kv_len: int, page: int, threads: int) -> int:
@@ -126,14 +148,18 @@ def choose_num_splits(rows: int, max_kv_len: int, page: int, threads: int) -> in
 def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                          block_tables: torch.Tensor, seq_of_row: torch.Tensor, kv_lens: torch.Tensor,
                          softmax_scale: float, max_kv_len: int, num_splits: int | None = None,
-                         generic: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                         impl: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The contract of `kernels.mla_decode.paged_mla_decode`, on CPU tensors, through the compiled
     kernel (the caller checks `library()` first). Queries and `out` ([rows, heads, rank], written
     when given) may have any row and head strides, e.g. a transposed [heads, rows, ...] tensor.
-    `generic` forces the portable implementation."""
+    `impl` (a name from IMPLS) overrides `choose_impl`."""
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU kernels are not built (see kernels/native.py)")
+    tensors = (q_latent, q_pe, cache, block_tables, seq_of_row, kv_lens) + ((out,) if out is not None else ())
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("paged_mla_decode_cpu reads host memory: got tensors on "
+                         f"{sorted({str(t.device) for t in tensors})}")
     dtype = q_latent.dtype
     if dtype not in (torch.float32, torch.bfloat16) or cache.dtype != dtype or q_pe.dtype != dtype:
         raise TypeError(f"paged_mla_decode_cpu wants float32 or bfloat16 queries and cache of one dtype, "
@@ -154,11 +180,12 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     threads = torch.get_num_threads()
     splits = num_splits or choose_num_splits(rows, max_kv_len, page, threads)
     partial = torch.empty(rows * splits * heads * (rank + 2) if splits > 1 else 0, dtype=torch.float32)
-    avx512 = not generic and fast_path(q_latent, heads, rank, rope)
+    impl = impl or choose_impl(dtype, heads, rank, rope, page)
     rc = lib.mla_decode(_ptr(q_latent), q_latent.stride(0), q_latent.stride(1), _ptr(q_pe), q_pe.stride(0),
                         q_pe.stride(1), _ptr(cache), _ptr(tables), tables.stride(0), _ptr(seq_of_row),
                         _ptr(kv_lens), _ptr(out), out.stride(0), out.stride(1), _ptr(partial), rows, heads, rank,
-                        rope, page, splits, float(softmax_scale), q_latent.element_size(), int(avx512), threads)
+                        rope, page, splits, float(softmax_scale), q_latent.element_size(), IMPLS[impl], threads)
     if rc != 0:
-        raise RuntimeError(f"mla_decode refused rows={rows} heads={heads} rank={rank} rope={rope} dtype={dtype}")
+        raise RuntimeError(f"mla_decode ({impl}) refused rows={rows} heads={heads} rank={rank} rope={rope} "
+                           f"page={page} dtype={dtype}")
     return out

@@ -96,25 +96,33 @@ def test_groups_pad_little():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("impl", ["generic", "avx512", "amx"])
 @pytest.mark.parametrize("splits", [None, 1, 3, 40])
-def test_compiled_decode_kernel_matches_reference(dtype, generic, splits):
-    """DeepSeek-V3's cache geometry (512 + 64), 8 heads: ragged lengths with partial last blocks,
-    shuffled blocks, three query rows of one sequence at growing lengths, transposed (strided)
-    queries and output, the output poisoned with NaN first; the AVX-512 BF16 implementation (bf16)
-    and the portable one; contexts split in 3, and in more pieces than they have blocks."""
+@pytest.mark.parametrize("heads", [8, 32])
+def test_compiled_decode_kernel_matches_reference(dtype, impl, splits, heads):
+    """DeepSeek-V3's cache geometry (512 + 64), 8 heads (AMX: one group of 8) and 32 (two groups
+    of 16): ragged lengths with partial last blocks whose unwritten rows hold NaN, shuffled
+    blocks, three query rows of one sequence at growing lengths, transposed (strided) queries and
+    output, the output poisoned with NaN first; each implementation this CPU has; contexts split
+    in 3, and in more pieces than they have blocks."""
     if not compiled_kernels():
         pytest.skip("no C++ compiler")
+    if impl not in native.available_impls():
+        pytest.skip(f"this CPU has no {impl}")
+    if impl != "generic" and dtype != torch.bfloat16:
+        pytest.skip("the vector implementations are bf16 only")
     torch.manual_seed(1)
-    heads, rank, rope, page, num_blocks = 8, 512, 64, 16, 300
+    rank, rope, page, num_blocks = 512, 64, 16, 300
     cache = torch.randn(num_blocks, page, rank + rope).to(dtype)
     lens = [1, 15, 16, 17, 40, 100, 250]
     perm = torch.randperm(num_blocks)
     tables = torch.zeros(len(lens), 16, dtype=torch.long)
+    poisoned = cache.clone()
     used = 0
     for i, n in enumerate(lens):
         k = -(-n // page)
         tables[i, :k] = perm[used: used + k]
+        poisoned[tables[i, k - 1], n - (k - 1) * page:] = float("nan")  # never written: anything
         used += k
     seq_of_row = torch.tensor(list(range(len(lens))) + [5, 5])  # sequence 5 verifies two more tokens
     kv_lens = torch.tensor(lens + [98, 99])
@@ -122,8 +130,8 @@ def test_compiled_decode_kernel_matches_reference(dtype, generic, splits):
     q_latent = torch.randn(heads, rows, rank).to(dtype).transpose(0, 1)
     q_pe = torch.randn(rows, heads, rope).to(dtype)
     out = torch.full((heads, rows, rank), float("nan"), dtype=dtype).transpose(0, 1)
-    native.paged_mla_decode_cpu(q_latent, q_pe, cache, tables, seq_of_row, kv_lens, 0.06, max(lens),
-                                num_splits=splits, generic=generic, out=out)
+    native.paged_mla_decode_cpu(q_latent, q_pe, poisoned, tables, seq_of_row, kv_lens, 0.06, max(lens),
+                                num_splits=splits, impl=impl, out=out)
     ref = paged_mla_decode_ref(q_latent.float(), q_pe.float(), cache.float(), tables, seq_of_row, kv_lens, 0.06,
                                max(lens))
     assert not out.isnan().any()
@@ -131,6 +139,16 @@ def test_compiled_decode_kernel_matches_reference(dtype, generic, splits):
     assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
     per_row = (out.float() - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2))
     assert per_row.max() < (2e-2 if dtype == torch.bfloat16 else 1e-5), per_row
+
+
+def test_the_fastest_implementation_is_chosen():
+    if not compiled_kernels():
+        pytest.skip("no C++ compiler")
+    have = native.available_impls()
+    best = "amx" if "amx" in have else "avx512" if "avx512" in have else "generic"
+    assert native.choose_impl(torch.bfloat16, 128, 512, 64, 64) == best
+    assert native.choose_impl(torch.float32, 128, 512, 64, 64) == "generic"
+    assert native.choose_impl(torch.bfloat16, 6, 512, 64, 64) == "generic"  # no 4- or 8-head groups
 
 
 def test_compiled_decode_kernel_refuses_mismatched_dtypes():
@@ -141,6 +159,21 @@ def test_compiled_decode_kernel_refuses_mismatched_dtypes():
     with pytest.raises(TypeError, match="one dtype"):
         native.paged_mla_decode_cpu(torch.zeros(1, 4, 512), torch.zeros(1, 4, 64), cache, one[None], one, one + 1,
                                     0.1, 1)
+
+
+def test_compiled_decode_kernel_is_never_handed_device_memory():
+    """The torch reference on GPU tensors (as the GPU parity tests run it) plans the gathering
+    path, and the compiled kernel refuses non-host tensors instead of reading their pointers as
+    host memory (it crashed the process on the H100 before this check). `meta` stands in for CUDA."""
+    batch = ForwardBatch.build([SequenceChunk([1], 5, [0])], PAGE)
+    plan = attention.plan_attention(batch, torch.zeros(1, device="meta"))
+    assert plan.rows is None and len(plan.groups) == 1
+    if not compiled_kernels():
+        pytest.skip("no C++ compiler")
+    one = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="host memory"):
+        native.paged_mla_decode_cpu(torch.zeros(1, 4, 512, device="meta"), torch.zeros(1, 4, 64),
+                                    torch.zeros(2, 4, 576), one[None], one, one + 1, 0.1, 1)
 
 
 def test_a_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, caplog):

@@ -32,6 +32,10 @@
 #include <immintrin.h>
 #define MLASERVE_HAVE_AVX512_BF16 1
 #endif
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -292,6 +296,212 @@ void attend_bf16_avx512(const Problem& P, int r, int64_t t0, int64_t t1, SplitSt
 
 #endif  // MLASERVE_HAVE_AVX512_BF16
 
+#if defined(MLASERVE_HAVE_AVX512_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define MLASERVE_HAVE_AMX 1
+
+// Linux hands the AMX tile registers only to processes that ask for them.
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Heads go through in groups of G (16, or 8 for models with fewer heads). Tiles:
+//   0, 1  scores of 16 tokens x G heads (fp32)       2, 7  16 cache rows x 32 values (bf16), or
+//   3     32 query values x G heads, in pairs             32 tokens' values x 16 columns, in pairs
+//   4, 5  output, G heads x 16 latent columns (fp32) 6     probabilities, G heads x 32 tokens
+// The scores come out transposed (tokens x heads) because that puts the cache rows, read in
+// place, in the A operand; the values need pairs of tokens interleaved (the B operand's layout),
+// which is done once per 32 tokens for all head groups. Two output tiles are in flight at a time:
+// each tile's load, product and store form a dependent chain.
+void configure_tiles(int G) {
+  TileConfig c{};
+  c.palette_id = 1;
+  const int shape[8][2] = {{16, G * 4}, {16, G * 4}, {16, 64}, {16, G * 4}, {G, 64}, {G, 64}, {G, 64}, {16, 64}};
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = uint8_t(shape[t][0]);
+    c.colsb[t] = uint16_t(shape[t][1]);
+  }
+  _tile_loadconfig(&c);
+}
+
+constexpr int kAmxChunk = 32;  // tokens per step
+
+struct AmxScratch {
+  std::vector<uint16_t> qv;  // per group: [E / 32][16 pairs][G][2], the queries as B operands
+  std::vector<float> s;      // [32 tokens][G]: scores, then probabilities
+  std::vector<uint16_t> pa;  // [G][32]: probabilities as the A operand (bf16)
+  std::vector<uint16_t> vn;  // [16 pairs][rank][2]: the chunk's values as B operands
+  void reset(const Problem& P, int G) {
+    qv.resize(size_t(P.heads) * (P.rank + P.rope));
+    s.resize(size_t(kAmxChunk) * G);
+    pa.resize(size_t(G) * kAmxChunk);
+    vn.resize(size_t(kAmxChunk) * P.rank);
+  }
+};
+
+inline int amx_group(int heads) { return heads % 16 == 0 ? 16 : heads % 8 == 0 ? 8 : 0; }
+
+// Pairs of cache rows (2j, 2j + 1) interleaved per latent column; rows at or past nv are zeros, so
+// that values past the context (never written, possibly NaN) cannot reach the output through 0 * NaN.
+inline void values_to_pairs(const uint16_t* rows, int nv, int R, int E, uint16_t* vn) {
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(lo_idx);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int j = 0; j < kAmxChunk / 2; ++j) {
+    const uint16_t* a = rows + int64_t(2 * j) * E;
+    const uint16_t* b = a + E;
+    uint16_t* dst = vn + size_t(j) * 2 * R;
+    const bool has_a = 2 * j < nv, has_b = 2 * j + 1 < nv;
+    for (int d = 0; d < R; d += 32) {
+      const __m512i va = has_a ? _mm512_loadu_si512(a + d) : _mm512_setzero_si512();
+      const __m512i vb = has_b ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 2 * d, _mm512_permutex2var_epi16(va, lo, vb));
+      _mm512_storeu_si512(dst + 2 * d + 32, _mm512_permutex2var_epi16(va, hi, vb));
+    }
+  }
+}
+
+// r[i] lane j <- r[j] lane i, for 32-bit lanes.
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+void attend_bf16_amx(const Problem& P, int r, int64_t t0, int64_t t1, SplitState& st, AmxScratch& w) {
+  const int H = P.heads, R = P.rank, E = P.rank + P.rope, G = amx_group(H);
+  const __mmask16 kG = __mmask16((1u << G) - 1);
+  const uint16_t* ql = static_cast<const uint16_t*>(P.q_latent) + r * P.ql_row;
+  const uint16_t* qp = static_cast<const uint16_t*>(P.q_pe) + r * P.qp_row;
+  // qv[g][c][j][h][i] = q[g * G + h][32 c + 2 j + i]: each head's pairs of values, G pairs apart.
+  for (int h = 0; h < H; ++h) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(w.qv.data() + size_t(h / G) * G * E) + h % G;
+    const uint16_t* a = ql + h * P.ql_head;
+    const uint16_t* b = qp + h * P.qp_head;
+    for (int k = 0; k < R / 2; ++k) std::memcpy(dst + size_t(k) * G, a + 2 * k, 4);
+    for (int k = 0; k < P.rope / 2; ++k) std::memcpy(dst + size_t(R / 2 + k) * G, b + 2 * k, 4);
+  }
+  const __m512i pair_idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                            22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const uint16_t* cache = static_cast<const uint16_t*>(P.cache);
+  const int64_t* table = P.tables + int64_t(P.seq_of_row[r]) * P.table_stride;
+  const __m512 qk_scale = _mm512_set1_ps(P.scale * kLog2e);
+  for (int64_t b0 = t0; b0 < t1; b0 += P.page) {
+    const int n = int(std::min<int64_t>(P.page, t1 - b0));
+    const uint16_t* kb = cache + table[b0 / P.page] * P.page * E;
+    for (int c0 = 0; c0 < n; c0 += kAmxChunk) {
+      const int nv = std::min(kAmxChunk, n - c0);
+      const bool second = c0 + 16 < P.page;  // the second 16-row tile stays inside the block
+      const uint16_t* rows = kb + int64_t(c0) * E;
+      // The tile loads walk 16 rows a column strip at a time, which the hardware prefetchers do
+      // not follow: the next chunk's rows are fetched into L2 while this one is computed.
+      const uint16_t* ahead = c0 + 2 * kAmxChunk <= n ? rows + int64_t(kAmxChunk) * E
+                              : b0 + P.page < t1 ? cache + table[b0 / P.page + 1] * P.page * E : nullptr;
+      if (ahead != nullptr) {
+        const char* pf = reinterpret_cast<const char*>(ahead);
+        for (int c = 0; c < kAmxChunk * E * 2; c += 64) _mm_prefetch(pf + c, _MM_HINT_T1);
+      }
+      values_to_pairs(rows, nv, R, E, w.vn.data());
+      for (int g = 0; g < H / G; ++g) {
+        const uint16_t* qv = w.qv.data() + size_t(g) * G * E;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int c = 0; c < E / 32; ++c) {
+          _tile_loadd(3, qv + size_t(c) * 32 * G, G * 4);
+          _tile_loadd(2, rows + c * 32, E * 2);
+          _tile_dpbf16ps(0, 2, 3);
+          if (second) {
+            _tile_loadd(2, rows + 16 * E + c * 32, E * 2);
+            _tile_dpbf16ps(1, 2, 3);
+          }
+        }
+        float* s = w.s.data();
+        _tile_stored(0, s, G * 4);
+        if (second) _tile_stored(1, s + 16 * G, G * 4);
+        // Online softmax, all G heads in one vector; rows past nv never enter it.
+        float* m = st.m.data() + g * G;
+        float* l = st.l.data() + g * G;
+        const __m512 m_old = _mm512_maskz_loadu_ps(kG, m);
+        __m512 m_new = m_old;
+        for (int t = 0; t < nv; ++t) {
+          const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(kG, s + t * G), qk_scale);
+          _mm512_mask_storeu_ps(s + t * G, kG, x);
+          m_new = _mm512_max_ps(m_new, x);
+        }
+        const __m512 alpha = exp2_ps(_mm512_sub_ps(m_old, m_new));
+        // Probabilities of token pairs (2j, 2j + 1) as bf16, head h's pair in 32-bit lane h; the
+        // 16 x 16 transpose then gives each head its 32 tokens in order: the A operand's rows.
+        __m512 sum = _mm512_setzero_ps();
+        __m512i pairs[16];
+        for (int j = 0; j < kAmxChunk / 2; ++j) {
+          __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+          if (2 * j < nv) p0 = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(kG, s + 2 * j * G), m_new));
+          if (2 * j + 1 < nv) p1 = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(kG, s + (2 * j + 1) * G), m_new));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+          pairs[j] = _mm512_permutexvar_epi16(pair_idx, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+        }
+        transpose16x16_epi32(pairs);
+        for (int h = 0; h < G; ++h) _mm512_storeu_si512(w.pa.data() + size_t(h) * kAmxChunk, pairs[h]);
+        _mm512_mask_storeu_ps(l, kG, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kG, l), alpha, sum));
+        _mm512_mask_storeu_ps(m, kG, m_new);
+        // Rescale only the heads whose running max moved (after the first blocks, few do).
+        float* acc = st.acc.data() + size_t(g) * G * R;
+        unsigned moved = _mm512_mask_cmp_ps_mask(kG, m_new, m_old, _CMP_NEQ_UQ);
+        if (moved) {
+          alignas(64) float a[16];
+          _mm512_store_ps(a, alpha);
+          for (; moved; moved &= moved - 1) {
+            const int h = __builtin_ctz(moved);
+            const __m512 ah = _mm512_set1_ps(a[h]);
+            float* row = acc + size_t(h) * R;
+            for (int d = 0; d < R; d += 16) _mm512_storeu_ps(row + d, _mm512_mul_ps(ah, _mm512_loadu_ps(row + d)));
+          }
+        }
+        _tile_loadd(6, w.pa.data(), kAmxChunk * 2);
+        for (int dc = 0; dc < R / 16; dc += 2) {
+          _tile_loadd(4, acc + dc * 16, R * 4);
+          _tile_loadd(5, acc + dc * 16 + 16, R * 4);
+          _tile_loadd(2, w.vn.data() + dc * 32, R * 4);
+          _tile_loadd(7, w.vn.data() + dc * 32 + 32, R * 4);
+          _tile_dpbf16ps(4, 6, 2);
+          _tile_dpbf16ps(5, 6, 7);
+          _tile_stored(4, acc + dc * 16, R * 4);
+          _tile_stored(5, acc + dc * 16 + 16, R * 4);
+        }
+      }
+    }
+  }
+}
+
+#endif  // AMX
+
 template <typename T>
 void finish_row(const Problem& P, int r, const SplitState& st) {
   T* out = static_cast<T*>(P.out) + r * P.out_row;
@@ -333,7 +543,9 @@ void merge_splits(const Problem& P, int r, int h) {
   for (int d = 0; d < P.rank; ++d) store_f(out, d, acc[d] * inv);
 }
 
-template <typename T, bool kAvx512>
+enum Impl { kGeneric = 0, kAvx512 = 1, kAmx = 2 };
+
+template <typename T, Impl kImpl>
 void run(const Problem& P, int num_threads) {
   const int64_t work = int64_t(P.rows) * P.splits;
 #pragma omp parallel num_threads(num_threads)
@@ -342,20 +554,30 @@ void run(const Problem& P, int num_threads) {
     std::vector<float> qf;
     std::vector<uint16_t> qb;
     std::vector<float> alpha(P.heads);
-    if (kAvx512)
+    if (kImpl == kAvx512)
       qb.resize(size_t(P.heads) * (P.rank + P.rope));
-    else
+    else if (kImpl == kGeneric)
       qf.resize(size_t(P.heads) * (P.rank + P.rope));
+#ifdef MLASERVE_HAVE_AMX
+    AmxScratch amx;
+    if constexpr (kImpl == kAmx) {
+      amx.reset(P, amx_group(P.heads));
+      configure_tiles(amx_group(P.heads));  // per thread: tile state is each thread's own
+    }
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < work; ++w) {
       const int r = int(w / P.splits), split = int(w % P.splits);
       int64_t t0, t1;
       split_range(P, r, split, &t0, &t1);
       st.reset(P);
-#ifdef MLASERVE_HAVE_AVX512_BF16
-      if constexpr (kAvx512) attend_bf16_avx512(P, r, t0, t1, st, qb, alpha);
+#ifdef MLASERVE_HAVE_AMX
+      if constexpr (kImpl == kAmx) attend_bf16_amx(P, r, t0, t1, st, amx);
 #endif
-      if constexpr (!kAvx512) attend_generic<T>(P, r, t0, t1, st, qf, alpha);
+#ifdef MLASERVE_HAVE_AVX512_BF16
+      if constexpr (kImpl == kAvx512) attend_bf16_avx512(P, r, t0, t1, st, qb, alpha);
+#endif
+      if constexpr (kImpl == kGeneric) attend_generic<T>(P, r, t0, t1, st, qf, alpha);
       if (P.splits == 1)
         finish_row<T>(P, r, st);
       else
@@ -365,6 +587,9 @@ void run(const Problem& P, int num_threads) {
 #pragma omp for schedule(static)
       for (int64_t w = 0; w < int64_t(P.rows) * P.heads; ++w) merge_splits<T>(P, int(w / P.heads), int(w % P.heads));
     }
+#ifdef MLASERVE_HAVE_AMX
+    if constexpr (kImpl == kAmx) _tile_release();
+#endif
   }
 }
 
@@ -372,39 +597,55 @@ void run(const Problem& P, int num_threads) {
 
 extern "C" {
 
-// 1 when this build has the AVX-512 BF16 implementation.
-int mla_decode_has_avx512_bf16() {
+// Which implementations this build and this process can run: 1 = AVX-512 BF16, 2 = AMX (also
+// asks the kernel for the tile registers).
+int mla_decode_impls() {
+  int mask = 0;
 #ifdef MLASERVE_HAVE_AVX512_BF16
-  return 1;
-#else
-  return 0;
+  mask |= 1;
 #endif
+#ifdef MLASERVE_HAVE_AMX
+  if (amx_permitted()) mask |= 2;
+#endif
+  return mask;
 }
 
-// elem_bytes: 4 (float32) or 2 (bf16) for queries, cache and output alike. Returns 0 on success,
-// -1 when asked for an implementation or dtype this build does not have.
+// elem_bytes: 4 (float32) or 2 (bf16) for queries, cache and output alike; impl: 0 portable,
+// 1 AVX-512 BF16, 2 AMX. Returns 0 on success, -1 when asked for an implementation, dtype or
+// shape this build does not have.
 int mla_decode(const void* q_latent, int64_t ql_row, int64_t ql_head, const void* q_pe, int64_t qp_row,
                int64_t qp_head, const void* cache, const int64_t* tables, int64_t table_stride,
                const int32_t* seq_of_row, const int32_t* kv_lens, void* out, int64_t out_row, int64_t out_head,
                float* partial, int rows, int heads, int rank, int rope, int page, int splits, float scale,
-               int elem_bytes, int use_avx512, int num_threads) {
+               int elem_bytes, int impl, int num_threads) {
   const Problem P{q_latent, ql_row,  ql_head,   q_pe,   qp_row, qp_head, cache, tables, table_stride,
                   seq_of_row, kv_lens, out,     out_row, out_head, partial, rows, heads,  rank,
                   rope,     page,    splits,    scale};
   if (rows == 0) return 0;
-  if (use_avx512) {
-#ifdef MLASERVE_HAVE_AVX512_BF16
-    if (elem_bytes != 2 || heads % 4 || rank % 64 || rope % 32) return -1;
-    run<uint16_t, true>(P, num_threads);
+  if (impl == kAmx) {
+#ifdef MLASERVE_HAVE_AMX
+    if (!amx_permitted() || elem_bytes != 2 || amx_group(heads) == 0 || page % 16 || rank % 32 || rope % 32)
+      return -1;
+    run<uint16_t, kAmx>(P, num_threads);
     return 0;
 #else
     return -1;
 #endif
   }
+  if (impl == kAvx512) {
+#ifdef MLASERVE_HAVE_AVX512_BF16
+    if (elem_bytes != 2 || heads % 4 || rank % 64 || rope % 32) return -1;
+    run<uint16_t, kAvx512>(P, num_threads);
+    return 0;
+#else
+    return -1;
+#endif
+  }
+  if (impl != kGeneric) return -1;
   if (elem_bytes == 4)
-    run<float, false>(P, num_threads);
+    run<float, kGeneric>(P, num_threads);
   else if (elem_bytes == 2)
-    run<uint16_t, false>(P, num_threads);
+    run<uint16_t, kGeneric>(P, num_threads);
   else
     return -1;
   return 0;
