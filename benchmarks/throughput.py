@@ -30,9 +30,12 @@ def workload(n: int, seed: int, vocab: int, in_range, out_range):
 def run_mlaserve(ckpt: Path, reqs, args) -> float:
     from engine import LLM, SamplingParams
 
+    began = time.perf_counter()
     with LLM(ckpt, dtype="bfloat16", max_num_batched_tokens=args.max_num_batched_tokens,
              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory) as llm:
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        print(f"mlaserve start-up (processes, weights, kernel builds) and a 4-token warm-up: "
+              f"{time.perf_counter() - began:.1f} s", flush=True)
         params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
         start = time.perf_counter()
         outs = llm.generate([p for p, _ in reqs], params, use_tqdm=False)

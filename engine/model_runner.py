@@ -116,6 +116,11 @@ class ModelRunner:
                                  self.dtype, self.device)
         self._cache_layers = [self.cache.layer(i) for i in range(self.cfg.num_cache_layers)]
         self.state = WorkerState()
+        if self.device.startswith("cuda"):
+            # cuDNN's attention builds an execution plan for each new pair of query and key
+            # lengths, on the host, and every prefill chunk brings new ones: it took 59% of the
+            # worker's time in the H100 throughput run. Flash / memory-efficient attention do not.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if keep_fp8 and self.device.startswith("cuda") and ep is None:
             self._compile_kernels()
 

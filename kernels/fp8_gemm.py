@@ -27,7 +27,8 @@ def fp8_gemm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scal
     return (a_deq @ b_deq.T).to(out_dtype)
 
 
-@triton.jit
+# M changes every step: specializing on it (M % 16, M == 1) would compile a variant per kind of step.
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, M_BUCKET,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     BLOCK_K: tl.constexpr = 128

@@ -55,7 +55,7 @@ def align_by_expert(topk_ids: torch.Tensor, first_expert: int, num_local: int, b
     return ExpertAlignment(sorted_pairs[:capacity], block_expert, num_pairs, block_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # changes every step: one compiled variant
 def _grouped_fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, pairs_ptr, block_expert_ptr, weight_ptr,
     N, K, num_pairs, num_local, top_k,

@@ -36,7 +36,8 @@ def paged_mla_decode_ref(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     return torch.einsum("thl,tld->thd", scores.softmax(-1), kv[..., :rank]).to(q_latent.dtype)
 
 
-@triton.jit
+# The table width and split count change every step: one compiled variant, not one per value class.
+@triton.jit(do_not_specialize=["table_stride", "num_splits"])
 def _mla_decode_split_kernel(
     ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr,
     heads, table_stride, qk_scale_log2, num_splits,
@@ -105,7 +106,7 @@ def _mla_decode_split_kernel(
         tl.store(lse_ptr + part_rows, tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf")), mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _mla_decode_merge_kernel(part_ptr, lse_ptr, out_ptr, num_splits, RANK: tl.constexpr,
                              SPLITS_POW2: tl.constexpr):
     qrow = tl.program_id(0).to(tl.int64)  # row * heads + head
