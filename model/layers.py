@@ -49,7 +49,7 @@ class StackedLinear(Linear):
 
     def __init__(self, w: dict[str, torch.Tensor], names: list[str]):
         fp8 = names[0] + "_scale_inv" in w
-        weights, scales, self.spans = [], [], []
+        weights, scales, spans = [], [], []
         start = 0
         for i, n in enumerate(names):
             weight, scale = w[n], w.get(n + "_scale_inv")
@@ -58,9 +58,10 @@ class StackedLinear(Linear):
                 weight, scale = pad_fp8_rows(weight, scale, -(-rows // QUANT_GROUP) * QUANT_GROUP)
             weights.append(weight)
             scales.append(scale)
-            self.spans.append((start, rows))
+            spans.append((start, rows))
             start += weight.shape[0]
         super().__init__(torch.cat(weights), torch.cat(scales) if fp8 else None)
+        self.spans = spans
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = self(x)
