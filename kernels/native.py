@@ -23,7 +23,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "mla_decode_cpu.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp"]
+HEADERS = [CSRC / "cpu_common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
@@ -61,7 +63,7 @@ def _build(cxx: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -75,6 +77,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mla_decode.restype = i32
     lib.mla_decode_impls.argtypes = []
     lib.mla_decode_impls.restype = i32
+    lib.moe_experts.argtypes = [p, p, i32, p, p, p, p, i32, i32, i32]
+    lib.moe_experts.restype = i32
+    lib.moe_experts_available.argtypes = []
+    lib.moe_experts_available.restype = i32
     return lib
 
 
@@ -88,8 +94,9 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
-        target = cache_dir() / f"mla_decode_cpu-{key.hexdigest()[:16]}.so"
+        texts = [f.read_text() for f in SOURCES + HEADERS]
+        key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode())
+        target = cache_dir() / f"mlaserve_cpu-{key.hexdigest()[:16]}.so"
         if not target.exists():
             _build(cxx, target)
         return _bind(ctypes.CDLL(str(target)))
@@ -188,4 +195,43 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     if rc != 0:
         raise RuntimeError(f"mla_decode ({impl}) refused rows={rows} heads={heads} rank={rank} rope={rope} "
                            f"page={page} dtype={dtype}")
+    return out
+
+
+def moe_experts_available(dtype: torch.dtype, hidden: int, inter: int) -> bool:
+    """Whether `moe_experts` runs here: bf16, the CPU has AMX and the OS grants it, hidden a
+    multiple of 64 and the expert width of 32 (DeepSeek-V3: 7168 and 2048)."""
+    lib = library()
+    return (lib is not None and bool(lib.moe_experts_available()) and dtype == torch.bfloat16
+            and hidden % 64 == 0 and inter % 32 == 0 and os.environ.get("MLASERVE_CPU_MOE", "1") != "0")
+
+
+def pack_pairs(w: torch.Tensor) -> torch.Tensor:
+    """[n, K, N] -> [n, K / 2, N, 2]: pairs of rows interleaved, the layout AMX tiles take as B."""
+    n, k, cols = w.shape
+    return w.view(n, k // 2, 2, cols).transpose(2, 3).contiguous()
+
+
+def moe_experts(rows: torch.Tensor, starts: torch.Tensor, gate_up_pairs: torch.Tensor, down_pairs: torch.Tensor,
+                route_w: torch.Tensor) -> torch.Tensor:
+    """rows [R, hidden] bf16 sorted by expert (expert e: rows starts[e]..starts[e+1]);
+    gate_up_pairs = pack_pairs([n, hidden, 2 inter]); down_pairs = pack_pairs([n, inter, hidden]);
+    route_w [R] -> [R, hidden]: route_w * (silu(x W_gate) * (x W_up)) W_down per row."""
+    lib = library()
+    n, half_hidden, two_inter, _ = gate_up_pairs.shape
+    hidden, inter = half_hidden * 2, two_inter // 2
+    rows = rows.contiguous()
+    starts = starts.to(torch.int64).contiguous()
+    route_w = route_w.to(torch.float32).contiguous()
+    if (rows.dtype != torch.bfloat16 or rows.shape[1] != hidden or starts.numel() != n + 1
+            or down_pairs.shape != (n, inter // 2, hidden, 2) or route_w.numel() != rows.shape[0]):
+        raise ValueError(f"moe_experts: rows {tuple(rows.shape)} {rows.dtype}, starts {starts.numel()}, "
+                         f"gate_up {tuple(gate_up_pairs.shape)}, down {tuple(down_pairs.shape)} do not fit")
+    out = torch.empty_like(rows)
+    if rows.shape[0] == 0:
+        return out
+    rc = lib.moe_experts(_ptr(rows), _ptr(starts), n, _ptr(gate_up_pairs), _ptr(down_pairs), _ptr(route_w),
+                         _ptr(out), hidden, inter, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"moe_experts refused hidden={hidden} inter={inter}")
     return out

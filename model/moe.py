@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
+from kernels import native
 from kernels.fused_moe import fused_moe
 from model.expert_parallel import ExpertParallel
 from model.layers import DenseMLP, fuse_gate_up_fp8
@@ -40,7 +41,9 @@ class Gate(nn.Module):
 
 class RoutedExperts(nn.Module):
     """This rank's experts [first, first + n), stacked. With FP8 weights (scales given) the fused
-    MoE kernel runs them all in two grouped GEMMs; with dequantized weights (the CPU path) tokens
+    MoE kernel runs them all in two grouped GEMMs. With dequantized bf16 weights on a CPU with AMX
+    the compiled kernel (kernels/csrc/moe_cpu.cpp) runs them, on weights stored once in the tiles'
+    layout (1.9-2.1x the torch path below at 256 and 2048 tokens). Otherwise tokens
     are laid out per expert in rows padded to the busiest expert's count, and two batched matmuls
     run every expert at once (1.7-4.7x faster than a matmul per expert on the CPU from 8 to 2048
     tokens, even with 3x padding: a call on a few dozen rows costs more in overhead than in
@@ -52,11 +55,20 @@ class RoutedExperts(nn.Module):
     ROWS_PER_CALL = 100
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, first_expert: int,
-                 gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None):
+                 gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
+                 compiled: bool | None = None):
         super().__init__()
         self.first_expert = first_expert
         self.fp8 = gate_up_scale is not None
-        if self.fp8:
+        n, two_inter, hidden = gate_up.shape
+        if compiled is None:  # the compiled AMX kernel where it runs (kernels/csrc/moe_cpu.cpp)
+            compiled = (not self.fp8 and gate_up.device.type == "cpu"
+                        and native.moe_experts_available(gate_up.dtype, hidden, two_inter // 2))
+        self.compiled = compiled
+        if self.compiled:  # stored as the tiles read them: pairs of rows interleaved
+            self.gate_up_pairs = nn.Parameter(native.pack_pairs(gate_up.transpose(1, 2)), requires_grad=False)
+            self.down_pairs = nn.Parameter(native.pack_pairs(down.transpose(1, 2)), requires_grad=False)
+        elif self.fp8:
             self.gate_up = nn.Parameter(gate_up, requires_grad=False)  # [n, 2 * inter, hidden]
             self.down = nn.Parameter(down, requires_grad=False)  # [n, hidden, inter]
             self.gate_up_scale = nn.Parameter(gate_up_scale, requires_grad=False)
@@ -67,7 +79,7 @@ class RoutedExperts(nn.Module):
 
     @property
     def num_local(self) -> int:
-        return (self.gate_up if self.fp8 else self.gate_up_t).shape[0]
+        return (self.gate_up_pairs if self.compiled else self.gate_up if self.fp8 else self.gate_up_t).shape[0]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, hidden]; ids, weights [T, k] (global expert ids). Returns Σ_k w·expert(x) over
@@ -82,6 +94,13 @@ class RoutedExperts(nn.Module):
         key = torch.where(on_rank, local, n)  # choices for other ranks' experts sort last
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=n + 1)
+        if self.compiled:
+            starts = torch.zeros(n + 1, dtype=torch.int64)
+            torch.cumsum(counts[:n], 0, out=starts[1:])
+            mine = order[: int(starts[-1])]  # this rank's choices, sorted by expert
+            out = native.moe_experts(x.index_select(0, mine // k), starts, self.gate_up_pairs, self.down_pairs,
+                                     weights.flatten()[mine])
+            return torch.zeros_like(x).index_add_(0, mine // k, out)
         per_expert = counts[:n].tolist()
         width = max(per_expert)
         if width == 0:

@@ -1,10 +1,12 @@
-"""The CPU path's routed experts (dequantized weights): padded batched matmuls, and the per-expert
-loop they fall back to under skewed routing, against each choice computed on its own."""
+"""The CPU path's routed experts (dequantized weights): the compiled AMX kernel, padded batched
+matmuls, and the per-expert loop they fall back to under skewed routing, against each choice
+computed on its own."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import native
 from model.moe import RoutedExperts
 
 E, HIDDEN, INTER, K = 8, 32, 24, 3
@@ -48,3 +50,28 @@ def test_routed_experts_without_tokens_or_local_choices():
     x = torch.randn(5, HIDDEN)
     ids = torch.tensor([[0, 1, 2]] * 5)  # every choice on another rank
     assert torch.equal(experts(x, torch.rand(5, K), ids), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("first,local", [(0, E), (2, 4)])
+@pytest.mark.parametrize("tokens", [1, 37, 600])
+def test_compiled_experts_match_each_choice(first, local, tokens):
+    """The AMX kernel (bf16, hidden 128, expert width 64): 16-row work items with short last ones,
+    experts without tokens, choices for other ranks' experts, skewed routing."""
+    hidden, inter = 128, 64
+    if not native.moe_experts_available(torch.bfloat16, hidden, inter):
+        pytest.skip("no compiler, or no AMX on this CPU")
+    torch.manual_seed(1)
+    gate_up = (torch.randn(local, 2 * inter, hidden) / hidden ** 0.5).bfloat16()
+    down = (torch.randn(local, hidden, inter) / inter ** 0.5).bfloat16()
+    experts = RoutedExperts(gate_up, down, first)
+    assert experts.compiled
+    x = torch.randn(tokens, hidden).bfloat16()
+    weights = torch.rand(tokens, K)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(tokens)])
+    ids[: tokens // 2, 0] = first  # half the tokens on one expert
+    ref = reference(gate_up, down, first, x, weights, ids)
+    out = experts(x, weights, ids)
+    assert out.dtype == torch.bfloat16 and not out.isnan().any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    torch_path = RoutedExperts(gate_up, down, first, compiled=False)
+    assert ((torch_path(x, weights, ids).double() - ref).norm() / ref.norm()).item() < 1e-2

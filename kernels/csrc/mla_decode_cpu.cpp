@@ -28,16 +28,11 @@
 
 #include <omp.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define MLASERVE_HAVE_AVX512_BF16 1
-#endif
-#if defined(__AMX_TILE__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "cpu_common.h"
 
 namespace {
+
+using namespace mlaserve;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -163,23 +158,6 @@ void attend_generic(const Problem& P, int r, int64_t t0, int64_t t1, SplitState&
 
 #ifdef MLASERVE_HAVE_AVX512_BF16
 
-// 2^x for x <= 0 (scores minus their running max): 2^round(x) * 2^f, f in [-1/2, 1/2], with the
-// Taylor series of e^(f ln 2) to degree 7 (relative error under 1e-8, below float32's).
-inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
-  const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, xi);
-  __m512 y = _mm512_set1_ps(1.525273380405984e-05f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.5403530393381608e-04f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618129107628477e-03f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550410866482158e-02f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402265069591007e-01f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931471805599453e-01f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(y, xi);
-}
-
 // online_softmax with 16 scores at a time.
 inline void online_softmax_avx512(const Problem& P, SplitState& st, int n, float* alpha) {
   for (int h = 0; h < P.heads; ++h) {
@@ -296,22 +274,7 @@ void attend_bf16_avx512(const Problem& P, int r, int64_t t0, int64_t t1, SplitSt
 
 #endif  // MLASERVE_HAVE_AVX512_BF16
 
-#if defined(MLASERVE_HAVE_AVX512_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define MLASERVE_HAVE_AMX 1
-
-// Linux hands the AMX tile registers only to processes that ask for them.
-bool amx_permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
+#ifdef MLASERVE_HAVE_AMX
 
 // Heads go through in groups of G (16, or 8 for models with fewer heads). Tiles:
 //   0, 1  scores of 16 tokens x G heads (fp32)       2, 7  16 cache rows x 32 values (bf16), or
@@ -322,14 +285,8 @@ struct alignas(64) TileConfig {
 // which is done once per 32 tokens for all head groups. Two output tiles are in flight at a time:
 // each tile's load, product and store form a dependent chain.
 void configure_tiles(int G) {
-  TileConfig c{};
-  c.palette_id = 1;
   const int shape[8][2] = {{16, G * 4}, {16, G * 4}, {16, 64}, {16, G * 4}, {G, 64}, {G, 64}, {G, 64}, {16, 64}};
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = uint8_t(shape[t][0]);
-    c.colsb[t] = uint16_t(shape[t][1]);
-  }
-  _tile_loadconfig(&c);
+  load_tile_config(shape, 8);
 }
 
 constexpr int kAmxChunk = 32;  // tokens per step

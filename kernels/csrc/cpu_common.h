@@ -1,0 +1,66 @@
+// What the CPU kernels of this folder share: which instruction sets the build has, a vector
+// exp2, and the AMX tile setup. Built with -march=native by kernels/native.py.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define MLASERVE_HAVE_AVX512_BF16 1
+#endif
+#if defined(MLASERVE_HAVE_AVX512_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define MLASERVE_HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace mlaserve {
+
+#ifdef MLASERVE_HAVE_AVX512_BF16
+// 2^x for x <= 0 (scores minus their running max): 2^round(x) * 2^f, f in [-1/2, 1/2], with the
+// Taylor series of e^(f ln 2) to degree 7 (relative error under 1e-8, below float32's).
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
+  const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, xi);
+  __m512 y = _mm512_set1_ps(1.525273380405984e-05f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.5403530393381608e-04f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618129107628477e-03f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550410866482158e-02f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402265069591007e-01f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931471805599453e-01f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, xi);
+}
+
+#endif  // MLASERVE_HAVE_AVX512_BF16
+
+#ifdef MLASERVE_HAVE_AMX
+// Linux hands the AMX tile registers only to processes that ask for them.
+inline bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Every tile 16 rows x 64 bytes, except those `shape` names otherwise ({rows, bytes per row}).
+inline void load_tile_config(const int (*shape)[2], int count) {
+  TileConfig c{};
+  c.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = uint8_t(t < count ? shape[t][0] : 16);
+    c.colsb[t] = uint16_t(t < count ? shape[t][1] : 64);
+  }
+  _tile_loadconfig(&c);
+}
+#endif  // MLASERVE_HAVE_AMX
+
+}  // namespace mlaserve
