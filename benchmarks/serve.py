@@ -118,10 +118,17 @@ def main() -> None:
                                    "--port", "0", "--metrics-port", "0", "--kv-cache-memory",
                                    str(args.kv_cache_memory)] + ["--no-async-scheduling"] * args.no_async_scheduling,
                                   stderr=subprocess.PIPE, text=True)
-        m = re.search(r"on (tcp://[^\s,]+)", server.stderr.readline())
+        m, seen = None, []
+        while m is None and len(seen) < 50:  # log lines (a warning, say) may come first
+            line = server.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            m = re.search(r"on (tcp://[^\s,]+)", line)
         if not m:
-            server.kill()
-            sys.exit("the server did not start")
+            server.send_signal(signal.SIGTERM)  # its own shutdown stops its engine processes
+            server.wait(timeout=120)
+            sys.exit("the server did not start: " + "".join(seen))
         address = m.group(1)
     try:
         asyncio.run(run(address, reqs[:2], 0, args.seed))  # warm-up

@@ -41,9 +41,18 @@ class RunningServer:
             [sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(checkpoint), "--port", "0",
              "--metrics-port", "0", *ENGINE_ARGS, *extra],
             stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()
-        m = re.search(r"on (tcp://\S+), metrics on (http://\S+)", line)
-        assert m, f"server did not start: {line}{self.proc.stderr.read() if self.proc.poll() is not None else ''}"
+        # Log lines (a warning, say) may come before the one that says where it listens. A server
+        # that never says it is stopped here, so a failed start leaves no process behind.
+        lines, m = [], None
+        while m is None and len(lines) < 50:
+            line = self.proc.stderr.readline()
+            if not line:  # exited
+                break
+            lines.append(line)
+            m = re.search(r"on (tcp://\S+), metrics on (http://\S+)", line)
+        if m is None:
+            self.stop()
+            raise AssertionError(f"server did not start: {''.join(lines)}{self.proc.stderr.read()}")
         self.address, self.metrics_url = m.group(1), m.group(2)
         self.children = _children(self.proc.pid)
 
