@@ -212,12 +212,21 @@ def pack_pairs(w: torch.Tensor) -> torch.Tensor:
     return w.view(n, k // 2, 2, cols).transpose(2, 3).contiguous()
 
 
+def unpack_pairs(w: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_pairs`: [n, K / 2, N, 2] -> [n, K, N]."""
+    n, half, cols, _ = w.shape
+    return w.transpose(2, 3).reshape(n, 2 * half, cols)
+
+
 def moe_experts(rows: torch.Tensor, starts: torch.Tensor, gate_up_pairs: torch.Tensor, down_pairs: torch.Tensor,
                 route_w: torch.Tensor) -> torch.Tensor:
     """rows [R, hidden] bf16 sorted by expert (expert e: rows starts[e]..starts[e+1]);
     gate_up_pairs = pack_pairs([n, hidden, 2 inter]); down_pairs = pack_pairs([n, inter, hidden]);
     route_w [R] -> [R, hidden]: route_w * (silu(x W_gate) * (x W_up)) W_down per row."""
     lib = library()
+    tensors = (rows, starts, gate_up_pairs, down_pairs, route_w)
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError(f"moe_experts reads host memory: got tensors on {sorted({str(t.device) for t in tensors})}")
     n, half_hidden, two_inter, _ = gate_up_pairs.shape
     hidden, inter = half_hidden * 2, two_inter // 2
     rows = rows.contiguous()

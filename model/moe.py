@@ -77,6 +77,17 @@ class RoutedExperts(nn.Module):
             self.gate_up_t = nn.Parameter(gate_up.transpose(1, 2).contiguous(), requires_grad=False)  # [n, hidden, 2I]
             self.down_t = nn.Parameter(down.transpose(1, 2).contiguous(), requires_grad=False)  # [n, inter, hidden]
 
+    def _apply(self, fn, recurse=True):
+        """Moved to another device or cast to another dtype (`.to(...)`), the experts leave the
+        compiled kernel, which reads bf16 host memory, for the torch path and its layout."""
+        super()._apply(fn, recurse)
+        if self.compiled and (self.gate_up_pairs.device.type != "cpu" or self.gate_up_pairs.dtype != torch.bfloat16):
+            self.gate_up_t = nn.Parameter(native.unpack_pairs(self.gate_up_pairs), requires_grad=False)
+            self.down_t = nn.Parameter(native.unpack_pairs(self.down_pairs), requires_grad=False)
+            del self.gate_up_pairs, self.down_pairs
+            self.compiled = False
+        return self
+
     @property
     def num_local(self) -> int:
         return (self.gate_up_pairs if self.compiled else self.gate_up if self.fp8 else self.gate_up_t).shape[0]

@@ -75,3 +75,25 @@ def test_compiled_experts_match_each_choice(first, local, tokens):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
     torch_path = RoutedExperts(gate_up, down, first, compiled=False)
     assert ((torch_path(x, weights, ids).double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_compiled_experts_leave_the_kernel_when_moved_or_cast():
+    """The kernel reads bf16 host memory: moved to another device (`meta` stands in for CUDA) or
+    cast to float32, the experts take the torch path, on the same weights."""
+    hidden, inter = 128, 64
+    if not native.moe_experts_available(torch.bfloat16, hidden, inter):
+        pytest.skip("no compiler, or no AMX on this CPU")
+    gate_up = torch.randn(4, 2 * inter, hidden).bfloat16()
+    down = torch.randn(4, hidden, inter).bfloat16()
+    moved = RoutedExperts(gate_up, down, 0).to("meta")
+    assert not moved.compiled and moved.gate_up_t.shape == (4, hidden, 2 * inter) and moved.gate_up_t.is_meta
+    cast = RoutedExperts(gate_up, down, 0).float()
+    assert not cast.compiled
+    assert torch.equal(cast.gate_up_t, gate_up.transpose(1, 2).float())
+    assert torch.equal(cast.down_t, down.transpose(1, 2).float())
+    x, weights, ids = torch.randn(9, hidden), torch.rand(9, K), torch.randint(0, 4, (9, K))
+    assert cast(x, weights, ids).shape == (9, hidden)
+    with pytest.raises(ValueError, match="host memory"):
+        native.moe_experts(torch.zeros(1, hidden, device="meta"), torch.zeros(5, dtype=torch.int64),
+                           native.pack_pairs(gate_up.transpose(1, 2)), native.pack_pairs(down.transpose(1, 2)),
+                           torch.ones(1))
