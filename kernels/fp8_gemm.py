@@ -125,10 +125,9 @@ def _m_bucket(m: int) -> int:
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-             out_dtype: torch.dtype = torch.bfloat16, tile: tuple[int, int, int, int] | None = None,
-             autotune: bool = False) -> torch.Tensor:
-    """`tile` overrides the chosen (BLOCK_M, BLOCK_N, warps, stages); `autotune` times all candidates
-    on first use of each shape bucket instead (benchmarks)."""
+             out_dtype: torch.dtype = torch.bfloat16, autotune: bool = False) -> torch.Tensor:
+    """On CUDA the tile is `gemm_tile`'s; `autotune` times all candidates on first use of each
+    shape bucket instead (benchmarks)."""
     if not triton_wanted(a):
         return fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype)
     m, k = a.shape
@@ -148,9 +147,9 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         fp8_gemm_autotuned[grid](a, a_scale, b, b_scale, c, m, n, k, _m_bucket(m), EVEN_K=even_k)
         return c
     if a.is_cuda:
-        bm, bn, warps, stages = tile or gemm_tile(m, n, _num_sms(a.device))
+        bm, bn, warps, stages = gemm_tile(m, n, _num_sms(a.device))
     else:  # the interpreter: small tiles
-        bm, bn, warps, stages = tile or (32, 64, 4, 1)
+        bm, bn, warps, stages = 32, 64, 4, 1
     _fp8_gemm_kernel[(cdiv(m, bm) * cdiv(n, bn),)](a, a_scale, b, b_scale, c, m, n, k, 0, BLOCK_M=bm, BLOCK_N=bn,
                                                   GROUP_M=8 if a.is_cuda else 4, EVEN_K=even_k,
                                                   num_warps=warps, num_stages=stages)

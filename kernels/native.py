@@ -111,6 +111,12 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _require_host(kernel: str, *tensors: torch.Tensor) -> None:
+    """The compiled kernels read host memory through raw pointers: anything else is refused."""
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError(f"{kernel} reads host memory: got tensors on {sorted({str(t.device) for t in tensors})}")
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -163,10 +169,8 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU kernels are not built (see kernels/native.py)")
-    tensors = (q_latent, q_pe, cache, block_tables, seq_of_row, kv_lens) + ((out,) if out is not None else ())
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError("paged_mla_decode_cpu reads host memory: got tensors on "
-                         f"{sorted({str(t.device) for t in tensors})}")
+    _require_host("paged_mla_decode_cpu", q_latent, q_pe, cache, block_tables, seq_of_row, kv_lens,
+                  *([out] if out is not None else []))
     dtype = q_latent.dtype
     if dtype not in (torch.float32, torch.bfloat16) or cache.dtype != dtype or q_pe.dtype != dtype:
         raise TypeError(f"paged_mla_decode_cpu wants float32 or bfloat16 queries and cache of one dtype, "
@@ -224,9 +228,7 @@ def moe_experts(rows: torch.Tensor, starts: torch.Tensor, gate_up_pairs: torch.T
     gate_up_pairs = pack_pairs([n, hidden, 2 inter]); down_pairs = pack_pairs([n, inter, hidden]);
     route_w [R] -> [R, hidden]: route_w * (silu(x W_gate) * (x W_up)) W_down per row."""
     lib = library()
-    tensors = (rows, starts, gate_up_pairs, down_pairs, route_w)
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError(f"moe_experts reads host memory: got tensors on {sorted({str(t.device) for t in tensors})}")
+    _require_host("moe_experts", rows, starts, gate_up_pairs, down_pairs, route_w)
     n, half_hidden, two_inter, _ = gate_up_pairs.shape
     hidden, inter = half_hidden * 2, two_inter // 2
     rows = rows.contiguous()

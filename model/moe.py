@@ -60,7 +60,7 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.first_expert = first_expert
         self.fp8 = gate_up_scale is not None
-        n, two_inter, hidden = gate_up.shape
+        _, two_inter, hidden = gate_up.shape
         if compiled is None:  # the compiled AMX kernel where it runs (kernels/csrc/moe_cpu.cpp)
             compiled = (not self.fp8 and gate_up.device.type == "cpu"
                         and native.moe_experts_available(gate_up.dtype, hidden, two_inter // 2))
