@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp"]
+SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp", CSRC / "norm_cpu.cpp"]
 HEADERS = [CSRC / "cpu_common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -81,6 +81,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_experts.restype = i32
     lib.moe_experts_available.argtypes = []
     lib.moe_experts_available.restype = i32
+    lib.rms_norm_bf16.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i64, i32, f32, i32]
+    lib.rms_norm_bf16.restype = i32
     return lib
 
 
@@ -246,3 +248,44 @@ def moe_experts(rows: torch.Tensor, starts: torch.Tensor, gate_up_pairs: torch.T
     if rc != 0:
         raise RuntimeError(f"moe_experts refused hidden={hidden} inter={inter}")
     return out
+
+
+def rms_norm_available(x: torch.Tensor) -> bool:
+    """Whether `rms_norm` takes x: bf16 host rows with a contiguous last dim, the library built."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() >= 1 and x.stride(-1) == 1
+            and library() is not None)
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t as [rows, cols] without copying where its leading dims flatten into one row stride."""
+    flat = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return flat, flat.stride(0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """model/layers.py's RMSNorm of x (bf16, any row stride) through the compiled kernel. With
+    `residual`, normalizes h = x + residual instead and returns (norm(h), h), the add fused in."""
+    lib = library()
+    tensors = [x, weight] + ([residual] if residual is not None else [])
+    _require_host("rms_norm", *tensors)
+    cols = x.shape[-1]
+    if any(t.dtype != torch.bfloat16 for t in tensors) or weight.shape != (cols,) or (
+            residual is not None and residual.shape != x.shape):
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+                         + (f", residual {tuple(residual.shape)} {residual.dtype}" if residual is not None else "")
+                         + ": wants bf16 rows and a weight as wide")
+    x2, x_stride = _rows(_last_dim_contiguous(x))
+    out = torch.empty(x.shape, dtype=x.dtype)
+    weight = weight.contiguous()
+    if residual is None:
+        y2, y_stride, h = None, 0, None
+    else:
+        y2, y_stride = _rows(_last_dim_contiguous(residual))
+        h = torch.empty(x.shape, dtype=x.dtype)
+    rc = lib.rms_norm_bf16(_ptr(x2), x_stride, _ptr(y2) if y2 is not None else None, y_stride,
+                           _ptr(h) if h is not None else None, cols, _ptr(weight), _ptr(out), cols,
+                           x2.shape[0], cols, float(eps), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"rms_norm refused rows of {cols}")
+    return out if h is None else (out, h)

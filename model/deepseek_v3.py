@@ -33,9 +33,16 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(w, m)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, plan: AttentionPlan,
-                rope: RotaryEmbedding) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), batch.positions, batch.slot_mapping, cache, plan, rope)
-        return h + self.mlp(self.post_attention_layernorm(h))
+                rope: RotaryEmbedding, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input is x + residual (x alone without one); returns (mlp output, residual),
+        whose sum is its output: each residual add happens inside the next norm (as vLLM's layers)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        a = self.self_attn(h, batch.positions, batch.slot_mapping, cache, plan, rope)
+        h, residual = self.post_attention_layernorm(a, residual)
+        return self.mlp(h), residual
 
 
 class DeepseekV3(nn.Module):
@@ -62,10 +69,10 @@ class DeepseekV3(nn.Module):
         """Writes every token's latent entries into the cache; returns the last layer's hidden
         states before the final norm, [T, hidden] (the MTP module reads these)."""
         plan = plan_attention(batch, self.embed_tokens, self.gather_buffer)
-        x = F.embedding(batch.input_ids, self.embed_tokens)
+        x, residual = F.embedding(batch.input_ids, self.embed_tokens), None
         for layer in self.layers:
-            x = layer(x, batch, cache_layers[layer.layer_idx], plan, self.rope)
-        return x
+            x, residual = layer(x, batch, cache_layers[layer.layer_idx], plan, self.rope, residual)
+        return x + residual
 
     def idle_forward(self) -> None:
         """A step without tokens on this rank: it still serves the other ranks' expert choices,

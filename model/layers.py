@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import native
 from kernels.fp8_gemm import fp8_gemm, fp8_linear
 from kernels.quant import QUANT_GROUP, silu_mul_quant
 
@@ -16,7 +17,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with `residual`, (norm(h), h) for h = x + residual (the add fused in on the CPU)."""
+        if self.weight.dtype == torch.bfloat16 and native.rms_norm_available(x):
+            return native.rms_norm(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self.reference(x)
+        h = x + residual
+        return self.reference(h), h
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32 and scale after casting back, as the reference does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

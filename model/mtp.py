@@ -55,7 +55,8 @@ class MTPModule(nn.Module):
         plan = plan_attention(batch, main.embed_tokens, main.gather_buffer)
         e = self.enorm(F.embedding(batch.input_ids, main.embed_tokens))
         x = self.eh_proj(torch.cat([e, self.hnorm(prev_hidden)], dim=-1))
-        return self.layer(x, batch, cache, plan, main.rope)
+        out, residual = self.layer(x, batch, cache, plan, main.rope)
+        return out + residual
 
     def idle_forward(self) -> None:
         """A pass without tokens on this rank (expert parallelism): serve the others' choices."""
