@@ -10,10 +10,11 @@ Triton paged decode kernel; on the CPU through the compiled kernel of kernels/na
 reads the cache blocks where they lie. Where that cannot be built, the plain-torch path here pads
 sequences that need the same number of cache blocks into one batched computation (so padding
 stays under a block per sequence, instead of growing to the longest context of the step) and runs
-torch's fused attention on it, the heads as query rows of one shared key/value head. Each longer
-prefill chunk, on either device, expands its context's latents to per-head keys and values (for
-a chunk of many queries that costs fewer flops than the absorbed form's 576-wide products) and
-runs torch's fused scaled_dot_product_attention.
+torch's fused attention on it, the heads as query rows of one shared key/value head. The step's
+longer prefill chunks, on either device, have their contexts' latents expanded to per-head keys
+and values, all chunks in one gather and one product (for a chunk of many queries that costs
+fewer flops than the absorbed form's 576-wide products), then torch's fused
+scaled_dot_product_attention per chunk.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class AttentionPlan:
     rows: DecodeRows | None  # short queries, Triton or compiled CPU kernel
     prefills: list[PrefillChunk]  # long queries, both paths
     buffer: GatherBuffer | None = None
+    prefill_slots: torch.Tensor | None = None  # cache rows of every prefill's context, in order
 
 
 def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer | None = None) -> AttentionPlan:
@@ -78,11 +80,24 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
     prefills = [PrefillChunk(batch.query_start[i], batch.query_start[i + 1], i, batch.context_lens[i]) for i in long]
     # The compiled kernel reads host memory: the torch reference on a GPU tensor (tests comparing
     # against it on the GPU) takes the gathering path.
+    slots = _context_slots(batch, prefills) if prefills else None
     if not triton_wanted(like) and (like.device.type != "cpu" or native.library() is None):
         groups = [_group(batch, seqs, q_lens, like.dtype) for seqs in _similar_lengths(batch, short)]
-        return AttentionPlan(batch.block_tables, groups, None, prefills, buffer)
+        return AttentionPlan(batch.block_tables, groups, None, prefills, buffer, slots)
     rows = _decode_rows(batch, short, q_lens) if short else None
-    return AttentionPlan(batch.block_tables, [], rows, prefills, buffer)
+    return AttentionPlan(batch.block_tables, [], rows, prefills, buffer, slots)
+
+
+def _context_slots(batch: ForwardBatch, prefills: list[PrefillChunk]) -> torch.Tensor:
+    """Flat cache rows (block * block_size + offset) of positions 0..context_len-1 of each chunk's
+    sequence, the chunks one after another."""
+    page = batch.block_size
+    offsets = torch.arange(page, device=batch.block_tables.device)
+    parts = []
+    for p in prefills:
+        pages = -(-p.context_len // page)
+        parts.append((batch.block_tables[p.seq, :pages, None].long() * page + offsets).flatten()[: p.context_len])
+    return torch.cat(parts)
 
 
 # A group's shortest member is padded by at most this fraction of its blocks (beyond one block).
@@ -208,37 +223,45 @@ def paged_mla_attention_ref(
         out[g.token_index[g.query_valid]] = og[g.query_valid]
 
 
-def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
-                         context_len: int, w_uk: torch.Tensor, w_uv: torch.Tensor,
-                         softmax_scale: float) -> torch.Tensor:
-    """One prefill chunk (the last len(q) of `context_len` positions) against its whole context:
-    latents expanded to per-head K [L, H, nope + rope] and V [L, H, v], then fused attention with
-    a bottom-right causal mask. Returns [Tq, H, v]."""
-    page = cache.shape[1]
+def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
+                         w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float, out: torch.Tensor) -> None:
+    """Every prefill chunk of the step (the last `end - start` of its `context_len` positions)
+    against its whole context: the contexts' latents gathered and expanded to per-head K
+    [L, H, nope + rope] and V [L, H, v] for all chunks at once, then fused attention per chunk with
+    a bottom-right causal mask, written into out[start:end]."""
     heads, nope, rank = w_uk.shape
     v_dim = w_uv.shape[1]
-    pages = -(-context_len // page)
-    latent = cache[block_table[:pages]].view(pages * page, -1)[:context_len]  # [L, 576]
+    latent = cache.view(-1, cache.shape[-1]).index_select(0, plan.prefill_slots)  # [L, 576], all contexts
+    total = latent.shape[0]
     c, k_pe = latent.split([rank, latent.shape[-1] - rank], dim=-1)
-    # Two plain linears over the [H * d, rank] weights: an einsum would copy the weights into
-    # its batched layout on every chunk (5x slower on the CPU).
-    k_nope = F.linear(c, w_uk.view(heads * nope, rank)).view(context_len, heads, nope)
-    v = F.linear(c, w_uv.view(heads * v_dim, rank)).view(context_len, heads, v_dim)
-    k = torch.cat([k_nope, k_pe[:, None].expand(-1, heads, -1)], dim=-1).transpose(0, 1)  # [H, L, nope + rope]
-    if not v.is_cuda:
-        # The fused CPU kernel wants values as wide as keys: zero columns, dropped after.
-        v = F.pad(v, (0, k.shape[-1] - v_dim))
-    v = v.transpose(0, 1)
-    q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, Tq, nope + rope]
-    if q.shape[1] == context_len:  # no cached prefix: the plain causal mask
-        o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=softmax_scale)
+    # One gather and two linears for the step's chunks together, not per chunk: per chunk, their
+    # fixed costs were half of the CPU's prefill attention time. Plain linears over the [H * d, rank]
+    # weights: an einsum would copy the weights into its batched layout on every call.
+    k = torch.empty(total, heads, nope + k_pe.shape[-1], dtype=latent.dtype, device=latent.device)
+    k[..., :nope] = F.linear(c, w_uk.view(heads * nope, rank)).view(total, heads, nope)
+    k[..., nope:] = k_pe[:, None]
+    if latent.is_cuda:
+        v = F.linear(c, w_uv.view(heads * v_dim, rank)).view(total, heads, v_dim)
     else:
-        # Bottom-right causal: query i sits at position context_len - Tq + i. (torch's
-        # causal_lower_right would do, but importing it loads torch._dynamo, a second of start-up.)
-        tq = q.shape[1]
-        mask = torch.ones(tq, context_len, dtype=torch.bool, device=q.device).tril(context_len - tq)
-        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=softmax_scale)
-    return o[0, ..., :v_dim].transpose(0, 1)
+        # The fused CPU kernel is 4x slower when values are narrower than keys: zero columns,
+        # dropped after.
+        v = torch.zeros_like(k)
+        v[..., :v_dim] = F.linear(c, w_uv.view(heads * v_dim, rank)).view(total, heads, v_dim)
+    q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, nope + rope]
+    first = 0
+    for p in plan.prefills:
+        n = p.context_len
+        qc, kc, vc = (t.transpose(0, 1)[None] for t in (q[p.start: p.end], k[first: first + n], v[first: first + n]))
+        first += n
+        tq = p.end - p.start
+        if tq == n:  # no cached prefix: the plain causal mask
+            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=softmax_scale)
+        else:
+            # Bottom-right causal: query i sits at position n - tq + i. (torch's causal_lower_right
+            # would do, but importing it loads torch._dynamo, a second of start-up.)
+            mask = torch.ones(tq, n, dtype=torch.bool, device=q.device).tril(n - tq)
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=softmax_scale)
+        out[p.start: p.end] = o[0, ..., :v_dim].transpose(0, 1)
 
 
 def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
@@ -274,8 +297,6 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
     if rows is not None:
         idx = rows.token_index
         out[idx] = _absorbed_decode(q_nope[idx], q_pe[idx], cache, plan, w_uk, w_uv, softmax_scale)
-    for p in plan.prefills:
-        out[p.start: p.end] = mla_prefill_expanded(q_nope[p.start: p.end], q_pe[p.start: p.end], cache,
-                                                   plan.block_tables[p.seq], p.context_len, w_uk, w_uv,
-                                                   softmax_scale)
+    if plan.prefills:
+        mla_prefill_expanded(q_nope, q_pe, cache, plan, w_uk, w_uv, softmax_scale, out)
     return out
