@@ -13,7 +13,8 @@ stays under a block per sequence, instead of growing to the longest context of t
 torch's fused attention on it, the heads as query rows of one shared key/value head. The step's
 longer prefill chunks, on either device, have their contexts' latents expanded to per-head keys
 and values, all chunks in one gather and one product (for a chunk of many queries that costs
-fewer flops than the absorbed form's 576-wide products), then torch's fused
+fewer flops than the absorbed form's 576-wide products), then causal attention: in bf16 on CPUs
+with AMX through the compiled prefill kernel (every chunk in one call), elsewhere torch's fused
 scaled_dot_product_attention per chunk.
 """
 
@@ -70,6 +71,7 @@ class AttentionPlan:
     prefills: list[PrefillChunk]  # long queries, both paths
     buffer: GatherBuffer | None = None
     prefill_slots: torch.Tensor | None = None  # cache rows of every prefill's context, in order
+    prefill_spans: torch.Tensor | None = None  # [4, chunks]: query start, count, context start, length
 
 
 def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer | None = None) -> AttentionPlan:
@@ -81,11 +83,16 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
     # The compiled kernel reads host memory: the torch reference on a GPU tensor (tests comparing
     # against it on the GPU) takes the gathering path.
     slots = _context_slots(batch, prefills) if prefills else None
+    spans = None
+    if prefills:
+        lens = [p.context_len for p in prefills]
+        spans = torch.tensor([[p.start for p in prefills], [p.end - p.start for p in prefills],
+                              [sum(lens[:i]) for i in range(len(lens))], lens])
     if not triton_wanted(like) and (like.device.type != "cpu" or native.library() is None):
         groups = [_group(batch, seqs, q_lens, like.dtype) for seqs in _similar_lengths(batch, short)]
-        return AttentionPlan(batch.block_tables, groups, None, prefills, buffer, slots)
+        return AttentionPlan(batch.block_tables, groups, None, prefills, buffer, slots, spans)
     rows = _decode_rows(batch, short, q_lens) if short else None
-    return AttentionPlan(batch.block_tables, [], rows, prefills, buffer, slots)
+    return AttentionPlan(batch.block_tables, [], rows, prefills, buffer, slots, spans)
 
 
 def _context_slots(batch: ForwardBatch, prefills: list[PrefillChunk]) -> torch.Tensor:
@@ -228,7 +235,8 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
     """Every prefill chunk of the step (the last `end - start` of its `context_len` positions)
     against its whole context: the contexts' latents gathered and expanded to per-head K
     [L, H, nope + rope] and V [L, H, v] for all chunks at once, then fused attention per chunk with
-    a bottom-right causal mask, written into out[start:end]."""
+    a bottom-right causal mask, written into out[start:end]. MLASERVE_CPU_PREFILL=0 keeps the CPU
+    on torch's attention."""
     heads, nope, rank = w_uk.shape
     v_dim = w_uv.shape[1]
     latent = cache.view(-1, cache.shape[-1]).index_select(0, plan.prefill_slots)  # [L, 576], all contexts
@@ -240,14 +248,15 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
     k = torch.empty(total, heads, nope + k_pe.shape[-1], dtype=latent.dtype, device=latent.device)
     k[..., :nope] = F.linear(c, w_uk.view(heads * nope, rank)).view(total, heads, nope)
     k[..., nope:] = k_pe[:, None]
-    if latent.is_cuda:
-        v = F.linear(c, w_uv.view(heads * v_dim, rank)).view(total, heads, v_dim)
-    else:
-        # The fused CPU kernel is 4x slower when values are narrower than keys: zero columns,
-        # dropped after.
-        v = torch.zeros_like(k)
-        v[..., :v_dim] = F.linear(c, w_uv.view(heads * v_dim, rank)).view(total, heads, v_dim)
+    v = F.linear(c, w_uv.view(heads * v_dim, rank)).view(total, heads, v_dim)
     q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, nope + rope]
+    if not latent.is_cuda and native.prefill_attention_available(q.dtype, q.shape[-1], v_dim):
+        native.prefill_attention(q, k, v, plan.prefill_spans, softmax_scale, out)
+        return
+    if not latent.is_cuda:
+        # torch's fused CPU kernel is 4x slower when values are narrower than keys: zero columns,
+        # dropped after.
+        v = F.pad(v, (0, k.shape[-1] - v_dim))
     first = 0
     for p in plan.prefills:
         n = p.context_len

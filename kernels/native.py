@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp", CSRC / "norm_cpu.cpp"]
+SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp", CSRC / "norm_cpu.cpp", CSRC / "prefill_attention_cpu.cpp"]
 HEADERS = [CSRC / "cpu_common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -83,6 +83,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_experts_available.restype = i32
     lib.rms_norm_bf16.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i64, i32, f32, i32]
     lib.rms_norm_bf16.restype = i32
+    lib.prefill_attention.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, p, p, p, p,
+                                      i32, i32, i32, i32, f32, i32]
+    lib.prefill_attention.restype = i32
+    lib.prefill_attention_available.argtypes = []
+    lib.prefill_attention_available.restype = i32
     return lib
 
 
@@ -289,3 +294,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if rc != 0:
         raise RuntimeError(f"rms_norm refused rows of {cols}")
     return out if h is None else (out, h)
+
+
+def prefill_attention_available(dtype: torch.dtype, qk_dim: int, v_dim: int) -> bool:
+    """Whether `prefill_attention` runs here: bf16, the CPU has AMX and the OS grants it, key width
+    a multiple of 32 and value width of 64 (DeepSeek-V3: 192 and 128). MLASERVE_CPU_PREFILL=0
+    turns it off (torch's fused attention instead)."""
+    lib = library()
+    return (lib is not None and dtype == torch.bfloat16 and qk_dim % 32 == 0 and v_dim % 64 == 0
+            and bool(lib.prefill_attention_available()) and os.environ.get("MLASERVE_CPU_PREFILL", "1") != "0")
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, scale: float,
+                      out: torch.Tensor) -> None:
+    """Causal attention of prefill chunks, all of them in one call. q [T, H, D], k [L, H, D],
+    v [L, H, Dv], out [T, H, Dv] (written for the chunks' queries), bf16, any row and head strides;
+    spans [4, chunks] int64: query start, query count, key start, key count (>= the query count);
+    query i of a chunk sits at position key count - query count + i and sees the keys up to it."""
+    lib = library()
+    _require_host("prefill_attention", q, k, v, spans, out)
+    heads, d, dv = q.shape[1], q.shape[2], v.shape[2]
+    if (any(t.dtype != torch.bfloat16 for t in (q, k, v, out)) or k.shape[1:] != (heads, d)
+            or v.shape[:2] != k.shape[:2] or out.shape != (q.shape[0], heads, dv) or spans.shape[0] != 4):
+        raise ValueError(f"prefill_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"out {tuple(out.shape)} (want bf16 [T, H, D], [L, H, D], [L, H, Dv], [T, H, Dv])")
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    if out.stride(-1) != 1:
+        raise ValueError("prefill_attention: out needs a contiguous last dim")
+    spans = spans.to(torch.int64).contiguous()
+    q_start, q_len, k_start, k_len = spans
+    if spans.shape[1] and (int((q_start + q_len).max()) > q.shape[0] or int((k_start + k_len).max()) > k.shape[0]):
+        raise ValueError("prefill_attention: a span reaches past its tensor")
+    rc = lib.prefill_attention(_ptr(q), q.stride(0), q.stride(1), _ptr(k), k.stride(0), k.stride(1), _ptr(v),
+                               v.stride(0), v.stride(1), _ptr(out), out.stride(0), out.stride(1), _ptr(q_start),
+                               _ptr(q_len), _ptr(k_start), _ptr(k_len), spans.shape[1], heads, d, dv,
+                               float(scale), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"prefill_attention refused heads={heads} D={d} Dv={dv} (or a span with fewer keys "
+                           "than queries)")

@@ -141,6 +141,65 @@ def test_compiled_decode_kernel_matches_reference(dtype, impl, splits, heads):
     assert per_row.max() < (2e-2 if dtype == torch.bfloat16 else 1e-5), per_row
 
 
+def causal_reference(q, k, v, spans, scale):
+    """Per chunk and head in float64: query i at position k_len - q_len + i sees keys 0..it."""
+    outs = {}
+    for q0, nq, k0, nk in spans.t().tolist():
+        qq, kk, vv = (t.double().transpose(0, 1) for t in (q[q0: q0 + nq], k[k0: k0 + nk], v[k0: k0 + nk]))
+        scores = qq @ kk.transpose(1, 2) * scale
+        hidden = torch.arange(nk)[None, :] > (nk - nq + torch.arange(nq))[:, None]
+        outs[q0] = (scores.masked_fill(hidden, float("-inf")).softmax(-1) @ vv).transpose(0, 1)
+    return outs
+
+
+@pytest.mark.parametrize("heads,qk_dim,v_dim", [(8, 128, 64), (4, 192, 128)])
+def test_compiled_prefill_kernel_matches_reference(heads, qk_dim, v_dim):
+    """The AMX prefill kernel over chunks that start from scratch and after a cached prefix, of
+    lengths around its 16-query and 32-key steps, one past its 512-key softmax blocks, a chunk of
+    one query; queries, keys and values strided inside wider tensors (as the model hands them);
+    the output poisoned with NaN, with rows outside every chunk that must stay untouched."""
+    if not compiled_kernels():
+        pytest.skip("no C++ compiler")
+    if not native.prefill_attention_available(torch.bfloat16, qk_dim, v_dim):
+        pytest.skip("this CPU has no AMX")
+    torch.manual_seed(3)
+    q_lens, k_lens = [17, 1, 40, 16, 33, 300], [17, 9, 100, 16, 33, 1100]
+    gap = 3  # rows between chunks that no chunk owns
+    q_starts = [sum(q_lens[:i]) + gap * i for i in range(len(q_lens))]
+    k_starts = [sum(k_lens[:i]) for i in range(len(k_lens))]
+    t, total = q_starts[-1] + q_lens[-1] + gap, sum(k_lens)
+    q = torch.randn(t, heads, qk_dim + 32).bfloat16()[..., 16: 16 + qk_dim]
+    k = torch.randn(total, heads, 2 * qk_dim).bfloat16()[..., :qk_dim]
+    v = torch.randn(heads, total, v_dim).bfloat16().transpose(0, 1)
+    out = torch.full((t, heads, v_dim), float("nan")).bfloat16()
+    spans = torch.tensor([q_starts, q_lens, k_starts, k_lens])
+    native.prefill_attention(q, k, v, spans, 0.09, out)
+    owned = torch.zeros(t, dtype=torch.bool)
+    for q0, nq, ref in zip(q_starts, q_lens, causal_reference(q, k, v, spans, 0.09).values()):
+        owned[q0: q0 + nq] = True
+        got = out[q0: q0 + nq].double()
+        assert not got.isnan().any()
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, (q0, nq, err)
+    assert out[~owned].isnan().all()
+
+
+def test_compiled_prefill_kernel_refuses_what_it_cannot_take():
+    if not compiled_kernels():
+        pytest.skip("no C++ compiler")
+    if not native.prefill_attention_available(torch.bfloat16, 128, 64):
+        pytest.skip("this CPU has no AMX")
+    q, k, v = (torch.zeros(4, 2, d, dtype=torch.bfloat16) for d in (128, 128, 64))
+    out = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="fewer keys"):
+        native.prefill_attention(q, k, v, torch.tensor([[0], [4], [0], [3]]), 0.1, out)
+    with pytest.raises(ValueError, match="past its tensor"):
+        native.prefill_attention(q, k, v, torch.tensor([[0], [2], [2], [3]]), 0.1, out)
+    with pytest.raises(ValueError, match="want bf16"):
+        native.prefill_attention(q.float(), k, v, torch.tensor([[0], [2], [0], [2]]), 0.1, out)
+    assert not native.prefill_attention_available(torch.bfloat16, 128, 48)
+
+
 def test_the_fastest_implementation_is_chosen():
     if not compiled_kernels():
         pytest.skip("no C++ compiler")

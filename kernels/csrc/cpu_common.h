@@ -34,6 +34,31 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(y, xi);
 }
 
+// r[i] lane j <- r[j] lane i, for 32-bit lanes.
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
 #endif  // MLASERVE_HAVE_AVX512_BF16
 
 #ifdef MLASERVE_HAVE_AMX
@@ -59,6 +84,9 @@ inline void load_tile_config(const int (*shape)[2], int count) {
     c.rows[t] = uint8_t(t < count ? shape[t][0] : 16);
     c.colsb[t] = uint16_t(t < count ? shape[t][1] : 64);
   }
+  // GCC 12 at -O3 does not see ldtilecfg read the struct and drops stores to it (seen: rows and
+  // column bytes left as stack garbage, a #GP on load); the barrier makes every store land first.
+  asm volatile("" : : "r"(&c) : "memory");
   _tile_loadconfig(&c);
 }
 #endif  // MLASERVE_HAVE_AMX

@@ -327,31 +327,6 @@ inline void values_to_pairs(const uint16_t* rows, int nv, int R, int E, uint16_t
   }
 }
 
-// r[i] lane j <- r[j] lane i, for 32-bit lanes.
-inline void transpose16x16_epi32(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(u[i], u[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(u[i + 8], u[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-  }
-}
-
 void attend_bf16_amx(const Problem& P, int r, int64_t t0, int64_t t1, SplitState& st, AmxScratch& w) {
   const int H = P.heads, R = P.rank, E = P.rank + P.rope, G = amx_group(H);
   const __mmask16 kG = __mmask16((1u << G) - 1);
