@@ -24,7 +24,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp", CSRC / "norm_cpu.cpp", CSRC / "prefill_attention_cpu.cpp"]
+SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp", CSRC / "norm_cpu.cpp", CSRC / "prefill_attention_cpu.cpp",
+           CSRC / "moe_gate_cpu.cpp"]
 HEADERS = [CSRC / "cpu_common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -88,6 +89,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.prefill_attention.restype = i32
     lib.prefill_attention_available.argtypes = []
     lib.prefill_attention_available.restype = i32
+    lib.moe_gate.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, i32, f32, p, p, i32]
+    lib.moe_gate.restype = i32
     return lib
 
 
@@ -332,3 +335,26 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: 
     if rc != 0:
         raise RuntimeError(f"prefill_attention refused heads={heads} D={d} Dv={dv} (or a span with fewer keys "
                            "than queries)")
+
+
+def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, k: int,
+             normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """model/moe.py's Gate through the compiled kernel: x [T, hidden] bf16 (any row stride),
+    weight [E, hidden] and bias [E] float32 -> (weights [T, k] float32, ids [T, k] int64), best first."""
+    lib = library()
+    _require_host("moe_gate", x, weight, bias)
+    tokens, hidden = x.shape
+    experts = weight.shape[0]
+    if (x.dtype != torch.bfloat16 or weight.dtype != torch.float32 or bias.dtype != torch.float32
+            or weight.shape[1] != hidden or bias.shape != (experts,)):
+        raise ValueError(f"moe_gate: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, "
+                         f"bias {tuple(bias.shape)} {bias.dtype} (want bf16 x, float32 weight and bias)")
+    x = _last_dim_contiguous(x)
+    weight, bias = weight.contiguous(), bias.contiguous()
+    weights = torch.empty(tokens, k, dtype=torch.float32)
+    ids = torch.empty(tokens, k, dtype=torch.int64)
+    rc = lib.moe_gate(_ptr(x), x.stride(0), _ptr(weight), _ptr(bias), tokens, hidden, experts, n_group, topk_group, k,
+                      int(normalize), float(scaling), _ptr(weights), _ptr(ids), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"moe_gate refused {experts} experts in {n_group} groups, top {topk_group} groups, k={k}")
+    return weights, ids

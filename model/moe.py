@@ -15,7 +15,8 @@ from model.layers import DenseMLP, fuse_gate_up_fp8
 
 class Gate(nn.Module):
     """Sigmoid scores; selection by score + correction bias within the best groups; weights
-    are the unbiased scores of the chosen experts (normalized) times routed_scaling_factor."""
+    are the unbiased scores of the chosen experts (normalized) times routed_scaling_factor.
+    bf16 on the CPU runs the compiled kernel (kernels/csrc/moe_gate_cpu.cpp), the rest this torch."""
 
     def __init__(self, cfg: ModelConfig, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
@@ -24,6 +25,13 @@ class Gate(nn.Module):
         self.e_score_correction_bias = nn.Parameter(bias.float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and native.library() is not None:
+            return native.moe_gate(x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
+                                   cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
         biased = scores + self.e_score_correction_bias

@@ -97,3 +97,37 @@ def test_compiled_experts_leave_the_kernel_when_moved_or_cast():
         native.moe_experts(torch.zeros(1, hidden, device="meta"), torch.zeros(5, dtype=torch.int64),
                            native.pack_pairs(gate_up.transpose(1, 2)), native.pack_pairs(down.transpose(1, 2)),
                            torch.ones(1))
+
+
+@pytest.mark.parametrize("experts,groups,top_groups,k", [(32, 4, 2, 4), (256, 8, 4, 8), (16, 1, 1, 3)])
+def test_compiled_gate_matches_reference(experts, groups, top_groups, k):
+    """The router on bf16 hidden states (the CPU path's dtype) picks the same experts, best first,
+    with the same weights as the torch definition: the small checkpoint's shape, DeepSeek-V3's
+    (256 experts in 8 groups, 4 kept, top-8), and a single group."""
+    if native.library() is None:
+        pytest.skip("no C++ compiler")
+    from types import SimpleNamespace
+
+    from model.moe import Gate
+    torch.manual_seed(experts)
+    cfg = SimpleNamespace(n_routed_experts=experts, n_group=groups, topk_group=top_groups, num_experts_per_tok=k,
+                          norm_topk_prob=experts != 16, routed_scaling_factor=2.5)
+    hidden = 200  # not a multiple of any vector width
+    gate = Gate(cfg, torch.randn(experts, hidden) / 10, torch.randn(experts) / 10)
+    for tokens in (1, 37, 300):
+        x = torch.randn(tokens + 3, hidden).bfloat16()[3:]  # a view: rows start past the storage's start
+        weights, ids = gate(x)
+        ref_weights, ref_ids = gate.reference(x)
+        assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+        assert torch.equal(ids, ref_ids)
+        assert torch.allclose(weights, ref_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_gate_refuses_what_it_cannot_take():
+    if native.library() is None:
+        pytest.skip("no C++ compiler")
+    w, b = torch.randn(32, 64), torch.randn(32)
+    with pytest.raises(ValueError, match="want bf16 x"):
+        native.moe_gate(torch.randn(4, 64), w, b, 4, 2, 4, True, 1.0)
+    with pytest.raises(RuntimeError, match="refused 32 experts in 5 groups"):
+        native.moe_gate(torch.randn(4, 64).bfloat16(), w, b, 5, 2, 4, True, 1.0)
