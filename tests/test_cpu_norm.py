@@ -69,3 +69,38 @@ def test_rejects_what_it_cannot_take():
         native.rms_norm(torch.empty(4, 64, dtype=torch.bfloat16, device="meta"), norm.weight, 1e-6)
     nan = torch.full((2, 64), float("nan")).bfloat16()
     assert torch.isnan(native.rms_norm(nan, norm.weight, 1e-6)).all()
+
+
+def test_cache_entries_and_rope_in_one_pass():
+    """MLA's cache write (norm of the latent, rope of the key) and the queries' rope, fused: the
+    same rows as the torch path, within one bf16 unit, only at the step's slots; q_pe is a strided
+    view of the projection's output and is rotated where it lies."""
+    from engine.model_config import ModelConfig
+    from model.checkpoint_maker import preset_config
+    from model.rope import RotaryEmbedding
+
+    cfg = ModelConfig.from_dict(preset_config("small"))  # YaRN rope, as DeepSeek-V3
+    rope = RotaryEmbedding(cfg, 512)
+    torch.manual_seed(4)
+    tokens, heads, rank, rdim = 70, 3, 64, cfg.qk_rope_head_dim
+    kv = torch.randn(tokens, 16 + rank + rdim).bfloat16()
+    c_kv, k_pe = kv[:, 16: 16 + rank], kv[:, 16 + rank:]
+    q = torch.randn(tokens, heads, 32 + rdim).bfloat16()
+    q_pe = q[..., 32:]
+    norm = RMSNorm(torch.randn(rank).bfloat16(), 1e-6)
+    positions = torch.randint(0, 512, (tokens,))
+    slots = torch.randperm(8 * 16)[:tokens]
+    cache = torch.full((8, 16, rank + rdim), float("nan")).bfloat16()
+    expected = cache.clone()
+    expected.view(-1, rank + rdim)[slots] = torch.cat([norm.reference(c_kv), rope(k_pe, positions)], dim=-1)
+    expected_q = rope(q_pe.clone(), positions)
+    native.mla_cache_entries(c_kv, k_pe, q_pe, norm.weight, norm.eps, rope.rotations, positions, slots, cache)
+    written = cache.view(-1, rank + rdim)[slots]
+    assert bf16_ulps(written, expected.view(-1, rank + rdim)[slots]) <= 1.0
+    untouched = torch.ones(8 * 16, dtype=torch.bool)
+    untouched[slots] = False
+    assert cache.view(-1, rank + rdim)[untouched].isnan().all()
+    assert bf16_ulps(q[..., 32:], expected_q) <= 1.0
+    with pytest.raises(ValueError, match="slot past the cache"):
+        native.mla_cache_entries(c_kv, k_pe, q_pe, norm.weight, norm.eps, rope.rotations, positions, slots + 1000,
+                                 cache)
