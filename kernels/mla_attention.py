@@ -20,6 +20,7 @@ scaled_dot_product_attention per chunk.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -80,14 +81,14 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
     short = [i for i, n in enumerate(q_lens) if n <= SHORT_QUERY_MAX]
     long = [i for i, n in enumerate(q_lens) if n > SHORT_QUERY_MAX]
     prefills = [PrefillChunk(batch.query_start[i], batch.query_start[i + 1], i, batch.context_lens[i]) for i in long]
-    # The compiled kernel reads host memory: the torch reference on a GPU tensor (tests comparing
-    # against it on the GPU) takes the gathering path.
-    slots = _context_slots(batch, prefills) if prefills else None
-    spans = None
+    slots = spans = None
     if prefills:
+        slots = _context_slots(batch, prefills)
         lens = [p.context_len for p in prefills]
         spans = torch.tensor([[p.start for p in prefills], [p.end - p.start for p in prefills],
-                              [sum(lens[:i]) for i in range(len(lens))], lens])
+                              [0, *itertools.accumulate(lens[:-1])], lens])
+    # The compiled kernel reads host memory: the torch reference on a GPU tensor (tests comparing
+    # against it on the GPU) takes the gathering path.
     if not triton_wanted(like) and (like.device.type != "cpu" or native.library() is None):
         groups = [_group(batch, seqs, q_lens, like.dtype) for seqs in _similar_lengths(batch, short)]
         return AttentionPlan(batch.block_tables, groups, None, prefills, buffer, slots, spans)
