@@ -80,15 +80,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mla_decode_impls.restype = i32
     lib.moe_experts.argtypes = [p, p, i32, p, p, p, p, i32, i32, i32]
     lib.moe_experts.restype = i32
-    lib.moe_experts_available.argtypes = []
-    lib.moe_experts_available.restype = i32
     lib.rms_norm_bf16.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i64, i32, f32, i32]
     lib.rms_norm_bf16.restype = i32
     lib.prefill_attention.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, p, p, p, p,
                                       i32, i32, i32, i32, f32, i32]
     lib.prefill_attention.restype = i32
-    lib.prefill_attention_available.argtypes = []
-    lib.prefill_attention_available.restype = i32
     lib.moe_gate.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, i32, f32, p, p, i32]
     lib.moe_gate.restype = i32
     lib.mla_cache_entries_bf16.argtypes = [p, i64, p, i64, p, i64, i64, i32, p, f32, p, i64, p, p, p, i64, i32, i32,
@@ -135,6 +131,12 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 IMPLS = {"generic": 0, "avx512": 1, "amx": 2}
+
+
+def amx_granted() -> bool:
+    """Whether the library has AMX code and the OS gave this process the tile registers: the
+    decode kernel's capability mask answers for every kernel of the library."""
+    return "amx" in available_impls()
 
 
 def available_impls() -> list[str]:
@@ -218,8 +220,7 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
 def moe_experts_available(dtype: torch.dtype, hidden: int, inter: int) -> bool:
     """Whether `moe_experts` runs here: bf16, the CPU has AMX and the OS grants it, hidden a
     multiple of 64 and the expert width of 32 (DeepSeek-V3: 7168 and 2048)."""
-    lib = library()
-    return (lib is not None and bool(lib.moe_experts_available()) and dtype == torch.bfloat16
+    return (amx_granted() and dtype == torch.bfloat16
             and hidden % 64 == 0 and inter % 32 == 0 and os.environ.get("MLASERVE_CPU_MOE", "1") != "0")
 
 
@@ -306,9 +307,8 @@ def prefill_attention_available(dtype: torch.dtype, qk_dim: int, v_dim: int) -> 
     """Whether `prefill_attention` runs here: bf16, the CPU has AMX and the OS grants it, key width
     a multiple of 32 and value width of 64 (DeepSeek-V3: 192 and 128). MLASERVE_CPU_PREFILL=0
     turns it off (torch's fused attention instead)."""
-    lib = library()
-    return (lib is not None and dtype == torch.bfloat16 and qk_dim % 32 == 0 and v_dim % 64 == 0
-            and bool(lib.prefill_attention_available()) and os.environ.get("MLASERVE_CPU_PREFILL", "1") != "0")
+    return (amx_granted() and dtype == torch.bfloat16 and qk_dim % 32 == 0 and v_dim % 64 == 0
+            and os.environ.get("MLASERVE_CPU_PREFILL", "1") != "0")
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, scale: float,

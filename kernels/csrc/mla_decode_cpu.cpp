@@ -37,21 +37,6 @@ using namespace mlaserve;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
 inline float load_f(const float* p, int64_t i) { return p[i]; }
 inline float load_f(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline void store_f(float* p, int64_t i, float v) { p[i] = v; }

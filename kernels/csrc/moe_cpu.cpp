@@ -122,15 +122,6 @@ void run_experts(const uint16_t* x, const int64_t* starts, int n_experts, const 
 
 extern "C" {
 
-// 1 when this build and process can run moe_experts (AMX granted).
-int moe_experts_available() {
-#ifdef MLASERVE_HAVE_AMX
-  return amx_permitted() ? 1 : 0;
-#else
-  return 0;
-#endif
-}
-
 // x, out: [rows, hidden] bf16, rows sorted by expert (starts: [n_experts + 1]); w1: [n][hidden / 2]
 // [2 inter][2], w2: [n][inter / 2][hidden][2] (bf16, pairs of rows interleaved); route_w: [rows]
 // float32. hidden % 64 == 0 and inter % 32 == 0. Returns 0, or -1 when this build cannot.

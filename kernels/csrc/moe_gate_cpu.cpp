@@ -20,14 +20,11 @@
 
 #include <omp.h>
 
-namespace {
+#include "cpu_common.h"
 
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using namespace mlaserve;
+
+namespace {
 
 // Indices of the n largest values, best first; ties go to the lower index.
 void top_n(const float* v, int count, int n, int* out) {

@@ -18,25 +18,13 @@
 
 #include <omp.h>
 
+#include "cpu_common.h"
+
+using namespace mlaserve;
+
 namespace {
 
 constexpr int kMaxCols = 16384;
-
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Round to nearest even, as torch converts (NaN stays a quiet NaN).
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (u >> 16) | 0x40u;
-  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);  // a select: stays vectorized
-}
 
 void norm_row(const uint16_t* x, const uint16_t* y, uint16_t* sum, const uint16_t* w, uint16_t* out, int cols,
               float eps, float* scratch) {

@@ -216,12 +216,12 @@ void run(const Problem& P, int chunks, int num_threads) {
     const int shape[1][2] = {{16, 64}};
     load_tile_config(shape, 1);  // every tile 16 x 64 bytes
     Scratch w;
-    w.qt.resize(size_t(P.D) * 16 + 32);
+    w.qt.resize(size_t(P.D) * 16);
     w.kpad.resize(size_t(16) * P.D);
-    w.s.resize(size_t(kSuper) * 16 + 16);
-    w.pb.resize(size_t(kSuper) * 16 + 32);
-    w.ot.resize(size_t(P.Dv) * 16 + 16);
-    w.acc.resize(size_t(P.Dv) * 16 + 16);
+    w.s.resize(size_t(kSuper) * 16);
+    w.pb.resize(size_t(kSuper) * 16);
+    w.ot.resize(size_t(P.Dv) * 16);
+    w.acc.resize(size_t(P.Dv) * 16);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) attend_chunk_head(P, int(it / P.heads), int(it % P.heads), w);
     _tile_release();
@@ -233,15 +233,6 @@ void run(const Problem& P, int chunks, int num_threads) {
 }  // namespace
 
 extern "C" {
-
-// 1 when this build and process can run prefill_attention (AMX granted).
-int prefill_attention_available() {
-#ifdef MLASERVE_HAVE_AMX
-  return amx_permitted() ? 1 : 0;
-#else
-  return 0;
-#endif
-}
 
 // q: [*, heads, D], k: [*, heads, D], v: [*, heads, Dv], out: [*, heads, Dv], bf16, each with its own
 // row and head strides (elements; last dim contiguous). Chunk c: queries q_start[c] .. + q_len[c],
