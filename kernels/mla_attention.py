@@ -234,10 +234,11 @@ def paged_mla_attention_ref(
 def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
                          w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float, out: torch.Tensor) -> None:
     """Every prefill chunk of the step (the last `end - start` of its `context_len` positions)
-    against its whole context: the contexts' latents gathered and expanded to per-head K
-    [L, H, nope + rope] and V [L, H, v] for all chunks at once, then fused attention per chunk with
-    a bottom-right causal mask, written into out[start:end]. MLASERVE_CPU_PREFILL=0 keeps the CPU
-    on torch's attention."""
+    against its whole context: the contexts' latents gathered and expanded to per-head K nope
+    [L, H, nope] and V [L, H, v] for all chunks at once, then fused attention per chunk with a
+    bottom-right causal mask, written into out[start:end]. The CPU kernel takes queries and keys
+    in their nope and rope parts; torch's attention gets them concatenated. MLASERVE_CPU_PREFILL=0
+    keeps the CPU on torch's attention."""
     heads, nope, rank = w_uk.shape
     v_dim = w_uv.shape[1]
     latent = cache.view(-1, cache.shape[-1]).index_select(0, plan.prefill_slots)  # [L, 576], all contexts
@@ -246,14 +247,16 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
     # One gather and two linears for the step's chunks together, not per chunk: per chunk, their
     # fixed costs were half of the CPU's prefill attention time. Plain linears over the [H * d, rank]
     # weights: an einsum would copy the weights into its batched layout on every call.
-    k = torch.empty(total, heads, nope + k_pe.shape[-1], dtype=latent.dtype, device=latent.device)
-    k[..., :nope] = F.linear(c, w_uk.view(heads * nope, rank)).view(total, heads, nope)
-    k[..., nope:] = k_pe[:, None]
+    k_nope = F.linear(c, w_uk.view(heads * nope, rank)).view(total, heads, nope)
     v = F.linear(c, w_uv.view(heads * v_dim, rank)).view(total, heads, v_dim)
-    q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, nope + rope]
-    if not latent.is_cuda and native.prefill_attention_available(q.dtype, q.shape[-1], v_dim):
-        native.prefill_attention(q, k, v, plan.prefill_spans, softmax_scale, out)
+    rope = k_pe.shape[-1]
+    if not latent.is_cuda and native.prefill_attention_available(q_nope.dtype, nope, rope, v_dim):
+        # Queries and keys in their parts: the rope key is one row per token for every head.
+        native.prefill_attention(q_nope, q_pe, k_nope, k_pe[:, None].expand(total, heads, rope), v,
+                                 plan.prefill_spans, softmax_scale, out)
         return
+    k = torch.cat([k_nope, k_pe[:, None].expand(total, heads, rope)], dim=-1)
+    q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, nope + rope]
     if not latent.is_cuda:
         # torch's fused CPU kernel is 4x slower when values are narrower than keys: zero columns,
         # dropped after.

@@ -78,12 +78,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mla_decode.restype = i32
     lib.mla_decode_impls.argtypes = []
     lib.mla_decode_impls.restype = i32
-    lib.moe_experts.argtypes = [p, p, i32, p, p, p, p, i32, i32, i32]
-    lib.moe_experts.restype = i32
+    lib.moe_routed.argtypes = [p, i64, i64, p, p, i32, i32, i32, p, p, p, i64, p, p, i64, i32, i32, i32]
+    lib.moe_routed.restype = i32
     lib.rms_norm_bf16.argtypes = [p, i64, p, i64, p, i64, p, p, i64, i64, i32, f32, i32]
     lib.rms_norm_bf16.restype = i32
-    lib.prefill_attention.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, p, p, p, p,
-                                      i32, i32, i32, i32, f32, i32]
+    lib.prefill_attention.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64,
+                                      p, p, p, p, i32, i32, i32, i32, i32, f32, i32]
     lib.prefill_attention.restype = i32
     lib.moe_gate.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, i32, f32, p, p, i32]
     lib.moe_gate.restype = i32
@@ -218,7 +218,7 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
 
 
 def moe_experts_available(dtype: torch.dtype, hidden: int, inter: int) -> bool:
-    """Whether `moe_experts` runs here: bf16, the CPU has AMX and the OS grants it, hidden a
+    """Whether `moe_routed` runs here: bf16, the CPU has AMX and the OS grants it, hidden a
     multiple of 64 and the expert width of 32 (DeepSeek-V3: 7168 and 2048)."""
     return (amx_granted() and dtype == torch.bfloat16
             and hidden % 64 == 0 and inter % 32 == 0 and os.environ.get("MLASERVE_CPU_MOE", "1") != "0")
@@ -236,29 +236,39 @@ def unpack_pairs(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(2, 3).reshape(n, 2 * half, cols)
 
 
-def moe_experts(rows: torch.Tensor, starts: torch.Tensor, gate_up_pairs: torch.Tensor, down_pairs: torch.Tensor,
-                route_w: torch.Tensor) -> torch.Tensor:
-    """rows [R, hidden] bf16 sorted by expert (expert e: rows starts[e]..starts[e+1]);
-    gate_up_pairs = pack_pairs([n, hidden, 2 inter]); down_pairs = pack_pairs([n, inter, hidden]);
-    route_w [R] -> [R, hidden]: route_w * (silu(x W_gate) * (x W_up)) W_down per row."""
+def moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_expert: int,
+               gate_up_pairs: torch.Tensor, down_pairs: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, hidden] bf16 (any row stride); weights, ids [T, k] (global expert ids; those off this
+    rank's experts [first_expert, first_expert + n) are skipped); gate_up_pairs =
+    pack_pairs([n, hidden, 2 inter]), down_pairs = pack_pairs([n, inter, hidden]) -> [T, hidden]:
+    per token, the sum over its on-rank choices of weight * (silu(x W_gate) * (x W_up)) W_down,
+    plus `add` ([T, hidden] bf16) when given."""
     lib = library()
-    _require_host("moe_experts", rows, starts, gate_up_pairs, down_pairs, route_w)
+    _require_host("moe_routed", x, weights, ids, gate_up_pairs, down_pairs, *([add] if add is not None else []))
     n, half_hidden, two_inter, _ = gate_up_pairs.shape
     hidden, inter = half_hidden * 2, two_inter // 2
-    rows = rows.contiguous()
-    starts = starts.to(torch.int64).contiguous()
-    route_w = route_w.to(torch.float32).contiguous()
-    if (rows.dtype != torch.bfloat16 or rows.shape[1] != hidden or starts.numel() != n + 1
-            or down_pairs.shape != (n, inter // 2, hidden, 2) or route_w.numel() != rows.shape[0]):
-        raise ValueError(f"moe_experts: rows {tuple(rows.shape)} {rows.dtype}, starts {starts.numel()}, "
-                         f"gate_up {tuple(gate_up_pairs.shape)}, down {tuple(down_pairs.shape)} do not fit")
-    out = torch.empty_like(rows)
-    if rows.shape[0] == 0:
+    tokens, k = ids.shape
+    if (x.dtype != torch.bfloat16 or x.shape != (tokens, hidden) or weights.shape != ids.shape
+            or down_pairs.shape != (n, inter // 2, hidden, 2)
+            or (add is not None and (add.dtype != torch.bfloat16 or add.shape != x.shape))):
+        raise ValueError(f"moe_routed: x {tuple(x.shape)} {x.dtype}, weights {tuple(weights.shape)}, "
+                         f"ids {tuple(ids.shape)}, gate_up {tuple(gate_up_pairs.shape)}, "
+                         f"down {tuple(down_pairs.shape)} do not fit")
+    x = _last_dim_contiguous(x)
+    if add is not None:
+        add = _last_dim_contiguous(add)
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+    if tokens == 0:
         return out
-    rc = lib.moe_experts(_ptr(rows), _ptr(starts), n, _ptr(gate_up_pairs), _ptr(down_pairs), _ptr(route_w),
-                         _ptr(out), hidden, inter, torch.get_num_threads())
+    choices = torch.empty(tokens * k, hidden, dtype=torch.bfloat16)
+    rc = lib.moe_routed(_ptr(x), x.stride(0), tokens, _ptr(ids), _ptr(weights), k, first_expert, n,
+                        _ptr(gate_up_pairs), _ptr(down_pairs), _ptr(add) if add is not None else None,
+                        add.stride(0) if add is not None else 0, _ptr(choices), _ptr(out), out.stride(0), hidden,
+                        inter, torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"moe_experts refused hidden={hidden} inter={inter}")
+        raise RuntimeError(f"moe_routed refused hidden={hidden} inter={inter} k={k}")
     return out
 
 
@@ -303,57 +313,66 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out if h is None else (out, h)
 
 
-def prefill_attention_available(dtype: torch.dtype, qk_dim: int, v_dim: int) -> bool:
-    """Whether `prefill_attention` runs here: bf16, the CPU has AMX and the OS grants it, key width
-    a multiple of 32 and value width of 64 (DeepSeek-V3: 192 and 128). MLASERVE_CPU_PREFILL=0
-    turns it off (torch's fused attention instead)."""
-    return (amx_granted() and dtype == torch.bfloat16 and qk_dim % 32 == 0 and v_dim % 64 == 0
-            and os.environ.get("MLASERVE_CPU_PREFILL", "1") != "0")
+def prefill_attention_available(dtype: torch.dtype, nope_dim: int, rope_dim: int, v_dim: int) -> bool:
+    """Whether `prefill_attention` runs here: bf16, the CPU has AMX and the OS grants it, the key
+    parts' widths multiples of 32 and the values' of 64 (DeepSeek-V3: 128 + 64 and 128).
+    MLASERVE_CPU_PREFILL=0 turns it off (torch's fused attention instead)."""
+    return (amx_granted() and dtype == torch.bfloat16 and nope_dim % 32 == 0 and rope_dim % 32 == 0
+            and v_dim % 64 == 0 and os.environ.get("MLASERVE_CPU_PREFILL", "1") != "0")
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, scale: float,
-                      out: torch.Tensor) -> None:
-    """Causal attention of prefill chunks, all of them in one call. q [T, H, D], k [L, H, D],
-    v [L, H, Dv], out [T, H, Dv] (written for the chunks' queries), bf16, any row and head strides;
-    spans [4, chunks] int64: query start, query count, key start, key count (>= the query count);
-    query i of a chunk sits at position key count - query count + i and sees the keys up to it."""
+def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
+                      v: torch.Tensor, spans: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """Causal attention of prefill chunks, all of them in one call, with queries [q_nope | q_pe]
+    and keys [k_nope | k_pe] given in their two parts: q_nope [T, H, Dn], q_pe [T, H, R],
+    k_nope [L, H, Dn], k_pe [L, H, R] (an expanded view, head stride 0, shares a row among the
+    heads), v [L, H, Dv], out [T, H, Dv] (written for the chunks' queries), bf16, any row and head
+    strides; spans [4, chunks] int64: query start, query count, key start, key count (>= the query
+    count); query i of a chunk sits at position key count - query count + i and sees the keys up to it."""
     lib = library()
-    _require_host("prefill_attention", q, k, v, spans, out)
-    heads, d, dv = q.shape[1], q.shape[2], v.shape[2]
-    if (any(t.dtype != torch.bfloat16 for t in (q, k, v, out)) or k.shape[1:] != (heads, d)
-            or v.shape[:2] != k.shape[:2] or out.shape != (q.shape[0], heads, dv) or spans.shape[0] != 4):
-        raise ValueError(f"prefill_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                         f"out {tuple(out.shape)} (want bf16 [T, H, D], [L, H, D], [L, H, Dv], [T, H, Dv])")
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    _require_host("prefill_attention", q_nope, q_pe, k_nope, k_pe, v, spans, out)
+    tokens, heads, dn = q_nope.shape
+    rope, length, dv = q_pe.shape[2], k_nope.shape[0], v.shape[2]
+    if (any(t.dtype != torch.bfloat16 for t in (q_nope, q_pe, k_nope, k_pe, v, out))
+            or q_pe.shape[:2] != (tokens, heads) or k_nope.shape != (length, heads, dn)
+            or k_pe.shape != (length, heads, rope) or v.shape[:2] != (length, heads)
+            or out.shape != (tokens, heads, dv) or spans.shape[0] != 4):
+        raise ValueError(f"prefill_attention: q {tuple(q_nope.shape)} + {tuple(q_pe.shape)}, k {tuple(k_nope.shape)} "
+                         f"+ {tuple(k_pe.shape)}, v {tuple(v.shape)}, out {tuple(out.shape)} (want bf16 [T, H, Dn] + "
+                         "[T, H, R], [L, H, Dn] + [L, H, R], [L, H, Dv], [T, H, Dv])")
+    q_nope, q_pe, k_nope, k_pe, v = map(_last_dim_contiguous, (q_nope, q_pe, k_nope, k_pe, v))
     if out.stride(-1) != 1:
         raise ValueError("prefill_attention: out needs a contiguous last dim")
     spans = spans.to(torch.int64).contiguous()
     q_start, q_len, k_start, k_len = spans
-    if spans.shape[1] and (int((q_start + q_len).max()) > q.shape[0] or int((k_start + k_len).max()) > k.shape[0]):
+    if spans.shape[1] and (int((q_start + q_len).max()) > tokens or int((k_start + k_len).max()) > length):
         raise ValueError("prefill_attention: a span reaches past its tensor")
-    rc = lib.prefill_attention(_ptr(q), q.stride(0), q.stride(1), _ptr(k), k.stride(0), k.stride(1), _ptr(v),
-                               v.stride(0), v.stride(1), _ptr(out), out.stride(0), out.stride(1), _ptr(q_start),
-                               _ptr(q_len), _ptr(k_start), _ptr(k_len), spans.shape[1], heads, d, dv,
-                               float(scale), torch.get_num_threads())
+    rc = lib.prefill_attention(_ptr(q_nope), q_nope.stride(0), q_nope.stride(1), _ptr(q_pe), q_pe.stride(0),
+                               q_pe.stride(1), _ptr(k_nope), k_nope.stride(0), k_nope.stride(1), _ptr(k_pe),
+                               k_pe.stride(0), k_pe.stride(1), _ptr(v), v.stride(0), v.stride(1), _ptr(out),
+                               out.stride(0), out.stride(1), _ptr(q_start), _ptr(q_len), _ptr(k_start), _ptr(k_len),
+                               spans.shape[1], heads, dn, dn + rope, dv, float(scale), torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"prefill_attention refused heads={heads} D={d} Dv={dv} (or a span with fewer keys "
-                           "than queries)")
+        raise RuntimeError(f"prefill_attention refused heads={heads} Dn={dn} D={dn + rope} Dv={dv} (or a span with "
+                           "fewer keys than queries)")
 
 
-def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, k: int,
+def moe_gate(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, k: int,
              normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """model/moe.py's Gate through the compiled kernel: x [T, hidden] bf16 (any row stride),
-    weight [E, hidden] and bias [E] float32 -> (weights [T, k] float32, ids [T, k] int64), best first."""
+    """model/moe.py's Gate through the compiled kernel: x [T, hidden] bf16 (any row stride), the
+    gate's weight transposed, weight_t [hidden, E], and bias [E] float32 -> (weights [T, k] float32,
+    ids [T, k] int64), best first."""
     lib = library()
-    _require_host("moe_gate", x, weight, bias)
+    _require_host("moe_gate", x, weight_t, bias)
     tokens, hidden = x.shape
-    experts = weight.shape[0]
-    if (x.dtype != torch.bfloat16 or weight.dtype != torch.float32 or bias.dtype != torch.float32
-            or weight.shape[1] != hidden or bias.shape != (experts,)):
-        raise ValueError(f"moe_gate: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, "
-                         f"bias {tuple(bias.shape)} {bias.dtype} (want bf16 x, float32 weight and bias)")
+    experts = weight_t.shape[1]
+    if (x.dtype != torch.bfloat16 or weight_t.dtype != torch.float32 or bias.dtype != torch.float32
+            or weight_t.shape[0] != hidden or bias.shape != (experts,)):
+        raise ValueError(f"moe_gate: x {tuple(x.shape)} {x.dtype}, weight_t {tuple(weight_t.shape)} "
+                         f"{weight_t.dtype}, bias {tuple(bias.shape)} {bias.dtype} (want bf16 x, float32 "
+                         "weight and bias)")
     x = _last_dim_contiguous(x)
-    weight, bias = weight.contiguous(), bias.contiguous()
+    weight, bias = weight_t.contiguous(), bias.contiguous()
     weights = torch.empty(tokens, k, dtype=torch.float32)
     ids = torch.empty(tokens, k, dtype=torch.int64)
     rc = lib.moe_gate(_ptr(x), x.stride(0), _ptr(weight), _ptr(bias), tokens, hidden, experts, n_group, topk_group, k,

@@ -21,13 +21,19 @@ class Gate(nn.Module):
     def __init__(self, cfg: ModelConfig, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(weight.float(), requires_grad=False)  # [E, hidden]
+        # Stored transposed, [hidden, E]: the compiled router reads a row of every expert's weights
+        # for each hidden dim.
+        self.weight_t = nn.Parameter(weight.float().t().contiguous(), requires_grad=False)
         self.e_score_correction_bias = nn.Parameter(bias.float(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # [E, hidden]
+        return self.weight_t.t()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and native.library() is not None:
-            return native.moe_gate(x, self.weight, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
+            return native.moe_gate(x, self.weight_t, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
                                    cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
         return self.reference(x)
 
@@ -100,12 +106,21 @@ class RoutedExperts(nn.Module):
     def num_local(self) -> int:
         return (self.gate_up_pairs if self.compiled else self.gate_up if self.fp8 else self.gate_up_t).shape[0]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, hidden]; ids, weights [T, k] (global expert ids). Returns Σ_k w·expert(x) over
-        the choices that fall on this rank's experts."""
+        the choices that fall on this rank's experts, plus `add` when given (the compiled kernel
+        adds it as it writes the sum)."""
+        if self.compiled:
+            return native.moe_routed(x, weights, ids, self.first_expert, self.gate_up_pairs, self.down_pairs, add)
         if self.fp8:
-            return fused_moe(x, self.gate_up, self.gate_up_scale, self.down, self.down_scale, weights, ids,
-                             self.first_expert)
+            out = fused_moe(x, self.gate_up, self.gate_up_scale, self.down, self.down_scale, weights, ids,
+                            self.first_expert)
+        else:
+            out = self._batched(x, weights, ids)
+        return out if add is None else out + add
+
+    def _batched(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t, k = ids.shape
         n = self.num_local
         local = ids.flatten() - self.first_expert
@@ -113,13 +128,6 @@ class RoutedExperts(nn.Module):
         key = torch.where(on_rank, local, n)  # choices for other ranks' experts sort last
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=n + 1)
-        if self.compiled:
-            starts = torch.zeros(n + 1, dtype=torch.int64)
-            torch.cumsum(counts[:n], 0, out=starts[1:])
-            mine = order[: int(starts[-1])]  # this rank's choices, sorted by expert
-            out = native.moe_experts(x.index_select(0, mine // k), starts, self.gate_up_pairs, self.down_pairs,
-                                     weights.flatten()[mine])
-            return torch.zeros_like(x).index_add_(0, mine // k, out)
         per_expert = counts[:n].tolist()
         width = max(per_expert)
         if width == 0:
@@ -188,7 +196,5 @@ class MoE(nn.Module):
         weights, ids = self.gate(x)
         self.routed_tokens += torch.bincount(ids.flatten(), minlength=self.routed_tokens.shape[0])
         if self.ep is None:
-            routed = self.experts(x, weights, ids)
-        else:
-            routed = self.ep.dispatch_combine(x, weights, ids, self.experts)
-        return routed + self.shared_experts(x)
+            return self.experts(x, weights, ids, add=self.shared_experts(x))
+        return self.ep.dispatch_combine(x, weights, ids, self.experts) + self.shared_experts(x)

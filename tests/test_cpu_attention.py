@@ -152,15 +152,17 @@ def causal_reference(q, k, v, spans, scale):
     return outs
 
 
-@pytest.mark.parametrize("heads,qk_dim,v_dim", [(8, 128, 64), (4, 192, 128)])
-def test_compiled_prefill_kernel_matches_reference(heads, qk_dim, v_dim):
+@pytest.mark.parametrize("heads,nope,rope,v_dim", [(8, 64, 64, 64), (4, 128, 64, 128), (2, 32, 96, 64)])
+def test_compiled_prefill_kernel_matches_reference(heads, nope, rope, v_dim):
     """The AMX prefill kernel over chunks that start from scratch and after a cached prefix, of
     lengths around its 16-query and 32-key steps, one past its 512-key softmax blocks, a chunk of
-    one query; queries, keys and values strided inside wider tensors (as the model hands them);
-    the output poisoned with NaN, with rows outside every chunk that must stay untouched."""
+    one query; queries and keys in their nope and rope parts, the rope key one row shared by the
+    heads (as MLA hands them), all strided inside wider tensors; the output poisoned with NaN, with
+    rows outside every chunk that must stay untouched."""
     if not compiled_kernels():
         pytest.skip("no C++ compiler")
-    if not native.prefill_attention_available(torch.bfloat16, qk_dim, v_dim):
+    qk_dim = nope + rope
+    if not native.prefill_attention_available(torch.bfloat16, nope, rope, v_dim):
         pytest.skip("this CPU has no AMX")
     torch.manual_seed(3)
     q_lens, k_lens = [17, 1, 40, 16, 33, 300], [17, 9, 100, 16, 33, 1100]
@@ -169,11 +171,13 @@ def test_compiled_prefill_kernel_matches_reference(heads, qk_dim, v_dim):
     k_starts = [sum(k_lens[:i]) for i in range(len(k_lens))]
     t, total = q_starts[-1] + q_lens[-1] + gap, sum(k_lens)
     q = torch.randn(t, heads, qk_dim + 32).bfloat16()[..., 16: 16 + qk_dim]
-    k = torch.randn(total, heads, 2 * qk_dim).bfloat16()[..., :qk_dim]
+    k_nope = torch.randn(total, heads, 2 * nope).bfloat16()[..., :nope]
+    k_pe = torch.randn(total, rope + 8).bfloat16()[:, 8:, None].transpose(1, 2).expand(total, heads, rope)
+    k = torch.cat([k_nope, k_pe], dim=-1)
     v = torch.randn(heads, total, v_dim).bfloat16().transpose(0, 1)
     out = torch.full((t, heads, v_dim), float("nan")).bfloat16()
     spans = torch.tensor([q_starts, q_lens, k_starts, k_lens])
-    native.prefill_attention(q, k, v, spans, 0.09, out)
+    native.prefill_attention(q[..., :nope], q[..., nope:], k_nope, k_pe, v, spans, 0.09, out)
     owned = torch.zeros(t, dtype=torch.bool)
     for q0, nq, ref in zip(q_starts, q_lens, causal_reference(q, k, v, spans, 0.09).values()):
         owned[q0: q0 + nq] = True
@@ -187,17 +191,21 @@ def test_compiled_prefill_kernel_matches_reference(heads, qk_dim, v_dim):
 def test_compiled_prefill_kernel_refuses_what_it_cannot_take():
     if not compiled_kernels():
         pytest.skip("no C++ compiler")
-    if not native.prefill_attention_available(torch.bfloat16, 128, 64):
+    if not native.prefill_attention_available(torch.bfloat16, 64, 64, 64):
         pytest.skip("this CPU has no AMX")
-    q, k, v = (torch.zeros(4, 2, d, dtype=torch.bfloat16) for d in (128, 128, 64))
+    qn, qp, kn, kp, v = (torch.zeros(4, 2, d, dtype=torch.bfloat16) for d in (64, 64, 64, 64, 64))
     out = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="fewer keys"):
-        native.prefill_attention(q, k, v, torch.tensor([[0], [4], [0], [3]]), 0.1, out)
+        native.prefill_attention(qn, qp, kn, kp, v, torch.tensor([[0], [4], [0], [3]]), 0.1, out)
+    with pytest.raises(RuntimeError, match="refused"):  # parts not in whole 32-dim tiles
+        native.prefill_attention(qn[..., :48], qp[..., :16], kn[..., :48], kp[..., :16], v,
+                                 torch.tensor([[0], [2], [0], [2]]), 0.1, out)
     with pytest.raises(ValueError, match="past its tensor"):
-        native.prefill_attention(q, k, v, torch.tensor([[0], [2], [2], [3]]), 0.1, out)
+        native.prefill_attention(qn, qp, kn, kp, v, torch.tensor([[0], [2], [2], [3]]), 0.1, out)
     with pytest.raises(ValueError, match="want bf16"):
-        native.prefill_attention(q.float(), k, v, torch.tensor([[0], [2], [0], [2]]), 0.1, out)
-    assert not native.prefill_attention_available(torch.bfloat16, 128, 48)
+        native.prefill_attention(qn.float(), qp, kn, kp, v, torch.tensor([[0], [2], [0], [2]]), 0.1, out)
+    assert not native.prefill_attention_available(torch.bfloat16, 64, 64, 48)
+    assert not native.prefill_attention_available(torch.bfloat16, 48, 16, 64)
 
 
 def test_the_fastest_implementation_is_chosen():

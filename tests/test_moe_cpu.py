@@ -75,6 +75,12 @@ def test_compiled_experts_match_each_choice(first, local, tokens):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
     torch_path = RoutedExperts(gate_up, down, first, compiled=False)
     assert ((torch_path(x, weights, ids).double() - ref).norm() / ref.norm()).item() < 1e-2
+    # The shared expert's output added as the sum is written: the sum rounded to bf16, then added.
+    shared = torch.randn(tokens, hidden).bfloat16()
+    assert torch.equal(experts(x, weights, ids, add=shared), (out.float() + shared.float()).bfloat16())
+    off_rank = torch.full_like(ids, first + local)  # every choice on another rank's experts
+    assert torch.equal(experts(x, weights, off_rank), torch.zeros_like(x))
+    assert torch.equal(experts(x, weights, off_rank, add=shared), shared)
 
 
 def test_compiled_experts_leave_the_kernel_when_moved_or_cast():
@@ -94,9 +100,11 @@ def test_compiled_experts_leave_the_kernel_when_moved_or_cast():
     x, weights, ids = torch.randn(9, hidden), torch.rand(9, K), torch.randint(0, 4, (9, K))
     assert cast(x, weights, ids).shape == (9, hidden)
     with pytest.raises(ValueError, match="host memory"):
-        native.moe_experts(torch.zeros(1, hidden, device="meta"), torch.zeros(5, dtype=torch.int64),
-                           native.pack_pairs(gate_up.transpose(1, 2)), native.pack_pairs(down.transpose(1, 2)),
-                           torch.ones(1))
+        native.moe_routed(torch.zeros(1, hidden, device="meta"), torch.ones(1, K), torch.zeros(1, K, dtype=torch.int64),
+                          0, native.pack_pairs(gate_up.transpose(1, 2)), native.pack_pairs(down.transpose(1, 2)))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.moe_routed(torch.zeros(2, hidden).bfloat16(), torch.ones(3, K), torch.zeros(3, K, dtype=torch.int64),
+                          0, native.pack_pairs(gate_up.transpose(1, 2)), native.pack_pairs(down.transpose(1, 2)))
 
 
 @pytest.mark.parametrize("experts,groups,top_groups,k", [(32, 4, 2, 4), (256, 8, 4, 8), (16, 1, 1, 3)])
@@ -126,7 +134,7 @@ def test_compiled_gate_matches_reference(experts, groups, top_groups, k):
 def test_compiled_gate_refuses_what_it_cannot_take():
     if native.library() is None:
         pytest.skip("no C++ compiler")
-    w, b = torch.randn(32, 64), torch.randn(32)
+    w, b = torch.randn(64, 32), torch.randn(32)  # weight transposed: [hidden, E]
     with pytest.raises(ValueError, match="want bf16 x"):
         native.moe_gate(torch.randn(4, 64), w, b, 4, 2, 4, True, 1.0)
     with pytest.raises(RuntimeError, match="refused 32 experts in 5 groups"):

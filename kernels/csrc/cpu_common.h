@@ -51,6 +51,14 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(y, xi);
 }
 
+// Sixteen bf16 values widened to float32 (exact: the bits move up 16).
+inline __m512 bf16x16_to_ps(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 bf16x16_to_ps(const uint16_t* p) {
+  return bf16x16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // r[i] lane j <- r[j] lane i, for 32-bit lanes.
 inline void transpose16x16_epi32(__m512i r[16]) {
   __m512i t[16], u[16];

@@ -171,10 +171,6 @@ inline void online_softmax_avx512(const Problem& P, SplitState& st, int n, float
 // 7.2-8.0 ms against 11.2 ms without, 256 sequences x 200 tokens, bf16, two cores).
 constexpr int kPrefetchRows = 2;
 
-inline __m512 bf16x16_to_ps(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 // Scores of two tokens (k0, k1) for four heads: bf16 pair products summed in float32.
 inline void scores_4h_2t(const uint16_t* q, int E, const uint16_t* k0, const uint16_t* k1, float out[4][2]) {
   __m512 acc[4][2];

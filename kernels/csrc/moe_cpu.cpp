@@ -1,19 +1,22 @@
 // Routed experts on the CPU's AMX tiles: the contract of model/moe.py's RoutedExperts on its
-// CPU path, for one rank's experts.
+// CPU path, for one rank's experts, from the router's choices to the tokens' summed outputs.
 //
-// Input rows are the token choices sorted by expert (expert e owns rows [starts[e], starts[e+1])),
-// each a copy of its token's hidden state. For each row:
+// The choices (token t's j-th: expert ids[t][j], weight weights[t][j]) that fall on this rank's
+// experts are counting-sorted by expert, token order kept. For each such choice, on its token's
+// hidden state x:
 //     h = x W1_e            (W1_e = [gate | up], hidden x 2 inter)
 //     a = silu(h_gate) * h_up
-//     out = route_weight * (a W2_e)      (W2_e: inter x hidden)
-// Work items are (expert, 16 rows); each runs both products on tiles with the intermediate kept
-// in the thread's own scratch (float32 between the products, bf16 into the second, as the tiles
-// take it). Weights are stored once, at load, in the tiles' B layout: pairs of rows interleaved
-// ([K / 2][N][2]), so every tile load is a plain strided read.
+//     y = weight * (a W2_e)      (W2_e: inter x hidden), rounded to bf16 into the choice's row
+// and then out[t] = bf16(sum of t's rows in float32) (+ add[t], the shared expert, rounded again:
+// the torch path's `routed + shared`). Work items are (expert, 16 rows); each runs both products
+// on tiles with the intermediate kept in the thread's own scratch (float32 between the products,
+// bf16 into the second, as the tiles take it). Weights are stored once, at load, in the tiles' B
+// layout: pairs of rows interleaved ([K / 2][N][2]), so every tile load is a plain strided read.
 //
 // Why not torch: a batched matmul pads every expert to the busiest one's rows, or one call per
 // expert pays ~100 padded rows' worth of overhead (model/moe.py); either way the bf16 matmuls
-// re-pack the weights for the tiles on every call.
+// re-pack the weights for the tiles on every call. And the sort, gather and scatter-add around
+// the experts, as torch ops, had cost a quarter of the experts' own time at 2K tokens.
 
 #include <algorithm>
 #include <cstdint>
@@ -71,10 +74,42 @@ struct Item {
   int rows;
 };
 
-void run_experts(const uint16_t* x, const int64_t* starts, int n_experts, const uint16_t* w1, const uint16_t* w2,
-                 const float* route_w, uint16_t* out, int H, int I, int num_threads) {
+struct Routed {
+  const uint16_t* x;
+  int64_t x_row;
+  int64_t tokens;
+  const int64_t* ids;
+  const float* weights;
+  int k, first_expert, n_experts;
+  const uint16_t *w1, *w2;
+  const uint16_t* add;
+  int64_t add_row;
+  uint16_t* choices;  // [tokens * k][H]: the row of each on-rank choice
+  uint16_t* out;
+  int64_t out_row;
+  int H, I;
+};
+
+void run_routed(const Routed& R, int num_threads) {
+  const int H = R.H, I = R.I;
+  const int64_t n_choices = R.tokens * R.k;
+  // Counting sort of the on-rank choices by expert; each row keeps its choice's index.
+  std::vector<int64_t> starts(R.n_experts + 1, 0);
+  for (int64_t c = 0; c < n_choices; ++c) {
+    const int64_t e = R.ids[c] - R.first_expert;
+    if (e >= 0 && e < R.n_experts) ++starts[e + 1];
+  }
+  for (int e = 0; e < R.n_experts; ++e) starts[e + 1] += starts[e];
+  std::vector<int64_t> choice_of_row(starts[R.n_experts]);
+  {
+    std::vector<int64_t> next(starts.begin(), starts.end() - 1);
+    for (int64_t c = 0; c < n_choices; ++c) {
+      const int64_t e = R.ids[c] - R.first_expert;
+      if (e >= 0 && e < R.n_experts) choice_of_row[next[e]++] = c;
+    }
+  }
   std::vector<Item> items;
-  for (int e = 0; e < n_experts; ++e)
+  for (int e = 0; e < R.n_experts; ++e)
     for (int64_t r = starts[e]; r < starts[e + 1]; r += kRows)
       items.push_back({e, r, int(std::min<int64_t>(kRows, starts[e + 1] - r))});
   const size_t w1_size = size_t(H) * 2 * I, w2_size = size_t(I) * H;
@@ -87,10 +122,12 @@ void run_experts(const uint16_t* x, const int64_t* starts, int n_experts, const 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < int64_t(items.size()); ++it) {
       const Item& w = items[it];
-      // A short last block is padded with zero rows (their outputs are not written).
-      std::memcpy(a.data(), x + w.row0 * H, sizeof(uint16_t) * w.rows * H);
+      const int64_t* choice = choice_of_row.data() + w.row0;
+      // The rows' tokens gathered; a short last block is padded with zero rows (outputs unused).
+      for (int r = 0; r < w.rows; ++r)
+        std::memcpy(a.data() + size_t(r) * H, R.x + choice[r] / R.k * R.x_row, sizeof(uint16_t) * H);
       if (w.rows < kRows) std::memset(a.data() + size_t(w.rows) * H, 0, sizeof(uint16_t) * (kRows - w.rows) * H);
-      gemm_rows16(a.data(), H, w1 + w.expert * w1_size, H, 2 * I, h.data(), 2 * I);
+      gemm_rows16(a.data(), H, R.w1 + w.expert * w1_size, H, 2 * I, h.data(), 2 * I);
       for (int r = 0; r < kRows; ++r) {
         const float* g = h.data() + size_t(r) * 2 * I;
         uint16_t* dst = act.data() + size_t(r) * I;
@@ -100,11 +137,11 @@ void run_experts(const uint16_t* x, const int64_t* starts, int n_experts, const 
           _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
       }
-      gemm_rows16(act.data(), I, w2 + w.expert * w2_size, I, H, o.data(), H);
+      gemm_rows16(act.data(), I, R.w2 + w.expert * w2_size, I, H, o.data(), H);
       for (int r = 0; r < w.rows; ++r) {
-        const __m512 s = _mm512_set1_ps(route_w[w.row0 + r]);
+        const __m512 s = _mm512_set1_ps(R.weights[choice[r]]);
         const float* src = o.data() + size_t(r) * H;
-        uint16_t* dst = out + (w.row0 + r) * H;
+        uint16_t* dst = R.choices + choice[r] * H;
         for (int d = 0; d < H; d += 32) {
           const __m512 lo = _mm512_mul_ps(s, _mm512_loadu_ps(src + d));
           const __m512 hi = _mm512_mul_ps(s, _mm512_loadu_ps(src + d + 16));
@@ -113,6 +150,29 @@ void run_experts(const uint16_t* x, const int64_t* starts, int n_experts, const 
       }
     }
     _tile_release();
+    // Each token's rows summed (choices on other ranks' experts were not written: skipped).
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < R.tokens; ++t) {
+      uint16_t* dst = R.out + t * R.out_row;
+      for (int d = 0; d < H; d += 32) {
+        __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+        for (int j = 0; j < R.k; ++j) {
+          const int64_t c = t * R.k + j, e = R.ids[c] - R.first_expert;
+          if (e < 0 || e >= R.n_experts) continue;
+          const __m512i row = _mm512_loadu_si512(R.choices + c * H + d);
+          lo = _mm512_add_ps(lo, bf16x16_to_ps(_mm512_castsi512_si256(row)));
+          hi = _mm512_add_ps(hi, bf16x16_to_ps(_mm512_extracti64x4_epi64(row, 1)));
+        }
+        if (R.add) {
+          const __m512i sum = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // the routed sum, rounded as torch's
+          const __m512i more = _mm512_loadu_si512(R.add + t * R.add_row + d);
+          lo = _mm512_add_ps(bf16x16_to_ps(_mm512_castsi512_si256(sum)), bf16x16_to_ps(_mm512_castsi512_si256(more)));
+          hi = _mm512_add_ps(bf16x16_to_ps(_mm512_extracti64x4_epi64(sum, 1)),
+                             bf16x16_to_ps(_mm512_extracti64x4_epi64(more, 1)));
+        }
+        _mm512_storeu_si512(dst + d, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    }
   }
 }
 
@@ -122,18 +182,26 @@ void run_experts(const uint16_t* x, const int64_t* starts, int n_experts, const 
 
 extern "C" {
 
-// x, out: [rows, hidden] bf16, rows sorted by expert (starts: [n_experts + 1]); w1: [n][hidden / 2]
-// [2 inter][2], w2: [n][inter / 2][hidden][2] (bf16, pairs of rows interleaved); route_w: [rows]
-// float32. hidden % 64 == 0 and inter % 32 == 0. Returns 0, or -1 when this build cannot.
-int moe_experts(const uint16_t* x, const int64_t* starts, int n_experts, const uint16_t* w1, const uint16_t* w2,
-                const float* route_w, uint16_t* out, int hidden, int inter, int num_threads) {
+// x: [tokens, hidden] bf16 (row stride x_row); ids [tokens * k] int64 (global expert ids; those
+// outside [first_expert, first_expert + n_experts) belong to other ranks and are skipped), weights
+// [tokens * k] float32; w1: [n][hidden / 2][2 inter][2], w2: [n][inter / 2][hidden][2] (bf16, pairs
+// of rows interleaved); add: null or [tokens, hidden] bf16 (row stride add_row); choices: scratch,
+// [tokens * k][hidden] bf16; out: [tokens, hidden] bf16 (row stride out_row). hidden % 64 == 0 and
+// inter % 32 == 0. Returns 0, or -1 when this build cannot.
+int moe_routed(const uint16_t* x, int64_t x_row, int64_t tokens, const int64_t* ids, const float* weights, int k,
+               int first_expert, int n_experts, const uint16_t* w1, const uint16_t* w2, const uint16_t* add,
+               int64_t add_row, uint16_t* choices, uint16_t* out, int64_t out_row, int hidden, int inter,
+               int num_threads) {
 #ifdef MLASERVE_HAVE_AMX
-  if (!amx_permitted() || hidden % 64 || inter % 32) return -1;
-  run_experts(x, starts, n_experts, w1, w2, route_w, out, hidden, inter, num_threads);
+  if (!amx_permitted() || hidden % 64 || inter % 32 || k <= 0) return -1;
+  const Routed R{x, x_row, tokens, ids, weights, k, first_expert, n_experts, w1, w2, add, add_row, choices, out,
+                 out_row, hidden, inter};
+  run_routed(R, num_threads);
   return 0;
 #else
-  (void)x, (void)starts, (void)n_experts, (void)w1, (void)w2, (void)route_w, (void)out, (void)hidden, (void)inter,
-      (void)num_threads;
+  (void)x, (void)x_row, (void)tokens, (void)ids, (void)weights, (void)k, (void)first_expert, (void)n_experts,
+      (void)w1, (void)w2, (void)add, (void)add_row, (void)choices, (void)out, (void)out_row, (void)hidden,
+      (void)inter, (void)num_threads;
   return -1;
 #endif
 }

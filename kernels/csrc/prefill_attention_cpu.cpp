@@ -1,6 +1,10 @@
 // Causal attention of prefill chunks over their expanded keys and values, on the CPU's AMX tiles:
 // the contract of kernels/mla_attention.py's expanded prefill path, every chunk of a step in one call.
 //
+// Queries and keys come in two parts each, [nope | rope] (D = Dn + rope dims): in MLA the rope
+// part of the keys is one row per token shared by every head (head stride 0), and the parts of the
+// queries are two views of one projection, so nothing is concatenated or broadcast first.
+//
 // Chunk c has q_len queries (rows q_start..) and k_len >= q_len keys/values (rows k_start..); query
 // i sits at position k_len - q_len + i and sees keys 0..that position (bottom-right causal: the
 // chunk's cached prefix, then itself). Per head: softmax(scale * q k^T) v, all in bf16 with float32
@@ -37,13 +41,24 @@ using namespace mlaserve;
 
 constexpr int kSuper = 512;  // keys per exact-softmax block (a multiple of 32)
 
+// A [rows, heads, dims] operand in two parts: dims [0, split) and [split, D), each with its strides.
+struct Split {
+  const uint16_t *a, *b;
+  int64_t a_row, a_head, b_row, b_head;
+  // The 32 dims from d0 (a multiple of 32) of a row and head; split % 32 == 0.
+  const uint16_t* at(int64_t row, int h, int d0, int split) const {
+    return d0 < split ? a + row * a_row + h * a_head + d0 : b + row * b_row + h * b_head + (d0 - split);
+  }
+};
+
 struct Problem {
-  const uint16_t *q, *k, *v;
-  int64_t q_row, q_head, k_row, k_head, v_row, v_head;
+  Split q, k;
+  const uint16_t* v;
+  int64_t v_row, v_head;
   uint16_t* out;
   int64_t o_row, o_head;
   const int64_t *q_start, *q_len, *k_start, *k_len;
-  int heads, D, Dv;
+  int heads, D, Dn, Dv;
   float scale;
 };
 
@@ -83,7 +98,6 @@ void attend_chunk_head(const Problem& P, int c, int h, Scratch& w) {
       for (int d = 0; d < 16; ++d) _mm512_storeu_si512(w.vt.data() + size_t(d0 + d) * Lpad + j0, r[d]);
     }
   }
-  const uint16_t* kbase = P.k + P.k_start[c] * P.k_row + h * P.k_head;
   const float c2 = P.scale * 1.4426950408889634f;  // scores in base 2
   alignas(64) static const uint16_t pair_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -96,8 +110,7 @@ void attend_chunk_head(const Problem& P, int c, int h, Scratch& w) {
     for (int g = 0; g < D / 32; ++g) {
       __m512i r[16];
       for (int q = 0; q < 16; ++q)
-        r[q] = q < nq ? _mm512_loadu_si512(P.q + (P.q_start[c] + qb0 + q) * P.q_row + h * P.q_head + 32 * g)
-                      : _mm512_setzero_si512();
+        r[q] = q < nq ? _mm512_loadu_si512(P.q.at(P.q_start[c] + qb0 + q, h, 32 * g, P.Dn)) : _mm512_setzero_si512();
       transpose16x16_epi32(r);
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(w.qt.data() + size_t(g * 16 + i) * 32, r[i]);
     }
@@ -114,22 +127,25 @@ void attend_chunk_head(const Problem& P, int c, int h, Scratch& w) {
       const int ntile = (n + 15) / 16, nsteps = (n + 31) / 32;
       for (int t = 0; t < ntile; ++t) {
         const int64_t key0 = sb0 + 16 * t;
-        const uint16_t* a = kbase + key0 * P.k_row;
-        int64_t stride = P.k_row * 2;
-        if (key0 + 16 > Lk) {  // rows past the chunk may not be readable
+        const bool padded = key0 + 16 > Lk;
+        if (padded) {  // rows past the chunk may not be readable
           const int have = int(Lk - key0);
-          for (int r = 0; r < 16; ++r) {
-            if (r < have)
-              std::memcpy(w.kpad.data() + size_t(r) * D, a + r * P.k_row, sizeof(uint16_t) * D);
-            else
-              std::memset(w.kpad.data() + size_t(r) * D, 0, sizeof(uint16_t) * D);
-          }
-          a = w.kpad.data();
-          stride = int64_t(D) * 2;
+          for (int r = 0; r < 16; ++r)
+            for (int d0 = 0; d0 < D; d0 += 32) {
+              uint16_t* dst = w.kpad.data() + size_t(r) * D + d0;
+              if (r < have)
+                std::memcpy(dst, P.k.at(P.k_start[c] + key0 + r, h, d0, P.Dn), sizeof(uint16_t) * 32);
+              else
+                std::memset(dst, 0, sizeof(uint16_t) * 32);
+            }
         }
         _tile_zero(0);
         for (int dc = 0; dc < D / 32; ++dc) {
-          _tile_loadd(2, a + dc * 32, stride);
+          const int d0 = 32 * dc;
+          if (padded)
+            _tile_loadd(2, w.kpad.data() + d0, D * 2);
+          else
+            _tile_loadd(2, P.k.at(P.k_start[c] + key0, h, d0, P.Dn), (d0 < P.Dn ? P.k.a_row : P.k.b_row) * 2);
           _tile_loadd(3, w.qt.data() + size_t(dc) * 16 * 32, 64);
           _tile_dpbf16ps(0, 2, 3);
         }
@@ -234,27 +250,33 @@ void run(const Problem& P, int chunks, int num_threads) {
 
 extern "C" {
 
-// q: [*, heads, D], k: [*, heads, D], v: [*, heads, Dv], out: [*, heads, Dv], bf16, each with its own
-// row and head strides (elements; last dim contiguous). Chunk c: queries q_start[c] .. + q_len[c],
-// keys and values k_start[c] .. + k_len[c] (k_len >= q_len). D % 32 == 0, Dv % 64 == 0.
-// Returns 0, or -1 when this build cannot or the shapes do not fit.
-int prefill_attention(const uint16_t* q, int64_t q_row, int64_t q_head, const uint16_t* k, int64_t k_row,
-                      int64_t k_head, const uint16_t* v, int64_t v_row, int64_t v_head, uint16_t* out, int64_t o_row,
-                      int64_t o_head, const int64_t* q_start, const int64_t* q_len, const int64_t* k_start,
-                      const int64_t* k_len, int chunks, int heads, int D, int Dv, float scale, int num_threads) {
+// q_nope: [*, heads, Dn], q_pe: [*, heads, D - Dn], k_nope: [*, heads, Dn], k_pe: [*, heads, D - Dn]
+// (a head stride of 0 shares one row among the heads), v: [*, heads, Dv], out: [*, heads, Dv], bf16,
+// each with its own row and head strides (elements; last dim contiguous). Chunk c: queries
+// q_start[c] .. + q_len[c], keys and values k_start[c] .. + k_len[c] (k_len >= q_len).
+// Dn % 32 == 0, D % 32 == 0, Dv % 64 == 0. Returns 0, or -1 when this build cannot or the shapes do
+// not fit.
+int prefill_attention(const uint16_t* q_nope, int64_t qn_row, int64_t qn_head, const uint16_t* q_pe, int64_t qp_row,
+                      int64_t qp_head, const uint16_t* k_nope, int64_t kn_row, int64_t kn_head, const uint16_t* k_pe,
+                      int64_t kp_row, int64_t kp_head, const uint16_t* v, int64_t v_row, int64_t v_head, uint16_t* out,
+                      int64_t o_row, int64_t o_head, const int64_t* q_start, const int64_t* q_len,
+                      const int64_t* k_start, const int64_t* k_len, int chunks, int heads, int Dn, int D, int Dv,
+                      float scale, int num_threads) {
 #ifdef MLASERVE_HAVE_AMX
-  if (!amx_permitted() || D % 32 || D > 1024 || Dv % 64 || heads <= 0) return -1;
+  if (!amx_permitted() || D % 32 || Dn % 32 || Dn > D || D > 1024 || Dv % 64 || heads <= 0) return -1;
   for (int c = 0; c < chunks; ++c)
     if (q_len[c] < 0 || k_len[c] < q_len[c] || k_len[c] > (int64_t(1) << 30)) return -1;
   if (chunks == 0) return 0;
-  const Problem P{q, k, v, q_row, q_head, k_row, k_head, v_row, v_head, out, o_row, o_head,
-                  q_start, q_len, k_start, k_len, heads, D, Dv, scale};
+  const Problem P{{q_nope, q_pe, qn_row, qn_head, qp_row, qp_head},
+                  {k_nope, k_pe, kn_row, kn_head, kp_row, kp_head},
+                  v, v_row, v_head, out, o_row, o_head, q_start, q_len, k_start, k_len, heads, D, Dn, Dv, scale};
   run(P, chunks, num_threads);
   return 0;
 #else
-  (void)q, (void)q_row, (void)q_head, (void)k, (void)k_row, (void)k_head, (void)v, (void)v_row, (void)v_head,
-      (void)out, (void)o_row, (void)o_head, (void)q_start, (void)q_len, (void)k_start, (void)k_len, (void)chunks,
-      (void)heads, (void)D, (void)Dv, (void)scale, (void)num_threads;
+  (void)q_nope, (void)qn_row, (void)qn_head, (void)q_pe, (void)qp_row, (void)qp_head, (void)k_nope, (void)kn_row,
+      (void)kn_head, (void)k_pe, (void)kp_row, (void)kp_head, (void)v, (void)v_row, (void)v_head, (void)out,
+      (void)o_row, (void)o_head, (void)q_start, (void)q_len, (void)k_start, (void)k_len, (void)chunks, (void)heads,
+      (void)Dn, (void)D, (void)Dv, (void)scale, (void)num_threads;
   return -1;
 #endif
 }
