@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp", CSRC / "norm_cpu.cpp", CSRC / "prefill_attention_cpu.cpp",
-           CSRC / "moe_gate_cpu.cpp"]
+           CSRC / "moe_gate_cpu.cpp", CSRC / "activation_cpu.cpp"]
 HEADERS = [CSRC / "cpu_common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -85,6 +85,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.prefill_attention.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64,
                                       p, p, p, p, i32, i32, i32, i32, i32, f32, i32]
     lib.prefill_attention.restype = i32
+    lib.silu_mul_bf16.argtypes = [p, i64, p, i64, i64, i32, i32]
+    lib.silu_mul_bf16.restype = i32
     lib.moe_gate.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, i32, f32, p, p, i32]
     lib.moe_gate.restype = i32
     lib.mla_cache_entries_bf16.argtypes = [p, i64, p, i64, p, i64, i64, i32, p, f32, p, i64, p, p, p, i64, i32, i32,
@@ -311,6 +313,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if rc != 0:
         raise RuntimeError(f"rms_norm refused rows of {cols}")
     return out if h is None else (out, h)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for h = [gate | up] ([..., 2 * cols], bf16 on the host, any row stride)
+    through the compiled kernel, with the reference's two bf16 roundings -> [..., cols]."""
+    lib = library()
+    _require_host("silu_mul", h)
+    cols = h.shape[-1] // 2
+    if h.dtype != torch.bfloat16 or h.shape[-1] != 2 * cols or cols == 0:
+        raise ValueError(f"silu_mul: h {tuple(h.shape)} {h.dtype} (want bf16 [..., 2 * cols])")
+    h2, stride = _rows(_last_dim_contiguous(h))
+    out = torch.empty(*h.shape[:-1], cols, dtype=h.dtype)
+    rc = lib.silu_mul_bf16(_ptr(h2), stride, _ptr(out), cols, h2.shape[0], cols, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"silu_mul refused rows of {cols}")
+    return out
 
 
 def prefill_attention_available(dtype: torch.dtype, nope_dim: int, rope_dim: int, v_dim: int) -> bool:

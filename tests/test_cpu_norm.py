@@ -104,3 +104,26 @@ def test_cache_entries_and_rope_in_one_pass():
     with pytest.raises(ValueError, match="slot past the cache"):
         native.mla_cache_entries(c_kv, k_pe, q_pe, norm.weight, norm.eps, rope.rotations, positions, slots + 1000,
                                  cache)
+
+
+@pytest.mark.parametrize("shape", [(2048, 2 * 1536), (7, 2 * 40), (3, 2, 2 * 256), (0, 512)])
+def test_silu_mul_matches_reference(shape):
+    """SwiGLU's activation in one pass (widths with and without a vector tail, leading dims,
+    a strided view, no rows): the reference's two roundings, so at most a rare unit in the last
+    place from silu's exp."""
+    torch.manual_seed(2)
+    h = (torch.randn(shape[:-1] + (shape[-1] + 16,)) * 3).bfloat16()[..., 16:]  # rows strided
+    gate, up = h.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    out = native.silu_mul(h)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert bf16_ulps(out, ref) <= 1.0
+    if h.numel():
+        assert (out == ref).float().mean() > 0.999
+
+
+def test_silu_mul_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match="want bf16"):
+        native.silu_mul(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="want bf16"):
+        native.silu_mul(torch.randn(4, 63).bfloat16())
