@@ -390,10 +390,10 @@ def moe_gate(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, n_grou
                          f"{weight_t.dtype}, bias {tuple(bias.shape)} {bias.dtype} (want bf16 x, float32 "
                          "weight and bias)")
     x = _last_dim_contiguous(x)
-    weight, bias = weight_t.contiguous(), bias.contiguous()
+    weight_t, bias = weight_t.contiguous(), bias.contiguous()
     weights = torch.empty(tokens, k, dtype=torch.float32)
     ids = torch.empty(tokens, k, dtype=torch.int64)
-    rc = lib.moe_gate(_ptr(x), x.stride(0), _ptr(weight), _ptr(bias), tokens, hidden, experts, n_group, topk_group, k,
+    rc = lib.moe_gate(_ptr(x), x.stride(0), _ptr(weight_t), _ptr(bias), tokens, hidden, experts, n_group, topk_group, k,
                       int(normalize), float(scaling), _ptr(weights), _ptr(ids), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"moe_gate refused {experts} experts in {n_group} groups, top {topk_group} groups, k={k}")
