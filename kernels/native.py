@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp", CSRC / "norm_cpu.cpp", CSRC / "prefill_attention_cpu.cpp",
-           CSRC / "moe_gate_cpu.cpp", CSRC / "activation_cpu.cpp"]
+           CSRC / "moe_gate_cpu.cpp", CSRC / "activation_cpu.cpp", CSRC / "linear_cpu.cpp"]
 HEADERS = [CSRC / "cpu_common.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -92,6 +92,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mla_cache_entries_bf16.argtypes = [p, i64, p, i64, p, i64, i64, i32, p, f32, p, i64, p, p, p, i64, i32, i32,
                                            i64, i32]
     lib.mla_cache_entries_bf16.restype = i32
+    lib.linear_bf16.argtypes = [p, i64, i64, p, i32, i32, p, i64, i32]
+    lib.linear_bf16.restype = i32
     return lib
 
 
@@ -271,6 +273,51 @@ def moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_
                         inter, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"moe_routed refused hidden={hidden} inter={inter} k={k}")
+    return out
+
+
+LINEAR_STRIP = 32  # output columns per strip of linear_cpu.cpp's weight layout
+# Above this many rows torch's matmul is as fast (its per-call re-layout of the weight is paid
+# back): at 2048 rows the small model's linears ran 1-2% slower in a prefill step through
+# `linear`, and at 256 rows (a decode step) 3-5% faster.
+LINEAR_MAX_ROWS = 1024
+
+
+def linear_available(weight: torch.Tensor) -> bool:
+    """Whether `linear` can take this [N, K] weight: bf16 on the host, the CPU has AMX and the OS
+    grants it, K and N multiples of 32 (every DeepSeek-V3 linear but the vocabulary's)."""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.shape[0] % LINEAR_STRIP == 0 and weight.shape[1] % 32 == 0
+            and os.environ.get("MLASERVE_CPU_LINEAR", "1") != "0" and amx_granted())
+
+
+def pack_strips(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> [N / 32, K / 2, 32, 2]: strips of 32 output columns, pairs of K interleaved."""
+    n, k = weight.shape
+    return weight.view(n // LINEAR_STRIP, LINEAR_STRIP, k // 2, 2).transpose(1, 2).contiguous()
+
+
+def unpack_strips(strips: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_strips`: [N / 32, K / 2, 32, 2] -> [N, K]."""
+    s, half, cols, _ = strips.shape
+    return strips.transpose(1, 2).reshape(s * cols, 2 * half)
+
+
+def linear(x: torch.Tensor, strips: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (bf16 on the host, any row stride) times W^T for strips = pack_strips(W):
+    float32 sums rounded once to bf16 -> [..., N]."""
+    lib = library()
+    _require_host("linear", x, strips)
+    s, half, cols, _ = strips.shape
+    n, k = s * cols, 2 * half
+    if x.dtype != torch.bfloat16 or strips.dtype != torch.bfloat16 or x.shape[-1] != k or cols != LINEAR_STRIP:
+        raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype}, strips {tuple(strips.shape)} {strips.dtype} "
+                         f"(want bf16 x [..., {k}] and strips [N / {LINEAR_STRIP}, K / 2, {LINEAR_STRIP}, 2])")
+    x2, stride = _rows(_last_dim_contiguous(x))
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    rc = lib.linear_bf16(_ptr(x2), stride, x2.shape[0], _ptr(strips), k, n, _ptr(out), n, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"linear refused K={k} N={n}")
     return out
 
 

@@ -1,0 +1,86 @@
+"""The compiled bf16 linear (AMX tiles, weight kept in strips) against torch's bf16 matmul: both
+sum in float32 and round once, so they differ only where the order of the sum moves a value
+across a rounding boundary."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import native
+from model.layers import Linear, StackedLinear
+
+
+@pytest.fixture(autouse=True)
+def needs_amx():
+    if not native.linear_available(torch.zeros(32, 32, dtype=torch.bfloat16)):
+        pytest.skip("no AMX here (or no compiler): Linear uses torch's matmul")
+
+
+def assert_matches_torch(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    ref = F.linear(x, w)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    # One bf16 unit at the result, plus what float32 sums in another order can move by (which
+    # matters only where the terms cancel to a result far smaller than they are).
+    magnitude = F.linear(x.float().abs(), w.float().abs())
+    slack = ref.float().abs() * 2.0**-7 + magnitude * 2.0**-20
+    assert bool(((out.float() - ref.float()).abs() <= slack).all())
+    if out.numel():
+        assert (out == ref).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 100, 300])
+@pytest.mark.parametrize("k,n", [(32, 32), (384, 96), (512, 960)])
+def test_linear_matches_torch(rows, k, n):
+    torch.manual_seed(rows * 7 + k + n)
+    x = torch.randn(rows, k).bfloat16()
+    w = (torch.randn(n, k) / k**0.5).bfloat16()
+    assert_matches_torch(native.linear(x, native.pack_strips(w)), x, w)
+
+
+def test_strided_rows_leading_dims_and_many_column_chunks():
+    """Inputs that are column slices are read in place; leading dims are kept; a weight wider than
+    one chunk of strips (3072 x 512: several chunks per row block) is covered whole."""
+    torch.manual_seed(3)
+    wide = torch.randn(2, 150, 960).bfloat16()
+    x = wide[..., 384:896]
+    w = (torch.randn(3072, 512) / 23).bfloat16()
+    out = native.linear(x, native.pack_strips(w))
+    assert out.shape == (2, 150, 3072)
+    assert_matches_torch(out, x, w)
+
+
+def test_strips_round_trip():
+    w = torch.randn(96, 64).bfloat16()
+    strips = native.pack_strips(w)
+    assert strips.shape == (3, 32, 32, 2)
+    assert strips[1, 5, 7, 1] == w[32 + 7, 11]
+    assert torch.equal(native.unpack_strips(strips), w)
+
+
+def test_model_linears_dispatch_to_the_kernel():
+    """bf16 host weights get strips on first use; decode-sized inputs go through them, with torch's
+    results; larger ones through torch's matmul."""
+    torch.manual_seed(4)
+    w = {"a.weight": (torch.randn(384, 512) / 23).bfloat16(), "b.weight": (torch.randn(576, 512) / 23).bfloat16()}
+    stacked = StackedLinear(w, ["a.weight", "b.weight"])
+    assert stacked.strips() is not None
+    x = torch.randn(64, 512).bfloat16()
+    a, b = stacked.parts(x)
+    assert_matches_torch(a, x, w["a.weight"])
+    assert_matches_torch(b, x, w["b.weight"])
+    big = torch.randn(native.LINEAR_MAX_ROWS + 1, 512).bfloat16()
+    assert torch.equal(stacked(big), F.linear(big, stacked.weight))
+    odd = Linear(torch.randn(258, 512).bfloat16())  # the vocabulary's 258 rows: not whole strips
+    assert odd.strips() is None
+    assert torch.equal(odd(x), F.linear(x, odd.weight))
+    assert Linear(torch.randn(64, 64)).strips() is None  # float32 stays torch's
+
+
+def test_refusals():
+    strips = native.pack_strips(torch.randn(64, 64).bfloat16())
+    with pytest.raises(ValueError, match="linear"):
+        native.linear(torch.randn(3, 32).bfloat16(), strips)  # K 32 against the weight's 64
+    with pytest.raises(ValueError, match="linear"):
+        native.linear(torch.randn(3, 64), strips)  # float32 input
+    assert not native.linear_available(torch.randn(48, 64).bfloat16())  # 48 outputs: not whole strips
+    assert not native.linear_available(torch.randn(64, 48).bfloat16())  # K 48
