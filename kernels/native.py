@@ -228,16 +228,20 @@ def moe_experts_available(dtype: torch.dtype, hidden: int, inter: int) -> bool:
             and hidden % 64 == 0 and inter % 32 == 0 and os.environ.get("MLASERVE_CPU_MOE", "1") != "0")
 
 
+EXPERT_STRIP = 64  # output columns per strip of moe_cpu.cpp's weight layout
+
+
 def pack_pairs(w: torch.Tensor) -> torch.Tensor:
-    """[n, K, N] -> [n, K / 2, N, 2]: pairs of rows interleaved, the layout AMX tiles take as B."""
+    """[n, K, N] -> [n, N / 64, K / 2, 64, 2]: strips of 64 columns, each a contiguous run of K / 2
+    rows of interleaved pairs (the layout AMX tiles take as B, streamed in order)."""
     n, k, cols = w.shape
-    return w.view(n, k // 2, 2, cols).transpose(2, 3).contiguous()
+    return w.view(n, k // 2, 2, cols // EXPERT_STRIP, EXPERT_STRIP).permute(0, 3, 1, 4, 2).contiguous()
 
 
 def unpack_pairs(w: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_pairs`: [n, K / 2, N, 2] -> [n, K, N]."""
-    n, half, cols, _ = w.shape
-    return w.transpose(2, 3).reshape(n, 2 * half, cols)
+    """The inverse of `pack_pairs`: [n, N / 64, K / 2, 64, 2] -> [n, K, N]."""
+    n, strips, half, cols, _ = w.shape
+    return w.permute(0, 2, 4, 1, 3).reshape(n, 2 * half, strips * cols)
 
 
 def moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_expert: int,
@@ -249,11 +253,12 @@ def moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_
     plus `add` ([T, hidden] bf16) when given."""
     lib = library()
     _require_host("moe_routed", x, weights, ids, gate_up_pairs, down_pairs, *([add] if add is not None else []))
-    n, half_hidden, two_inter, _ = gate_up_pairs.shape
-    hidden, inter = half_hidden * 2, two_inter // 2
+    n, strips, half_hidden, _, _ = gate_up_pairs.shape
+    hidden, inter = half_hidden * 2, strips * EXPERT_STRIP // 2
     tokens, k = ids.shape
     if (x.dtype != torch.bfloat16 or x.shape != (tokens, hidden) or weights.shape != ids.shape
-            or down_pairs.shape != (n, inter // 2, hidden, 2)
+            or gate_up_pairs.shape[3:] != (EXPERT_STRIP, 2)
+            or down_pairs.shape != (n, hidden // EXPERT_STRIP, inter // 2, EXPERT_STRIP, 2)
             or (add is not None and (add.dtype != torch.bfloat16 or add.shape != x.shape))):
         raise ValueError(f"moe_routed: x {tuple(x.shape)} {x.dtype}, weights {tuple(weights.shape)}, "
                          f"ids {tuple(ids.shape)}, gate_up {tuple(gate_up_pairs.shape)}, "

@@ -79,7 +79,7 @@ class RoutedExperts(nn.Module):
             compiled = (not self.fp8 and gate_up.device.type == "cpu"
                         and native.moe_experts_available(gate_up.dtype, hidden, two_inter // 2))
         self.compiled = compiled
-        if self.compiled:  # stored as the tiles read them: pairs of rows interleaved
+        if self.compiled:  # stored as the tiles read them: 64-column strips of row pairs
             self.gate_up_pairs = nn.Parameter(native.pack_pairs(gate_up.transpose(1, 2)), requires_grad=False)
             self.down_pairs = nn.Parameter(native.pack_pairs(down.transpose(1, 2)), requires_grad=False)
         elif self.fp8:

@@ -11,7 +11,8 @@
 // the torch path's `routed + shared`). Work items are (expert, 16 rows); each runs both products
 // on tiles with the intermediate kept in the thread's own scratch (float32 between the products,
 // bf16 into the second, as the tiles take it). Weights are stored once, at load, in the tiles' B
-// layout: pairs of rows interleaved ([K / 2][N][2]), so every tile load is a plain strided read.
+// layout: strips of 64 columns, each K / 2 rows of interleaved pairs ([N / 64][K / 2][64][2]), so
+// a strip's tiles stream from memory in order (decode steps read every expert's weights cold).
 //
 // Why not torch: a batched matmul pads every expert to the busiest one's rows, or one call per
 // expert pays ~100 padded rows' worth of overhead (model/moe.py); either way the bf16 matmuls
@@ -36,24 +37,28 @@ using namespace mlaserve;
 constexpr int kRows = 16;  // rows per work item: one tile's height (32-row items, each weight
                            // tile serving two row tiles, measured 15-25% slower here)
 
-// C[16][N] (float32, row stride ldc) = A[16][K] (bf16, row stride lda) x B (bf16, [K / 2][N][2]).
-// Four 16-column output tiles at a time share each A tile. K % 32 == 0, N % 64 == 0.
+constexpr int kStrip = 64;  // weight columns per strip
+
+// C[16][N] (float32, row stride ldc) = A[16][K] (bf16, row stride lda) x B (bf16, strips of 64
+// columns: [N / 64][K / 2][64][2]). Four 16-column output tiles at a time share each A tile.
+// K % 32 == 0, N % 64 == 0.
 void gemm_rows16(const uint16_t* A, int lda, const uint16_t* B, int K, int N, float* C, int ldc) {
-  for (int n0 = 0; n0 < N; n0 += 64) {
+  for (int n0 = 0; n0 < N; n0 += kStrip) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
+    const uint16_t* strip = B + size_t(n0) * K;
     for (int k0 = 0; k0 < K; k0 += 32) {
       _tile_loadd(4, A + k0, lda * 2);
-      const uint16_t* b = B + size_t(k0 / 2) * N * 2 + n0 * 2;
-      _tile_loadd(5, b, N * 4);
+      const uint16_t* b = strip + size_t(k0 / 2) * kStrip * 2;
+      _tile_loadd(5, b, kStrip * 4);
       _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(6, b + 32, N * 4);
+      _tile_loadd(6, b + 32, kStrip * 4);
       _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(7, b + 64, N * 4);
+      _tile_loadd(7, b + 64, kStrip * 4);
       _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, b + 96, N * 4);
+      _tile_loadd(5, b + 96, kStrip * 4);
       _tile_dpbf16ps(3, 4, 5);
     }
     _tile_stored(0, C + n0, ldc * 4);
@@ -184,10 +189,11 @@ extern "C" {
 
 // x: [tokens, hidden] bf16 (row stride x_row); ids [tokens * k] int64 (global expert ids; those
 // outside [first_expert, first_expert + n_experts) belong to other ranks and are skipped), weights
-// [tokens * k] float32; w1: [n][hidden / 2][2 inter][2], w2: [n][inter / 2][hidden][2] (bf16, pairs
-// of rows interleaved); add: null or [tokens, hidden] bf16 (row stride add_row); choices: scratch,
-// [tokens * k][hidden] bf16; out: [tokens, hidden] bf16 (row stride out_row). hidden % 64 == 0 and
-// inter % 32 == 0. Returns 0, or -1 when this build cannot.
+// [tokens * k] float32; w1: [n][2 inter / 64][hidden / 2][64][2], w2: [n][hidden / 64][inter / 2][64][2]
+// (bf16, strips of 64 columns of pairs of rows interleaved); add: null or [tokens, hidden] bf16
+// (row stride add_row); choices: scratch, [tokens * k][hidden] bf16; out: [tokens, hidden] bf16
+// (row stride out_row). hidden % 64 == 0 and inter % 32 == 0. Returns 0, or -1 when this build
+// cannot.
 int moe_routed(const uint16_t* x, int64_t x_row, int64_t tokens, const int64_t* ids, const float* weights, int k,
                int first_expert, int n_experts, const uint16_t* w1, const uint16_t* w2, const uint16_t* add,
                int64_t add_row, uint16_t* choices, uint16_t* out, int64_t out_row, int hidden, int inter,
