@@ -278,11 +278,20 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
 
 
 def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
-                     w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                     w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float,
+                     head_strips: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The decode rows' attention through the Triton kernel (CUDA) or the compiled one (CPU).
     The absorbed products stay [heads, rows, ...]; the CPU kernel takes them (and writes its
-    output) with any row and head strides, which saves copying every query and output."""
+    output) with any row and head strides, which saves copying every query and output.
+    `head_strips` (CPU, bf16: w_uk and w_uv per head in the compiled linear's layout, see
+    model/mla.py) puts both absorbed products on the compiled linear, [rows, heads, ...] in and out."""
     rows = plan.rows
+    if head_strips is not None and q_nope.shape[0] <= native.LINEAR_MAX_ROWS and not triton_wanted(q_nope):
+        q_latent = native.linear_heads(q_nope, head_strips[0])  # [T, H, rank]
+        o_latent = torch.empty_like(q_latent)
+        native.paged_mla_decode_cpu(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
+                                    softmax_scale, rows.max_kv_len, out=o_latent)
+        return native.linear_heads(o_latent, head_strips[1])  # [T, H, v]
     # q_nope is a slice of the q_b_proj output: bmm over its strided transpose is 3x slower on the
     # CPU than a copy into [H, T, nope] and a bmm over that.
     q_latent = torch.bmm(q_nope.transpose(0, 1).contiguous(), w_uk).transpose(0, 1)  # [T, H, rank]
@@ -297,19 +306,21 @@ def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
-                  w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                  w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float,
+                  head_strips: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q_nope [T, H, nope], q_pe [T, H, rope] (rope applied), this layer's cache (already holding
-    the step's entries) -> attention output [T, H, v_head_dim], before o_proj."""
+    the step's entries) -> attention output [T, H, v_head_dim], before o_proj. `head_strips`: see
+    _absorbed_decode."""
     t, heads = q_nope.shape[:2]
     rows = plan.rows
     if rows is not None and rows.token_index is None:  # a pure decode step on the kernels: no gathers
-        return _absorbed_decode(q_nope, q_pe, cache, plan, w_uk, w_uv, softmax_scale)
+        return _absorbed_decode(q_nope, q_pe, cache, plan, w_uk, w_uv, softmax_scale, head_strips)
     out = torch.empty(t, heads, w_uv.shape[1], dtype=q_nope.dtype, device=q_nope.device)
     if plan.groups:
         paged_mla_attention_ref(q_nope, q_pe, cache, plan.groups, w_uk, w_uv, softmax_scale, out, plan.buffer)
     if rows is not None:
         idx = rows.token_index
-        out[idx] = _absorbed_decode(q_nope[idx], q_pe[idx], cache, plan, w_uk, w_uv, softmax_scale)
+        out[idx] = _absorbed_decode(q_nope[idx], q_pe[idx], cache, plan, w_uk, w_uv, softmax_scale, head_strips)
     if plan.prefills:
         mla_prefill_expanded(q_nope, q_pe, cache, plan, w_uk, w_uv, softmax_scale, out)
     return out

@@ -92,7 +92,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mla_cache_entries_bf16.argtypes = [p, i64, p, i64, p, i64, i64, i32, p, f32, p, i64, p, p, p, i64, i32, i32,
                                            i64, i32]
     lib.mla_cache_entries_bf16.restype = i32
-    lib.linear_bf16.argtypes = [p, i64, i64, p, i32, i32, p, i64, i32]
+    lib.linear_bf16.argtypes = [p, i64, i64, i64, p, i32, i32, i32, p, i64, i64, i32]
     lib.linear_bf16.restype = i32
     return lib
 
@@ -297,32 +297,54 @@ def linear_available(weight: torch.Tensor) -> bool:
 
 
 def pack_strips(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] -> [N / 32, K / 2, 32, 2]: strips of 32 output columns, pairs of K interleaved."""
-    n, k = weight.shape
-    return weight.view(n // LINEAR_STRIP, LINEAR_STRIP, k // 2, 2).transpose(1, 2).contiguous()
+    """W [..., N, K] -> [..., N / 32, K / 2, 32, 2]: strips of 32 output columns, pairs of K
+    interleaved (leading dims: one weight per head)."""
+    *lead, n, k = weight.shape
+    return weight.view(*lead, n // LINEAR_STRIP, LINEAR_STRIP, k // 2, 2).transpose(-3, -2).contiguous()
 
 
 def unpack_strips(strips: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_strips`: [N / 32, K / 2, 32, 2] -> [N, K]."""
-    s, half, cols, _ = strips.shape
-    return strips.transpose(1, 2).reshape(s * cols, 2 * half)
+    """The inverse of `pack_strips`: [..., N / 32, K / 2, 32, 2] -> [..., N, K]."""
+    *lead, s, half, cols, _ = strips.shape
+    return strips.transpose(-3, -2).reshape(*lead, s * cols, 2 * half)
+
+
+def _check_linear(x: torch.Tensor, strips: torch.Tensor, dims: int) -> tuple[int, int]:
+    _require_host("linear", x, strips)
+    s, half, cols, _ = strips.shape[-4:]
+    n, k = s * cols, 2 * half
+    if (x.dtype != torch.bfloat16 or strips.dtype != torch.bfloat16 or x.shape[-1] != k or cols != LINEAR_STRIP
+            or strips.dim() != dims + 3 or (dims == 2 and (x.dim() != 3 or x.shape[1] != strips.shape[0]))):
+        raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype}, strips {tuple(strips.shape)} {strips.dtype} "
+                         f"(want bf16 x [..., {k}] and strips [N / {LINEAR_STRIP}, K / 2, {LINEAR_STRIP}, 2], "
+                         "or per head: x [T, H, K] and strips [H, ...])")
+    return n, k
 
 
 def linear(x: torch.Tensor, strips: torch.Tensor) -> torch.Tensor:
     """x [..., K] (bf16 on the host, any row stride) times W^T for strips = pack_strips(W):
     float32 sums rounded once to bf16 -> [..., N]."""
-    lib = library()
-    _require_host("linear", x, strips)
-    s, half, cols, _ = strips.shape
-    n, k = s * cols, 2 * half
-    if x.dtype != torch.bfloat16 or strips.dtype != torch.bfloat16 or x.shape[-1] != k or cols != LINEAR_STRIP:
-        raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype}, strips {tuple(strips.shape)} {strips.dtype} "
-                         f"(want bf16 x [..., {k}] and strips [N / {LINEAR_STRIP}, K / 2, {LINEAR_STRIP}, 2])")
+    n, k = _check_linear(x, strips, 1)
     x2, stride = _rows(_last_dim_contiguous(x))
     out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    rc = lib.linear_bf16(_ptr(x2), stride, x2.shape[0], _ptr(strips), k, n, _ptr(out), n, torch.get_num_threads())
+    rc = library().linear_bf16(_ptr(x2), stride, 0, x2.shape[0], _ptr(strips), k, n, 1, _ptr(out), n, 0,
+                               torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"linear refused K={k} N={n}")
+    return out
+
+
+def linear_heads(x: torch.Tensor, strips: torch.Tensor) -> torch.Tensor:
+    """Per head h, x[:, h] W_h^T for strips = pack_strips(W [H, N, K]): x [T, H, K] (bf16 on the
+    host, any row and head strides) -> [T, H, N], as `linear` rounds (MLA's absorbed products)."""
+    n, k = _check_linear(x, strips, 2)
+    x = _last_dim_contiguous(x)
+    t, heads = x.shape[:2]
+    out = torch.empty(t, heads, n, dtype=torch.bfloat16)
+    rc = library().linear_bf16(_ptr(x), x.stride(0), x.stride(1), t, _ptr(strips), k, n, heads, _ptr(out),
+                               out.stride(0), out.stride(1), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"linear_heads refused K={k} N={n}")
     return out
 
 

@@ -84,3 +84,26 @@ def test_refusals():
         native.linear(torch.randn(3, 64), strips)  # float32 input
     assert not native.linear_available(torch.randn(48, 64).bfloat16())  # 48 outputs: not whole strips
     assert not native.linear_available(torch.randn(64, 48).bfloat16())  # K 48
+
+
+@pytest.mark.parametrize("rows", [1, 20, 300])
+def test_per_head_products_match_bmm(rows):
+    """MLA's absorbed products: q_nope is a strided slice of the q_b output, one weight per head."""
+    torch.manual_seed(5 + rows)
+    heads, nope, rope, rank = 8, 64, 64, 512
+    q = torch.randn(rows, heads, nope + rope).bfloat16()
+    q_nope = q[..., :nope]
+    w_uk = (torch.randn(heads, nope, rank) / 8).bfloat16()
+    got = native.linear_heads(q_nope, native.pack_strips(w_uk.transpose(1, 2).contiguous()))
+    ref = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+    assert got.shape == (rows, heads, rank) and got.is_contiguous()
+    for h in range(heads):
+        assert_matches_torch(got[:, h], q_nope[:, h], w_uk[h].t())
+    assert (got == ref).float().mean() > 0.999
+    w_uv = (torch.randn(heads, 64, rank) / 23).bfloat16()
+    o = torch.randn(rows, heads, rank).bfloat16()
+    out = native.linear_heads(o, native.pack_strips(w_uv))
+    for h in range(heads):
+        assert_matches_torch(out[:, h], o[:, h], w_uv[h])
+    with pytest.raises(ValueError, match="per head"):
+        native.linear_heads(o[:, :4], native.pack_strips(w_uv))  # 4 heads against 8 weights

@@ -61,11 +61,11 @@ inline void block_product(const uint16_t* A, int64_t lda, const uint16_t* strip,
 
 struct Linear {
   const uint16_t* x;
-  int64_t x_row, rows;
-  const uint16_t* strips;
-  int K, N;
+  int64_t x_row, x_head, rows;
+  const uint16_t* strips;  // heads x [N / 32][K / 2][32][2]
+  int K, N, heads;
   uint16_t* out;
-  int64_t out_row;
+  int64_t out_row, out_head;
 };
 
 void run_linear(const Linear& L, int num_threads) {
@@ -79,7 +79,7 @@ void run_linear(const Linear& L, int num_threads) {
   const int64_t spread = std::max<int64_t>(1, (2 * num_threads + row_blocks - 1) / row_blocks);
   const int per_chunk = int(std::max<int64_t>(1, std::min<int64_t>(l2_strips, (n_strips + spread - 1) / spread)));
   const int64_t chunks = (n_strips + per_chunk - 1) / per_chunk;
-  const int64_t items = row_blocks * chunks;
+  const int64_t items = int64_t(L.heads) * row_blocks * chunks;
 #pragma omp parallel num_threads(int(std::min<int64_t>(num_threads, items)))
   {
     const int shape[1][2] = {{16, 64}};
@@ -88,13 +88,15 @@ void run_linear(const Linear& L, int num_threads) {
     alignas(64) float Cbuf[2 * 32 * kStrip];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t rb = it % row_blocks;
-      const int s0 = int(it / row_blocks) * per_chunk, s1 = std::min(n_strips, s0 + per_chunk);
+      const int64_t rb = it % row_blocks, head = it / (row_blocks * chunks);
+      const int s0 = int(it / row_blocks % chunks) * per_chunk, s1 = std::min(n_strips, s0 + per_chunk);
+      const uint16_t* strips = L.strips + head * int64_t(L.N) * L.K;
+      uint16_t* out = L.out + head * L.out_head;
       const int64_t r0 = rb * 32;
       const int n = int(std::min<int64_t>(32, L.rows - r0));
       const int tile_rows = n > 16 ? 32 : 16;
       // A short block is read from a zero-padded copy: the tiles always load whole 16-row tiles.
-      const uint16_t* A = L.x + r0 * L.x_row;
+      const uint16_t* A = L.x + head * L.x_head + r0 * L.x_row;
       int64_t lda = L.x_row;
       if (n < tile_rows) {
         padded.assign(size_t(tile_rows) * L.K, 0);
@@ -108,15 +110,15 @@ void run_linear(const Linear& L, int num_threads) {
         if (s < s1) {
           float* C = Cbuf + (s & 1) * 32 * kStrip;
           if (tile_rows == 32)
-            block_product<true>(A, lda, L.strips + s * strip_size, L.K, C);
+            block_product<true>(A, lda, strips + s * strip_size, L.K, C);
           else
-            block_product<false>(A, lda, L.strips + s * strip_size, L.K, C);
+            block_product<false>(A, lda, strips + s * strip_size, L.K, C);
         }
         if (s > s0) {
           const float* C = Cbuf + ((s - 1) & 1) * 32 * kStrip;
           for (int r = 0; r < n; ++r) {
             const float* src = C + r * kStrip;
-            _mm512_storeu_si512(L.out + (r0 + r) * L.out_row + (s - 1) * kStrip,
+            _mm512_storeu_si512(out + (r0 + r) * L.out_row + (s - 1) * kStrip,
                                 (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src)));
           }
         }
@@ -132,18 +134,20 @@ void run_linear(const Linear& L, int num_threads) {
 
 extern "C" {
 
-// x: [rows, K] bf16 (row stride x_row); strips: W [N, K] as [N / 32][K / 2][32][2] bf16; out:
-// [rows, N] bf16 (row stride out_row). K % 32 == 0 and N % 32 == 0. Returns 0, or -1 when this
-// build or shape cannot.
-int linear_bf16(const uint16_t* x, int64_t x_row, int64_t rows, const uint16_t* strips, int K, int N, uint16_t* out,
-                int64_t out_row, int num_threads) {
+// For each of `heads` independent products (heads = 1: a plain linear): x: [rows, K] bf16 (row
+// stride x_row, head h at x + h * x_head); strips: W_h [N, K] as [N / 32][K / 2][32][2] bf16, the
+// heads' one after another; out: [rows, N] bf16 (row stride out_row, head h at out + h * out_head).
+// K % 32 == 0 and N % 32 == 0. Returns 0, or -1 when this build or shape cannot.
+int linear_bf16(const uint16_t* x, int64_t x_row, int64_t x_head, int64_t rows, const uint16_t* strips, int K, int N,
+                int heads, uint16_t* out, int64_t out_row, int64_t out_head, int num_threads) {
 #ifdef MLASERVE_HAVE_AMX
-  if (!amx_permitted() || K % 32 || N % 32 || K <= 0 || N <= 0 || rows < 0) return -1;
+  if (!amx_permitted() || K % 32 || N % 32 || K <= 0 || N <= 0 || rows < 0 || heads < 1) return -1;
   if (rows == 0) return 0;
-  run_linear(Linear{x, x_row, rows, strips, K, N, out, out_row}, num_threads);
+  run_linear(Linear{x, x_row, x_head, rows, strips, K, N, heads, out, out_row, out_head}, num_threads);
   return 0;
 #else
-  (void)x, (void)x_row, (void)rows, (void)strips, (void)K, (void)N, (void)out, (void)out_row, (void)num_threads;
+  (void)x, (void)x_row, (void)x_head, (void)rows, (void)strips, (void)K, (void)N, (void)heads, (void)out,
+      (void)out_row, (void)out_head, (void)num_threads;
   return -1;
 #endif
 }
