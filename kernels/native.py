@@ -231,24 +231,12 @@ def moe_experts_available(dtype: torch.dtype, hidden: int, inter: int) -> bool:
 EXPERT_STRIP = 64  # output columns per strip of moe_cpu.cpp's weight layout
 
 
-def pack_pairs(w: torch.Tensor) -> torch.Tensor:
-    """[n, K, N] -> [n, N / 64, K / 2, 64, 2]: strips of 64 columns, each a contiguous run of K / 2
-    rows of interleaved pairs (the layout AMX tiles take as B, streamed in order)."""
-    n, k, cols = w.shape
-    return w.view(n, k // 2, 2, cols // EXPERT_STRIP, EXPERT_STRIP).permute(0, 3, 1, 4, 2).contiguous()
-
-
-def unpack_pairs(w: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_pairs`: [n, N / 64, K / 2, 64, 2] -> [n, K, N]."""
-    n, strips, half, cols, _ = w.shape
-    return w.permute(0, 2, 4, 1, 3).reshape(n, 2 * half, strips * cols)
-
-
 def moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_expert: int,
                gate_up_pairs: torch.Tensor, down_pairs: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, hidden] bf16 (any row stride); weights, ids [T, k] (global expert ids; those off this
     rank's experts [first_expert, first_expert + n) are skipped); gate_up_pairs =
-    pack_pairs([n, hidden, 2 inter]), down_pairs = pack_pairs([n, inter, hidden]) -> [T, hidden]:
+    pack_strips([n, 2 inter, hidden], EXPERT_STRIP), down_pairs = pack_strips([n, hidden, inter],
+    EXPERT_STRIP) -> [T, hidden]:
     per token, the sum over its on-rank choices of weight * (silu(x W_gate) * (x W_up)) W_down,
     plus `add` ([T, hidden] bf16) when given."""
     lib = library()
@@ -296,15 +284,17 @@ def linear_available(weight: torch.Tensor) -> bool:
             and os.environ.get("MLASERVE_CPU_LINEAR", "1") != "0" and amx_granted())
 
 
-def pack_strips(weight: torch.Tensor) -> torch.Tensor:
-    """W [..., N, K] -> [..., N / 32, K / 2, 32, 2]: strips of 32 output columns, pairs of K
-    interleaved (leading dims: one weight per head)."""
+def pack_strips(weight: torch.Tensor, width: int = LINEAR_STRIP) -> torch.Tensor:
+    """W [..., N, K] -> [..., N / width, K / 2, width, 2]: strips of `width` output columns, each a
+    contiguous run of K / 2 rows of interleaved pairs, the layout AMX tiles take as B, streamed in
+    order (leading dims: one weight per head or per expert). `linear` takes width 32,
+    `moe_routed` EXPERT_STRIP."""
     *lead, n, k = weight.shape
-    return weight.view(*lead, n // LINEAR_STRIP, LINEAR_STRIP, k // 2, 2).transpose(-3, -2).contiguous()
+    return weight.view(*lead, n // width, width, k // 2, 2).transpose(-3, -2).contiguous()
 
 
 def unpack_strips(strips: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_strips`: [..., N / 32, K / 2, 32, 2] -> [..., N, K]."""
+    """The inverse of `pack_strips`: [..., N / width, K / 2, width, 2] -> [..., N, K]."""
     *lead, s, half, cols, _ = strips.shape
     return strips.transpose(-3, -2).reshape(*lead, s * cols, 2 * half)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,27 +44,24 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scale_inv = None if scale_inv is None else nn.Parameter(scale_inv, requires_grad=False)
-        self._strips: torch.Tensor | None = None  # see strips()
-        self._strips_tried = False
 
     @classmethod
     def load(cls, w: dict[str, torch.Tensor], name: str) -> Linear:
         return cls(w[name], w.get(name + "_scale_inv"))
 
+    @cached_property
     def strips(self) -> torch.Tensor | None:
         """A bf16 host weight in the CPU kernel's tile layout (kernels/native.py: pack_strips), made
-        on the first call: a second copy of the weight, so only where the host runs the model."""
-        if not self._strips_tried:
-            self._strips_tried = True
-            if self.scale_inv is None and native.linear_available(self.weight):
-                self._strips = native.pack_strips(self.weight)
-        return self._strips
+        on first use: a second copy of the weight, so only where the host runs the model."""
+        if self.scale_inv is None and native.linear_available(self.weight):
+            return native.pack_strips(self.weight)
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_inv is None:
             if (x.device.type == "cpu" and x.dtype == torch.bfloat16
-                    and x.numel() <= native.LINEAR_MAX_ROWS * x.shape[-1] and self.strips() is not None):
-                return native.linear(x, self._strips)
+                    and x.numel() <= native.LINEAR_MAX_ROWS * x.shape[-1] and self.strips is not None):
+                return native.linear(x, self.strips)
             return F.linear(x, self.weight)
         return fp8_linear(x, self.weight, self.scale_inv)
 

@@ -11,6 +11,8 @@ to the latent output, so keys and values are never expanded per head.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import nn
 
@@ -39,19 +41,16 @@ class MLA(nn.Module):
         kv_b = w[p + "kv_b_proj.weight"].view(heads, nope + v, cfg.kv_lora_rank)
         self.w_uk = nn.Parameter(kv_b[:, :nope].contiguous(), requires_grad=False)  # [H, nope, kv_lora_rank]
         self.w_uv = nn.Parameter(kv_b[:, nope:].contiguous(), requires_grad=False)  # [H, v, kv_lora_rank]
-        self._head_strips: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._head_strips_tried = False
 
+    @cached_property
     def head_strips(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The absorbed products' weights per head (w_uk transposed, w_uv) in the compiled linear's
         layout, made on the first call where the host can use them (a second copy, ~2 x 0.5 MB a
         layer for the small model); None elsewhere."""
-        if not self._head_strips_tried:
-            self._head_strips_tried = True
-            uk_t = self.w_uk.transpose(1, 2)  # [H, rank, nope]: N = rank, K = nope
-            if native.linear_available(uk_t[0]) and native.linear_available(self.w_uv[0]):
-                self._head_strips = (native.pack_strips(uk_t.contiguous()), native.pack_strips(self.w_uv))
-        return self._head_strips
+        uk_t = self.w_uk.transpose(1, 2)  # [H, rank, nope]: N = rank, K = nope
+        if native.linear_available(uk_t[0]) and native.linear_available(self.w_uv[0]):
+            return native.pack_strips(uk_t.contiguous()), native.pack_strips(self.w_uv)
+        return None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 cache: torch.Tensor, plan: AttentionPlan, rope: RotaryEmbedding) -> torch.Tensor:
@@ -76,6 +75,6 @@ class MLA(nn.Module):
             entry = torch.cat([self.kv_a_layernorm(c_kv), rope(k_pe, positions)], dim=-1)
             cache.view(-1, cache.shape[-1])[slot_mapping] = entry.to(cache.dtype)
 
-        strips = self.head_strips() if q.dtype == torch.bfloat16 and q.device.type == "cpu" else None
+        strips = self.head_strips if q.dtype == torch.bfloat16 and q.device.type == "cpu" else None
         o = mla_attention(q_nope, q_pe, cache, plan, self.w_uk, self.w_uv, cfg.softmax_scale, strips)  # [T, H, v]
         return self.o_proj(o.reshape(t, -1))

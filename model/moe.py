@@ -80,8 +80,8 @@ class RoutedExperts(nn.Module):
                         and native.moe_experts_available(gate_up.dtype, hidden, two_inter // 2))
         self.compiled = compiled
         if self.compiled:  # stored as the tiles read them: 64-column strips of row pairs
-            self.gate_up_pairs = nn.Parameter(native.pack_pairs(gate_up.transpose(1, 2)), requires_grad=False)
-            self.down_pairs = nn.Parameter(native.pack_pairs(down.transpose(1, 2)), requires_grad=False)
+            self.gate_up_pairs = nn.Parameter(native.pack_strips(gate_up, native.EXPERT_STRIP), requires_grad=False)
+            self.down_pairs = nn.Parameter(native.pack_strips(down, native.EXPERT_STRIP), requires_grad=False)
         elif self.fp8:
             self.gate_up = nn.Parameter(gate_up, requires_grad=False)  # [n, 2 * inter, hidden]
             self.down = nn.Parameter(down, requires_grad=False)  # [n, hidden, inter]
@@ -96,8 +96,10 @@ class RoutedExperts(nn.Module):
         compiled kernel, which reads bf16 host memory, for the torch path and its layout."""
         super()._apply(fn, recurse)
         if self.compiled and (self.gate_up_pairs.device.type != "cpu" or self.gate_up_pairs.dtype != torch.bfloat16):
-            self.gate_up_t = nn.Parameter(native.unpack_pairs(self.gate_up_pairs), requires_grad=False)
-            self.down_t = nn.Parameter(native.unpack_pairs(self.down_pairs), requires_grad=False)
+            self.gate_up_t = nn.Parameter(native.unpack_strips(self.gate_up_pairs).transpose(1, 2).contiguous(),
+                                          requires_grad=False)
+            self.down_t = nn.Parameter(native.unpack_strips(self.down_pairs).transpose(1, 2).contiguous(),
+                                       requires_grad=False)
             del self.gate_up_pairs, self.down_pairs
             self.compiled = False
         return self

@@ -63,7 +63,7 @@ def test_model_linears_dispatch_to_the_kernel():
     torch.manual_seed(4)
     w = {"a.weight": (torch.randn(384, 512) / 23).bfloat16(), "b.weight": (torch.randn(576, 512) / 23).bfloat16()}
     stacked = StackedLinear(w, ["a.weight", "b.weight"])
-    assert stacked.strips() is not None
+    assert stacked.strips is not None
     x = torch.randn(64, 512).bfloat16()
     a, b = stacked.parts(x)
     assert_matches_torch(a, x, w["a.weight"])
@@ -71,9 +71,9 @@ def test_model_linears_dispatch_to_the_kernel():
     big = torch.randn(native.LINEAR_MAX_ROWS + 1, 512).bfloat16()
     assert torch.equal(stacked(big), F.linear(big, stacked.weight))
     odd = Linear(torch.randn(258, 512).bfloat16())  # the vocabulary's 258 rows: not whole strips
-    assert odd.strips() is None
+    assert odd.strips is None
     assert torch.equal(odd(x), F.linear(x, odd.weight))
-    assert Linear(torch.randn(64, 64)).strips() is None  # float32 stays torch's
+    assert Linear(torch.randn(64, 64)).strips is None  # float32 stays torch's
 
 
 def test_refusals():

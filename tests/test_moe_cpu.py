@@ -99,12 +99,13 @@ def test_compiled_experts_leave_the_kernel_when_moved_or_cast():
     assert torch.equal(cast.down_t, down.transpose(1, 2).float())
     x, weights, ids = torch.randn(9, hidden), torch.rand(9, K), torch.randint(0, 4, (9, K))
     assert cast(x, weights, ids).shape == (9, hidden)
+    gate_up_strips, down_strips = (native.pack_strips(w, native.EXPERT_STRIP) for w in (gate_up, down))
     with pytest.raises(ValueError, match="host memory"):
         native.moe_routed(torch.zeros(1, hidden, device="meta"), torch.ones(1, K), torch.zeros(1, K, dtype=torch.int64),
-                          0, native.pack_pairs(gate_up.transpose(1, 2)), native.pack_pairs(down.transpose(1, 2)))
+                          0, gate_up_strips, down_strips)
     with pytest.raises(ValueError, match="do not fit"):
         native.moe_routed(torch.zeros(2, hidden).bfloat16(), torch.ones(3, K), torch.zeros(3, K, dtype=torch.int64),
-                          0, native.pack_pairs(gate_up.transpose(1, 2)), native.pack_pairs(down.transpose(1, 2)))
+                          0, gate_up_strips, down_strips)
 
 
 @pytest.mark.parametrize("experts,groups,top_groups,k", [(32, 4, 2, 4), (256, 8, 4, 8), (16, 1, 1, 3)])
