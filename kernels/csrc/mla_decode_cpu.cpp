@@ -276,7 +276,7 @@ struct AmxScratch {
   std::vector<uint16_t> qv;  // per group: [E / 32][16 pairs][G][2], the queries as B operands
   std::vector<float> s;      // [32 tokens][G]: scores, then probabilities
   std::vector<uint16_t> pa;  // [G][32]: probabilities as the A operand (bf16)
-  std::vector<uint16_t> vn;  // [16 pairs][rank][2]: the chunk's values as B operands
+  std::vector<uint16_t> vn;  // [16 pairs][rank][2], or one [16][32][2] strip: the values as B operands
   void reset(const Problem& P, int G) {
     qv.resize(size_t(P.heads) * (P.rank + P.rope));
     s.resize(size_t(kAmxChunk) * G);
@@ -287,23 +287,24 @@ struct AmxScratch {
 
 inline int amx_group(int heads) { return heads % 16 == 0 ? 16 : heads % 8 == 0 ? 8 : 0; }
 
-// Pairs of cache rows (2j, 2j + 1) interleaved per latent column; rows at or past nv are zeros, so
-// that values past the context (never written, possibly NaN) cannot reach the output through 0 * NaN.
-inline void values_to_pairs(const uint16_t* rows, int nv, int R, int E, uint16_t* vn) {
+// Pairs of cache rows (2j, 2j + 1) interleaved, latent columns [d0, d1) (multiples of 32): pair j
+// at vs + j * pair_stride, column d's two values at 2 (d - d0) in it; the B operands of the value
+// tiles. Rows at or past nv are zeros, so that values past the context (never written, possibly
+// NaN) cannot reach the output through 0 * NaN.
+inline void pair_values(const uint16_t* rows, int nv, int E, int d0, int d1, uint16_t* vs, int pair_stride) {
   alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i lo = _mm512_load_si512(lo_idx);
   const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   for (int j = 0; j < kAmxChunk / 2; ++j) {
     const uint16_t* a = rows + int64_t(2 * j) * E;
-    const uint16_t* b = a + E;
-    uint16_t* dst = vn + size_t(j) * 2 * R;
     const bool has_a = 2 * j < nv, has_b = 2 * j + 1 < nv;
-    for (int d = 0; d < R; d += 32) {
+    uint16_t* dst = vs + size_t(j) * pair_stride;
+    for (int d = d0; d < d1; d += 32, dst += 64) {
       const __m512i va = has_a ? _mm512_loadu_si512(a + d) : _mm512_setzero_si512();
-      const __m512i vb = has_b ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + 2 * d, _mm512_permutex2var_epi16(va, lo, vb));
-      _mm512_storeu_si512(dst + 2 * d + 32, _mm512_permutex2var_epi16(va, hi, vb));
+      const __m512i vb = has_b ? _mm512_loadu_si512(a + E + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(va, lo, vb));
+      _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(va, hi, vb));
     }
   }
 }
@@ -349,7 +350,14 @@ void attend_bf16_amx(const Problem& P, int r, int64_t t0, int64_t t1, SplitState
       auto prefetch_step = [&]() {
         for (int i = 0; i < pf_per_step && pf_left > 0; ++i, --pf_left, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
       };
-      values_to_pairs(rows, nv, R, E, w.vn.data());
+      // With one head group the values are paired strip by strip, just before each strip's
+      // products: pairing the whole chunk first (32 KB at rank 512) pushed the accumulators and the
+      // incoming cache rows out of L1 (one layer, 256 sequences x ~250 tokens, 8 heads: 6.55-7.11
+      // -> 5.56-5.95 ms from memory, 4.11 -> 3.11 ms from L2; 16 heads 8.08 -> 7.18 ms). With
+      // several groups the pairs are made once for all of them (strips taken by every group in
+      // turn ran 25% slower at 128 heads: the groups' accumulators are then walked across).
+      const bool by_strip = H == G;
+      if (!by_strip) pair_values(rows, nv, E, 0, R, w.vn.data(), 2 * R);
       for (int g = 0; g < H / G; ++g) {
         const uint16_t* qv = w.qv.data() + size_t(g) * G * E;
         _tile_zero(0);
@@ -407,16 +415,22 @@ void attend_bf16_amx(const Problem& P, int r, int64_t t0, int64_t t1, SplitState
           }
         }
         _tile_loadd(6, w.pa.data(), kAmxChunk * 2);
-        for (int dc = 0; dc < R / 16; dc += 2) {
+        for (int d0 = 0; d0 < R; d0 += 32) {
           prefetch_step();
-          _tile_loadd(4, acc + dc * 16, R * 4);
-          _tile_loadd(5, acc + dc * 16 + 16, R * 4);
-          _tile_loadd(2, w.vn.data() + dc * 32, R * 4);
-          _tile_loadd(7, w.vn.data() + dc * 32 + 32, R * 4);
+          if (by_strip) {
+            pair_values(rows, nv, E, d0, d0 + 32, w.vn.data(), 64);
+            _tile_loadd(2, w.vn.data(), 128);
+            _tile_loadd(7, w.vn.data() + 32, 128);
+          } else {
+            _tile_loadd(2, w.vn.data() + 2 * d0, R * 4);
+            _tile_loadd(7, w.vn.data() + 2 * d0 + 32, R * 4);
+          }
+          _tile_loadd(4, acc + d0, R * 4);
+          _tile_loadd(5, acc + d0 + 16, R * 4);
           _tile_dpbf16ps(4, 6, 2);
           _tile_dpbf16ps(5, 6, 7);
-          _tile_stored(4, acc + dc * 16, R * 4);
-          _tile_stored(5, acc + dc * 16 + 16, R * 4);
+          _tile_stored(4, acc + d0, R * 4);
+          _tile_stored(5, acc + d0 + 16, R * 4);
         }
       }
     }
