@@ -34,6 +34,7 @@ from kernels.backend import cdiv
 HOPPER_SHARED_LIMIT = 232448
 HOPPER_SMS = 132
 
+
 def pointer(dtype: torch.dtype) -> torch.Tensor:
     """A stand-in for a tensor argument: only its type and its (16-byte) alignment matter."""
     return torch.empty(16, dtype=dtype)

@@ -338,12 +338,12 @@ void attend_bf16_amx(const Problem& P, int r, int64_t t0, int64_t t1, SplitState
       // tile step. Issued all at once, the prefetches filled the core's outstanding-miss slots and
       // the core waited on them as on demand loads: as slow as no prefetch at all, and 8-10% slower
       // per layer than spread out (256 sequences x ~250 tokens, cold cache; hot: no change).
-      const int64_t ahead = b0 + c0 + kAmxChunk;
+      const int64_t ahead = c0 + kAmxChunk < n ? b0 + c0 + kAmxChunk : b0 + P.page;  // the next chunk
       const char* pf = nullptr;
       int pf_left = 0;
       if (ahead < t1) {
         pf = reinterpret_cast<const char*>(cache + (table[ahead / P.page] * P.page + ahead % P.page) * E);
-        pf_left = int(std::min<int64_t>(kAmxChunk, t1 - ahead)) * E * 2 / 64;
+        pf_left = int(std::min<int64_t>({kAmxChunk, P.page - ahead % P.page, t1 - ahead})) * E * 2 / 64;
       }
       const int pf_steps = (H / G) * (E / 32 + R / 32);
       const int pf_per_step = (pf_left + pf_steps - 1) / pf_steps;
