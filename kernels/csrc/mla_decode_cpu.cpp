@@ -337,7 +337,7 @@ void attend_bf16_amx(const Problem& P, int r, int64_t t0, int64_t t1, SplitState
       // The next chunk's rows are fetched into L2 while this one is computed, a few lines at each
       // tile step. Issued all at once, the prefetches filled the core's outstanding-miss slots and
       // the core waited on them as on demand loads: as slow as no prefetch at all, and 8-10% slower
-      // per layer than spread out (256 sequences x ~250 tokens, cold cache; hot: no change).
+      // per layer than spread out (256 sequences x ~210 tokens, cold cache; hot: no change).
       const int64_t ahead = c0 + kAmxChunk < n ? b0 + c0 + kAmxChunk : b0 + P.page;  // the next chunk
       const char* pf = nullptr;
       int pf_left = 0;
@@ -352,7 +352,7 @@ void attend_bf16_amx(const Problem& P, int r, int64_t t0, int64_t t1, SplitState
       };
       // With one head group the values are paired strip by strip, just before each strip's
       // products: pairing the whole chunk first (32 KB at rank 512) pushed the accumulators and the
-      // incoming cache rows out of L1 (one layer, 256 sequences x ~250 tokens, 8 heads: 6.55-7.11
+      // incoming cache rows out of L1 (one layer, 256 sequences x ~210 tokens, 8 heads: 6.55-7.11
       // -> 5.56-5.95 ms from memory, 4.11 -> 3.11 ms from L2; 16 heads 8.08 -> 7.18 ms). With
       // several groups the pairs are made once for all of them (strips taken by every group in
       // turn ran 25% slower at 128 heads: the groups' accumulators are then walked across).
