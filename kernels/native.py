@@ -338,10 +338,14 @@ def linear_heads(x: torch.Tensor, strips: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def host_bf16(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernels can take these tensors: bf16 on the host, the library built."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and library() is not None
+
+
 def rms_norm_available(x: torch.Tensor) -> bool:
     """Whether `rms_norm` takes x: bf16 host rows with a contiguous last dim, the library built."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() >= 1 and x.stride(-1) == 1
-            and library() is not None)
+    return x.dim() >= 1 and x.stride(-1) == 1 and host_bf16(x)
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:

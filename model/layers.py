@@ -59,8 +59,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_inv is None:
-            if (x.device.type == "cpu" and x.dtype == torch.bfloat16
-                    and x.numel() <= native.LINEAR_MAX_ROWS * x.shape[-1] and self.strips is not None):
+            if (x.numel() <= native.LINEAR_MAX_ROWS * x.shape[-1] and native.host_bf16(x)
+                    and self.strips is not None):
                 return native.linear(x, self.strips)
             return F.linear(x, self.weight)
         return fp8_linear(x, self.weight, self.scale_inv)
@@ -143,7 +143,7 @@ class DenseMLP(nn.Module):
             d = self.down_proj
             return fp8_gemm(q, s, d.weight, d.scale_inv, x.dtype).view(*shape[:-1], -1)
         h = self.gate_up(x)
-        if h.dtype == torch.bfloat16 and h.device.type == "cpu" and native.library() is not None:
+        if native.host_bf16(h):
             return self.down_proj(native.silu_mul(h))  # one compiled pass, the same roundings
         gate, up = h.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -65,8 +65,7 @@ class MLA(nn.Module):
             c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q = q.view(t, cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        if (q.dtype == cache.dtype == self.kv_a_layernorm.weight.dtype == torch.bfloat16
-                and q.device.type == "cpu" and native.library() is not None):
+        if native.host_bf16(q, cache, self.kv_a_layernorm.weight):
             # Norm, both ropes and the cache write in one compiled pass (q_pe rotated in place).
             native.mla_cache_entries(c_kv, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
                                      rope.rotations, positions, slot_mapping, cache)
@@ -75,6 +74,6 @@ class MLA(nn.Module):
             entry = torch.cat([self.kv_a_layernorm(c_kv), rope(k_pe, positions)], dim=-1)
             cache.view(-1, cache.shape[-1])[slot_mapping] = entry.to(cache.dtype)
 
-        strips = self.head_strips if q.dtype == torch.bfloat16 and q.device.type == "cpu" else None
+        strips = self.head_strips if native.host_bf16(q) else None
         o = mla_attention(q_nope, q_pe, cache, plan, self.w_uk, self.w_uv, cfg.softmax_scale, strips)  # [T, H, v]
         return self.o_proj(o.reshape(t, -1))

@@ -32,7 +32,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and native.library() is not None:
+        if x.dim() == 2 and native.host_bf16(x):
             return native.moe_gate(x, self.weight_t, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
                                    cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
         return self.reference(x)
