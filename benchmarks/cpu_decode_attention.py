@@ -3,7 +3,9 @@ read bandwidth, measured in the same run: a decode step's worth of sequences ove
 whose blocks are shuffled through a pool twice the size needed (as a serving cache is), several
 layers so that the blocks are cold, and as the peer a plain multi-threaded sum over a contiguous
 tensor of the same size (the most this machine reads per second). Also prints the kernel with
-the cache resident in L2 (every sequence on the same few blocks): the compute-only time.
+the cache resident in L2 (every sequence on the same few blocks): the compute-only time. Both
+cache formats run on the same values, interleaved: bf16 (1152 bytes a token) and the FP8 layout
+of kernels/latent_fp8.py (656 bytes, dequantized in the kernel).
 
     .venv/bin/python benchmarks/cpu_decode_attention.py --heads 8 --rows 256
 """
@@ -21,19 +23,23 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
-from kernels import native
+from kernels import latent_fp8, native
 
 PAGE, RANK, ROPE = 64, 512, 64
 
 
-def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def median_times(fns: dict, reps: int) -> dict:
+    """Each function's median time, the functions taking turns so that a slow spell of the
+    machine falls on all of them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[reps // 2]
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[reps // 2] for name, ts in times.items()}
 
 
 def main() -> None:
@@ -51,9 +57,12 @@ def main() -> None:
     lens = [rng.randint(32, 256) + rng.randint(0, 128) for _ in range(args.rows)]
     pages = [-(-n // PAGE) for n in lens]
     pool = 2 * sum(pages)
-    caches, tables = [], []
+    caches = {"bf16": [], "fp8": []}
+    tables = []
     for _ in range(args.layers):
-        caches.append(torch.randn(pool, PAGE, RANK + ROPE).bfloat16())
+        latent = torch.randn(pool * PAGE, RANK + ROPE).bfloat16()
+        caches["bf16"].append(latent.view(pool, PAGE, -1))
+        caches["fp8"].append(latent_fp8.quantize_entries(latent[:, :RANK], latent[:, RANK:]).view(pool, PAGE, -1))
         order = rng.sample(range(pool), sum(pages))
         table = torch.zeros(args.rows, max(pages), dtype=torch.long)
         start = 0
@@ -66,23 +75,32 @@ def main() -> None:
     seq = torch.arange(args.rows, dtype=torch.int32)
     kv_lens = torch.tensor(lens, dtype=torch.int32)
 
-    def attend(tables_by_layer):
-        for cache, table in zip(caches, tables_by_layer):
+    def attend(fmt, tables_by_layer):
+        for cache, table in zip(caches[fmt], tables_by_layer):
             native.paged_mla_decode_cpu(q_latent, q_pe, cache, table, seq, kv_lens, 0.07, max(lens))
 
-    cold = median_time(lambda: attend(tables), args.reps) / args.layers
-    same_blocks = torch.arange(max(pages)).expand(args.rows, -1).contiguous()
-    hot = median_time(lambda: attend([same_blocks] * args.layers), args.reps) / args.layers
-    nbytes = sum(lens) * (RANK + ROPE) * 2
+    same_blocks = [torch.arange(max(pages)).expand(args.rows, -1).contiguous()] * args.layers
+    entry_bytes = {"bf16": (RANK + ROPE) * 2, "fp8": latent_fp8.entry_bytes(RANK, ROPE)}
+    nbytes = sum(lens) * entry_bytes["bf16"]
     flat = torch.ones(nbytes // 4 * args.layers, dtype=torch.float32)
-    read = median_time(lambda: flat.sum(), args.reps) / args.layers
+    fns = {"read": lambda: flat.sum()}
+    for fmt in caches:
+        fns[fmt + " cold"] = lambda fmt=fmt: attend(fmt, tables)
+        fns[fmt + " hot"] = lambda fmt=fmt: attend(fmt, same_blocks)
+    t = {name: v / args.layers for name, v in median_times(fns, args.reps).items()}
+    read_rate = nbytes / t["read"]
 
     print(f"{args.rows} sequences x {sum(lens) / args.rows:.0f} tokens (32-384), {args.heads} heads, "
-          f"{args.threads} threads, {nbytes / 1e6:.1f} MB of cache per layer")
-    print(f"kernel, cache cold:     {cold * 1e3:6.2f} ms per layer  {nbytes / cold / 1e9:5.1f} GB/s")
-    print(f"kernel, cache in L2:    {hot * 1e3:6.2f} ms per layer")
-    print(f"plain read (peer):      {read * 1e3:6.2f} ms per layer  {nbytes / read / 1e9:5.1f} GB/s")
-    print(f"ratio (kernel GB/s / plain read GB/s): {read / cold:.2f}")
+          f"{args.threads} threads, {nbytes / 1e6:.1f} MB of bf16 cache per layer")
+    print(f"plain read (peer):      {t['read'] * 1e3:6.2f} ms per layer  {read_rate / 1e9:5.1f} GB/s")
+    for fmt in caches:
+        cold = t[fmt + " cold"]
+        rate = sum(lens) * entry_bytes[fmt] / cold
+        print(f"kernel, {fmt} cache cold: {cold * 1e3:6.2f} ms per layer  {rate / 1e9:5.1f} GB/s of its "
+              f"{entry_bytes[fmt]}-byte entries = {rate / read_rate:.2f} of the plain read; "
+              f"in L2: {t[fmt + ' hot'] * 1e3:.2f} ms")
+    print(f"fp8 / bf16 time, cache cold: {t['fp8 cold'] / t['bf16 cold']:.2f}; in L2: "
+          f"{t['fp8 hot'] / t['bf16 hot']:.2f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_memory: int | None = None  # bytes for the latent cache; None: a fraction of free memory
     kv_cache_memory_fraction: float = 0.05
+    # "auto": entries in the model's dtype; "fp8": kernels/latent_fp8.py's layout, 57% of bf16's bytes.
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     seed: int = 0
     device: str = "auto"  # the worker picks cuda when torch sees a GPU, else cpu
@@ -37,6 +39,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'fp8', got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
         if self.ep_size < 1:

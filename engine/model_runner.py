@@ -103,8 +103,9 @@ class ModelRunner:
         modules = [*self.model.modules(), *(self.mtp.modules() if self.mtp is not None else ())]
         self._moes = [m for m in modules if isinstance(m, MoE)]  # found once, read every step
         del weights
-        self.kv_bytes_per_token = LatentCache.bytes_per_token(self.cfg.num_cache_layers, self.cfg.kv_entry_dim,
-                                                              self.dtype)
+        fp8_cache = config.kv_cache_dtype == "fp8"
+        cache_shape = (self.cfg.num_cache_layers, self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim)
+        self.kv_bytes_per_token = LatentCache.bytes_per_token(*cache_shape, self.dtype, fp8_cache)
         budget = config.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * config.kv_cache_memory_fraction)
@@ -112,8 +113,8 @@ class ModelRunner:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block of {config.block_size} tokens "
                              f"({self.kv_bytes_per_token} bytes per token)")
-        self.cache = LatentCache(self.cfg.num_cache_layers, num_blocks, config.block_size, self.cfg.kv_entry_dim,
-                                 self.dtype, self.device)
+        self.cache = LatentCache(cache_shape[0], num_blocks, config.block_size, *cache_shape[1:], self.dtype,
+                                 self.device, fp8_cache)
         self._cache_layers = [self.cache.layer(i) for i in range(self.cfg.num_cache_layers)]
         self.state = WorkerState()
         if self.device.startswith("cuda"):

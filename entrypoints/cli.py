@@ -50,7 +50,8 @@ def _generate(args: argparse.Namespace) -> int:
     with LLM(_model_dir(args), dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
              max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
              enable_prefix_caching=not args.no_prefix_caching, device=args.device,
-             num_speculative_tokens=args.num_speculative_tokens, ep_size=args.ep_size) as llm:
+             num_speculative_tokens=args.num_speculative_tokens, ep_size=args.ep_size,
+             async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype) as llm:
         print(f"latent cache: {llm.kv_cache_tokens} tokens of {llm.engine.ready.kv_bytes_per_token} bytes each",
               file=sys.stderr)
         start = time.perf_counter()
@@ -120,6 +121,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="latent cache entries: auto (the model's dtype) or fp8 (e4m3 latents with a power-of-two "
+                        "scale per 128, bf16 rope keys: 656 bytes a token instead of 1152)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda[:N]")
     p.add_argument("--num-speculative-tokens", type=int, default=0, choices=range(4), metavar="{0..3}",
@@ -145,7 +149,7 @@ def _engine_config(args: argparse.Namespace, model_dir: str):
                         seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens,
                         ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,
                         nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port,
-                        async_scheduling=not args.no_async_scheduling)
+                        async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -172,11 +172,13 @@ def engine_launches(heads: int = 128, hidden: int = 7168, moe_inter: int = 2048,
     i32, i64 = pointer(torch.int32), pointer(torch.int64)
     launches = []
     block_h, block_n, warps, stages = mla_decode.decode_tile(heads)
-    for single in (True, False):
-        launches.append((f"mla decode {heads} heads, {'one split' if single else 'split'}",
-                         mla_decode._mla_decode_split_kernel,
-                         [bf16, bf16, bf16, i64, i32, i32, bf16, f32, f32, heads, 64, 0.1, 1 if single else 2,
-                          512, 64, 64, single, block_h, block_n, False, True], warps, stages))
+    for fp8_cache in (False, True):
+        for single in (True, False):
+            launches.append((f"mla decode {heads} heads, {'one split' if single else 'split'}"
+                             f"{', fp8 cache' if fp8_cache else ''}", mla_decode._mla_decode_split_kernel,
+                             [bf16, bf16, pointer(torch.uint8) if fp8_cache else bf16, i64, i32, i32, bf16, f32,
+                              f32, heads, 64, 0.1, 1 if single else 2, 512, 64, 64, single, block_h, block_n, False,
+                              True, fp8_cache], warps, stages))
     launches.append(("mla decode merge", mla_decode._mla_decode_merge_kernel, [f32, f32, bf16, 2, 512, 2], 4, 3))
 
     linears = {"q_a+kv_a": (2112, hidden), "q_b": (heads * 192, 1536), "kv_b": (heads * 256, 512),

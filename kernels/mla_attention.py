@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import native
+from kernels import latent_fp8, native
 from kernels.backend import triton_wanted
 from kernels.mla_decode import paged_mla_decode
 from model.forward_batch import ForwardBatch
@@ -198,8 +198,10 @@ def paged_mla_attention_ref(
     buffer: GatherBuffer | None = None,
 ) -> None:
     heads, _, kv_lora_rank = w_uk.shape
-    num_blocks, block_size, entry = cache.shape
-    flat_blocks = cache.view(num_blocks, block_size * entry)
+    num_blocks, block_size, row_width = cache.shape
+    entry = kv_lora_rank + q_pe.shape[-1]
+    fp8 = latent_fp8.is_fp8(cache)
+    flat_blocks = cache.view(num_blocks, block_size * row_width)
     buffer = buffer or GatherBuffer()
     for g in groups:
         b, lq = g.token_index.shape
@@ -221,6 +223,8 @@ def paged_mla_attention_ref(
             blocks = g.block_index[s0:s1].flatten()
             kv = buffer.get(blocks.numel(), flat_blocks.shape[1], cache.dtype, cache.device)
             torch.index_select(flat_blocks, 0, blocks, out=kv)
+            if fp8:
+                kv = latent_fp8.dequantize_entries(kv.view(-1, row_width), kv_lora_rank, q.dtype)
             kv = kv.view(s1 - s0, 1, lk, entry)  # one key/value head shared by every query row
             # The values are the latents, the keys' first kv_lora_rank columns: passing the whole
             # 576-wide rows as values (and dropping the rope columns after) keeps the key and
@@ -241,7 +245,10 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
     keeps the CPU on torch's attention."""
     heads, nope, rank = w_uk.shape
     v_dim = w_uv.shape[1]
-    latent = cache.view(-1, cache.shape[-1]).index_select(0, plan.prefill_slots)  # [L, 576], all contexts
+    if latent_fp8.is_fp8(cache):
+        latent = native.latent_fp8_gather(cache, plan.prefill_slots, rank, q_nope.dtype)
+    else:
+        latent = cache.view(-1, cache.shape[-1]).index_select(0, plan.prefill_slots)  # [L, 576], all contexts
     total = latent.shape[0]
     c, k_pe = latent.split([rank, latent.shape[-1] - rank], dim=-1)
     # One gather and two linears for the step's chunks together, not per chunk: per chunk, their

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import latent_fp8
 from kernels.backend import cdiv, interpreting, triton_wanted
 
 LOG2E = 1.4426950408889634
@@ -28,7 +29,8 @@ def paged_mla_decode_ref(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     page = cache.shape[1]
     n_pages = cdiv(max(max_kv_len, 1), page)
     tables = block_tables[seq_of_row][:, :n_pages]  # [rows, n_pages]
-    kv = cache[tables].view(rows, n_pages * page, -1).float()  # [rows, L, 576]
+    kv = cache[tables].view(rows, n_pages * page, -1)
+    kv = latent_fp8.dequantize_entries(kv, rank, torch.float32) if latent_fp8.is_fp8(cache) else kv.float()
     q = torch.cat([q_latent, q_pe], dim=-1).float()
     scores = torch.einsum("thd,tld->thl", q, kv) * softmax_scale
     valid = torch.arange(n_pages * page, device=q.device)[None, :] < kv_lens[:, None]
@@ -43,11 +45,14 @@ def _mla_decode_split_kernel(
     heads, table_stride, qk_scale_log2, num_splits,
     RANK: tl.constexpr, ROPE: tl.constexpr, PAGE: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, RELOAD_V: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     hb = tl.program_id(0)
     row = tl.program_id(1)
     split = tl.program_id(2)
-    ENTRY: tl.constexpr = RANK + ROPE
+    # FP8 layout (kernels/latent_fp8.py): ENTRY bytes per token, e4m3 latents, then a float32
+    # power-of-two scale per 128 of them, then the rope key in bf16.
+    ENTRY: tl.constexpr = RANK + RANK // 32 + 2 * ROPE if FP8 else RANK + ROPE
     kv_len = tl.load(lens_ptr + row)
     seq = tl.load(seq_ptr + row).to(tl.int64)
     per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
@@ -58,6 +63,7 @@ def _mla_decode_split_kernel(
     h_ok = offs_h < heads
     offs_c = tl.arange(0, RANK)
     offs_r = tl.arange(0, ROPE)
+    offs_g = tl.arange(0, RANK // 128)
     q_rows = row.to(tl.int64) * heads + offs_h
     q_lat = tl.load(ql_ptr + q_rows[:, None] * RANK + offs_c[None, :], mask=h_ok[:, None], other=0.0)
     q_pe = tl.load(qpe_ptr + q_rows[:, None] * ROPE + offs_r[None, :], mask=h_ok[:, None], other=0.0)
@@ -71,8 +77,19 @@ def _mla_decode_split_kernel(
         n_ok = offs_n < end
         page_id = tl.load(table + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
         entry = (page_id * PAGE + offs_n % PAGE) * ENTRY
-        c = tl.load(cache_ptr + entry[:, None] + offs_c[None, :], mask=n_ok[:, None], other=0.0)
-        k_pe = tl.load(cache_ptr + entry[:, None] + RANK + offs_r[None, :], mask=n_ok[:, None], other=0.0)
+        if FP8:
+            raw = tl.load(cache_ptr + entry[:, None] + offs_c[None, :], mask=n_ok[:, None], other=0)
+            scale_ptr = (cache_ptr + entry + RANK).to(tl.pointer_type(tl.float32))
+            # [BLOCK_N, groups] scales broadcast over their 128 columns in registers: a per-column
+            # gather of them would be 4 bytes per value through the load pipeline.
+            scale = tl.load(scale_ptr[:, None] + offs_g[None, :], mask=n_ok[:, None], other=0.0)
+            values = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32).reshape(BLOCK_N, RANK // 128, 128)
+            c = (values * scale[:, :, None]).reshape(BLOCK_N, RANK).to(q_lat.dtype)
+            rope_ptr = (cache_ptr + entry + RANK + RANK // 32).to(tl.pointer_type(tl.bfloat16))
+            k_pe = tl.load(rope_ptr[:, None] + offs_r[None, :], mask=n_ok[:, None], other=0.0).to(q_pe.dtype)
+        else:
+            c = tl.load(cache_ptr + entry[:, None] + offs_c[None, :], mask=n_ok[:, None], other=0.0)
+            k_pe = tl.load(cache_ptr + entry[:, None] + RANK + offs_r[None, :], mask=n_ok[:, None], other=0.0)
         if UPCAST_DOT:  # also float32 caches: full-precision products, not TF32
             s = tl.dot(q_lat.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
             s += tl.dot(q_pe.to(tl.float32), tl.trans(k_pe.to(tl.float32)), input_precision="ieee")
@@ -83,7 +100,7 @@ def _mla_decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if RELOAD_V:
+        if RELOAD_V and not FP8:
             # A second load of the same rows (an L1/L2 hit) instead of re-laying out the tile that
             # fed the score product: lets the compiler feed both products from shared memory.
             c = tl.load(cache_ptr + entry[:, None] + offs_c[None, :], mask=n_ok[:, None], other=0.0)
@@ -177,7 +194,7 @@ def paged_mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
         q_latent, q_pe, cache, block_tables, seq_of_row, kv_lens, out, part, lse,
         heads, block_tables.stride(0), softmax_scale * LOG2E, splits,
         RANK=rank, ROPE=rope, PAGE=page, SINGLE_SPLIT=splits == 1, BLOCK_H=block_h, BLOCK_N=block_n,
-        UPCAST_DOT=interpreting() or cache.dtype == torch.float32, RELOAD_V=reload_v,
+        UPCAST_DOT=interpreting() or q_latent.dtype == torch.float32, RELOAD_V=reload_v, FP8=latent_fp8.is_fp8(cache),
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import latent_fp8
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -74,8 +76,10 @@ def _build(cxx: str, target: Path) -> None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     lib.mla_decode.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, p, p, p, i64, i64, p,
-                               i32, i32, i32, i32, i32, i32, f32, i32, i32, i32]
+                               i32, i32, i32, i32, i32, i32, f32, i32, i32, i32, i32]
     lib.mla_decode.restype = i32
+    lib.latent_fp8_gather_bf16.argtypes = [p, p, i64, i32, i32, p, i32]
+    lib.latent_fp8_gather_bf16.restype = i32
     lib.mla_decode_impls.argtypes = []
     lib.mla_decode_impls.restype = i32
     lib.moe_routed.argtypes = [p, i64, i64, p, p, i32, i32, i32, p, p, p, i64, p, p, i64, i32, i32, i32]
@@ -184,6 +188,7 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     """The contract of `kernels.mla_decode.paged_mla_decode`, on CPU tensors, through the compiled
     kernel (the caller checks `library()` first). Queries and `out` ([rows, heads, rank], written
     when given) may have any row and head strides, e.g. a transposed [heads, rows, ...] tensor.
+    The cache is of the queries' dtype, or uint8 in the FP8 layout of kernels/latent_fp8.py.
     `impl` (a name from IMPLS) overrides `choose_impl`."""
     lib = library()
     if lib is None:
@@ -191,14 +196,16 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     _require_host("paged_mla_decode_cpu", q_latent, q_pe, cache, block_tables, seq_of_row, kv_lens,
                   *([out] if out is not None else []))
     dtype = q_latent.dtype
-    if dtype not in (torch.float32, torch.bfloat16) or cache.dtype != dtype or q_pe.dtype != dtype:
-        raise TypeError(f"paged_mla_decode_cpu wants float32 or bfloat16 queries and cache of one dtype, "
-                        f"got {q_latent.dtype}, {q_pe.dtype} and {cache.dtype}")
+    fp8 = latent_fp8.is_fp8(cache)
+    if dtype not in (torch.float32, torch.bfloat16) or (cache.dtype != dtype and not fp8) or q_pe.dtype != dtype:
+        raise TypeError(f"paged_mla_decode_cpu wants float32 or bfloat16 queries and a cache of their dtype "
+                        f"(or uint8, FP8 entries), got {q_latent.dtype}, {q_pe.dtype} and {cache.dtype}")
     rows, heads, rank = q_latent.shape
     rope = q_pe.shape[-1]
     page = cache.shape[1]
-    if cache.shape[-1] != rank + rope:
-        raise ValueError(f"cache entries are {cache.shape[-1]} wide, queries {rank} + {rope}")
+    width = latent_fp8.entry_bytes(rank, rope) if fp8 else rank + rope
+    if cache.shape[-1] != width:
+        raise ValueError(f"cache entries are {cache.shape[-1]} wide, queries {rank} + {rope} want {width}")
     q_latent, q_pe, cache = _last_dim_contiguous(q_latent), _last_dim_contiguous(q_pe), cache.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     seq_of_row = seq_of_row.to(torch.int32).contiguous()
@@ -214,11 +221,27 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     rc = lib.mla_decode(_ptr(q_latent), q_latent.stride(0), q_latent.stride(1), _ptr(q_pe), q_pe.stride(0),
                         q_pe.stride(1), _ptr(cache), _ptr(tables), tables.stride(0), _ptr(seq_of_row),
                         _ptr(kv_lens), _ptr(out), out.stride(0), out.stride(1), _ptr(partial), rows, heads, rank,
-                        rope, page, splits, float(softmax_scale), q_latent.element_size(), IMPLS[impl], threads)
+                        rope, page, splits, float(softmax_scale), q_latent.element_size(), int(fp8), IMPLS[impl],
+                        threads)
     if rc != 0:
         raise RuntimeError(f"mla_decode ({impl}) refused rows={rows} heads={heads} rank={rank} rope={rope} "
                            f"page={page} dtype={dtype}")
     return out
+
+
+def latent_fp8_gather(cache: torch.Tensor, slots: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 cache rows `slots` dequantized, [len(slots), rank + rope] in `dtype`: compiled in bf16
+    on the host with AVX-512 (one pass: ~10x torch's ops), else kernels.latent_fp8's torch code."""
+    lib = library()
+    flat = cache.view(-1, cache.shape[-1])
+    if dtype == torch.bfloat16 and cache.device.type == "cpu" and lib is not None and "avx512" in available_impls():
+        rope = (cache.shape[-1] - latent_fp8.entry_bytes(rank, 0)) // 2
+        slots = slots.to(torch.int64).contiguous()
+        out = torch.empty(slots.numel(), rank + rope, dtype=dtype)
+        if lib.latent_fp8_gather_bf16(_ptr(flat), _ptr(slots), slots.numel(), rank, rope, _ptr(out),
+                                      torch.get_num_threads()) == 0:
+            return out
+    return latent_fp8.dequantize_entries(flat.index_select(0, slots), rank, dtype)
 
 
 def moe_experts_available(dtype: torch.dtype, hidden: int, inter: int) -> bool:

@@ -16,12 +16,13 @@ class PagedRunner:
     """Hands out blocks in a shuffled order so block tables are never contiguous."""
 
     def __init__(self, model: DeepseekV3, num_blocks: int = 256, block_size: int = 16, seed: int = 0,
-                 device: str = "cpu"):
+                 device: str = "cpu", fp8_cache: bool = False):
         cfg: ModelConfig = model.cfg
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.cache = LatentCache(cfg.num_cache_layers, num_blocks, block_size, cfg.kv_entry_dim, model.dtype, device)
+        self.cache = LatentCache(cfg.num_cache_layers, num_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                 model.dtype, device, fp8_cache)
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.tables: dict[int, list[int]] = {}

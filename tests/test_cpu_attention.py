@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels.mla_attention as attention
-from kernels import native
+from kernels import latent_fp8, native
 from kernels.backend import use_triton_kernels
 from kernels.mla_decode import paged_mla_decode_ref
 from model.forward_batch import ForwardBatch, SequenceChunk
@@ -18,12 +18,13 @@ HEADS, NOPE, ROPE, RANK, V, PAGE = 4, 16, 8, 32, 16, 8
 
 
 def per_sequence_reference(q_nope, q_pe, cache, tables, chunks, w_uk, w_uv, scale):
-    flat = cache.double().view(-1, RANK + ROPE)
+    rank = w_uk.shape[-1]
+    flat = cache.double().view(-1, rank + ROPE)
     outs = []
     for chunk, table in zip(chunks, tables):
         n, ctx = len(chunk.token_ids), chunk.num_computed + len(chunk.token_ids)
         slots = torch.tensor([table[p // PAGE] * PAGE + p % PAGE for p in range(ctx)])
-        c, k_pe = flat[slots].split([RANK, ROPE], dim=-1)
+        c, k_pe = flat[slots].split([rank, ROPE], dim=-1)
         k_nope = torch.einsum("lc,hdc->hld", c, w_uk.double())
         v = torch.einsum("lc,hvc->hlv", c, w_uv.double())
         start = len(outs)
@@ -44,12 +45,15 @@ def compiled_kernels() -> bool:
     return True
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["cache-f32", "cache-fp8"])
 @pytest.mark.parametrize("path", ["compiled", "torch", "torch-sliced"])
-def test_cpu_attention_matches_the_definition(monkeypatch, path):
+def test_cpu_attention_matches_the_definition(monkeypatch, path, fp8):
     """Decodes of many lengths (several block-count groups, ragged last blocks), speculative
     verification rows (3 queries), and prefill chunks with and without a cached prefix, in one
     batch over shuffled blocks: through the compiled decode kernel, and through the torch path
-    that replaces it without a compiler (with tiny slices every group's gather is split)."""
+    that replaces it without a compiler (with tiny slices every group's gather is split). With
+    an FP8 cache (kernels/latent_fp8.py) every path reads the entries the reference sees
+    dequantized."""
     if path == "compiled" and not compiled_kernels():
         pytest.skip("no C++ compiler")
     if path != "compiled":
@@ -58,7 +62,13 @@ def test_cpu_attention_matches_the_definition(monkeypatch, path):
     rng = random.Random(0)
     torch.manual_seed(0)
     num_blocks = 400
-    cache = torch.randn(num_blocks, PAGE, RANK + ROPE)
+    rank = 128 if fp8 else RANK  # the FP8 layout scales groups of 128
+    cache = torch.randn(num_blocks, PAGE, rank + ROPE)
+    stored = cache
+    if fp8:
+        flat = cache.view(-1, rank + ROPE)
+        stored = latent_fp8.quantize_entries(flat[:, :rank], flat[:, rank:]).view(num_blocks, PAGE, -1)
+        cache = latent_fp8.dequantize_entries(stored, rank, torch.float32)
     free = list(range(num_blocks))
     rng.shuffle(free)
     shapes = [(rng.randint(1, 90), 1) for _ in range(30)] + [(rng.randint(5, 40), 3) for _ in range(4)]
@@ -71,15 +81,15 @@ def test_cpu_attention_matches_the_definition(monkeypatch, path):
     batch = ForwardBatch.build(chunks, PAGE)
     t = batch.query_start[-1]
     q_nope, q_pe = torch.randn(t, HEADS, NOPE), torch.randn(t, HEADS, ROPE)
-    w_uk, w_uv = torch.randn(HEADS, NOPE, RANK) / 4, torch.randn(HEADS, V, RANK) / 4
+    w_uk, w_uv = torch.randn(HEADS, NOPE, rank) / 4, torch.randn(HEADS, V, rank) / 4
     with use_triton_kernels(False):
-        plan = attention.plan_attention(batch, cache, attention.GatherBuffer())
+        plan = attention.plan_attention(batch, q_nope, attention.GatherBuffer())
         assert len(plan.prefills) == 3
         if path == "compiled":
             assert not plan.groups and plan.rows is not None and len(plan.rows.kv_lens) == 30 + 4 * 3
         else:
             assert len(plan.groups) > 3 and plan.rows is None
-        out = attention.mla_attention(q_nope, q_pe, cache, plan, w_uk, w_uv, 0.3)
+        out = attention.mla_attention(q_nope, q_pe, stored, plan, w_uk, w_uv, 0.3)
     ref = per_sequence_reference(q_nope, q_pe, cache, tables, chunks, w_uk, w_uv, 0.3)
     assert out.shape == (t, HEADS, V)
     assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-4), (out.double() - ref).abs().max()
@@ -223,7 +233,7 @@ def test_compiled_decode_kernel_refuses_mismatched_dtypes():
         pytest.skip("no C++ compiler")
     cache = torch.zeros(2, 4, 576, dtype=torch.bfloat16)
     one = torch.zeros(1, dtype=torch.int64)
-    with pytest.raises(TypeError, match="one dtype"):
+    with pytest.raises(TypeError, match="a cache of their dtype"):
         native.paged_mla_decode_cpu(torch.zeros(1, 4, 512), torch.zeros(1, 4, 64), cache, one[None], one, one + 1,
                                     0.1, 1)
 

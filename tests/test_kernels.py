@@ -7,6 +7,7 @@ Outputs are poisoned with NaN first, so an element the kernel fails to write fai
 import pytest
 import torch
 
+from kernels import latent_fp8
 from kernels.backend import use_triton_kernels
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, fp8_linear
 from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_ref
@@ -160,6 +161,27 @@ def test_mla_decode_matches_reference(heads, page, splits):
     out = paged_mla_decode(q_lat, q_pe, cache, tables, seq, kv_lens, 0.07, max(lens), num_splits=splits,
                            block_n=16 if page < 64 else 64)
     ref = paged_mla_decode_ref(q_lat.float(), q_pe.float(), cache.float(), tables, seq, kv_lens, 0.07, max(lens))
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("page,splits", [(16, 1), (64, 2)])
+def test_mla_decode_reads_the_fp8_cache_layout(page, splits):
+    """kv_cache_dtype="fp8" (kernels/latent_fp8.py): e4m3 latents, a power-of-two scale per 128,
+    bf16 rope keys, as raw bytes; the kernel against the reference on the dequantized entries."""
+    lens = [1, 17, 100, 64, 130]
+    num_blocks = sum(-(-n // page) for n in lens) + 3
+    flat = torch.randn(num_blocks * page, 576) * 4
+    cache = latent_fp8.quantize_entries(flat[:, :512], flat[:, 512:]).view(num_blocks, page, -1).to(DEVICE)
+    tables = shuffled_tables(lens, page, num_blocks)
+    rows, heads = len(lens), 16
+    q_lat = torch.randn(rows, heads, 512, device=DEVICE, dtype=torch.bfloat16)
+    q_pe = torch.randn(rows, heads, 64, device=DEVICE, dtype=torch.bfloat16)
+    seq = torch.arange(rows, device=DEVICE)
+    kv_lens = torch.tensor(lens, device=DEVICE)
+    out = paged_mla_decode(q_lat, q_pe, cache, tables, seq, kv_lens, 0.07, max(lens), num_splits=splits,
+                           block_n=16)
+    plain = latent_fp8.dequantize_entries(cache, 512, torch.float32)
+    ref = paged_mla_decode_ref(q_lat.float(), q_pe.float(), plain, tables, seq, kv_lens, 0.07, max(lens))
     assert rel_err(out, ref) < 1e-2
 
 

@@ -18,6 +18,12 @@
 //                           and rope % 32 == 0 (every DeepSeek-V3 shape);
 //   mla_decode_generic:     float32 or bf16, any shape, plain loops the compiler vectorizes.
 // Both keep the softmax and the accumulation in float32.
+//
+// The cache may also be in the FP8 layout of kernels/latent_fp8.py (raw bytes per token: rank
+// e4m3 values, rank / 128 float32 power-of-two scales, rope bf16 values). Each implementation then
+// dequantizes what it is about to read (a block, or the AMX path's 32-token chunk) into a bf16 (or
+// float32) scratch of the plain layout, exactly, and runs unchanged on it: the cache is read once,
+// at 57% of the bf16 bytes.
 
 #include <algorithm>
 #include <cmath>
@@ -59,7 +65,43 @@ struct Problem {
   float* partial;             // [rows, splits, heads, rank + 2] when splits > 1
   int rows, heads, rank, rope, page, splits;
   float scale;
+  bool fp8;  // the cache is in the FP8 layout
+  int64_t row_bytes() const { return fp8 ? rank + rank / 32 + 2 * int64_t(rope) : 0; }
 };
+
+// ---- The FP8 layout -------------------------------------------------------------------------------
+
+inline float e4m3_to_float(uint8_t b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  const float v = e ? std::ldexp(1.f + m / 8.f, e - 7) : std::ldexp(m / 8.f, -6);
+  return b & 0x80 ? -v : v;
+}
+
+inline float scale_of(const uint8_t* entry, int rank, int group) {
+  float s;
+  std::memcpy(&s, entry + rank + 4 * group, 4);
+  return s;
+}
+
+// n FP8 entries (rows of P.row_bytes()) -> n plain rows [latent | rope] of width rank + rope.
+template <typename T>
+void dequantize_rows_generic(const Problem& P, const uint8_t* src, int n, T* dst) {
+  const int R = P.rank, E = P.rank + P.rope;
+  for (int t = 0; t < n; ++t) {
+    const uint8_t* e = src + t * P.row_bytes();
+    T* d = dst + int64_t(t) * E;
+    for (int g = 0; g < R / 128; ++g) {
+      const float s = scale_of(e, R, g);
+      for (int i = g * 128; i < g * 128 + 128; ++i) store_f(d, i, e4m3_to_float(e[i]) * s);
+    }
+    const uint8_t* rope = e + R + R / 32;
+    for (int i = 0; i < P.rope; ++i) {
+      uint16_t b;
+      std::memcpy(&b, rope + 2 * i, 2);
+      store_f(d, R + i, bf16_to_float(b));
+    }
+  }
+}
 
 // One split's state: unnormalized output, running max (log2 domain) and sum per head.
 struct SplitState {
@@ -101,7 +143,7 @@ inline void online_softmax(const Problem& P, SplitState& st, int n, float* alpha
 
 template <typename T>
 void attend_generic(const Problem& P, int r, int64_t t0, int64_t t1, SplitState& st, std::vector<float>& qf,
-                    std::vector<float>& alpha) {
+                    std::vector<float>& alpha, std::vector<T>& plain) {
   const int H = P.heads, R = P.rank, E = P.rank + P.rope;
   const T* ql = static_cast<const T*>(P.q_latent) + r * P.ql_row;
   const T* qp = static_cast<const T*>(P.q_pe) + r * P.qp_row;
@@ -114,7 +156,12 @@ void attend_generic(const Problem& P, int r, int64_t t0, int64_t t1, SplitState&
   const float qk_scale = P.scale * kLog2e;
   for (int64_t b0 = t0; b0 < t1; b0 += P.page) {
     const int n = int(std::min<int64_t>(P.page, t1 - b0));
-    const T* kb = cache + table[b0 / P.page] * P.page * E;
+    const T* kb = plain.data();
+    if (P.fp8)
+      dequantize_rows_generic(P, static_cast<const uint8_t*>(P.cache) + table[b0 / P.page] * P.page * P.row_bytes(),
+                              n, plain.data());
+    else
+      kb = cache + table[b0 / P.page] * P.page * E;
     for (int h = 0; h < H; ++h) {
       const float* q = qf.data() + size_t(h) * E;
       for (int t = 0; t < n; ++t) {
@@ -142,6 +189,36 @@ void attend_generic(const Problem& P, int r, int64_t t0, int64_t t1, SplitState&
 }
 
 #ifdef MLASERVE_HAVE_AVX512_BF16
+
+// n FP8 entries -> n bf16 rows, 32 values per step, in 16-bit integer lanes: an e4m3 byte's
+// exponent and mantissa bits moved 4 places up sit where bf16 keeps them, and adding the scale's
+// exponent (less e4m3's bias) gives value * scale exactly, the sign riding along from the
+// sign-extended byte. Zeros stay zeros; e4m3 subnormals (which the quantizer makes only for
+// values under 1/14000 of their group's largest) take a scalar detour.
+void dequantize_rows_avx512(const Problem& P, const uint8_t* src, int n, uint16_t* dst) {
+  const int R = P.rank, E = P.rank + P.rope;
+  const __m512i magnitude = _mm512_set1_epi16(int16_t(0x87F0)), exponent = _mm512_set1_epi16(0x78);
+  for (int t = 0; t < n; ++t) {
+    const uint8_t* e = src + t * P.row_bytes();
+    uint16_t* d = dst + int64_t(t) * E;
+    for (int g = 0; g < R / 128; ++g) {
+      uint32_t scale_bits;
+      std::memcpy(&scale_bits, e + R + 4 * g, 4);
+      const __m512i add = _mm512_set1_epi16(int16_t((int((scale_bits >> 23) & 255) - 7) << 7));
+      for (int i = g * 128; i < g * 128 + 128; i += 32) {
+        const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + i)));
+        const __mmask32 normal = _mm512_test_epi16_mask(b, exponent);
+        _mm512_storeu_si512(d + i, _mm512_maskz_add_epi16(normal, _mm512_and_si512(_mm512_slli_epi16(b, 4), magnitude), add));
+        if (_mm512_mask_test_epi16_mask(~normal, b, _mm512_set1_epi16(7))) {
+          const float s = scale_of(e, R, g);
+          for (int j = i; j < i + 32; ++j)
+            if (!(e[j] & 0x78)) d[j] = float_to_bf16(e4m3_to_float(e[j]) * s);
+        }
+      }
+    }
+    std::memcpy(d + R, e + R + R / 32, 2 * size_t(P.rope));
+  }
+}
 
 // online_softmax with 16 scores at a time.
 inline void online_softmax_avx512(const Problem& P, SplitState& st, int n, float* alpha) {
@@ -191,7 +268,7 @@ inline void scores_4h_2t(const uint16_t* q, int E, const uint16_t* k0, const uin
 }
 
 void attend_bf16_avx512(const Problem& P, int r, int64_t t0, int64_t t1, SplitState& st, std::vector<uint16_t>& qb,
-                        std::vector<float>& alpha) {
+                        std::vector<float>& alpha, std::vector<uint16_t>& plain) {
   const int H = P.heads, R = P.rank, E = P.rank + P.rope;
   const uint16_t* ql = static_cast<const uint16_t*>(P.q_latent) + r * P.ql_row;
   const uint16_t* qp = static_cast<const uint16_t*>(P.q_pe) + r * P.qp_row;
@@ -204,12 +281,19 @@ void attend_bf16_avx512(const Problem& P, int r, int64_t t0, int64_t t1, SplitSt
   const float qk_scale = P.scale * kLog2e;
   for (int64_t b0 = t0; b0 < t1; b0 += P.page) {
     const int n = int(std::min<int64_t>(P.page, t1 - b0));
-    const uint16_t* kb = cache + table[b0 / P.page] * P.page * E;
+    const uint16_t* kb = plain.data();
     // The next block lies elsewhere in memory: its first rows are fetched while this one's last are used.
-    const uint16_t* next = b0 + P.page < t1 ? cache + table[b0 / P.page + 1] * P.page * E : nullptr;
+    const uint16_t* next = nullptr;
+    if (P.fp8) {  // the block dequantized in one pass, which streams through it: no prefetches
+      dequantize_rows_avx512(P, static_cast<const uint8_t*>(P.cache) + table[b0 / P.page] * P.page * P.row_bytes(),
+                             n, plain.data());
+    } else {
+      kb = cache + table[b0 / P.page] * P.page * E;
+      if (b0 + P.page < t1) next = cache + table[b0 / P.page + 1] * P.page * E;
+    }
     for (int t = 0; t < n; t += 2) {
       const int ahead = t + kPrefetchRows;
-      const uint16_t* pf = ahead < n ? kb + int64_t(ahead) * E : next ? next + int64_t(ahead - n) * E : nullptr;
+      const uint16_t* pf = P.fp8 ? nullptr : ahead < n ? kb + int64_t(ahead) * E : next ? next + int64_t(ahead - n) * E : nullptr;
       if (pf != nullptr)
         for (int c = 0; c < 2 * E; c += 32) _mm_prefetch(reinterpret_cast<const char*>(pf + c), _MM_HINT_T0);
       const uint16_t* k0 = kb + int64_t(t) * E;
@@ -277,7 +361,15 @@ struct AmxScratch {
   std::vector<float> s;      // [32 tokens][G]: scores, then probabilities
   std::vector<uint16_t> pa;  // [G][32]: probabilities as the A operand (bf16)
   std::vector<uint16_t> vn;  // [16 pairs][rank][2], or one [16][32][2] strip: the values as B operands
+  // FP8 cache: the chunk's rows dequantized, [32][rank + rope], on a cache-line boundary (split
+  // stores cost the dequantization ~10%).
+  std::vector<uint16_t> plain_buf;
+  uint16_t* plain = nullptr;
   void reset(const Problem& P, int G) {
+    if (P.fp8) {  // zeros: rows past a short chunk stay finite
+      plain_buf.assign(size_t(kAmxChunk) * (P.rank + P.rope) + 32, 0);
+      plain = plain_buf.data() + (64 - reinterpret_cast<uintptr_t>(plain_buf.data()) % 64) % 64 / 2;
+    }
     qv.resize(size_t(P.heads) * (P.rank + P.rope));
     s.resize(size_t(kAmxChunk) * G);
     pa.resize(size_t(G) * kAmxChunk);
@@ -325,15 +417,20 @@ void attend_bf16_amx(const Problem& P, int r, int64_t t0, int64_t t1, SplitState
   const __m512i pair_idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                             22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const uint16_t* cache = static_cast<const uint16_t*>(P.cache);
+  const uint8_t* raw = static_cast<const uint8_t*>(P.cache);
+  const int64_t row_bytes = P.fp8 ? P.row_bytes() : 2 * int64_t(E);
   const int64_t* table = P.tables + int64_t(P.seq_of_row[r]) * P.table_stride;
   const __m512 qk_scale = _mm512_set1_ps(P.scale * kLog2e);
   for (int64_t b0 = t0; b0 < t1; b0 += P.page) {
     const int n = int(std::min<int64_t>(P.page, t1 - b0));
-    const uint16_t* kb = cache + table[b0 / P.page] * P.page * E;
     for (int c0 = 0; c0 < n; c0 += kAmxChunk) {
       const int nv = std::min(kAmxChunk, n - c0);
       const bool second = c0 + 16 < P.page;  // the second 16-row tile stays inside the block
-      const uint16_t* rows = kb + int64_t(c0) * E;
+      const uint16_t* rows = w.plain;
+      if (P.fp8)
+        dequantize_rows_avx512(P, raw + (table[b0 / P.page] * P.page + c0) * row_bytes, nv, w.plain);
+      else
+        rows = cache + (table[b0 / P.page] * P.page + c0) * E;
       // The next chunk's rows are fetched into L2 while this one is computed, a few lines at each
       // tile step. Issued all at once, the prefetches filled the core's outstanding-miss slots and
       // the core waited on them as on demand loads: as slow as no prefetch at all, and 8-10% slower
@@ -342,8 +439,8 @@ void attend_bf16_amx(const Problem& P, int r, int64_t t0, int64_t t1, SplitState
       const char* pf = nullptr;
       int pf_left = 0;
       if (ahead < t1) {
-        pf = reinterpret_cast<const char*>(cache + (table[ahead / P.page] * P.page + ahead % P.page) * E);
-        pf_left = int(std::min<int64_t>({kAmxChunk, P.page - ahead % P.page, t1 - ahead})) * E * 2 / 64;
+        pf = reinterpret_cast<const char*>(raw + (table[ahead / P.page] * P.page + ahead % P.page) * row_bytes);
+        pf_left = int(std::min<int64_t>({kAmxChunk, P.page - ahead % P.page, t1 - ahead}) * row_bytes / 64);
       }
       const int pf_steps = (H / G) * (E / 32 + R / 32);
       const int pf_per_step = (pf_left + pf_steps - 1) / pf_steps;
@@ -491,10 +588,12 @@ void run(const Problem& P, int num_threads) {
     std::vector<float> qf;
     std::vector<uint16_t> qb;
     std::vector<float> alpha(P.heads);
+    std::vector<T> plain;  // FP8 cache: a block dequantized (AMX keeps its own, per chunk)
     if (kImpl == kAvx512)
       qb.resize(size_t(P.heads) * (P.rank + P.rope));
     else if (kImpl == kGeneric)
       qf.resize(size_t(P.heads) * (P.rank + P.rope));
+    if (P.fp8 && kImpl != kAmx) plain.resize(size_t(P.page) * (P.rank + P.rope));
 #ifdef MLASERVE_HAVE_AMX
     AmxScratch amx;
     if constexpr (kImpl == kAmx) {
@@ -512,9 +611,9 @@ void run(const Problem& P, int num_threads) {
       if constexpr (kImpl == kAmx) attend_bf16_amx(P, r, t0, t1, st, amx);
 #endif
 #ifdef MLASERVE_HAVE_AVX512_BF16
-      if constexpr (kImpl == kAvx512) attend_bf16_avx512(P, r, t0, t1, st, qb, alpha);
+      if constexpr (kImpl == kAvx512) attend_bf16_avx512(P, r, t0, t1, st, qb, alpha, plain);
 #endif
-      if constexpr (kImpl == kGeneric) attend_generic<T>(P, r, t0, t1, st, qf, alpha);
+      if constexpr (kImpl == kGeneric) attend_generic<T>(P, r, t0, t1, st, qf, alpha, plain);
       if (P.splits == 1)
         finish_row<T>(P, r, st);
       else
@@ -547,18 +646,19 @@ int mla_decode_impls() {
   return mask;
 }
 
-// elem_bytes: 4 (float32) or 2 (bf16) for queries, cache and output alike; impl: 0 portable,
-// 1 AVX-512 BF16, 2 AMX. Returns 0 on success, -1 when asked for an implementation, dtype or
-// shape this build does not have.
+// elem_bytes: 4 (float32) or 2 (bf16) for queries and output, and for the cache unless cache_fp8
+// (then the FP8 layout, and rank a multiple of 128); impl: 0 portable, 1 AVX-512 BF16, 2 AMX.
+// Returns 0 on success, -1 when asked for an implementation, dtype or shape this build does not have.
 int mla_decode(const void* q_latent, int64_t ql_row, int64_t ql_head, const void* q_pe, int64_t qp_row,
                int64_t qp_head, const void* cache, const int64_t* tables, int64_t table_stride,
                const int32_t* seq_of_row, const int32_t* kv_lens, void* out, int64_t out_row, int64_t out_head,
                float* partial, int rows, int heads, int rank, int rope, int page, int splits, float scale,
-               int elem_bytes, int impl, int num_threads) {
+               int elem_bytes, int cache_fp8, int impl, int num_threads) {
   const Problem P{q_latent, ql_row,  ql_head,   q_pe,   qp_row, qp_head, cache, tables, table_stride,
                   seq_of_row, kv_lens, out,     out_row, out_head, partial, rows, heads,  rank,
-                  rope,     page,    splits,    scale};
+                  rope,     page,    splits,    scale, cache_fp8 != 0};
   if (rows == 0) return 0;
+  if (cache_fp8 && rank % 128) return -1;
   if (impl == kAmx) {
 #ifdef MLASERVE_HAVE_AMX
     if (!amx_permitted() || elem_bytes != 2 || amx_group(heads) == 0 || page % 16 || rank % 32 || rope % 32)
@@ -586,6 +686,27 @@ int mla_decode(const void* q_latent, int64_t ql_row, int64_t ql_head, const void
   else
     return -1;
   return 0;
+}
+
+// FP8 cache entries at rows `slots` of `cache` (rows of rank + rank / 32 + 2 rope bytes) -> n
+// rows [latent | rope] of bf16 (prefill reads its contexts this way). Returns -1 where this build
+// has no AVX-512 BF16 or rank is not a multiple of 128.
+int latent_fp8_gather_bf16(const uint8_t* cache, const int64_t* slots, int64_t n, int rank, int rope, uint16_t* out,
+                           int num_threads) {
+#ifdef MLASERVE_HAVE_AVX512_BF16
+  if (rank % 128) return -1;
+  Problem P{};
+  P.rank = rank;
+  P.rope = rope;
+  P.fp8 = true;
+  const int64_t bytes = P.row_bytes();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) dequantize_rows_avx512(P, cache + slots[i] * bytes, 1, out + i * (rank + rope));
+  return 0;
+#else
+  (void)cache, (void)slots, (void)n, (void)rank, (void)rope, (void)out, (void)num_threads;
+  return -1;
+#endif
 }
 
 }  // extern "C"
