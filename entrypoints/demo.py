@@ -59,7 +59,7 @@ def _run(model_dir: Path, probs: list[Problem], k: int, args, batch1: int):
 
     params = SamplingParams(temperature=0.0, max_tokens=32)
     with LLM(model_dir, dtype=args.dtype, num_speculative_tokens=k, max_num_seqs=args.max_num_seqs,
-             device=args.device) as llm:
+             device=args.device, kv_cache_dtype=args.kv_cache_dtype) as llm:
         start = time.perf_counter()
         outs = llm.generate([p.prompt for p in probs], params, use_tqdm=False)
         elapsed = time.perf_counter() - start
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--show", type=int, default=12, help="completions to print")
     args = ap.parse_args(argv)
 
