@@ -105,6 +105,32 @@ def test_groups_pad_little():
     assert counts == [[1], [2], [3], [8, 9], [10], [40, 44, 45], [50]]
 
 
+def skip_unless_compiled(impl: str, dtype: torch.dtype) -> None:
+    if not compiled_kernels():
+        pytest.skip("no C++ compiler")
+    if impl not in native.available_impls():
+        pytest.skip(f"this CPU has no {impl}")
+    if impl != "generic" and dtype != torch.bfloat16:
+        pytest.skip("the vector implementations are bf16 only")
+
+
+def shuffled_with_unwritten_rows(cache: torch.Tensor, lens: list[int], poison) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables over a random permutation of the cache's blocks for contexts of `lens`, and a
+    copy of the cache whose rows past each context's end in its last block hold `poison` (never
+    written: anything)."""
+    page = cache.shape[1]
+    perm = torch.randperm(cache.shape[0])
+    tables = torch.zeros(len(lens), max(-(-n // page) for n in lens) + 1, dtype=torch.long)
+    poisoned = cache.clone()
+    used = 0
+    for i, n in enumerate(lens):
+        k = -(-n // page)
+        tables[i, :k] = perm[used: used + k]
+        poisoned[tables[i, k - 1], n - (k - 1) * page:] = poison
+        used += k
+    return tables, poisoned
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("impl", ["generic", "avx512", "amx"])
 @pytest.mark.parametrize("splits", [None, 1, 3, 40])
@@ -115,25 +141,12 @@ def test_compiled_decode_kernel_matches_reference(dtype, impl, splits, heads):
     blocks, three query rows of one sequence at growing lengths, transposed (strided) queries and
     output, the output poisoned with NaN first; each implementation this CPU has; contexts split
     in 3, and in more pieces than they have blocks."""
-    if not compiled_kernels():
-        pytest.skip("no C++ compiler")
-    if impl not in native.available_impls():
-        pytest.skip(f"this CPU has no {impl}")
-    if impl != "generic" and dtype != torch.bfloat16:
-        pytest.skip("the vector implementations are bf16 only")
+    skip_unless_compiled(impl, dtype)
     torch.manual_seed(1)
     rank, rope, page, num_blocks = 512, 64, 16, 300
     cache = torch.randn(num_blocks, page, rank + rope).to(dtype)
     lens = [1, 15, 16, 17, 40, 100, 250]
-    perm = torch.randperm(num_blocks)
-    tables = torch.zeros(len(lens), 16, dtype=torch.long)
-    poisoned = cache.clone()
-    used = 0
-    for i, n in enumerate(lens):
-        k = -(-n // page)
-        tables[i, :k] = perm[used: used + k]
-        poisoned[tables[i, k - 1], n - (k - 1) * page:] = float("nan")  # never written: anything
-        used += k
+    tables, poisoned = shuffled_with_unwritten_rows(cache, lens, float("nan"))
     seq_of_row = torch.tensor(list(range(len(lens))) + [5, 5])  # sequence 5 verifies two more tokens
     kv_lens = torch.tensor(lens + [98, 99])
     rows = len(kv_lens)

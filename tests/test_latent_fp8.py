@@ -12,7 +12,7 @@ from kernels import latent_fp8, native
 from kernels.mla_decode import paged_mla_decode_ref
 from model.demo_checkpoint import default_model_dir
 from model.demo_task import is_correct
-from tests.test_cpu_attention import compiled_kernels
+from tests.test_cpu_attention import compiled_kernels, shuffled_with_unwritten_rows, skip_unless_compiled
 
 RANK, ROPE = 512, 64
 
@@ -80,25 +80,12 @@ def test_compiled_decode_kernel_reads_fp8_entries_as_their_dequantized_values(dt
     """Each implementation on an FP8 cache gives, bit for bit, what it gives on the same entries
     dequantized into a plain cache: ragged lengths, shuffled blocks, unwritten rows of partial
     blocks filled with 0xFF bytes (NaN values and scales), transposed queries and output."""
-    if not compiled_kernels():
-        pytest.skip("no C++ compiler")
-    if impl not in native.available_impls():
-        pytest.skip(f"this CPU has no {impl}")
-    if impl != "generic" and dtype != torch.bfloat16:
-        pytest.skip("the vector implementations are bf16 only")
+    skip_unless_compiled(impl, dtype)
     torch.manual_seed(2)
     page, num_blocks, heads = 16, 60, 16
     raw = quantized(num_blocks * page, seed=3)[2].view(num_blocks, page, -1)
     lens = [1, 16, 17, 50, 130, 200]
-    perm = torch.randperm(num_blocks)
-    tables = torch.zeros(len(lens), 13, dtype=torch.long)
-    poisoned = raw.clone()
-    used = 0
-    for i, n in enumerate(lens):
-        k = -(-n // page)
-        tables[i, :k] = perm[used: used + k]
-        poisoned[tables[i, k - 1], n - (k - 1) * page:] = 0xFF
-        used += k
+    tables, poisoned = shuffled_with_unwritten_rows(raw, lens, 0xFF)
     seq_of_row = torch.tensor(list(range(len(lens))) + [4, 4])  # sequence 4 verifies two more tokens
     kv_lens = torch.tensor(lens + [128, 129])
     rows = len(kv_lens)
