@@ -231,7 +231,8 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
 
 def latent_fp8_gather(cache: torch.Tensor, slots: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
     """FP8 cache rows `slots` dequantized, [len(slots), rank + rope] in `dtype`: compiled in bf16
-    on the host with AVX-512 (one pass: ~10x torch's ops), else kernels.latent_fp8's torch code."""
+    on the host with AVX-512 (one pass; 0.30 ms against torch's 4.5 ms for 2048 rows), else
+    kernels.latent_fp8's torch code."""
     lib = library()
     flat = cache.view(-1, cache.shape[-1])
     if dtype == torch.bfloat16 and cache.device.type == "cpu" and lib is not None and "avx512" in available_impls():
