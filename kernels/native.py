@@ -94,7 +94,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moe_gate.argtypes = [p, i64, p, p, i64, i32, i32, i32, i32, i32, i32, f32, p, p, i32]
     lib.moe_gate.restype = i32
     lib.mla_cache_entries_bf16.argtypes = [p, i64, p, i64, p, i64, i64, i32, p, f32, p, i64, p, p, p, i64, i32, i32,
-                                           i64, i32]
+                                           i64, i32, i32]
     lib.mla_cache_entries_bf16.restype = i32
     lib.linear_bf16.argtypes = [p, i64, i64, i64, p, i32, i32, i32, p, i64, i64, i32]
     lib.linear_bf16.restype = i32
@@ -496,15 +496,19 @@ def mla_cache_entries(c_kv: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor
                       eps: float, rotations: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                       cache: torch.Tensor) -> None:
     """model/mla.py's cache write and rope in one compiled pass (bf16 on the host): writes
-    [rms_norm(c_kv) | rope(k_pe)] into the cache rows `slots` ([num_blocks, block_size, entry] cache)
-    and rotates q_pe [T, H, rope] in place. rotations: the RotaryEmbedding's complex64 table."""
+    [rms_norm(c_kv) | rope(k_pe)] into the cache rows `slots` ([num_blocks, block_size, entry] cache,
+    bf16, or uint8 in the FP8 layout, quantized as latent_fp8.quantize_entries does) and rotates
+    q_pe [T, H, rope] in place. rotations: the RotaryEmbedding's complex64 table."""
     lib = library()
     _require_host("mla_cache_entries", c_kv, k_pe, q_pe, norm_weight, rotations, positions, slots, cache)
     tokens, rank = c_kv.shape
     rope = k_pe.shape[-1]
-    if (any(t.dtype != torch.bfloat16 for t in (c_kv, k_pe, q_pe, norm_weight, cache))
+    fp8 = latent_fp8.is_fp8(cache)
+    width = latent_fp8.entry_bytes(rank, rope) if fp8 else rank + rope
+    if (any(t.dtype != torch.bfloat16 for t in (c_kv, k_pe, q_pe, norm_weight))
+            or not (fp8 or cache.dtype == torch.bfloat16)
             or rotations.dtype != torch.complex64 or rotations.shape[-1] * 2 != rope
-            or cache.shape[-1] != rank + rope or q_pe.shape[0] != tokens or q_pe.shape[-1] != rope
+            or cache.shape[-1] != width or q_pe.shape[0] != tokens or q_pe.shape[-1] != rope
             or k_pe.shape[0] != tokens or norm_weight.shape != (rank,) or not cache.is_contiguous()
             or any(t.stride(-1) != 1 for t in (c_kv, k_pe, q_pe))):
         raise ValueError(f"mla_cache_entries: c_kv {tuple(c_kv.shape)}, k_pe {tuple(k_pe.shape)}, "
@@ -515,7 +519,7 @@ def mla_cache_entries(c_kv: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor
     rc = lib.mla_cache_entries_bf16(_ptr(c_kv), c_kv.stride(0), _ptr(k_pe), k_pe.stride(0), _ptr(q_pe),
                                     q_pe.stride(0), q_pe.stride(1), q_pe.shape[1], _ptr(norm_weight.contiguous()),
                                     float(eps), _ptr(rotations), rotations.shape[0], _ptr(positions), _ptr(slots),
-                                    _ptr(cache), cache.numel() // cache.shape[-1], rank, rope, tokens,
+                                    _ptr(cache), cache.numel() // cache.shape[-1], rank, rope, tokens, int(fp8),
                                     torch.get_num_threads())
     if rc == -2:
         raise ValueError("mla_cache_entries: a position past the rope table or a slot past the cache")

@@ -58,24 +58,19 @@ class MLA(nn.Module):
         for an FP8 cache) and returns q_pe with rope applied."""
         fp8 = latent_fp8.is_fp8(cache)
         if native.host_bf16(q_pe, self.kv_a_layernorm.weight) and (fp8 or native.host_bf16(cache)):
-            # Norm, both ropes and the write in one compiled pass (q_pe rotated in place); an FP8
-            # cache gets the entries through a bf16 staging buffer.
-            target, slots = cache, slot_mapping
-            if fp8:
-                t = c_kv.shape[0]
-                target, slots = torch.empty(1, t, self.cfg.kv_entry_dim, dtype=q_pe.dtype), torch.arange(t)
+            # Norm, both ropes, quantizing for an FP8 cache and the write in one compiled pass (q_pe
+            # rotated in place).
             native.mla_cache_entries(c_kv, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
-                                     rope.rotations, positions, slots, target)
-            entry = target[0]
-        else:
-            q_pe = rope(q_pe, positions)
-            entry = torch.cat([self.kv_a_layernorm(c_kv), rope(k_pe, positions)], dim=-1)
-            if not fp8:
-                cache.view(-1, cache.shape[-1])[slot_mapping] = entry.to(cache.dtype)
+                                     rope.rotations, positions, slot_mapping, cache)
+            return q_pe
+        q_pe = rope(q_pe, positions)
+        entry = torch.cat([self.kv_a_layernorm(c_kv), rope(k_pe, positions)], dim=-1)
+        rows = cache.view(-1, cache.shape[-1])
         if fp8:
             rank = self.cfg.kv_lora_rank
-            quantized = latent_fp8.quantize_entries(entry[:, :rank], entry[:, rank:])
-            cache.view(-1, cache.shape[-1])[slot_mapping] = quantized
+            rows[slot_mapping] = latent_fp8.quantize_entries(entry[:, :rank], entry[:, rank:])
+        else:
+            rows[slot_mapping] = entry.to(cache.dtype)
         return q_pe
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,

@@ -63,6 +63,48 @@ def test_compiled_gather_equals_the_torch_dequantization():
     assert torch.equal(got, latent_fp8.dequantize_entries(raw.view(-1, 656)[slots], RANK, torch.bfloat16))
 
 
+def test_compiled_write_quantizes_as_torch_does():
+    """The compiled cache write (norm, rope, FP8 quantization in one pass) stores exactly the bytes
+    quantize_entries makes of the bf16 entries it writes into a plain cache: 1M latent values over
+    eleven orders of magnitude (e4m3 subnormals, round-half-even ties, groups whose largest value
+    makes the scale an exact power of two), an all-zero row, shuffled slots, rows left unwritten."""
+    if not native.host_bf16(torch.empty(0, dtype=torch.bfloat16)):
+        pytest.skip("no compiled CPU kernels here")
+    from engine.model_config import ModelConfig
+    from model.checkpoint_maker import preset_config
+    from model.rope import RotaryEmbedding
+
+    cfg = ModelConfig.from_dict(preset_config("small"))
+    rope = RotaryEmbedding(cfg, 4096)
+    g = torch.Generator().manual_seed(7)
+    tokens, heads = 2048, 2
+    c_kv = torch.randn(tokens, RANK, generator=g).bfloat16()
+    c_kv[3] = 0
+    k_pe = torch.randn(tokens, ROPE, generator=g).bfloat16()
+    q_pe = torch.randn(tokens, heads, ROPE, generator=g).bfloat16()
+    weight = (10.0 ** (torch.rand(RANK, generator=g) * 7 - 5)).bfloat16()
+    positions = torch.randint(0, 4096, (tokens,), generator=g)
+    slots = torch.randperm(40 * 64, generator=g)[:tokens]
+    plain = torch.zeros(40, 64, RANK + ROPE, dtype=torch.bfloat16)
+    fp8 = torch.full((40, 64, 656), 0xAB, dtype=torch.uint8)
+    q_plain, q_fp8 = q_pe.clone(), q_pe.clone()
+    native.mla_cache_entries(c_kv, k_pe, q_plain, weight, 1e-6, rope.rotations, positions, slots, plain)
+    native.mla_cache_entries(c_kv, k_pe, q_fp8, weight, 1e-6, rope.rotations, positions, slots, fp8)
+    entries = plain.view(-1, RANK + ROPE)[slots]
+    expected = latent_fp8.quantize_entries(entries[:, :RANK], entries[:, RANK:])
+    got = fp8.view(-1, 656)[slots]
+    assert torch.equal(got, expected)
+    assert torch.equal(q_fp8, q_plain)
+    scales = got[:, RANK: RANK + 16].contiguous().view(torch.float32)
+    values = got[:, :RANK]
+    assert ((values & 0x78) == 0).logical_and((values & 7) != 0).sum() > 1000, "e4m3 subnormals were made"
+    amax = entries[:, :RANK].float().view(tokens, 4, 128).abs().amax(-1)
+    assert (amax == 448 * scales).sum() > 10, "groups at the power-of-two edge were seen"
+    unwritten = torch.ones(40 * 64, dtype=torch.bool)
+    unwritten[slots] = False
+    assert (fp8.view(-1, 656)[unwritten] == 0xAB).all()
+
+
 def test_latent_width_must_be_whole_scale_groups():
     with pytest.raises(ValueError, match="kv_lora_rank a multiple of 128"):
         latent_fp8.quantize_entries(torch.randn(2, 96), torch.randn(2, 64))
