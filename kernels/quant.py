@@ -38,7 +38,15 @@ def silu_mul_quant_ref(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 @triton.jit
-def _round_to_e4m3_grid(v):
+def round_to_bf16_grid(v):
+    """float32 v rounded to the nearest bf16 value (ties to even), kept in float32: a cast of the
+    result to bf16 is then exact, where the interpreter's own cast truncates."""
+    u = v.to(tl.uint32, bitcast=True)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to_e4m3_grid(v):
     """Round-to-nearest-even onto e4m3's values, in float32 arithmetic: adding and removing
     1.5·2^23 rounds v/step to an integer in the FPU's own round-to-nearest-even mode."""
     exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
@@ -68,7 +76,7 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, K, x_row_stride, up_offset,
     if ROUND_IN_SOFTWARE:
         # Rounded onto the e4m3 grid first, so the cast below only converts exact values: the
         # interpreter's cast drops carries, and a cast that goes through fp16 rounds twice.
-        q = _round_to_e4m3_grid(q)
+        q = round_to_e4m3_grid(q)
     tl.store(q_ptr + row.to(tl.int64) * K + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
     n_groups = tl.cdiv(K, GROUP)
     tl.store(s_ptr + row.to(tl.int64) * n_groups + groups, scale, mask=groups < n_groups)

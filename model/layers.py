@@ -30,10 +30,14 @@ class RMSNorm(nn.Module):
         return self.reference(h), h
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32 and scale after casting back, as the reference does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in float32 and scale after casting back, as the reference does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 class Linear(nn.Module):

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from engine.model_config import ModelConfig
-from kernels import latent_fp8, native
+from kernels import native
+from kernels.cache_write import write_latent_entries
 from kernels.mla_attention import AttentionPlan, mla_attention
 from model.layers import Linear, RMSNorm, StackedLinear
 from model.rope import RotaryEmbedding
@@ -52,27 +53,6 @@ class MLA(nn.Module):
             return native.pack_strips(uk_t.contiguous()), native.pack_strips(self.w_uv)
         return None
 
-    def _write_cache(self, c_kv: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor, positions: torch.Tensor,
-                     slot_mapping: torch.Tensor, cache: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
-        """Stores the tokens' entries [kv_a_layernorm(c_kv) | rope(k_pe)] at their slots (quantized
-        for an FP8 cache) and returns q_pe with rope applied."""
-        fp8 = latent_fp8.is_fp8(cache)
-        if native.host_bf16(q_pe, self.kv_a_layernorm.weight) and (fp8 or native.host_bf16(cache)):
-            # Norm, both ropes, quantizing for an FP8 cache and the write in one compiled pass (q_pe
-            # rotated in place).
-            native.mla_cache_entries(c_kv, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
-                                     rope.rotations, positions, slot_mapping, cache)
-            return q_pe
-        q_pe = rope(q_pe, positions)
-        entry = torch.cat([self.kv_a_layernorm(c_kv), rope(k_pe, positions)], dim=-1)
-        rows = cache.view(-1, cache.shape[-1])
-        if fp8:
-            rank = self.cfg.kv_lora_rank
-            rows[slot_mapping] = latent_fp8.quantize_entries(entry[:, :rank], entry[:, rank:])
-        else:
-            rows[slot_mapping] = entry.to(cache.dtype)
-        return q_pe
-
     def forward(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 cache: torch.Tensor, plan: AttentionPlan, rope: RotaryEmbedding) -> torch.Tensor:
         cfg = self.cfg
@@ -86,7 +66,8 @@ class MLA(nn.Module):
             c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         q = q.view(t, cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        q_pe = self._write_cache(c_kv, k_pe, q_pe, positions, slot_mapping, cache, rope)
+        q_pe = write_latent_entries(c_kv, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+                                    rope.rotations, positions, slot_mapping, cache)
 
         strips = self.head_strips if native.host_bf16(q) else None
         o = mla_attention(q_nope, q_pe, cache, plan, self.w_uk, self.w_uv, cfg.softmax_scale, strips)  # [T, H, v]

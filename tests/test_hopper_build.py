@@ -48,9 +48,9 @@ def test_large_tiles_use_hopper_tensor_cores(builds):
             assert p.mma_version == 3, f"{label}: {p.shape} on mma v{p.mma_version}, not wgmma"
 
 
-def test_gemm_kernels_do_not_spill(builds):
-    gemms = [b for b in builds if b.label.startswith(("fp8 gemm", "moe", "quant"))]
-    assert len(gemms) >= 8
+def test_kernels_other_than_decode_do_not_spill(builds):
+    gemms = [b for b in builds if b.label.startswith(("fp8 gemm", "moe", "quant", "latent cache write"))]
+    assert len(gemms) >= 10
     for b in gemms:
         assert b.stack_bytes == 0, f"{b.label}: {b.stack_bytes} B of stack (spilled registers)"
         assert all(p.replication == 1 for p in b.products), b.label

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from kernels import latent_fp8
-from kernels.backend import use_triton_kernels
+from kernels.backend import interpreting, use_triton_kernels
+from kernels.cache_write import write_latent_entries, write_latent_entries_ref
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, fp8_linear
 from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_ref
 from kernels.mla_decode import paged_mla_decode, paged_mla_decode_ref
 from kernels.quant import act_quant, act_quant_ref, silu_mul_quant, silu_mul_quant_ref
 from model.fp8 import dequantize_weight, quantize_weight
+from tests.test_cpu_norm import bf16_ulps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -213,6 +215,84 @@ def moe_weights(num_experts: int, hidden: int, inter: int):
 def random_routing(tokens: int, num_experts: int, top_k: int):
     ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)]).to(DEVICE)
     return torch.rand(tokens, top_k, device=DEVICE), ids
+
+
+def latent_write_inputs(tokens: int, heads: int, rank: int, rope: int, dtype: torch.dtype, seed: int = 0):
+    """c_kv / k_pe as column views of one projection output and q_pe of the query heads (as the model
+    has them), a norm weight spanning seven orders of magnitude (so FP8 groups hold e4m3
+    subnormals), a complex64 rope table, distinct shuffled slots over 5 pages of 16. Token 0's
+    latent is all +-1, which normalizes to +-1, so its first group's largest value is the weight's
+    448 exactly: a scale at the power-of-two edge."""
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(tokens, 16 + rank + rope, generator=g).to(dtype)
+    kv[0, 16: 16 + rank] = torch.randint(0, 2, (rank,), generator=g) * 2 - 1
+    q = torch.randn(tokens, heads, 24 + rope, generator=g).to(dtype)
+    weight = (10.0 ** (torch.rand(rank, generator=g) * 7 - 5)).to(dtype)
+    weight[5] = 448
+    angles = torch.rand(300, rope // 2, generator=g) * 6.3
+    rotations = torch.polar(torch.full_like(angles, 1.1), angles)
+    positions = torch.randint(0, 300, (tokens,), generator=g)
+    slots = torch.randperm(5 * 16, generator=g)[:tokens]
+    inputs = (kv[:, 16: 16 + rank], kv[:, 16 + rank:], q[..., 24:], weight, 1e-6, rotations, positions, slots)
+    return [x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in inputs]
+
+
+@pytest.mark.parametrize("dtype,rank,rope,heads", [(torch.bfloat16, 512, 64, 5), (torch.float32, 80, 16, 3)])
+def test_latent_write_matches_reference(dtype, rank, rope, heads):
+    """MLA's cache write (norm, rope of key and queries) into a plain cache: the written rows and
+    the queries rotated in place within one unit of the last place of the reference; every other
+    row left as it was (NaN). The second case has widths that are not powers of two (masked)."""
+    c_kv, k_pe, q_pe, weight, eps, rotations, positions, slots = latent_write_inputs(37, heads, rank, rope, dtype)
+    cache = torch.full((5, 16, rank + rope), float("nan"), dtype=dtype, device=DEVICE)
+    expected = cache.clone()
+    q_expected = write_latent_entries_ref(c_kv, k_pe, q_pe.clone(), weight, eps, rotations, positions, slots,
+                                          expected)
+    q_out = write_latent_entries(c_kv, k_pe, q_pe, weight, eps, rotations, positions, slots, cache)
+    assert q_out.data_ptr() == q_pe.data_ptr(), "rotated in place"
+    written = cache.view(-1, rank + rope)[slots]
+    if dtype == torch.bfloat16:
+        # Exact under the interpreter; on a GPU the square root and the rope's products may round
+        # differently, and a flip before the weight's product is up to two units after it.
+        limit = 0.0 if interpreting() else 2.0
+        assert bf16_ulps(written, expected.view(-1, rank + rope)[slots]) <= limit
+        assert bf16_ulps(q_pe, q_expected) <= limit
+    else:
+        assert torch.allclose(written, expected.view(-1, rank + rope)[slots], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(q_pe, q_expected, rtol=1e-5, atol=1e-6)
+    untouched = torch.ones(5 * 16, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert cache.view(-1, rank + rope)[untouched.to(DEVICE)].isnan().all()
+
+
+@pytest.mark.parametrize("rank", [512, 384])
+def test_latent_write_quantizes_the_fp8_layout_as_torch_does(rank):
+    """Into an FP8 cache (kernels/latent_fp8.py): exactly the bytes latent_fp8.quantize_entries
+    makes of the entries the same kernel writes into a bf16 cache (e4m3 subnormals, signed zeros
+    and a scale at the power-of-two edge among them), and within e4m3's rounding of the torch
+    reference's entries. 384 = 3 scale groups, padded to 4 in the kernel."""
+    c_kv, k_pe, q_pe, weight, eps, rotations, positions, slots = latent_write_inputs(37, 4, rank, 64, torch.bfloat16,
+                                                                                     seed=1)
+    width = latent_fp8.entry_bytes(rank, 64)
+    cache = torch.full((5, 16, width), 0xAB, dtype=torch.uint8, device=DEVICE)
+    plain = torch.zeros(5, 16, rank + 64, dtype=torch.bfloat16, device=DEVICE)
+    write_latent_entries(c_kv, k_pe, q_pe.clone(), weight, eps, rotations, positions, slots, plain)
+    write_latent_entries(c_kv, k_pe, q_pe.clone(), weight, eps, rotations, positions, slots, cache)
+    entries = plain.view(-1, rank + 64)[slots]
+    got = cache.view(-1, width)[slots]
+    assert torch.equal(got, latent_fp8.quantize_entries(entries[:, :rank], entries[:, rank:]))
+    values, scales = got[:, :rank], got[:, rank: rank + rank // 32].contiguous().view(torch.float32)
+    assert ((values & 0x78) == 0).logical_and((values & 7) != 0).sum() > 1000, "e4m3 subnormals were made"
+    assert (values == 0x80).sum() > 1000, "negative values rounding to zero keep their sign"
+    assert entries[0, :128].float().abs().max() == 448 and scales[0, 0] == 1, "the power-of-two edge"
+    reference = torch.zeros_like(cache)
+    write_latent_entries_ref(c_kv, k_pe, q_pe.clone(), weight, eps, rotations, positions, slots, reference)
+    ours = latent_fp8.dequantize_entries(got, rank, torch.float32)
+    theirs = latent_fp8.dequantize_entries(reference.view(-1, width)[slots], rank, torch.float32)
+    step = scales.repeat_interleave(128, dim=1) * 2.0 ** -9
+    assert ((ours[:, :rank] - theirs[:, :rank]).abs() <= theirs[:, :rank].abs() * 2.0 ** -3 + step).all()
+    untouched = torch.ones(5 * 16, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert (cache.view(-1, width)[untouched.to(DEVICE)] == 0xAB).all()
 
 
 def test_align_by_expert_places_every_pair_once_in_its_experts_tiles():

@@ -27,10 +27,6 @@ def cfg(tiny_checkpoint):
     return ModelConfig.from_checkpoint(tiny_checkpoint)
 
 
-def greedy(model: DeepseekV3, new_tokens: int, device: str = "cpu") -> list[list[int]]:
-    return PagedRunner(model, num_blocks=64, block_size=16, device=device).greedy(PROMPTS, new_tokens)
-
-
 def test_kernel_path_holds_fp8_weights(tiny_checkpoint, cfg):
     w = load_weights(tiny_checkpoint, cfg, torch.bfloat16, include_mtp=False, keep_fp8=True)
     model = DeepseekV3(cfg, w)
@@ -44,36 +40,46 @@ def fp8_model(checkpoint, cfg, dtype=torch.float32) -> DeepseekV3:
     return DeepseekV3(cfg, load_weights(checkpoint, cfg, dtype, include_mtp=False, keep_fp8=True))
 
 
-def forced_logits(model: DeepseekV3, continuations: list[list[int]], device: str) -> list[list[torch.Tensor]]:
-    """Last-position logits of every step while decoding the given tokens (teacher forcing)."""
-    runner = PagedRunner(model, num_blocks=64, block_size=16, device=device)
+def decode_logits(model: DeepseekV3, new_tokens: int, device: str, fp8_cache: bool = False,
+                  forced: list[list[int]] | None = None) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Decodes PROMPTS greedily, or along the `forced` tokens (teacher forcing): the tokens and
+    the last-position logits of every step."""
+    runner = PagedRunner(model, num_blocks=64, block_size=16, device=device, fp8_cache=fp8_cache)
     last = runner.step(dict(enumerate(PROMPTS)))
+    tokens: list[list[int]] = [[] for _ in PROMPTS]
     steps = []
-    for j in range(len(continuations[0])):
+    for j in range(new_tokens):
         steps.append([last[i][-1].float().cpu() for i in range(len(PROMPTS))])
-        last = runner.step({i: [c[j]] for i, c in enumerate(continuations)})
-    return steps
+        for i, out in enumerate(tokens):
+            out.append(forced[i][j] if forced else int(steps[-1][i].argmax()))
+        last = runner.step({i: [out[-1]] for i, out in enumerate(tokens)})
+    return tokens, steps
 
 
-def test_kernel_path_gives_the_reference_paths_greedy_tokens(tiny_checkpoint, cfg):
-    """float32 activations, references on the same device. Under the interpreter both sides
-    quantize identical values, so the tokens must agree exactly. On a Hopper GPU the FP8 tensor
-    cores accumulate each 128-wide K step with fewer bits than float32 (the limit the DeepSeek-V3
-    report describes; DeepGEMM, like these kernels, promotes to float32 once per 128): a GEMM is
-    1.1e-4 off in relative terms (measured on an H100, float32 output), and wherever that puts a
-    later activation on the other side of an e4m3 rounding step this random model amplifies it,
-    to 5-60% of one step's logits. So on a GPU, along the reference's own tokens: the typical
-    step's logits are within 15% and most chosen tokens agree; broken kernels give ~100% and
-    chance agreement (1/258)."""
+@pytest.mark.parametrize("fp8_cache", [False, True], ids=["cache-model-dtype", "cache-fp8"])
+def test_kernel_path_gives_the_reference_paths_greedy_tokens(tiny_checkpoint, cfg, fp8_cache):
+    """float32 activations, references on the same device; the latent cache in the model's dtype,
+    or in the FP8 layout (written by the Triton cache-write kernel and read by the decode kernel).
+    Under the interpreter with a float32 cache both sides quantize identical values, so the tokens
+    must agree exactly.
+
+    Elsewhere they need not. On a Hopper GPU the FP8 tensor cores accumulate each 128-wide K step
+    with fewer bits than float32 (the limit the DeepSeek-V3 report describes; DeepGEMM, like these
+    kernels, promotes to float32 once per 128): a GEMM is 1.1e-4 off in relative terms (measured on
+    an H100, float32 output). An FP8 cache rounds every entry to e4m3, so even the interpreter's
+    last-bit float32 differences from the references (accumulation order) put the odd entry on the
+    other side of a rounding step (1, 187 and 1889 bytes of the prompts' entries in layers 0-2).
+    This random model amplifies such steps to 5-60% of one step's logits. So there, along the
+    reference's own tokens: the typical step's logits are within 15% and most chosen tokens agree;
+    broken kernels give ~100% and chance agreement (1/258)."""
     with use_triton_kernels(False):
-        expected = greedy(fp8_model(tiny_checkpoint, cfg).to(DEVICE), 8, DEVICE)
+        expected, ref = decode_logits(fp8_model(tiny_checkpoint, cfg).to(DEVICE), 8, DEVICE, fp8_cache)
     with use_triton_kernels(True):
-        if DEVICE == "cpu":
-            assert greedy(fp8_model(tiny_checkpoint, cfg), 8) == expected
+        model = fp8_model(tiny_checkpoint, cfg).to(DEVICE)
+        if DEVICE == "cpu" and not fp8_cache:
+            assert decode_logits(model, 8, DEVICE)[0] == expected
             return
-        got = forced_logits(fp8_model(tiny_checkpoint, cfg).to(DEVICE), expected, DEVICE)
-    with use_triton_kernels(False):
-        ref = forced_logits(fp8_model(tiny_checkpoint, cfg).to(DEVICE), expected, DEVICE)
+        _, got = decode_logits(model, 8, DEVICE, fp8_cache, forced=expected)
     pairs = [(g, r) for step_got, step_ref in zip(got, ref) for g, r in zip(step_got, step_ref)]
     errors = torch.tensor([rel(g, r) for g, r in pairs])
     agree = sum(int(g.argmax() == r.argmax()) for g, r in pairs) / len(pairs)
