@@ -7,7 +7,7 @@ experts top-8, moe_intermediate 2048) and reports achieved GB/s (fewest bytes it
 TFLOP/s and the fraction of the matching ceiling. Inputs are random (never zeros); where one set
 of inputs would fit in L2, several sets are rotated.
 
-    python benchmarks/kernels.py [--quick] [--json OUT.json] [--sweep]
+    python benchmarks/kernels.py [--quick] [--json OUT.json] [--sweep] [--only mla|quant|gemm|moe|write]
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch
 # This file's name would shadow the kernels package: the repo root goes first.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from kernels import latent_fp8
+from kernels.cache_write import write_latent_entries, write_latent_entries_ref
 from kernels.fp8_gemm import fp8_gemm
 from kernels.fused_moe import fused_moe
 from kernels.mla_decode import choose_num_splits, decode_bytes, paged_mla_decode
@@ -85,11 +87,15 @@ def ceilings() -> dict:
     return out
 
 
-def mla_case(batch: int, ctx: int, **kw):
-    """A decode step: `batch` sequences of `ctx` cached tokens each, blocks shuffled."""
+def mla_case(batch: int, ctx: int, fp8_cache: bool = False, **kw):
+    """A decode step: `batch` sequences of `ctx` cached tokens each, blocks shuffled; the cache in
+    bf16 or in the FP8 layout (kv_cache_dtype="fp8")."""
     pages = -(-ctx // PAGE)
     num_blocks = batch * pages
     cache = torch.randn(num_blocks, PAGE, RANK + ROPE, device="cuda", dtype=torch.bfloat16)
+    if fp8_cache:
+        flat = cache.view(-1, RANK + ROPE)
+        cache = latent_fp8.quantize_entries(flat[:, :RANK], flat[:, RANK:]).view(num_blocks, PAGE, -1)
     tables = torch.randperm(num_blocks, device="cuda").view(batch, pages)
     q_lat = torch.randn(batch, HEADS, RANK, device="cuda", dtype=torch.bfloat16)
     q_pe = torch.randn(batch, HEADS, ROPE, device="cuda", dtype=torch.bfloat16)
@@ -131,6 +137,47 @@ def bench_mla(copy_gbps: float, quick: bool, sweep: bool) -> list[dict]:
             print(row, flush=True)
             del run
             torch.cuda.empty_cache()
+            if b >= 64 and ctx >= 4096:  # the same step on an FP8 cache: 656 bytes an entry, not 1152
+                run = mla_case(b, ctx, fp8_cache=True)
+                ms = bench_ms(run)
+                gbps = decode_bytes(b, HEADS, b * ctx, cache_entry_bytes=latent_fp8.entry_bytes(RANK, ROPE)) / ms / 1e6
+                rows.append({"kernel": "mla_decode_fp8_cache", "batch": b, "ctx": ctx, "ms": ms, "GBps": gbps,
+                             "frac_copy": gbps / copy_gbps, "vs_bf16_cache": row["ms"] / ms})
+                print(rows[-1], flush=True)
+                del run
+                torch.cuda.empty_cache()
+    return rows
+
+
+def bench_cache_write(copy_gbps: float) -> list[dict]:
+    """MLA's cache write for one layer (norm, key and query rope, store; kernels/cache_write.py),
+    Triton against the torch reference in the same run, bf16 and FP8 caches. Bytes: the latent
+    and rope key read, the queries' rope part read and written, the entries written."""
+    rows = []
+    for fp8_cache in (False, True):
+        entry = latent_fp8.entry_bytes(RANK, ROPE) if fp8_cache else 2 * (RANK + ROPE)
+        for t in (1, 64, 256, 4096):
+            kv = torch.randn(t, 2112, device="cuda", dtype=torch.bfloat16)  # q_a + kv_a's output rows
+            c_kv, k_pe = kv[:, 1536: 1536 + RANK], kv[:, 1536 + RANK:]
+            q_pe = torch.randn(t, HEADS, 192, device="cuda", dtype=torch.bfloat16)[..., 128:]
+            weight = torch.rand(RANK, device="cuda", dtype=torch.bfloat16) + 0.5
+            rotations = torch.polar(torch.ones(8192, ROPE // 2, device="cuda"),
+                                    torch.rand(8192, ROPE // 2, device="cuda") * 6.28)
+            positions = torch.randint(0, 8192, (t,), device="cuda")
+            blocks = -(-t // PAGE) * 4
+            slots = torch.randperm(blocks * PAGE, device="cuda")[:t]
+            cache = torch.zeros(blocks, PAGE, entry if fp8_cache else RANK + ROPE, device="cuda",
+                                dtype=torch.uint8 if fp8_cache else torch.bfloat16)
+            args = (c_kv, k_pe, q_pe, weight, 1e-6, rotations, positions, slots, cache)
+            fused, reference = (lambda a=args: write_latent_entries(*a)), (lambda a=args: write_latent_entries_ref(*a))
+            # Device time from graph replays, and eager launches from Python (what the fusion saves
+            # most of: the reference is a couple of dozen launches).
+            ms, torch_ms = graph_ms(fused), graph_ms(reference)
+            nbytes = t * ((RANK + ROPE) * 2 + HEADS * ROPE * 2 * 2 + entry)
+            rows.append({"kernel": "cache_write", "tokens": t, "fp8_cache": fp8_cache, "ms": ms, "torch_ms": torch_ms,
+                         "eager_ms": bench_ms(fused), "torch_eager_ms": bench_ms(reference),
+                         "GBps": nbytes / ms / 1e6, "frac_copy": nbytes / ms / 1e6 / copy_gbps})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -235,7 +282,16 @@ def table(rows: list[dict], ceil: dict, device_name: str) -> str:
            f"{ceil['fp8_TFLOPs']:.0f} TFLOP/s" if ceil.get("fp8_TFLOPs") else f"Device: {device_name}", ""]
     out += ["| kernel | shape | time (ms) | achieved | of ceiling |", "|---|---|---|---|---|"]
     for r in rows:
-        if r["kernel"] == "mla_decode":
+        if r["kernel"] == "mla_decode_fp8_cache":
+            out.append(f"| MLA decode, FP8 cache | batch {r['batch']}, ctx {r['ctx']} | {r['ms']:.3f} | "
+                       f"{r['GBps']:.0f} GB/s ({r['vs_bf16_cache']:.2f}x the bf16 cache's speed) | "
+                       f"{100 * r['frac_copy']:.0f}% of copy |")
+        elif r["kernel"] == "cache_write":
+            out.append(f"| cache write{', FP8' if r['fp8_cache'] else ''} | {r['tokens']} tokens | {r['ms']:.4f} "
+                       f"(eager {r['eager_ms']:.4f}) | {r['GBps']:.0f} GB/s (torch reference {r['torch_ms']:.4f} ms, "
+                       f"eager {r['torch_eager_ms']:.4f}: {r['torch_ms'] / r['ms']:.1f}x / "
+                       f"{r['torch_eager_ms'] / r['eager_ms']:.1f}x) | {100 * r['frac_copy']:.0f}% of copy |")
+        elif r["kernel"] == "mla_decode":
             extra = f" (best variant {r['best_GBps']:.0f} GB/s: {r['best_variant']})" if "best_GBps" in r else ""
             out.append(f"| MLA decode | batch {r['batch']}, ctx {r['ctx']}, splits {r['splits']} | {r['ms']:.3f} | "
                        f"{r['GBps']:.0f} GB/s{extra} | {100 * r['frac_copy']:.0f}% of copy |")
@@ -260,7 +316,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--sweep", action="store_true", help="also try MLA decode tile variants")
     ap.add_argument("--json", type=Path, help="write every row here")
-    ap.add_argument("--only", choices=["mla", "quant", "gemm", "moe"], action="append")
+    ap.add_argument("--only", choices=["mla", "quant", "gemm", "moe", "write"], action="append")
     ap.add_argument("--autotune", action="store_true", help="also time the best FP8 GEMM tuning candidate")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -270,7 +326,7 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     ceil = ceilings()
     print("ceilings:", ceil, flush=True)
-    only = set(args.only or ["mla", "quant", "gemm", "moe"])
+    only = set(args.only or ["mla", "quant", "gemm", "moe", "write"])
     rows: list[dict] = []
     if "mla" in only:
         rows += bench_mla(ceil["copy_GBps"], args.quick, args.sweep)
@@ -280,6 +336,8 @@ def main() -> None:
         rows += bench_gemm(ceil["fp8_TFLOPs"], ceil["bf16_TFLOPs"], args.quick, args.autotune)
     if "moe" in only:
         rows += bench_moe(ceil["copy_GBps"], ceil["fp8_TFLOPs"], args.quick)
+    if "write" in only:
+        rows += bench_cache_write(ceil["copy_GBps"])
     ptx = ptx_report()
     for kernel, variants in sorted(ptx.items()):
         print("ptx", kernel, variants[:6])

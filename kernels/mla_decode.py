@@ -203,8 +203,11 @@ def paged_mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
     return out
 
 
-def decode_bytes(rows: int, heads: int, kv_lens_total: int, entry: int = 576, elem: int = 2) -> int:
-    """Fewest bytes a decode step must move: every cache entry once, queries in, outputs out."""
-    return kv_lens_total * entry * elem + rows * heads * (entry + 512) * elem
+def decode_bytes(rows: int, heads: int, kv_lens_total: int, entry: int = 576, elem: int = 2,
+                 cache_entry_bytes: int | None = None) -> int:
+    """Fewest bytes a decode step must move: every cache entry once (`cache_entry_bytes` each, by
+    default entry * elem; 656 in the FP8 layout), queries in, outputs out."""
+    per_entry = entry * elem if cache_entry_bytes is None else cache_entry_bytes
+    return kv_lens_total * per_entry + rows * heads * (entry + 512) * elem
 
 
