@@ -7,7 +7,7 @@ experts top-8, moe_intermediate 2048) and reports achieved GB/s (fewest bytes it
 TFLOP/s and the fraction of the matching ceiling. Inputs are random (never zeros); where one set
 of inputs would fit in L2, several sets are rotated.
 
-    python benchmarks/kernels.py [--quick] [--json OUT.json] [--sweep] [--only mla|quant|gemm|moe|write]
+    python benchmarks/kernels.py [--quick] [--json OUT.json] [--sweep] [--only mla|quant|gemm|moe|write|norm]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from kernels.fp8_gemm import fp8_gemm
 from kernels.fused_moe import fused_moe
 from kernels.mla_decode import choose_num_splits, decode_bytes, paged_mla_decode
 from kernels.quant import FP8, act_quant
+from kernels.rms_norm import rms_norm, rms_norm_ref
 
 HIDDEN, HEADS, RANK, ROPE, PAGE = 7168, 128, 512, 64, 64
 EXPERTS, TOP_K, MOE_INTER = 256, 8, 2048
@@ -169,15 +170,38 @@ def bench_cache_write(copy_gbps: float) -> list[dict]:
             cache = torch.zeros(blocks, PAGE, entry if fp8_cache else RANK + ROPE, device="cuda",
                                 dtype=torch.uint8 if fp8_cache else torch.bfloat16)
             args = (c_kv, k_pe, q_pe, weight, 1e-6, rotations, positions, slots, cache)
-            fused, reference = (lambda a=args: write_latent_entries(*a)), (lambda a=args: write_latent_entries_ref(*a))
-            # Device time from graph replays, and eager launches from Python (what the fusion saves
-            # most of: the reference is a couple of dozen launches).
-            ms, torch_ms = graph_ms(fused), graph_ms(reference)
+            timing = fused_against_reference(lambda a=args: write_latent_entries(*a),
+                                             lambda a=args: write_latent_entries_ref(*a))
             nbytes = t * ((RANK + ROPE) * 2 + HEADS * ROPE * 2 * 2 + entry)
-            rows.append({"kernel": "cache_write", "tokens": t, "fp8_cache": fp8_cache, "ms": ms, "torch_ms": torch_ms,
-                         "eager_ms": bench_ms(fused), "torch_eager_ms": bench_ms(reference),
-                         "GBps": nbytes / ms / 1e6, "frac_copy": nbytes / ms / 1e6 / copy_gbps})
+            rows.append({"kernel": "cache_write", "tokens": t, "fp8_cache": fp8_cache, **timing,
+                         "GBps": nbytes / timing["ms"] / 1e6, "frac_copy": nbytes / timing["ms"] / 1e6 / copy_gbps})
             print(rows[-1], flush=True)
+    return rows
+
+
+def fused_against_reference(fused, reference) -> dict:
+    """Device time from graph replays, and eager launches from Python (what fusing saves most
+    of where the torch reference is many small launches), for a kernel and its reference."""
+    return {"ms": graph_ms(fused), "torch_ms": graph_ms(reference), "eager_ms": bench_ms(fused),
+            "torch_eager_ms": bench_ms(reference)}
+
+
+def bench_rms_norm(copy_gbps: float) -> list[dict]:
+    """The decoder layer's norm of h = x + residual over hidden 7168, Triton against the torch
+    reference. Bytes: x and the residual read, h and the output written (bf16)."""
+    rows = []
+    weight = torch.rand(HIDDEN, device="cuda", dtype=torch.bfloat16) + 0.5
+    for m in (1, 64, 256, 4096):
+        x, res = (torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+        def reference(x=x, res=res):
+            h = x + res
+            return rms_norm_ref(h, weight, 1e-6), h
+        timing = fused_against_reference(lambda x=x, res=res: rms_norm(x, weight, 1e-6, res), reference)
+        nbytes = 4 * m * HIDDEN * 2
+        rows.append({"kernel": "rms_norm", "M": m, **timing, "GBps": nbytes / timing["ms"] / 1e6,
+                     "frac_copy": nbytes / timing["ms"] / 1e6 / copy_gbps})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -286,11 +310,13 @@ def table(rows: list[dict], ceil: dict, device_name: str) -> str:
             out.append(f"| MLA decode, FP8 cache | batch {r['batch']}, ctx {r['ctx']} | {r['ms']:.3f} | "
                        f"{r['GBps']:.0f} GB/s ({r['vs_bf16_cache']:.2f}x the bf16 cache's speed) | "
                        f"{100 * r['frac_copy']:.0f}% of copy |")
-        elif r["kernel"] == "cache_write":
-            out.append(f"| cache write{', FP8' if r['fp8_cache'] else ''} | {r['tokens']} tokens | {r['ms']:.4f} "
-                       f"(eager {r['eager_ms']:.4f}) | {r['GBps']:.0f} GB/s (torch reference {r['torch_ms']:.4f} ms, "
-                       f"eager {r['torch_eager_ms']:.4f}: {r['torch_ms'] / r['ms']:.1f}x / "
-                       f"{r['torch_eager_ms'] / r['eager_ms']:.1f}x) | {100 * r['frac_copy']:.0f}% of copy |")
+        elif r["kernel"] in ("cache_write", "rms_norm"):
+            what = (f"cache write{', FP8' if r['fp8_cache'] else ''} | {r['tokens']} tokens"
+                    if r["kernel"] == "cache_write" else f"RMSNorm + residual | M {r['M']} × {HIDDEN}")
+            out.append(f"| {what} | {r['ms']:.4f} (eager {r['eager_ms']:.4f}) | {r['GBps']:.0f} GB/s (torch "
+                       f"reference {r['torch_ms']:.4f} ms, eager {r['torch_eager_ms']:.4f}: "
+                       f"{r['torch_ms'] / r['ms']:.1f}x / {r['torch_eager_ms'] / r['eager_ms']:.1f}x) | "
+                       f"{100 * r['frac_copy']:.0f}% of copy |")
         elif r["kernel"] == "mla_decode":
             extra = f" (best variant {r['best_GBps']:.0f} GB/s: {r['best_variant']})" if "best_GBps" in r else ""
             out.append(f"| MLA decode | batch {r['batch']}, ctx {r['ctx']}, splits {r['splits']} | {r['ms']:.3f} | "
@@ -316,7 +342,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--sweep", action="store_true", help="also try MLA decode tile variants")
     ap.add_argument("--json", type=Path, help="write every row here")
-    ap.add_argument("--only", choices=["mla", "quant", "gemm", "moe", "write"], action="append")
+    ap.add_argument("--only", choices=["mla", "quant", "gemm", "moe", "write", "norm"], action="append")
     ap.add_argument("--autotune", action="store_true", help="also time the best FP8 GEMM tuning candidate")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -326,7 +352,7 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     ceil = ceilings()
     print("ceilings:", ceil, flush=True)
-    only = set(args.only or ["mla", "quant", "gemm", "moe", "write"])
+    only = set(args.only or ["mla", "quant", "gemm", "moe", "write", "norm"])
     rows: list[dict] = []
     if "mla" in only:
         rows += bench_mla(ceil["copy_GBps"], args.quick, args.sweep)
@@ -338,6 +364,8 @@ def main() -> None:
         rows += bench_moe(ceil["copy_GBps"], ceil["fp8_TFLOPs"], args.quick)
     if "write" in only:
         rows += bench_cache_write(ceil["copy_GBps"])
+    if "norm" in only:
+        rows += bench_rms_norm(ceil["copy_GBps"])
     ptx = ptx_report()
     for kernel, variants in sorted(ptx.items()):
         print("ptx", kernel, variants[:6])

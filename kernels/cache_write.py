@@ -18,8 +18,8 @@ import triton.language as tl
 
 from kernels import latent_fp8, native
 from kernels.backend import triton_wanted
-from kernels.quant import round_to_bf16_grid, round_to_e4m3_grid
-from model.layers import rms_norm_ref
+from kernels.quant import round_to_dtype_grid, round_to_e4m3_grid
+from kernels.rms_norm import rms_norm_ref
 from model.rope import rotate
 
 
@@ -44,14 +44,6 @@ def _rotate_pairs(even, odd, cos, sin):
 
 
 @triton.jit
-def _rounded(v, dtype: tl.constexpr):
-    """float32 v rounded to `dtype` (as float32); bf16 in software, see round_to_bf16_grid."""
-    if dtype == tl.bfloat16:
-        return round_to_bf16_grid(v)
-    return v.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _write_latent_kernel(
     ckv_ptr, ckv_stride, kpe_ptr, kpe_stride, q_ptr, q_row_stride, q_head_stride, heads,
     w_ptr, eps, rot_ptr, pos_ptr, slot_ptr, cache_ptr,
@@ -71,7 +63,7 @@ def _write_latent_kernel(
     # the weight (a product in that dtype). IEEE division and square root, as torch's.
     inv = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.sum(x * x, 0) / RANK + eps))
     w = tl.load(w_ptr + cols, mask=in_rank, other=0.0).to(tl.float32)
-    normed = _rounded(_rounded(x * inv, dtype) * w, dtype)  # float32, on the dtype's grid
+    normed = round_to_dtype_grid(round_to_dtype_grid(x * inv, dtype) * w, dtype)  # float32, dtype's values
 
     pairs = tl.arange(0, BLOCK_P)
     in_rope = pairs < ROPE // 2
@@ -87,8 +79,8 @@ def _write_latent_kernel(
     q_even = tl.load(q_at, mask=live, other=0.0).to(tl.float32)
     q_odd = tl.load(q_at + 1, mask=live, other=0.0).to(tl.float32)
     q_even, q_odd = _rotate_pairs(q_even, q_odd, cos[None, :], sin[None, :])
-    tl.store(q_at, _rounded(q_even, dtype).to(dtype), mask=live)
-    tl.store(q_at + 1, _rounded(q_odd, dtype).to(dtype), mask=live)
+    tl.store(q_at, round_to_dtype_grid(q_even, dtype).to(dtype), mask=live)
+    tl.store(q_at + 1, round_to_dtype_grid(q_odd, dtype).to(dtype), mask=live)
 
     if FP8:
         GROUPS: tl.constexpr = RANK // 128
@@ -114,12 +106,14 @@ def _write_latent_kernel(
     else:
         row = cache_ptr + slot * (RANK + ROPE)
         cache_dtype: tl.constexpr = cache_ptr.dtype.element_ty
-        tl.store(row + cols, _rounded(normed, cache_dtype).to(cache_dtype), mask=in_rank)
+        tl.store(row + cols, round_to_dtype_grid(normed, cache_dtype).to(cache_dtype), mask=in_rank)
         rope_at = row + RANK
     # The reference rounds the rotated key to the model's dtype before the cache's.
     store_as: tl.constexpr = rope_at.dtype.element_ty
-    tl.store(rope_at + 2 * pairs, _rounded(_rounded(k_even, dtype), store_as).to(store_as), mask=in_rope)
-    tl.store(rope_at + 2 * pairs + 1, _rounded(_rounded(k_odd, dtype), store_as).to(store_as), mask=in_rope)
+    k_even = round_to_dtype_grid(round_to_dtype_grid(k_even, dtype), store_as)
+    k_odd = round_to_dtype_grid(round_to_dtype_grid(k_odd, dtype), store_as)
+    tl.store(rope_at + 2 * pairs, k_even.to(store_as), mask=in_rope)
+    tl.store(rope_at + 2 * pairs + 1, k_odd.to(store_as), mask=in_rope)
 
 
 def block_sizes(rank: int, rope: int, heads: int, fp8: bool) -> tuple:

@@ -166,7 +166,7 @@ def engine_launches(heads: int = 128, hidden: int = 7168, moe_inter: int = 2048,
                     top_k: int = 8) -> list[tuple[str, object, list, int, int]]:
     """Every configuration the engine launches on an H100 for DeepSeek-V3's shapes, with the tile
     choices taken from the launch wrappers' own functions: (label, kernel, args, warps, stages)."""
-    from kernels import cache_write, fp8_gemm, fused_moe, mla_decode, quant
+    from kernels import cache_write, fp8_gemm, fused_moe, mla_decode, quant, rms_norm
 
     bf16, f32, fp8 = pointer(torch.bfloat16), pointer(torch.float32), pointer(torch.float8_e4m3fn)
     i32, i64 = pointer(torch.int32), pointer(torch.int64)
@@ -202,6 +202,10 @@ def engine_launches(heads: int = 128, hidden: int = 7168, moe_inter: int = 2048,
         launches.append((f"quant{' silu*up' if silu else ''} K={k}", quant._quant_kernel,
                          [bf16, fp8, f32, k, 2 * k if silu else k, k, silu, 128, quant.GROUPS_PER_PROGRAM, True],
                          4, 3))
+    for name, cols, residual in (("hidden", hidden, True), ("q_a", 1536, False), ("kv_a", 512, False)):
+        block, warps = rms_norm.launch_config(cols)
+        launches.append((f"rms norm {name} {cols}{' + residual' if residual else ''}", rms_norm._rms_norm_kernel,
+                         [bf16, cols, bf16, cols, bf16, bf16, bf16, cols, 1e-6, residual, block], warps, 3))
     for fp8_cache in (False, True):
         launches.append((f"latent cache write{', fp8 cache' if fp8_cache else ''}", cache_write._write_latent_kernel,
                          [bf16, 2112, bf16, 2112, bf16, heads * 192, 192, heads, bf16, 1e-6, f32, i64, i64,

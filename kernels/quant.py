@@ -46,6 +46,14 @@ def round_to_bf16_grid(v):
 
 
 @triton.jit
+def round_to_dtype_grid(v, dtype: tl.constexpr):
+    """float32 v rounded to `dtype`'s values, kept in float32 (bf16 through round_to_bf16_grid)."""
+    if dtype == tl.bfloat16:
+        return round_to_bf16_grid(v)
+    return v.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def round_to_e4m3_grid(v):
     """Round-to-nearest-even onto e4m3's values, in float32 arithmetic: adding and removing
     1.5·2^23 rounds v/step to an integer in the FPU's own round-to-nearest-even mode."""

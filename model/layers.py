@@ -11,6 +11,7 @@ from torch import nn
 from kernels import native
 from kernels.fp8_gemm import fp8_gemm, fp8_linear
 from kernels.quant import QUANT_GROUP, silu_mul_quant
+from kernels.rms_norm import rms_norm, rms_norm_ref
 
 
 class RMSNorm(nn.Module):
@@ -21,23 +22,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x); with `residual`, (norm(h), h) for h = x + residual (the add fused in on the CPU)."""
-        if self.weight.dtype == torch.bfloat16 and native.rms_norm_available(x):
-            return native.rms_norm(x, self.weight, self.eps, residual)
-        if residual is None:
-            return self.reference(x)
-        h = x + residual
-        return self.reference(h), h
+        """norm(x); with `residual`, (norm(h), h) for h = x + residual (the add fused in)."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm_ref(x, self.weight, self.eps)
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalize in float32 and scale after casting back, as the reference does.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class Linear(nn.Module):
