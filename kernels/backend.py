@@ -47,5 +47,7 @@ def interpreting() -> bool:
     their bf16 dot operands to float32 there; bf16 products are exact in float32, so the result
     is the one the GPU's bf16 tensor cores give. Its float32 -> e4m3 cast also drops the carry
     when rounding crosses a power of two (124.3 becomes 64, not 128), so the quantization kernel
-    rounds onto the e4m3 grid itself there and the cast then only has exact values to convert."""
+    rounds onto the e4m3 grid itself there and the cast then only has exact values to convert.
+    Its float32 -> bf16 cast truncates (the GPU's rounds to nearest even): kernels that must match
+    a torch reference bit for bit round in software (quant.round_to_bf16_grid) on both."""
     return os.environ.get("TRITON_INTERPRET") == "1"
