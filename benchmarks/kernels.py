@@ -7,7 +7,7 @@ experts top-8, moe_intermediate 2048) and reports achieved GB/s (fewest bytes it
 TFLOP/s and the fraction of the matching ceiling. Inputs are random (never zeros); where one set
 of inputs would fit in L2, several sets are rotated.
 
-    python benchmarks/kernels.py [--quick] [--json OUT.json] [--sweep] [--only mla|quant|gemm|moe|write|norm]
+    python benchmarks/kernels.py [--quick] [--json OUT.json] [--sweep] [--only mla|quant|gemm|moe|write|norm|router]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from kernels.cache_write import write_latent_entries, write_latent_entries_ref
 from kernels.fp8_gemm import fp8_gemm
 from kernels.fused_moe import fused_moe
 from kernels.mla_decode import choose_num_splits, decode_bytes, paged_mla_decode
+from kernels.moe_router import select_experts, select_experts_ref
 from kernels.quant import FP8, act_quant
 from kernels.rms_norm import rms_norm, rms_norm_ref
 
@@ -186,6 +187,22 @@ def fused_against_reference(fused, reference) -> dict:
             "torch_eager_ms": bench_ms(reference)}
 
 
+def bench_router(copy_gbps: float) -> list[dict]:
+    """noaux_tc expert selection from the router's float32 logits (256 experts, 8 groups, top-4
+    groups, top-8), Triton against the torch reference. Bytes: the logits read, the choices written."""
+    rows = []
+    bias = torch.randn(EXPERTS, device="cuda") * 0.1
+    for m in (1, 64, 256, 4096):
+        logits = torch.randn(m, EXPERTS, device="cuda")
+        args = (logits, bias, 8, 4, TOP_K, True, 2.5)
+        timing = fused_against_reference(lambda a=args: select_experts(*a), lambda a=args: select_experts_ref(*a))
+        nbytes = m * (EXPERTS * 4 + TOP_K * 12)
+        rows.append({"kernel": "moe_router", "M": m, **timing, "GBps": nbytes / timing["ms"] / 1e6,
+                     "frac_copy": nbytes / timing["ms"] / 1e6 / copy_gbps})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_rms_norm(copy_gbps: float) -> list[dict]:
     """The decoder layer's norm of h = x + residual over hidden 7168, Triton against the torch
     reference. Bytes: x and the residual read, h and the output written (bf16)."""
@@ -310,9 +327,13 @@ def table(rows: list[dict], ceil: dict, device_name: str) -> str:
             out.append(f"| MLA decode, FP8 cache | batch {r['batch']}, ctx {r['ctx']} | {r['ms']:.3f} | "
                        f"{r['GBps']:.0f} GB/s ({r['vs_bf16_cache']:.2f}x the bf16 cache's speed) | "
                        f"{100 * r['frac_copy']:.0f}% of copy |")
-        elif r["kernel"] in ("cache_write", "rms_norm"):
-            what = (f"cache write{', FP8' if r['fp8_cache'] else ''} | {r['tokens']} tokens"
-                    if r["kernel"] == "cache_write" else f"RMSNorm + residual | M {r['M']} × {HIDDEN}")
+        elif r["kernel"] in ("cache_write", "rms_norm", "moe_router"):
+            if r["kernel"] == "cache_write":
+                what = f"cache write{', FP8' if r['fp8_cache'] else ''} | {r['tokens']} tokens"
+            elif r["kernel"] == "rms_norm":
+                what = f"RMSNorm + residual | M {r['M']} × {HIDDEN}"
+            else:
+                what = f"expert selection | M {r['M']} × {EXPERTS} experts"
             out.append(f"| {what} | {r['ms']:.4f} (eager {r['eager_ms']:.4f}) | {r['GBps']:.0f} GB/s (torch "
                        f"reference {r['torch_ms']:.4f} ms, eager {r['torch_eager_ms']:.4f}: "
                        f"{r['torch_ms'] / r['ms']:.1f}x / {r['torch_eager_ms'] / r['eager_ms']:.1f}x) | "
@@ -342,7 +363,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--sweep", action="store_true", help="also try MLA decode tile variants")
     ap.add_argument("--json", type=Path, help="write every row here")
-    ap.add_argument("--only", choices=["mla", "quant", "gemm", "moe", "write", "norm"], action="append")
+    ap.add_argument("--only", choices=["mla", "quant", "gemm", "moe", "write", "norm", "router"], action="append")
     ap.add_argument("--autotune", action="store_true", help="also time the best FP8 GEMM tuning candidate")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -352,7 +373,7 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     ceil = ceilings()
     print("ceilings:", ceil, flush=True)
-    only = set(args.only or ["mla", "quant", "gemm", "moe", "write", "norm"])
+    only = set(args.only or ["mla", "quant", "gemm", "moe", "write", "norm", "router"])
     rows: list[dict] = []
     if "mla" in only:
         rows += bench_mla(ceil["copy_GBps"], args.quick, args.sweep)
@@ -366,6 +387,8 @@ def main() -> None:
         rows += bench_cache_write(ceil["copy_GBps"])
     if "norm" in only:
         rows += bench_rms_norm(ceil["copy_GBps"])
+    if "router" in only:
+        rows += bench_router(ceil["copy_GBps"])
     ptx = ptx_report()
     for kernel, variants in sorted(ptx.items()):
         print("ptx", kernel, variants[:6])

@@ -166,7 +166,7 @@ def engine_launches(heads: int = 128, hidden: int = 7168, moe_inter: int = 2048,
                     top_k: int = 8) -> list[tuple[str, object, list, int, int]]:
     """Every configuration the engine launches on an H100 for DeepSeek-V3's shapes, with the tile
     choices taken from the launch wrappers' own functions: (label, kernel, args, warps, stages)."""
-    from kernels import cache_write, fp8_gemm, fused_moe, mla_decode, quant, rms_norm
+    from kernels import cache_write, fp8_gemm, fused_moe, mla_decode, moe_router, quant, rms_norm
 
     bf16, f32, fp8 = pointer(torch.bfloat16), pointer(torch.float32), pointer(torch.float8_e4m3fn)
     i32, i64 = pointer(torch.int32), pointer(torch.int64)
@@ -202,6 +202,9 @@ def engine_launches(heads: int = 128, hidden: int = 7168, moe_inter: int = 2048,
         launches.append((f"quant{' silu*up' if silu else ''} K={k}", quant._quant_kernel,
                          [bf16, fp8, f32, k, 2 * k if silu else k, k, silu, 128, quant.GROUPS_PER_PROGRAM, True],
                          4, 3))
+    launches.append(("moe router select", moe_router._select_experts_kernel,
+                     [f32, experts, f32, f32, i64, 2.5, 8, experts // 8, 4, top_k, True,
+                      *moe_router.block_sizes(experts, 8, top_k)], 4, 3))
     for name, cols, residual in (("hidden", hidden, True), ("q_a", 1536, False), ("kv_a", 512, False)):
         block, warps = rms_norm.launch_config(cols)
         launches.append((f"rms norm {name} {cols}{' + residual' if residual else ''}", rms_norm._rms_norm_kernel,

@@ -9,6 +9,7 @@ from torch import nn
 from engine.model_config import ModelConfig
 from kernels import native
 from kernels.fused_moe import fused_moe
+from kernels.moe_router import select_experts, select_experts_ref
 from model.expert_parallel import ExpertParallel
 from model.layers import DenseMLP, fuse_gate_up_fp8
 
@@ -16,7 +17,8 @@ from model.layers import DenseMLP, fuse_gate_up_fp8
 class Gate(nn.Module):
     """Sigmoid scores; selection by score + correction bias within the best groups; weights
     are the unbiased scores of the chosen experts (normalized) times routed_scaling_factor.
-    bf16 on the CPU runs the compiled kernel (kernels/csrc/moe_gate_cpu.cpp), the rest this torch."""
+    bf16 on the CPU runs the compiled kernel (kernels/csrc/moe_gate_cpu.cpp); elsewhere the linear
+    runs in float32 and kernels/moe_router.py selects."""
 
     def __init__(self, cfg: ModelConfig, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
@@ -35,22 +37,14 @@ class Gate(nn.Module):
         if x.dim() == 2 and native.host_bf16(x):
             return native.moe_gate(x, self.weight_t, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
                                    cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
-        return self.reference(x)
+        return select_experts(F.linear(x.float(), self.weight), self.e_score_correction_bias, cfg.n_group,
+                              cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
     def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
-        biased = scores + self.e_score_correction_bias
-        grouped = biased.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
-        keep = group_scores.topk(cfg.topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-        biased = biased.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
-        ids = biased.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, k]
-        weights = scores.gather(1, ids)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, ids
+        return select_experts_ref(F.linear(x.float(), self.weight), self.e_score_correction_bias, cfg.n_group,
+                                  cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                                  cfg.routed_scaling_factor)
 
 
 class RoutedExperts(nn.Module):

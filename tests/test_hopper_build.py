@@ -50,7 +50,7 @@ def test_large_tiles_use_hopper_tensor_cores(builds):
 
 def test_kernels_other_than_decode_do_not_spill(builds):
     gemms = [b for b in builds if b.label.startswith(("fp8 gemm", "moe", "quant", "latent cache write", "rms norm"))]
-    assert len(gemms) >= 13
+    assert len(gemms) >= 14
     for b in gemms:
         assert b.stack_bytes == 0, f"{b.label}: {b.stack_bytes} B of stack (spilled registers)"
         assert all(p.replication == 1 for p in b.products), b.label

@@ -13,6 +13,7 @@ from kernels.cache_write import write_latent_entries, write_latent_entries_ref
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, fp8_linear
 from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_ref
 from kernels.mla_decode import paged_mla_decode, paged_mla_decode_ref
+from kernels.moe_router import select_experts, select_experts_ref
 from kernels.quant import act_quant, act_quant_ref, silu_mul_quant, silu_mul_quant_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from model.fp8 import dequantize_weight, quantize_weight
@@ -319,6 +320,25 @@ def test_latent_write_quantizes_the_fp8_layout_as_torch_does(rank):
     untouched = torch.ones(5 * 16, dtype=torch.bool)
     untouched[slots.cpu()] = False
     assert (cache.view(-1, width)[untouched.to(DEVICE)] == 0xAB).all()
+
+
+@pytest.mark.parametrize("experts,n_group,topk_group,top_k,norm", [
+    (256, 8, 4, 8, True),  # DeepSeek-V3
+    (16, 4, 2, 4, True),  # the tiny preset
+    (24, 4, 2, 3, False),  # groups of 6: padded to 8 in the kernel
+])
+def test_select_experts_matches_reference(experts, n_group, topk_group, top_k, norm):
+    """noaux_tc routing from the router's logits: the same experts, in the same order (best
+    first), as the torch reference; weights within a unit or two of float32 (the sigmoid's exp)."""
+    g = torch.Generator().manual_seed(experts)
+    logits = (torch.randn(41, experts, generator=g) * 3).to(DEVICE)
+    bias = (torch.randn(experts, generator=g) * 0.5).to(DEVICE)
+    weights, ids = select_experts(logits, bias, n_group, topk_group, top_k, norm, 2.5)
+    ref_weights, ref_ids = select_experts_ref(logits, bias, n_group, topk_group, top_k, norm, 2.5)
+    assert torch.equal(ids, ref_ids)
+    assert torch.allclose(weights, ref_weights, rtol=1e-5, atol=0)
+    # Chosen experts lie in topk_group groups at most.
+    assert ((ids // (experts // n_group)).sort(1).values.diff(dim=1) != 0).sum(1).max() < topk_group
 
 
 def test_align_by_expert_places_every_pair_once_in_its_experts_tiles():
