@@ -7,7 +7,7 @@
               * routed_scaling_factor
 
 One entry point, `select_experts`: a Triton kernel where Triton runs (one program per token, the
-whole selection in registers), the torch reference elsewhere (a dozen launches on a GPU). The CPU
+whole selection in registers), the torch reference elsewhere (15 launches on a GPU). The CPU
 runs the router's linear and this in one compiled pass (kernels/native.py: moe_gate) instead.
 """
 
