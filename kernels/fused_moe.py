@@ -29,9 +29,15 @@ class ExpertAlignment:
     block_m: int
 
 
-def align_by_expert(topk_ids: torch.Tensor, first_expert: int, num_local: int, block_m: int) -> ExpertAlignment:
-    """Vectorized and sync-free: the tile count is bounded by its worst case, and tiles past the
-    real ones are marked unused, so no host round trip is needed to size the launch."""
+def alignment_capacity(num_pairs: int, num_local: int, block_m: int) -> int:
+    """Rows of the sorted layout: its worst case (every expert's run padded by block_m - 1), so
+    that no host round trip is needed to size the launch; tiles past the real ones are unused."""
+    return cdiv(num_pairs + num_local * (block_m - 1), block_m) * block_m
+
+
+def align_by_expert_ref(topk_ids: torch.Tensor, first_expert: int, num_local: int, block_m: int) -> ExpertAlignment:
+    """Same contract as `align_by_expert`, in torch (30 operators, each a launch on a GPU); within
+    an expert the pairs keep their order."""
     num_pairs = topk_ids.numel()
     device = topk_ids.device
     local = topk_ids.flatten() - first_expert
@@ -43,7 +49,7 @@ def align_by_expert(topk_ids: torch.Tensor, first_expert: int, num_local: int, b
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
     start = torch.cumsum(counts, 0) - counts
-    capacity = cdiv(num_pairs + num_local * (block_m - 1), block_m) * block_m
+    capacity = alignment_capacity(num_pairs, num_local, block_m)
     on_rank = sorted_key < num_local
     e = sorted_key.clamp(max=num_local - 1)
     rank_in_expert = torch.arange(num_pairs, device=device) - start[e]
@@ -53,6 +59,78 @@ def align_by_expert(topk_ids: torch.Tensor, first_expert: int, num_local: int, b
     tile_start = torch.arange(0, capacity, block_m, device=device)
     block_expert = torch.searchsorted(padded_end, tile_start, right=True)  # == num_local past the end
     return ExpertAlignment(sorted_pairs[:capacity], block_expert, num_pairs, block_m)
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_tiles"])
+def _expert_runs_kernel(ids_ptr, num_pairs, first_expert, num_local, run_start_ptr, cursor_ptr, block_expert_ptr,
+                        num_tiles, BLOCK_M: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr,
+                        TILE_BLOCK: tl.constexpr):
+    """One program: each local expert's pair count, its run padded to BLOCK_M, where the run
+    starts, and the expert of every M tile (num_local past the last run)."""
+    counts = tl.zeros([BINS], dtype=tl.int32)
+    for p0 in range(0, num_pairs, BLOCK):
+        i = p0 + tl.arange(0, BLOCK)
+        local = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1).to(tl.int32) - first_expert
+        # Pairs of other ranks' experts and the block's tail count in bin num_local, never read.
+        counts += tl.histogram(tl.where((i < num_pairs) & (local >= 0) & (local < num_local), local, num_local),
+                               BINS)
+    bins = tl.arange(0, BINS)
+    padded = tl.where(bins < num_local, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    run_end = tl.cumsum(padded, 0)
+    tl.store(run_start_ptr + bins, run_end - padded)
+    tl.store(cursor_ptr + bins, tl.zeros([BINS], dtype=tl.int32))
+    for t0 in range(0, num_tiles, TILE_BLOCK):
+        tile = t0 + tl.arange(0, TILE_BLOCK)
+        # The runs that end at or before the tile's first row: the tile's expert (searchsorted).
+        ended = (run_end[None, :] <= (tile * BLOCK_M)[:, None]) & (bins[None, :] < num_local)
+        tl.store(block_expert_ptr + tile, tl.sum(ended.to(tl.int32), 1), mask=tile < num_tiles)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _place_pairs_kernel(ids_ptr, num_pairs, first_expert, num_local, run_start_ptr, cursor_ptr, sorted_pairs_ptr,
+                        BLOCK: tl.constexpr):
+    """Each pair on this rank takes the next free row of its expert's run."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    local = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1).to(tl.int32) - first_expert
+    mine = (i < num_pairs) & (local >= 0) & (local < num_local)
+    row = tl.atomic_add(cursor_ptr + local, 1, mask=mine) + tl.load(run_start_ptr + local, mask=mine, other=0)
+    tl.store(sorted_pairs_ptr + row, i.to(tl.int64), mask=mine)
+
+
+PLACE_BLOCK = 1024
+RUNS_WARPS = 8  # with 4, the sm_90 build of 257 bins keeps 8 bytes on the stack
+
+
+def tile_block(bins: int) -> int:
+    """Tiles per step of the runs kernel's tile-expert search: a [tiles, bins] comparison of
+    about 4K elements."""
+    return max(16, 4096 // bins)
+
+
+def align_by_expert(topk_ids: torch.Tensor, first_expert: int, num_local: int, block_m: int) -> ExpertAlignment:
+    """topk_ids [T, k] (global expert ids) -> this rank's pairs laid out expert by expert, each
+    run padded to a multiple of block_m: three launches (the padding fill, the runs, the
+    placement) where Triton runs, sync-free. Within an expert the pairs come in the order their
+    atomic increments land, which the grouped GEMMs do not depend on: each pair's rows are
+    computed and written on their own."""
+    if not triton_wanted(topk_ids):
+        return align_by_expert_ref(topk_ids, first_expert, num_local, block_m)
+    num_pairs = topk_ids.numel()
+    ids = topk_ids.reshape(-1)
+    capacity = alignment_capacity(num_pairs, num_local, block_m)
+    num_tiles = capacity // block_m
+    sorted_pairs = torch.full((capacity,), num_pairs, dtype=torch.int64, device=ids.device)
+    block_expert = torch.empty(num_tiles, dtype=torch.int64, device=ids.device)
+    bins = triton.next_power_of_2(num_local + 1)
+    run_start = torch.empty(bins, dtype=torch.int32, device=ids.device)
+    cursor = torch.empty(bins, dtype=torch.int32, device=ids.device)
+    _expert_runs_kernel[(1,)](ids, num_pairs, first_expert, num_local, run_start, cursor, block_expert, num_tiles,
+                              BLOCK_M=block_m, BINS=bins, BLOCK=PLACE_BLOCK, TILE_BLOCK=tile_block(bins),
+                              num_warps=RUNS_WARPS)
+    if num_pairs:
+        _place_pairs_kernel[(cdiv(num_pairs, PLACE_BLOCK),)](ids, num_pairs, first_expert, num_local, run_start,
+                                                             cursor, sorted_pairs, BLOCK=PLACE_BLOCK, num_warps=4)
+    return ExpertAlignment(sorted_pairs, block_expert, num_pairs, block_m)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # changes every step: one compiled variant

@@ -202,6 +202,12 @@ def engine_launches(heads: int = 128, hidden: int = 7168, moe_inter: int = 2048,
         launches.append((f"quant{' silu*up' if silu else ''} K={k}", quant._quant_kernel,
                          [bf16, fp8, f32, k, 2 * k if silu else k, k, silu, 128, quant.GROUPS_PER_PROGRAM, True],
                          4, 3))
+    bins = triton.next_power_of_2(experts + 1)
+    launches.append(("moe align runs", fused_moe._expert_runs_kernel,
+                     [i64, 2048, 0, experts, i32, i32, i64, 640, 64, bins, fused_moe.PLACE_BLOCK,
+                      fused_moe.tile_block(bins)], fused_moe.RUNS_WARPS, 3))
+    launches.append(("moe align place", fused_moe._place_pairs_kernel,
+                     [i64, 2048, 0, experts, i32, i32, i64, fused_moe.PLACE_BLOCK], 4, 3))
     launches.append(("moe router select", moe_router._select_experts_kernel,
                      [f32, experts, f32, f32, i64, 2.5, 8, experts // 8, 4, top_k, True,
                       *moe_router.block_sizes(experts, 8, top_k)], 4, 3))

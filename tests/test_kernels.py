@@ -11,7 +11,7 @@ from kernels import latent_fp8
 from kernels.backend import interpreting, use_triton_kernels
 from kernels.cache_write import write_latent_entries, write_latent_entries_ref
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, fp8_linear
-from kernels.fused_moe import align_by_expert, fused_moe, fused_moe_ref
+from kernels.fused_moe import align_by_expert, align_by_expert_ref, fused_moe, fused_moe_ref
 from kernels.mla_decode import paged_mla_decode, paged_mla_decode_ref
 from kernels.moe_router import select_experts, select_experts_ref
 from kernels.quant import act_quant, act_quant_ref, silu_mul_quant, silu_mul_quant_ref
@@ -341,10 +341,16 @@ def test_select_experts_matches_reference(experts, n_group, topk_group, top_k, n
     assert ((ids // (experts // n_group)).sort(1).values.diff(dim=1) != 0).sum(1).max() < topk_group
 
 
-def test_align_by_expert_places_every_pair_once_in_its_experts_tiles():
-    weights, ids = random_routing(37, 16, 4)
-    for first, local, block_m in [(0, 16, 16), (4, 8, 8), (12, 4, 16)]:
+@pytest.mark.parametrize("tokens,experts,top_k", [(37, 16, 4), (300, 256, 8), (0, 16, 4)])
+def test_align_by_expert_places_every_pair_once_in_its_experts_tiles(tokens, experts, top_k):
+    """The Triton layout (counts, padded runs, tile experts, atomic placement): every pair of this
+    rank's experts exactly once, in a tile of its expert; the same tiles as the torch layout, and
+    under the interpreter (whose atomics land in order) the same rows."""
+    ids = random_routing(tokens, experts, top_k)[1] if tokens else torch.empty(0, top_k, dtype=torch.int64)
+    ids = ids.to(DEVICE)
+    for first, local, block_m in [(0, experts, 16), (4, experts // 2, 8), (experts - 4, 4, 16), (0, experts, 64)]:
         a = align_by_expert(ids, first, local, block_m)
+        ref = align_by_expert_ref(ids, first, local, block_m)
         pairs = a.sorted_pairs.cpu()
         tile_expert = a.block_expert.cpu().repeat_interleave(block_m)
         real = pairs < a.num_pairs
@@ -352,6 +358,12 @@ def test_align_by_expert_places_every_pair_once_in_its_experts_tiles():
         expected = ((flat >= first) & (flat < first + local)).nonzero().squeeze(1)
         assert sorted(pairs[real].tolist()) == expected.tolist()
         assert torch.equal(tile_expert[real], flat[pairs[real]] - first)
+        assert torch.equal(a.block_expert, ref.block_expert) and a.sorted_pairs.shape == ref.sorted_pairs.shape
+        if interpreting():
+            assert torch.equal(a.sorted_pairs, ref.sorted_pairs)
+        else:
+            tiles = [sorted(t.tolist()) for t in pairs.view(-1, block_m)]
+            assert tiles == [sorted(t.tolist()) for t in ref.sorted_pairs.cpu().view(-1, block_m)]
 
 
 @pytest.mark.parametrize("tokens,first,local", [(1, 0, 8), (19, 0, 8), (19, 8, 8), (45, 3, 5)])
