@@ -103,6 +103,11 @@ def test_compiled_write_quantizes_as_torch_does():
     unwritten = torch.ones(40 * 64, dtype=torch.bool)
     unwritten[slots] = False
     assert (fp8.view(-1, 656)[unwritten] == 0xAB).all()
+    # A NaN in a latent (a broken activation) leaves its entry's latents NaN, not finite bytes.
+    c_kv[9, 100] = float("nan")
+    native.mla_cache_entries(c_kv[9:10], k_pe[9:10], q_pe[9:10], weight, 1e-6, rope.rotations, positions[9:10],
+                             slots[9:10], fp8)
+    assert latent_fp8.dequantize_entries(fp8.view(-1, 656)[slots[9]], RANK, torch.float32)[:RANK].isnan().all()
 
 
 def test_latent_width_must_be_whole_scale_groups():

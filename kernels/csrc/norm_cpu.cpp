@@ -57,8 +57,8 @@ void norm_row(const uint16_t* x, const uint16_t* y, uint16_t* sum, const uint16_
 // |q| <= 448 (the scale sees to it) -> e4m3fn bits, rounding to nearest even as torch's cast does.
 // Normal range: the float's top 3 mantissa bits, rounded in place (a carry moves into the
 // exponent), exponent rebiased 127 -> 7. Below 2^-6 the e4m3 value is a multiple of 2^-9, and
-// its bits are that multiple (8 is 2^-6, the first normal, whose bits are also 8). Branch-free so
-// that the row loop vectorizes.
+// its bits are that multiple (8 is 2^-6, the first normal, whose bits are also 8). A NaN stays a
+// NaN, so that a broken activation shows downstream. Branch-free so that the row loop vectorizes.
 inline uint8_t float_to_e4m3(float q) {
   uint32_t u;
   std::memcpy(&u, &q, 4);
@@ -68,7 +68,8 @@ inline uint8_t float_to_e4m3(float q) {
   std::memcpy(&a, &mag, 4);
   const float multiple = (a * 512.f + 0x1p23f) - 0x1p23f;  // rounds to nearest even, exactly
   const uint32_t small = uint32_t(multiple);
-  return uint8_t(sign | (mag < 0x3c800000u ? small : normal));  // 0x3c800000: 2^-6
+  const uint32_t bits = mag > 0x7f800000u ? 0x7fu : mag < 0x3c800000u ? small : normal;  // NaN; under 2^-6
+  return uint8_t(sign | bits);
 }
 
 // One normalized bf16 latent row -> [rank e4m3 bytes | rank / 128 float32 scales] at `out`. The
