@@ -18,8 +18,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
-from benchmarks.cpu_decode_attention import median_times
-from kernels import latent_fp8, native
+from benchmarks.cpu_decode_attention import median_times, use_compiled_kernels
+from kernels import latent_fp8
 from kernels.cache_write import write_latent_entries, write_latent_entries_ref
 
 RANK, ROPE, PAGE = 512, 64, 64
@@ -31,9 +31,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=21)
     args = ap.parse_args()
-    if native.library() is None:
-        sys.exit("the CPU kernels are not built (no C++ compiler, or MLASERVE_NATIVE=0)")
-    torch.set_num_threads(args.threads)
+    use_compiled_kernels(args.threads)
     torch.manual_seed(0)
     rotations = torch.polar(torch.ones(8192, ROPE // 2), torch.rand(8192, ROPE // 2) * 6.28)
     weight = torch.rand(RANK).bfloat16() + 0.5

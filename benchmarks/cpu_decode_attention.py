@@ -42,6 +42,13 @@ def median_times(fns: dict, reps: int) -> dict:
     return {name: sorted(ts)[reps // 2] for name, ts in times.items()}
 
 
+def use_compiled_kernels(threads: int) -> None:
+    """Exits unless the CPU kernels are built; runs torch and them on `threads` threads."""
+    if native.library() is None:
+        sys.exit("the CPU kernels are not built (no C++ compiler, or MLASERVE_NATIVE=0)")
+    torch.set_num_threads(threads)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--heads", type=int, default=8)
@@ -50,9 +57,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    if native.library() is None:
-        sys.exit("the CPU kernels are not built (no C++ compiler, or MLASERVE_NATIVE=0)")
-    torch.set_num_threads(args.threads)
+    use_compiled_kernels(args.threads)
     rng = random.Random(0)
     lens = [rng.randint(32, 256) + rng.randint(0, 128) for _ in range(args.rows)]
     pages = [-(-n // PAGE) for n in lens]
