@@ -33,7 +33,7 @@ def run_mlaserve(ckpt: Path, reqs, args) -> float:
     began = time.perf_counter()
     with LLM(ckpt, dtype="bfloat16", max_num_batched_tokens=args.max_num_batched_tokens,
              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
-             kv_cache_dtype=args.kv_cache_dtype) as llm:
+             kv_cache_dtype=args.kv_cache_dtype, cuda_graphs=args.cuda_graphs) as llm:
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
         print(f"mlaserve start-up (processes, weights, kernel builds) and a 4-token warm-up: "
               f"{time.perf_counter() - began:.1f} s", flush=True)
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", type=int, default=2 << 30)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true", help="decode steps replayed from CUDA graphs (GPU)")
     args = ap.parse_args()
     ckpt = Path(args.checkpoint)
     if not (ckpt / "config.json").exists():

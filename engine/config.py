@@ -24,6 +24,10 @@ class EngineConfig:
     # Plan step N+1 while the worker runs step N (off with speculative decoding, whose next plan
     # needs this step's drafts).
     async_scheduling: bool = True
+    # Decode steps replayed from CUDA graphs (engine/decode_graphs.py). Off by default until timed
+    # on a GPU; applies on the GPU kernel path without expert parallelism or speculative decoding,
+    # and is ignored elsewhere.
+    cuda_graphs: bool = False
     # Expert parallelism: ep_size worker processes, each with its own block pool (data-parallel
     # attention) and 1/ep_size of the routed experts. Budgets and max_num_seqs are per rank.
     ep_size: int = 1

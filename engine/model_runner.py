@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 
 import torch
 
 from cache.latent_cache import LatentCache
 from engine.config import EngineConfig
+from engine.decode_graphs import CudaGraphReplay, DecodeGraphs, RerunReplay
 from engine.messages import StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
 from engine.worker_state import ScheduledWork, WorkerState
@@ -110,9 +112,14 @@ class ModelRunner:
         if budget is None:
             budget = int(available_memory(self.device) * config.kv_cache_memory_fraction)
         num_blocks = budget // (self.kv_bytes_per_token * config.block_size)
-        if num_blocks < 1:
+        # CUDA graphs pad their batches with rows that write into a block of their own: the pool's
+        # last, which the scheduler never sees.
+        graphs = config.cuda_graphs and keep_fp8 and ep is None and not self.num_spec
+        self._usable_blocks = num_blocks - graphs
+        if self._usable_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block of {config.block_size} tokens "
-                             f"({self.kv_bytes_per_token} bytes per token)")
+                             f"({self.kv_bytes_per_token} bytes per token)"
+                             + (" beside the CUDA graphs' padding block" if graphs else ""))
         self.cache = LatentCache(cache_shape[0], num_blocks, config.block_size, *cache_shape[1:], self.dtype,
                                  self.device, fp8_cache)
         self._cache_layers = [self.cache.layer(i) for i in range(self.cfg.num_cache_layers)]
@@ -124,6 +131,14 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         if keep_fp8 and self.device.startswith("cuda") and ep is None:
             self._compile_kernels()
+        self.graphs: DecodeGraphs | None = None
+        if graphs:
+            # Where the kernels run on the CPU (the interpreter, in tests) the same buffers and
+            # padding run with a rerun in place of each graph.
+            make = functools.partial(CudaGraphReplay, torch.cuda.graph_pool_handle()) if self.device.startswith(
+                "cuda") else RerunReplay
+            self.graphs = DecodeGraphs(self.model, self._cache_layers, config.block_size, config.max_num_seqs,
+                                       self.max_model_len, num_blocks - 1, make)
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:
@@ -163,7 +178,8 @@ class ModelRunner:
 
     @property
     def num_blocks(self) -> int:
-        return self.cache.num_blocks
+        """Blocks the scheduler may hand out."""
+        return self._usable_blocks
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, publish: Callable[[StepResult], None] | None = None) -> StepResult:
@@ -180,20 +196,26 @@ class ModelRunner:
                 publish(result)
             return result
         chunks = [SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table) for w in work]
-        batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
-        hidden = self.model(batch, self._cache_layers)
+        size = self.graphs.size_for(chunks) if self.graphs is not None else None
+        if size is not None:  # a decode step: replayed from its graph
+            query_start = list(range(len(chunks) + 1))
+            hidden = self.graphs.run(chunks, size)
+        else:
+            batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
+            query_start = batch.query_start
+            hidden = self.model(batch, self._cache_layers)
 
         due = [i for i, w in enumerate(work) if w.samples]
-        emitted, logprobs = self._sample(work, due, batch, hidden)
+        emitted, logprobs = self._sample(work, due, query_start, hidden)
         sampled = {work[i].req.req_id: toks for i, toks in zip(due, emitted)}
-        drafts = self._propose(work, batch, hidden, sampled) if self.mtp is not None else {}
+        drafts = self._propose(work, query_start, hidden, sampled) if self.mtp is not None else {}
         result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
         for i, lp in zip(due, logprobs):
             if lp:
                 result.logprobs[work[i].req.req_id] = lp
         for i, w in enumerate(work):
             rid = w.req.req_id
-            plp = self._prompt_logprobs(w, hidden[batch.query_start[i] : batch.query_start[i + 1]])
+            plp = self._prompt_logprobs(w, hidden[query_start[i] : query_start[i + 1]])
             if plp:
                 result.prompt_logprobs[rid] = plp
             if rid in sampled or plp:
@@ -206,7 +228,7 @@ class ModelRunner:
         WorkerState.advance(work, sampled, drafts)
         return result
 
-    def _sample(self, work: list[ScheduledWork], due: list[int], batch: ForwardBatch, hidden: torch.Tensor
+    def _sample(self, work: list[ScheduledWork], due: list[int], query_start: list[int], hidden: torch.Tensor
                 ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
         """Per due request: the last known token's row, then one row per draft it verifies."""
         if not due:
@@ -222,13 +244,13 @@ class ModelRunner:
             rows += draft_rows(SampleRow(r.req_id, r.params, r.token_ids, r.num_prompt_tokens), drafts)
             row_drafts += drafts + [-1]
             sizes.append(len(drafts) + 1)
-            first = batch.query_start[i] + w.num_known - 1
+            first = query_start[i] + w.num_known - 1
             positions += range(first, first + len(drafts) + 1)
         index = torch.tensor(positions, device=hidden.device)
         return speculative_sample(self.model.logits(hidden[index]).cpu(), rows, row_drafts, sizes,
                                   self.cfg.eos_token_id, self.config.seed)
 
-    def _propose(self, work: list[ScheduledWork], batch: ForwardBatch, hidden: torch.Tensor,
+    def _propose(self, work: list[ScheduledWork], query_start: list[int], hidden: torch.Tensor,
                  sampled: dict[str, list[int]]) -> dict[str, list[int]]:
         """Runs the MTP module over every verified position of the step (which keeps its own cache
         layer complete), then chains it from each sampled request's last position for k drafts."""
@@ -245,7 +267,7 @@ class ModelRunner:
             nxt = r.token_ids[start + 1 : start + valid + 1]
             nxt += emitted[: valid - len(nxt)]
             chunks.append(SequenceChunk(nxt, start, r.block_table))
-            rows += range(batch.query_start[i], batch.query_start[i] + valid)
+            rows += range(query_start[i], query_start[i] + valid)
             if emitted:
                 last.append((r.req_id, len(rows) - 1))
                 verified_end[r.req_id] = start + valid

@@ -51,7 +51,8 @@ def _generate(args: argparse.Namespace) -> int:
              max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
              enable_prefix_caching=not args.no_prefix_caching, device=args.device,
              num_speculative_tokens=args.num_speculative_tokens, ep_size=args.ep_size,
-             async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype) as llm:
+             async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
+             cuda_graphs=args.cuda_graphs) as llm:
         print(f"latent cache: {llm.kv_cache_tokens} tokens of {llm.engine.ready.kv_bytes_per_token} bytes each",
               file=sys.stderr)
         start = time.perf_counter()
@@ -130,6 +131,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="MTP draft tokens verified per decode step (0: off)")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="plan each step only after the previous one returns")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from CUDA graphs (GPU; not with --ep-size > 1 or speculative decoding)")
     p.add_argument("--ep-size", type=int, default=1,
                    help="expert-parallel worker processes (each: 1/N of the routed experts, its own cache)")
     p.add_argument("--master-addr", default="127.0.0.1", help="torch.distributed rendezvous address")
@@ -149,7 +152,8 @@ def _engine_config(args: argparse.Namespace, model_dir: str):
                         seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens,
                         ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,
                         nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port,
-                        async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype)
+                        async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
+                        cuda_graphs=args.cuda_graphs)
 
 
 def _worker(args: argparse.Namespace) -> int:

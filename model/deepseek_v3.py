@@ -42,6 +42,8 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x, residual)
         a = self.self_attn(h, batch.positions, batch.slot_mapping, cache, plan, rope)
         h, residual = self.post_attention_layernorm(a, residual)
+        if isinstance(self.mlp, MoE):
+            return self.mlp(h, batch.real_tokens), residual
         return self.mlp(h), residual
 
 
@@ -65,10 +67,13 @@ class DeepseekV3(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.dtype
 
-    def forward(self, batch: ForwardBatch, cache_layers: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, cache_layers: list[torch.Tensor],
+                plan: AttentionPlan | None = None) -> torch.Tensor:
         """Writes every token's latent entries into the cache; returns the last layer's hidden
-        states before the final norm, [T, hidden] (the MTP module reads these)."""
-        plan = plan_attention(batch, self.embed_tokens, self.gather_buffer)
+        states before the final norm, [T, hidden] (the MTP module reads these). `plan`: the
+        attention plan when the caller made it (a CUDA graph's, over static buffers)."""
+        if plan is None:
+            plan = plan_attention(batch, self.embed_tokens, self.gather_buffer)
         x, residual = F.embedding(batch.input_ids, self.embed_tokens), None
         for layer in self.layers:
             x, residual = layer(x, batch, cache_layers[layer.layer_idx], plan, self.rope, residual)

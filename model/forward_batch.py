@@ -27,6 +27,9 @@ class ForwardBatch:
     context_lens: list[int]  # [B], host side: cached tokens after this step
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     block_size: int
+    # [T] int64: 1 for a request's token, 0 for a row that only pads the batch to a captured CUDA
+    # graph's size (engine/decode_graphs.py); None: every token is a request's.
+    real_tokens: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

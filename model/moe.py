@@ -188,9 +188,17 @@ class MoE(nn.Module):
         sp = p + "shared_experts."
         self.shared_experts = DenseMLP(w, sp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, real_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """`real_tokens` [T] (1 or 0): which rows the routing metric counts (padding rows of a
+        CUDA graph's batch are not); None: all."""
         weights, ids = self.gate(x)
-        self.routed_tokens += torch.bincount(ids.flatten(), minlength=self.routed_tokens.shape[0])
+        # index_add_, not bincount: bincount sizes its output from the largest id, a host sync on
+        # CUDA (one per MoE layer, which stalls the launch queue) that a CUDA graph cannot capture.
+        if real_tokens is None:
+            counted = ids.new_ones(ids.numel(), dtype=torch.long)
+        else:
+            counted = real_tokens[:, None].expand(ids.shape).flatten()
+        self.routed_tokens.index_add_(0, ids.flatten().long(), counted)
         if self.ep is None:
             return self.experts(x, weights, ids, add=self.shared_experts(x))
         return self.ep.dispatch_combine(x, weights, ids, self.experts) + self.shared_experts(x)

@@ -1,0 +1,179 @@
+"""Decode steps through engine/decode_graphs.py's static buffers and padding, on the kernel path
+(the Triton interpreter here; a rerun stands in for each CUDA graph), against plain forwards of
+the same model over an identical cache. And what a CUDA graph capture forbids: a host sync or a
+tensor made from host data inside the captured forward."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from engine import LLM, SamplingParams
+from engine.decode_graphs import DecodeGraphs, RerunReplay, capture_sizes
+from engine.model_config import ModelConfig
+from kernels.backend import use_triton_kernels
+from model.deepseek_v3 import DeepseekV3
+from model.forward_batch import ForwardBatch, SequenceChunk
+from model.loader import load_weights
+from model.moe import MoE
+from tests.model_runner_util import PagedRunner
+
+BLOCK_SIZE = 16
+MAX_MODEL_LEN = 256
+PROMPTS = [[5, 9, 77, 200], [3], [100 + i for i in range(20)], [17, 250, 31, 31, 8], [42, 43]]
+
+
+def test_capture_sizes_step_at_most_half_again_and_end_at_max_num_seqs():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(5) == [1, 2, 4, 5]
+    assert capture_sizes(256) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert capture_sizes(100)[-2:] == [96, 100]
+    assert capture_sizes(4096)[-1] == 512
+    sizes = capture_sizes(512)
+    assert all(b <= 2 * a for a, b in zip(sizes, sizes[1:]))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    cfg = ModelConfig.from_checkpoint(tiny_checkpoint)
+    with use_triton_kernels(True):
+        yield DeepseekV3(cfg, load_weights(tiny_checkpoint, cfg, torch.float32, include_mtp=False, keep_fp8=True))
+
+
+def empty_cache(model: DeepseekV3, blocks: int = 3) -> list[torch.Tensor]:
+    cfg = model.cfg
+    return [torch.zeros(blocks, BLOCK_SIZE, cfg.kv_lora_rank + cfg.qk_rope_head_dim)] * cfg.num_cache_layers
+
+
+def layers(runner: PagedRunner) -> list[torch.Tensor]:
+    return [runner.cache.layer(i) for i in range(runner.model.cfg.num_cache_layers)]
+
+
+def test_graph_decode_steps_match_plain_forwards(model):
+    """Five prompts, then a decode step of 5 sequences (padded to 8) and, after two finish, two of
+    3 (padded to 4, over a row the 5-sequence step left behind). Two runners with the same shuffled
+    block order hold identical caches; the scratch block (the pool's last) is never handed out."""
+    with use_triton_kernels(True):
+        plain, graphed = (PagedRunner(model, num_blocks=33, block_size=BLOCK_SIZE) for _ in range(2))
+        scratch = 32
+        for r in (plain, graphed):
+            r.free.remove(scratch)
+        # Blocks no request holds read 7 in the graphed run's cache: the padding may write the
+        # scratch block's first slot and nothing else.
+        graphed.cache.data.fill_(7.0)
+        graphs = DecodeGraphs(model, layers(graphed), BLOCK_SIZE, max_num_seqs=8, max_model_len=MAX_MODEL_LEN,
+                              scratch_block=scratch, make_replay=RerunReplay)
+        assert sorted(graphs.replays) == [1, 2, 4, 8]
+        first = plain.step(dict(enumerate(PROMPTS)))
+        assert torch.equal(graphed.step(dict(enumerate(PROMPTS)))[0], first[0])
+        moes = [m for m in model.modules() if isinstance(m, MoE)]
+        tokens = {i: int(first[i][-1].argmax()) for i in range(len(PROMPTS))}
+        for step in range(3):
+            if step == 1:
+                del tokens[1], tokens[3]
+            work = {i: [t] for i, t in tokens.items()}
+            for m in moes:
+                m.routed_tokens.zero_()
+            expected = plain.step(work)
+            counted = sum(int(m.routed_tokens.sum()) for m in moes)
+
+            chunks = [graphed._chunk(i, toks) for i, toks in work.items()]
+            size = graphs.size_for(chunks)
+            assert size == (8 if len(work) == 5 else 4)
+            for m in moes:
+                m.routed_tokens.zero_()
+            with torch.inference_mode():
+                got = model.logits(graphs.run(chunks, size))
+            # Padding rows do not count in the routing metric: the same choices as the plain step.
+            assert sum(int(m.routed_tokens.sum()) for m in moes) == counted
+            assert counted == len(work) * len(moes) * model.cfg.num_experts_per_tok
+            for row, i in enumerate(work):
+                graphed.computed[i] += 1
+                # The graph's decode kernel splits the context for the longest possible one: the
+                # same sums in another order.
+                torch.testing.assert_close(got[row], expected[i][-1], rtol=1e-4, atol=1e-4)
+                assert int(got[row].argmax()) == int(expected[i][-1].argmax())
+                tokens[i] = int(expected[i][-1].argmax())
+        # Every request's cache entries are the plain run's; the padding wrote the scratch block's
+        # first slot and nothing else.
+        written = torch.tensor([t[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                                for i, t in graphed.tables.items() for p in range(graphed.computed[i])])
+        others = torch.ones(33 * BLOCK_SIZE, dtype=torch.bool)
+        others[written] = False
+        others[scratch * BLOCK_SIZE] = False
+        for a, b in zip(layers(plain), layers(graphed)[: model.cfg.num_hidden_layers]):  # not the MTP's
+            a, b = a.flatten(0, 1), b.flatten(0, 1)
+            torch.testing.assert_close(b[written], a[written], rtol=1e-5, atol=1e-5)
+            assert (b[others] == 7).all() and (b[scratch * BLOCK_SIZE] != 7).any()
+
+
+def test_steps_a_graph_cannot_run_run_eagerly(model):
+    with use_triton_kernels(True):
+        graphs = DecodeGraphs(model, empty_cache(model), BLOCK_SIZE,
+                              max_num_seqs=2, max_model_len=MAX_MODEL_LEN, scratch_block=2, make_replay=RerunReplay)
+    one = SequenceChunk([7], 3, [0])
+    assert graphs.size_for([one]) == 1 and graphs.size_for([one, one]) == 2
+    assert graphs.size_for([one] * 3) is None  # more sequences than the largest graph
+    assert graphs.size_for([one, SequenceChunk([7, 8], 3, [0])]) is None  # a verification or prefill chunk
+
+
+class CaptureChecker(TorchDispatchMode):
+    """Records operators a CUDA graph capture cannot hold: ones that read a device value on the
+    host (item, tolist, nonzero and other data-sized outputs; bincount sizes its output so) and
+    tensors made from host data, which on a GPU would be a copy from pageable memory."""
+
+    FORBIDDEN = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.bincount",
+                 "aten.unique_dim", "aten._unique2", "aten.unique_consecutive", "aten.lift_fresh",
+                 "aten.repeat_interleave", "aten.is_nonzero", "aten.equal", "aten.item"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        if name in self.FORBIDDEN:
+            self.seen.append(name)
+        if func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.seen.append("boolean index")
+        return func(*args, **(kwargs or {}))
+
+
+def test_captured_forward_has_no_host_sync(model):
+    """The function each CUDA graph captures, run under a checker: the whole decode forward (MLA,
+    cache write, decode kernel, router, fused MoE, norms, FP8 GEMMs) issues nothing that would
+    break a capture or bake one step's host values into the graph."""
+    checker = CaptureChecker()
+
+    class CheckedRerun(RerunReplay):
+        def capture(self, fn):
+            with checker:
+                return super().capture(fn)
+
+    with use_triton_kernels(True):
+        DecodeGraphs(model, empty_cache(model), BLOCK_SIZE,
+                     max_num_seqs=3, max_model_len=MAX_MODEL_LEN, scratch_block=2, make_replay=CheckedRerun)
+        assert checker.seen == []
+        # The checker does see what it looks for: a plain forward plans its attention from host lists.
+        batch = ForwardBatch.build([SequenceChunk([7], 3, [0])], BLOCK_SIZE)
+        with checker, torch.inference_mode():
+            model(batch, empty_cache(model))
+    assert "aten.lift_fresh" in checker.seen
+
+
+def test_engine_with_graphs_gives_the_eager_engines_tokens(tiny_checkpoint, monkeypatch):
+    """The worker process on the kernel path (interpreted), through its real scheduler: prefill
+    steps run eagerly, decode steps of 3, 2 and 1 sequences replay the sizes 4, 2 and 1 as the
+    requests finish one by one, and the pool's last block is kept from the scheduler."""
+    monkeypatch.setenv("MLASERVE_KERNELS", "triton")
+    block_bytes = 576 * 4 * 4 * BLOCK_SIZE  # float32 x (3 layers + MTP)
+    prompts = [[5, 9, 77, 200, 3], [100 + i for i in range(20)], [17, 250, 31]]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (8, 4, 6)]
+    outputs, tokens = {}, {}
+    for graphs in (False, True):
+        with LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK_SIZE, max_num_seqs=4, max_model_len=MAX_MODEL_LEN,
+                 kv_cache_memory=(8 + graphs) * block_bytes, cuda_graphs=graphs) as llm:
+            tokens[graphs] = llm.kv_cache_tokens
+            outputs[graphs] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert tokens[True] == tokens[False] == 8 * BLOCK_SIZE
+    assert outputs[True] == outputs[False]
+    assert [len(o) for o in outputs[True]] == [8, 4, 6]
