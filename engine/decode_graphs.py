@@ -89,13 +89,15 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         device = model.embed_tokens.device
         most = self.sizes[-1]
-        # Per row: token id, position, cache slot, counted in the routing metric (1) or padding (0).
+        # Per row: token id, position, cache slot, counted in the routing metric (1) or not (0).
+        # Every row starts as padding: token 0 at position 0, its entry in the scratch block's
+        # first slot, one cached token to attend to (its own), not counted.
         self.tokens = torch.zeros(4, most, dtype=torch.long, device=device)
+        self.tokens[2] = scratch_block * block_size
         self.kv_lens = torch.ones(most, dtype=torch.int32, device=device)
         self.seq_of_row = torch.arange(most, dtype=torch.int32, device=device)
         self.block_tables = torch.full((most, cdiv(max_model_len, block_size)), scratch_block, dtype=torch.long,
                                        device=device)
-        self._pad_rows(0, most)
         self.replays: dict[int, CudaGraphReplay | RerunReplay] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
@@ -103,14 +105,6 @@ class DecodeGraphs:
                 replay = make_replay()
                 self.outputs[size] = replay.capture(lambda size=size: self._forward(size))
                 self.replays[size] = replay
-
-    def _pad_rows(self, start: int, end: int) -> None:
-        """Rows [start, end) as padding: token 0 at position 0, its entry in the scratch block's
-        first slot, one cached token to attend to (its own), not counted."""
-        self.tokens[:, start:end] = torch.tensor([0, 0, self.scratch_block * self.block_size, 0],
-                                                 device=self.tokens.device)[:, None]
-        self.kv_lens[start:end] = 1
-        self.block_tables[start:end, 0] = self.scratch_block
 
     def _forward(self, size: int) -> torch.Tensor:
         ids, positions, slots, real = self.tokens[:, :size]
@@ -122,13 +116,16 @@ class DecodeGraphs:
 
     def size_for(self, chunks: list[SequenceChunk]) -> int | None:
         """The captured size that runs this step, or None when it must run eagerly."""
-        if len(chunks) > self.sizes[-1] or any(len(c.token_ids) != 1 for c in chunks):
+        width = self.block_tables.shape[1]
+        if len(chunks) > self.sizes[-1] or any(len(c.token_ids) != 1 or len(c.block_table) > width
+                                               for c in chunks):
             return None
         return next(s for s in self.sizes if s >= len(chunks))
 
     def run(self, chunks: list[SequenceChunk], size: int) -> torch.Tensor:
         """The step's hidden states [len(chunks), hidden] (what DeepseekV3.forward returns): a view
-        of the graph's output, valid until the next replay."""
+        of the graph's output, valid until the next replay. Rows past the step's sequences are
+        set to padding again: a bigger step before may have left a request's row there."""
         n, page, pad = len(chunks), self.block_size, size - len(chunks)
         scratch = self.scratch_block
         positions = [c.num_computed for c in chunks]

@@ -115,7 +115,7 @@ class ModelRunner:
         # CUDA graphs pad their batches with rows that write into a block of their own: the pool's
         # last, which the scheduler never sees.
         graphs = config.cuda_graphs and keep_fp8 and ep is None and not self.num_spec
-        self._usable_blocks = num_blocks - graphs
+        self._usable_blocks = num_blocks - (1 if graphs else 0)
         if self._usable_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block of {config.block_size} tokens "
                              f"({self.kv_bytes_per_token} bytes per token)"

@@ -114,6 +114,7 @@ def test_steps_a_graph_cannot_run_run_eagerly(model):
     assert graphs.size_for([one]) == 1 and graphs.size_for([one, one]) == 2
     assert graphs.size_for([one] * 3) is None  # more sequences than the largest graph
     assert graphs.size_for([one, SequenceChunk([7, 8], 3, [0])]) is None  # a verification or prefill chunk
+    assert graphs.size_for([SequenceChunk([7], 3, [0] * (MAX_MODEL_LEN // BLOCK_SIZE + 1))]) is None  # wider table
 
 
 class CaptureChecker(TorchDispatchMode):
