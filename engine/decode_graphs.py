@@ -33,8 +33,8 @@ from kernels.mla_attention import AttentionPlan, DecodeRows
 from model.deepseek_v3 import DeepseekV3
 from model.forward_batch import ForwardBatch, SequenceChunk
 
-# Batch sizes with a graph: a ladder of at most 1.5x steps (so padding wastes at most a third of a
-# step), capped at max_num_seqs; bigger steps run eagerly.
+# Batch sizes with a graph: doubling up to 16, then steps of at most 1.5x (so that from 16 up the
+# padding is under a third of a step), capped at max_num_seqs; bigger steps run eagerly.
 CAPTURE_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
