@@ -9,7 +9,6 @@ worker does. Needs a GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,21 +18,13 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
+from benchmarks.cpu_decode_attention import median_times
 from cache.latent_cache import LatentCache
 from engine.decode_graphs import CudaGraphReplay, DecodeGraphs
 from engine.model_config import ModelConfig
 from model.deepseek_v3 import DeepseekV3
 from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
-
-
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -81,9 +72,8 @@ def main() -> None:
                 graphs.run(chunks, size)
                 torch.cuda.synchronize()
 
-            for f in (eager, replay):
-                f()
-            eager_ms, graph_ms = median_ms(eager, args.repeats), median_ms(replay, args.repeats)
+            times = median_times({"eager": eager, "graph": replay}, args.repeats)  # taking turns
+            eager_ms, graph_ms = times["eager"] * 1e3, times["graph"] * 1e3
             print(f"| {b} (graph {size}) | {eager_ms:.2f} | {graph_ms:.2f} | {eager_ms / graph_ms:.2f}x |")
 
 
