@@ -30,10 +30,12 @@ from engine.messages import (
     WorkerFailed,
     WorkerReady,
     WorkerToScheduler,
+    completion_ids,
 )
 from engine.metrics import EngineMetrics
 from engine.processes import Channel, become_child_process
 from engine.request import Request
+from engine.sampling_params import completion_params
 from scheduler.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 WORKER_STEP_TIMEOUT_S = 600.0
@@ -95,31 +97,43 @@ class EngineCore:
         if blocks.blocks_for(len(prompt) + 1 + self.scheduler.config.num_speculative_tokens) > blocks.num_blocks:
             return (f"prompt has {len(prompt)} tokens but the whole cache holds "
                     f"{blocks.num_blocks * blocks.block_size}")
-        if msg.req_id in self.rank_of:
-            return f"request id {msg.req_id!r} is already in use"
+        taken = [i for i in completion_ids(msg.req_id, msg.params.n) if i in self.rank_of]
+        if taken:
+            return f"request id {taken[0]!r} is already in use"
         return None
 
     def _place(self) -> int:
         """The least loaded rank: fewest requests, then most free blocks."""
         def load(rank: int):
             s = self.schedulers[rank]
-            return len(s.running) + len(s.waiting), -s.blocks.num_free
+            return len(s.running) + s.num_waiting, -s.blocks.num_free
         return min(range(len(self.schedulers)), key=load)
 
-    def add(self, msg: AddRequest) -> RequestDelta | None:
+    def add(self, msg: AddRequest) -> list[RequestDelta]:
+        """Queues the request's completions (one unless params.n > 1), or answers each of their
+        ids with the error that refused it."""
+        n = msg.params.n
+        ids = completion_ids(msg.req_id, n)
         error = self.validate(msg)
         if error:
-            delta = RequestDelta(msg.req_id, finished=True, finish_reason="error", error=error,
-                                 num_prompt_tokens=len(msg.prompt_ids), finish_time=time.time())
-            self.metrics.on_deltas([delta])
-            return delta
-        req = Request(msg.req_id, msg.prompt_ids, msg.params, msg.arrival_time or None)
+            now = time.time()
+            deltas = [RequestDelta(i, finished=True, finish_reason="error", error=error,
+                                   num_prompt_tokens=len(msg.prompt_ids), finish_time=now) for i in ids]
+            self.metrics.on_deltas(deltas)
+            return deltas
+        arrival = msg.arrival_time or None
+        if n == 1:
+            group = [Request(msg.req_id, msg.prompt_ids, msg.params, arrival)]
+        else:
+            group = [Request(i, msg.prompt_ids, completion_params(msg.params, k), arrival) for k, i in enumerate(ids)]
+        # A group stays on one rank: its completions share the prompt's blocks there.
         rank = self._place()
-        self.schedulers[rank].add(req)
-        self.rank_of[msg.req_id] = rank
+        self.schedulers[rank].add_group(group)
         self.rank_requests[rank] += 1
-        self.metrics.on_arrival(msg.req_id, req.arrival_time)
-        return None
+        for req in group:
+            self.rank_of[req.req_id] = rank
+            self.metrics.on_arrival(req.req_id, req.arrival_time)
+        return []
 
     def abort(self, req_ids: list[str]) -> list[RequestDelta]:
         out = []
@@ -198,7 +212,7 @@ class EngineCore:
 
         per_pos = [sum(col) for col in zip(*(c.spec_accepted_per_pos for c in cs))]
         return EngineStats(
-            num_running=sum(len(s.running) for s in ss), num_waiting=sum(len(s.waiting) for s in ss),
+            num_running=sum(len(s.running) for s in ss), num_waiting=sum(s.num_waiting for s in ss),
             num_preemptions=total("num_preemptions"), num_steps=self.scheduler.counters.num_steps,
             prompt_tokens=total("prompt_tokens"), computed_prompt_tokens=total("computed_prompt_tokens"),
             generation_tokens=total("generation_tokens"), prefix_cache_queries=total("prefix_cache_queries"),
@@ -299,8 +313,7 @@ def _serve(core: EngineCore, inbox: Channel, outbox: Channel) -> None:
         while (msg := inbox.recv(timeout_ms=timeout)) is not None:
             timeout = 0
             if isinstance(msg, AddRequest):
-                if (d := core.add(msg)) is not None:
-                    deltas.append(d)
+                deltas.extend(core.add(msg))
             elif isinstance(msg, AbortRequests):
                 deltas.extend(core.abort(msg.req_ids))
             elif isinstance(msg, GetStats):

@@ -27,11 +27,12 @@ from engine.messages import (
     RequestOutputs,
     SchedulerToFrontend,
     Shutdown,
+    completion_ids,
 )
 from engine.model_config import ModelConfig
-from engine.outputs import RequestMetrics, RequestOutput
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.processes import Channel, spawn
-from engine.sampling_params import SamplingParams, parse_sampling_params
+from engine.sampling_params import parse_sampling_params
 from engine.worker_process import run_worker
 
 
@@ -124,34 +125,37 @@ class EngineClient:
 
 
 class _Tracked:
-    def __init__(self, out: RequestOutput, detok: IncrementalDetokenizer, want_logprobs: bool, want_plp: bool):
+    """One completion of a request being collected."""
+
+    def __init__(self, out: RequestOutput, index: int, detok: IncrementalDetokenizer, want_logprobs: bool):
         self.out = out
+        self.completion = out.outputs[index]
         self.detok = detok
         if want_logprobs:
-            out.logprobs = []
-        if want_plp:
-            out.prompt_logprobs = []
+            self.completion.logprobs = []
 
     def apply(self, d: RequestDelta) -> bool:
-        """Folds a delta in; returns True if a stop string ended the request here."""
-        out = self.out
-        out.token_ids.extend(d.new_token_ids)
-        if out.logprobs is not None:
-            out.logprobs.extend(d.logprobs)
+        """Folds a delta in; returns True if a stop string ended the completion here."""
+        out, c = self.out, self.completion
+        c.token_ids.extend(d.new_token_ids)
+        if c.logprobs is not None:
+            c.logprobs.extend(d.logprobs)
         if out.prompt_logprobs is not None:
-            out.prompt_logprobs.extend(d.prompt_logprobs)
+            out.prompt_logprobs.extend(d.prompt_logprobs)  # (only the first completion computes them)
         m = out.metrics
         if m is not None:
-            m.scheduled_time = d.scheduled_time or m.scheduled_time
-            m.first_token_time = d.first_token_time or m.first_token_time
-            m.num_cached_tokens = d.num_cached_tokens or m.num_cached_tokens
+            m.scheduled_time = m.scheduled_time or d.scheduled_time
+            m.first_token_time = m.first_token_time or d.first_token_time
+            if c.index == 0:
+                m.num_cached_tokens = d.num_cached_tokens or m.num_cached_tokens
         stopped = bool(d.new_token_ids) and self.detok.add(d.new_token_ids)
         if stopped:
-            out.finish_reason = "stop"
+            c.finish_reason = "stop"
         elif d.finished:
-            out.finish_reason, out.error = d.finish_reason, d.error
+            c.finish_reason = d.finish_reason
+            out.error = out.error or d.error
             self.detok.flush()
-        out.text = self.detok.text
+        c.text = self.detok.text
         if out.finished and m is not None:
             m.finish_time = d.finish_time or time.time()
         return stopped
@@ -209,19 +213,19 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling parameters for {len(prompts)} prompts")
-        tracked: dict[str, _Tracked] = {}
-        order: list[str] = []
+        tracked: dict[str, _Tracked] = {}  # by engine request id: one per completion
+        outs: list[RequestOutput] = []
         try:
             for prompt, p in zip(prompts, plist):
-                order.append(self._submit(prompt, p, tracked))
-            self._collect(tracked, use_tqdm and len(prompts) > 1)
+                outs.append(self._submit(prompt, p, tracked))
+            self._collect(tracked, len(outs), use_tqdm and len(prompts) > 1)
         except BaseException:
             # Ctrl-C or a dead engine: stop every process before the exception leaves.
             self.shutdown()
             raise
-        return [tracked[r].out for r in order]
+        return outs
 
-    def _submit(self, prompt, raw_params, tracked: dict[str, _Tracked]) -> str:
+    def _submit(self, prompt, raw_params, tracked: dict[str, _Tracked]) -> RequestOutput:
         req_id = str(self._next_id)
         self._next_id += 1
         text = prompt if isinstance(prompt, str) else None
@@ -230,34 +234,39 @@ class LLM:
         try:
             params = parse_sampling_params(raw_params)
         except ValueError as e:
-            out.finish_reason, out.error = "error", str(e)
-            tracked[req_id] = _Tracked(out, IncrementalDetokenizer(self.tokenizer, SamplingParams()), False, False)
-            return req_id
-        tracked[req_id] = _Tracked(out, IncrementalDetokenizer(self.tokenizer, params),
-                                   params.logprobs is not None, params.prompt_logprobs is not None)
+            out.outputs[0].finish_reason, out.error = "error", str(e)
+            return out
+        engine_ids = completion_ids(req_id, params.n)
+        out.outputs = [CompletionOutput(i) for i in range(len(engine_ids))]
+        if params.prompt_logprobs is not None:
+            out.prompt_logprobs = []
+        for i, engine_id in enumerate(engine_ids):
+            tracked[engine_id] = _Tracked(out, i, IncrementalDetokenizer(self.tokenizer, params),
+                                          params.logprobs is not None)
         self.engine.send(AddRequest(req_id, ids, params, out.metrics.arrival_time))
-        return req_id
+        return out
 
-    def _collect(self, tracked: dict[str, _Tracked], progress: bool) -> None:
-        pending = {r for r, t in tracked.items() if not t.out.finished}
+    def _collect(self, tracked: dict[str, _Tracked], num_requests: int, progress: bool) -> None:
+        pending = {r for r, t in tracked.items() if not t.completion.finished}
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(tracked), desc="generate", unit="req", initial=len(tracked) - len(pending))
+            unfinished = len({id(t.out) for t in tracked.values() if not t.out.finished})
+            bar = tqdm(total=num_requests, desc="generate", unit="req", initial=num_requests - unfinished)
         while pending:
             msg = self.engine.recv()
             if not isinstance(msg, RequestOutputs):
                 continue
             for d in msg.deltas:
                 t = tracked.get(d.req_id)
-                if t is None or t.out.finished:
+                if t is None or t.completion.finished:
                     continue  # an abort we asked for after a stop string
                 if t.apply(d):
                     self.engine.send(AbortRequests([d.req_id]))
-                if t.out.finished:
+                if t.completion.finished:
                     pending.discard(d.req_id)
-                    if bar:
+                    if bar and t.out.finished:
                         bar.update(1)
         if bar:
             bar.close()

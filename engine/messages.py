@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 
 from engine.metrics import MetricsSnapshot
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_PARALLEL_SAMPLES, SamplingParams
 
 
 class Message(msgspec.Struct, tag=True, omit_defaults=True):
@@ -21,10 +21,20 @@ class Message(msgspec.Struct, tag=True, omit_defaults=True):
 # ---- frontend <-> scheduler -------------------------------------------------------------------
 
 class AddRequest(Message):
+    """With params.n > 1 the scheduler runs n completions, reported and aborted by the ids
+    completion_ids(req_id, n) gives."""
     req_id: str
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0
+
+
+def completion_ids(req_id: str, n: int) -> list[str]:
+    """A request's own id when it has one completion, or when n is out of range (it is refused
+    under that id)."""
+    if not 2 <= n <= MAX_PARALLEL_SAMPLES:
+        return [req_id]
+    return [f"{req_id}/{i}" for i in range(n)]
 
 
 class AbortRequests(Message):

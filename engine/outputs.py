@@ -25,18 +25,47 @@ class RequestMetrics:
 
 
 @dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
+class CompletionOutput:
+    """One of a request's n completions (SamplingParams.n)."""
+    index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "length", "stop", "abort", "error"
-    error: str | None = None  # why the request was refused, naming the field
     logprobs: list[TokenLogprobs] | None = None
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-    metrics: RequestMetrics | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """A request's completions in `outputs`, by index; `text`, `token_ids`, `finish_reason` and
+    `logprobs` are those of the first (the only one when n is 1)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=lambda: [CompletionOutput(0)])
+    error: str | None = None  # why the request was refused, naming the field
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    metrics: RequestMetrics | None = None  # first scheduled / first token of any completion, last finish
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs] | None:
+        return self.outputs[0].logprobs
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.outputs)

@@ -36,6 +36,10 @@ class Request:
         self.first_token_time = 0.0
         self.finish_time = 0.0
         self.finish_reason: str | None = None
+        # Completions of one prompt (SamplingParams.n): the first computes the prompt, the others
+        # wait (held, in no queue) until its blocks are in the prefix cache, then start from them.
+        self.followers: list[Request] = []
+        self.leader: Request | None = None  # set while held
 
     @property
     def num_tokens(self) -> int:

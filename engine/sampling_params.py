@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import msgspec
 
+MAX_PARALLEL_SAMPLES = 256  # n above this is refused: each completion is a sequence the engine tracks
+
 
 class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    n: int = 1  # completions per prompt; they share the prompt's cache blocks
     max_tokens: int = 16
     min_tokens: int = 0
     temperature: float = 1.0  # 0 means greedy
@@ -31,6 +34,8 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     def problems(self, vocab_size: int) -> list[str]:
         """What is wrong with these parameters, as sentences naming the field; empty if valid."""
         p: list[str] = []
+        if not 1 <= self.n <= MAX_PARALLEL_SAMPLES:
+            p.append(f"n must be in [1, {MAX_PARALLEL_SAMPLES}], got {self.n}")
         if self.max_tokens < 1:
             p.append(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
@@ -59,6 +64,15 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
         if any(not s for s in self.stop):
             p.append("stop strings must not be empty")
         return p
+
+
+def completion_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The parameters of completion `index` of a request with n > 1: one completion each, seeds
+    seed + index (so completion 0 is what the same request with n = 1 gives), and the prompt's
+    logprobs computed by completion 0 alone."""
+    seed = None if params.seed is None else params.seed + index
+    plp = params.prompt_logprobs if index == 0 else None
+    return msgspec.structs.replace(params, n=1, seed=seed, prompt_logprobs=plp)
 
 
 def parse_sampling_params(raw: SamplingParams | dict | None) -> SamplingParams:

@@ -46,7 +46,7 @@ def _generate(args: argparse.Namespace) -> int:
         print("error: give --prompt TEXT (repeatable) or --prompts-file FILE", file=sys.stderr)
         return 2
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, n=args.n)
     with LLM(_model_dir(args), dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
              max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
              enable_prefix_caching=not args.no_prefix_caching, device=args.device,
@@ -59,9 +59,11 @@ def _generate(args: argparse.Namespace) -> int:
         outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
         elapsed = time.perf_counter() - start
     for i, out in enumerate(outs):
-        body = out.text if out.error is None else f"[error] {out.error}"
-        print(f"--- [{i}] {out.prompt!r} ({out.finish_reason})\n{body}")
-    n_out = sum(len(o.token_ids) for o in outs)
+        for c in out.outputs:
+            body = c.text if out.error is None else f"[error] {out.error}"
+            which = f"[{i}]" if len(out.outputs) == 1 else f"[{i}.{c.index}]"
+            print(f"--- {which} {out.prompt!r} ({c.finish_reason})\n{body}")
+    n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     print(f"throughput: {len(outs) / elapsed:.2f} requests/s, {n_out / elapsed:.1f} output tokens/s, "
           f"{(n_in + n_out) / elapsed:.1f} total tokens/s ({len(outs)} requests, {elapsed:.2f} s)")
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt (they share its cache blocks)")
     _add_engine_args(gen)
     gen.set_defaults(func=_generate)
 

@@ -55,9 +55,10 @@ class TokenLogprob(msgspec.Struct, omit_defaults=True):
 
 class Delta(_Msg, tag="delta"):
     request_id: str
-    text: str = ""  # new text since the previous Delta
-    token_ids: list[int] = []  # new token ids since the previous Delta
+    text: str = ""  # new text since the previous Delta of this completion
+    token_ids: list[int] = []  # new token ids since the previous Delta of this completion
     logprobs: list[TokenLogprob] = []
+    index: int = 0  # which of the request's n completions
 
 
 class Usage(msgspec.Struct):
@@ -72,14 +73,25 @@ class Timing(msgspec.Struct):
     e2e_s: float
 
 
+class Completion(msgspec.Struct, omit_defaults=True):
+    index: int
+    finish_reason: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = []
+
+
 class Final(_Msg, tag="final"):
+    """Sent once every completion has ended. The top-level fields are the first completion's;
+    with n > 1, `completions` holds all n by index."""
     request_id: str
     finish_reason: str  # "length" | "stop" | "abort"
     text: str  # the whole completion
     token_ids: list[int]  # the whole completion
-    usage: Usage
+    usage: Usage  # completion_tokens: over all completions
     timing: Timing
     logprobs: list[TokenLogprob] = []  # all of them, when not streaming and asked for
+    completions: list[Completion] = []
 
 
 class Error(_Msg, tag="error"):

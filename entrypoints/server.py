@@ -26,12 +26,21 @@ from tokenizers import Tokenizer
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.llm import EngineClient, EngineDeadError
-from engine.messages import AbortRequests, AddRequest, EngineStats, GetStats, RequestDelta, RequestOutputs
+from engine.messages import (
+    AbortRequests,
+    AddRequest,
+    EngineStats,
+    GetStats,
+    RequestDelta,
+    RequestOutputs,
+    completion_ids,
+)
 from engine.model_config import ModelConfig
 from engine.sampling_params import parse_sampling_params
 from entrypoints.metrics import start_metrics_server
 from entrypoints.protocol import (
     Abort,
+    Completion,
     Delta,
     Error,
     Final,
@@ -52,20 +61,31 @@ MAX_FRAME_BYTES = 16 << 20  # a bigger frame is refused before decoding
 
 
 @dataclass
+class ServedCompletion:
+    index: int
+    engine_id: str
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    sent_text: int = 0  # characters of detok.text already streamed
+    finish_reason: str | None = None
+
+
+@dataclass
 class Served:
     identity: bytes
     request_id: str
     stream: bool
-    detok: IncrementalDetokenizer
     want_logprobs: bool
     arrival: float
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    sent_text: int = 0  # characters of detok.text already streamed
+    completions: list[ServedCompletion] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     scheduled_time: float = 0.0
     first_token_time: float = 0.0
+
+    def unfinished_ids(self) -> list[str]:
+        return [c.engine_id for c in self.completions if c.finish_reason is None]
 
 
 class Server:
@@ -86,8 +106,8 @@ class Server:
         if port:
             self.router.bind(f"tcp://{host}:{port}")
         self.address = f"tcp://{host}:{self.port}"
-        self.requests: dict[str, Served] = {}  # engine request id -> state
-        self.by_client: dict[tuple[bytes, str], str] = {}
+        self.requests: dict[str, tuple[Served, ServedCompletion]] = {}  # by engine request id
+        self.by_client: dict[tuple[bytes, str], Served] = {}
         self.latest_stats: EngineStats | None = None
         self.counters = {"requests_received": 0, "bad_messages": 0}
         self._next_id = 0
@@ -112,7 +132,7 @@ class Server:
         try:
             while True:
                 if self._stop_at is not None:
-                    if not self.requests:
+                    if not self.by_client:
                         break
                     if time.monotonic() >= self._stop_at:
                         self._abort_all("the server is stopping and its grace period has ended")
@@ -207,18 +227,20 @@ class Server:
         engine_id = f"s{self._next_id}"
         self._next_id += 1
         now = time.time()
-        self.requests[engine_id] = Served(identity, rid, msg.stream, IncrementalDetokenizer(self.tokenizer, params),
-                                          params.logprobs is not None, now, num_prompt_tokens=len(ids))
-        self.by_client[(identity, rid)] = engine_id
+        s = Served(identity, rid, msg.stream, params.logprobs is not None, now, num_prompt_tokens=len(ids))
+        for i, cid in enumerate(completion_ids(engine_id, params.n)):
+            s.completions.append(ServedCompletion(i, cid, IncrementalDetokenizer(self.tokenizer, params)))
+            self.requests[cid] = (s, s.completions[-1])
+        self.by_client[(identity, rid)] = s
         self.engine.send(AddRequest(engine_id, ids, params, now))
 
     def _on_abort(self, identity: bytes, msg: Abort) -> None:
-        engine_id = self.by_client.get((identity, msg.request_id))
-        if engine_id is None:
+        s = self.by_client.get((identity, msg.request_id))
+        if s is None:
             self._send(identity, Error("unknown_request", f"no unfinished request {msg.request_id!r}",
                                        msg.request_id))
             return
-        self.engine.send(AbortRequests([engine_id]))  # its Final(abort) comes back through the engine
+        self.engine.send(AbortRequests(s.unfinished_ids()))  # the Final(abort) comes back through the engine
 
     # ---- engine side --------------------------------------------------------------------------
 
@@ -232,62 +254,73 @@ class Server:
                     self.latest_stats = msg
 
     def _on_delta(self, d: RequestDelta) -> None:
-        s = self.requests.get(d.req_id)
-        if s is None:
+        entry = self.requests.get(d.req_id)
+        if entry is None:
             return  # already finished here (a stop string) and aborted in the engine
-        s.token_ids.extend(d.new_token_ids)
+        s, c = entry
+        c.token_ids.extend(d.new_token_ids)
         new_logprobs = [_logprob(lp) for lp in d.logprobs] if s.want_logprobs else []
-        s.logprobs.extend(new_logprobs)
-        s.num_cached_tokens = d.num_cached_tokens or s.num_cached_tokens
-        s.scheduled_time = d.scheduled_time or s.scheduled_time
-        s.first_token_time = d.first_token_time or s.first_token_time
-        stopped = bool(d.new_token_ids) and s.detok.add(d.new_token_ids)
+        c.logprobs.extend(new_logprobs)
+        if c.index == 0:
+            s.num_cached_tokens = d.num_cached_tokens or s.num_cached_tokens
+        s.scheduled_time = s.scheduled_time or d.scheduled_time
+        s.first_token_time = s.first_token_time or d.first_token_time
+        stopped = bool(d.new_token_ids) and c.detok.add(d.new_token_ids)
         if d.finished and not stopped:
-            s.detok.flush()
-        finished = stopped or d.finished
+            c.detok.flush()
         if d.finished and d.finish_reason == "error":
-            self._finish(d.req_id, s, Error("invalid_request", d.error or "rejected by the engine",
-                                                  s.request_id))
+            self._finish(s, Error("invalid_request", d.error or "rejected by the engine", s.request_id))
             return
-        if s.stream and (d.new_token_ids or len(s.detok.text) > s.sent_text):
-            text = s.detok.text[s.sent_text:]
-            s.sent_text = len(s.detok.text)
-            if not self._send(s.identity, Delta(s.request_id, text, d.new_token_ids, new_logprobs)):
-                self._client_gone(d.req_id, s, finished)
+        if s.stream and (d.new_token_ids or len(c.detok.text) > c.sent_text):
+            text = c.detok.text[c.sent_text:]
+            c.sent_text = len(c.detok.text)
+            if not self._send(s.identity, Delta(s.request_id, text, d.new_token_ids, new_logprobs, c.index)):
+                self._client_gone(s)
                 return
-        if finished:
+        if stopped or d.finished:
             if stopped:
                 self.engine.send(AbortRequests([d.req_id]))
-            reason = "stop" if stopped else (d.finish_reason or "stop")
-            now = time.time()
-            timing = Timing(max(0.0, (s.scheduled_time or now) - s.arrival),
-                            max(0.0, (s.first_token_time or now) - s.arrival), now - s.arrival)
-            final = Final(s.request_id, reason, s.detok.text, s.token_ids,
-                          Usage(s.num_prompt_tokens, len(s.token_ids), s.num_cached_tokens), timing,
-                          [] if s.stream else s.logprobs)
-            self._finish(d.req_id, s, final)
+            c.finish_reason = "stop" if stopped else (d.finish_reason or "stop")
+            self.requests.pop(d.req_id, None)
+            if all(x.finish_reason is not None for x in s.completions):
+                self._finish(s, self._final(s))
 
-    def _finish(self, engine_id: str, s: Served, msg) -> None:
-        self.requests.pop(engine_id, None)
-        self.by_client.pop((s.identity, s.request_id), None)
+    def _final(self, s: Served) -> Final:
+        now = time.time()
+        timing = Timing(max(0.0, (s.scheduled_time or now) - s.arrival),
+                        max(0.0, (s.first_token_time or now) - s.arrival), now - s.arrival)
+        usage = Usage(s.num_prompt_tokens, sum(len(c.token_ids) for c in s.completions), s.num_cached_tokens)
+        first = s.completions[0]
+        all_n = [Completion(c.index, c.finish_reason, c.detok.text, c.token_ids, [] if s.stream else c.logprobs)
+                 for c in s.completions] if len(s.completions) > 1 else []
+        return Final(s.request_id, first.finish_reason, first.detok.text, first.token_ids, usage, timing,
+                     [] if s.stream else first.logprobs, all_n)
+
+    def _finish(self, s: Served, msg) -> None:
+        self._forget(s)
         self._send(s.identity, msg)
 
-    def _client_gone(self, engine_id: str, s: Served, finished: bool) -> None:
-        self.requests.pop(engine_id, None)
+    def _forget(self, s: Served) -> None:
+        for c in s.completions:
+            self.requests.pop(c.engine_id, None)
         self.by_client.pop((s.identity, s.request_id), None)
-        if not finished:
-            self.engine.send(AbortRequests([engine_id]))
+
+    def _client_gone(self, s: Served) -> None:
+        unfinished = s.unfinished_ids()
+        self._forget(s)
+        if unfinished:
+            self.engine.send(AbortRequests(unfinished))
 
     def _abort_all(self, why: str, code: str | None = None) -> None:
-        ids = list(self.requests)
+        served = list(self.by_client.values())
+        ids = [i for s in served for i in s.unfinished_ids()]
         if ids and code is None:
             try:
                 self.engine.send(AbortRequests(ids))
             except zmq.ZMQError:
                 pass
-        for engine_id in ids:
-            s = self.requests[engine_id]
-            self._finish(engine_id, s, Error(code or "shutting_down", why, s.request_id))
+        for s in served:
+            self._finish(s, Error(code or "shutting_down", why, s.request_id))
 
     def _refresh_stats(self) -> None:
         now = time.monotonic()

@@ -16,6 +16,11 @@ worker already knows. A request whose pending tokens will reach its max_tokens i
 again; one that stops on EOS runs one step more, whose result is dropped. Cached prefix blocks
 are hashed only when their tokens are known.
 
+Parallel sampling (n completions of one prompt): the first completion is queued, the others are
+held until its prompt's full blocks are in the prefix cache, then queued at the front, where
+they hit those blocks and compute only the prompt's last partial block. If the first one ends
+or is preempted before then, they are queued as they are.
+
 Speculative decoding: the worker returns up to k draft tokens with each sampled token; the next
 decode of that request computes its missing token plus those drafts (verification) and keeps
 the accepted ones. `num_computed` only ever counts verified tokens, so a rejected draft leaves
@@ -82,15 +87,51 @@ class Scheduler:
         self._lookahead = config.num_speculative_tokens
         self._dropped: list[str] = []  # ids the worker must forget at the next step
         self._unreported: list[Request] = []  # finished inside schedule(), reported by update()
+        self._num_held = 0  # completions waiting for their first sibling's prompt blocks
         self._step_id = 0
 
     # ---- intake ---------------------------------------------------------------------------
 
     def add(self, req: Request) -> None:
-        if req.req_id in self.requests:
-            raise ValueError(f"request id {req.req_id!r} is already in use")
-        self.requests[req.req_id] = req
-        self.waiting.append(req)
+        self.add_group([req])
+
+    def add_group(self, group: list[Request]) -> None:
+        """Queues completions of one prompt: the first computes it, the rest wait for its blocks
+        (when there are full blocks to share)."""
+        for req in group:
+            if req.req_id in self.requests:
+                raise ValueError(f"request id {req.req_id!r} is already in use")
+        leader, followers = group[0], group[1:]
+        for req in group:
+            self.requests[req.req_id] = req
+        self.waiting.append(leader)
+        if followers and self.blocks.enable_prefix_caching and self._shareable_blocks(leader) > 0:
+            leader.followers = followers
+            for f in followers:
+                f.leader = leader
+            self._num_held += len(followers)
+        else:
+            self.waiting.extend(followers)
+
+    def _shareable_blocks(self, req: Request) -> int:
+        """Full prompt blocks a prefix hit can give another request with this prompt."""
+        return (req.num_prompt_tokens - 1) // self.blocks.block_size - (1 if self._lookahead else 0)
+
+    def _prompt_cached(self, req: Request) -> bool:
+        """Whether req's full prompt blocks, all a prefix hit can use, are in the prefix cache."""
+        return len(req.block_hashes) >= (req.num_prompt_tokens - 1) // self.blocks.block_size
+
+    def _release_followers(self, leader: Request) -> None:
+        followers, leader.followers = leader.followers, []
+        for f in reversed(followers):
+            f.leader = None
+            self.waiting.appendleft(f)
+        self._num_held -= len(followers)
+
+    @property
+    def num_waiting(self) -> int:
+        """Queued requests, those held for a shared prompt included."""
+        return len(self.waiting) + self._num_held
 
     def abort(self, req_id: str) -> Request | None:
         """Ends a request at once, wherever it is (a client abort, or a stop string the frontend saw)."""
@@ -223,6 +264,8 @@ class Scheduler:
             self._add_to_plan(step, req, n)
             self._account(req, n)
             budget -= n
+            if req.followers and self._prompt_cached(req):
+                self._release_followers(req)  # its prompt was in the cache already: they go next
 
     def _apply_prefix_hit(self, req: Request) -> None:
         if req.params.prompt_logprobs is not None:
@@ -258,6 +301,8 @@ class Scheduler:
         step.scheduled.append((req, n))
 
     def _preempt(self, req: Request) -> None:
+        if req.followers:
+            self._release_followers(req)
         self.running.remove(req)
         self._release(req)
         req.status = Status.WAITING
@@ -351,6 +396,8 @@ class Scheduler:
         known = min(req.num_computed, len(req.token_ids))  # (tokens still pending are not hashable)
         if known // self.blocks.block_size > len(req.block_hashes):  # a block just filled up
             self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, known)
+            if req.followers and self._prompt_cached(req):
+                self._release_followers(req)
 
     def _count_verified(self, req: Request, num_drafts: int, num_accepted: int) -> None:
         # The accepted drafts' cache entries are verified ones (those past a stop token are moot).
@@ -376,8 +423,14 @@ class Scheduler:
         return None
 
     def _finish(self, req: Request, reason: str) -> None:
+        if req.followers:
+            self._release_followers(req)
         if req.status is Status.RUNNING:
             self.running.remove(req)
+        elif req.leader is not None:  # held for its leader's prompt: in no queue
+            req.leader.followers.remove(req)
+            req.leader = None
+            self._num_held -= 1
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
         self._release(req)
@@ -403,3 +456,8 @@ class Scheduler:
         assert len(self.running) <= self.config.max_num_seqs
         assert all(r.status is Status.RUNNING for r in self.running)
         assert all(not r.block_table for r in self.waiting), "a waiting request holds blocks"
+        held = [f for r in itertools.chain(self.running, self.waiting) for f in r.followers]
+        assert len(held) == self._num_held, "held completions miscounted"
+        assert all(f.leader is not None and not f.block_table and f.status is Status.WAITING for f in held)
+        queued = {id(r) for r in itertools.chain(self.running, self.waiting)}
+        assert not any(id(f) in queued for f in held), "a held completion is also queued"

@@ -91,11 +91,14 @@ def test_prefix_cache_computes_only_new_tokens_and_keeps_output(tiny_checkpoint)
     ([5], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ([5], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ([5], {"bogus": 1}, "unknown field `bogus`"),
+    ([5], {"n": 0}, r"n must be in \[1, 256\]"),
+    ([5] * 5000, {"n": 3}, "prompt has 5000 tokens"),
 ])
 def test_bad_input_fails_that_request_alone(small_cache_llm, prompt, params, message):
     good = SamplingParams(temperature=0, max_tokens=4)
     outs = small_cache_llm.generate([[7, 8, 9], prompt, [10, 11]], [good, params, good], use_tqdm=False)
-    assert outs[1].finish_reason == "error"
+    assert outs[1].finish_reason == "error" and all(c.finish_reason == "error" for c in outs[1].outputs)
+    assert len(outs[1].outputs) == params.get("n", 1) or params.get("n") == 0
     assert outs[1].error is not None and pytest.importorskip("re").search(message, outs[1].error)
     assert [len(o.token_ids) for o in (outs[0], outs[2])] == [4, 4]
     assert outs[0].finish_reason == outs[2].finish_reason == "length"
@@ -111,6 +114,47 @@ def test_seeded_sampling_is_the_same_whatever_the_batch(small_cache_llm):
     other_seed = small_cache_llm.generate([[5, 6, 7]], SamplingParams(
         temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
     assert other_seed.token_ids != alone
+
+
+def test_n_completions_share_the_prompt_and_equal_requests_seeded_seed_plus_index(small_cache_llm):
+    """n = 4 over a 40-token prompt (2 full blocks of 16): the prompt is computed once and the
+    other three completions compute only its last 8 tokens; completion i draws exactly what the
+    same request with n = 1 and seed 7 + i draws, logprobs included; the prompt's logprobs come
+    once."""
+    prompt = torch.randint(2, 258, (40,), generator=torch.Generator().manual_seed(23)).tolist()
+    params = dict(temperature=1.0, top_k=40, max_tokens=10, ignore_eos=True, logprobs=1)
+    before = small_cache_llm.stats()
+    group = small_cache_llm.generate([prompt], SamplingParams(n=4, seed=7, prompt_logprobs=1, **params),
+                                     use_tqdm=False)[0]
+    after = small_cache_llm.stats()
+    assert after.computed_prompt_tokens - before.computed_prompt_tokens == 40 + 3 * 8
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 3 * 32
+    assert [c.index for c in group.outputs] == [0, 1, 2, 3] and group.finished
+    assert len(group.prompt_logprobs) == 40 and group.text == group.outputs[0].text
+    alone = small_cache_llm.generate([prompt] * 4, [SamplingParams(seed=7 + i, **params) for i in range(4)],
+                                     use_tqdm=False)
+    for c, a in zip(group.outputs, alone):
+        assert c.token_ids == a.token_ids and c.finish_reason == "length"
+        assert [lp.logprob for lp in c.logprobs] == pytest.approx([lp.logprob for lp in a.logprobs], abs=1e-4)
+    assert len({tuple(c.token_ids) for c in group.outputs}) > 1
+    greedy = small_cache_llm.generate([prompt, prompt], [SamplingParams(n=3, temperature=0, max_tokens=6),
+                                                         SamplingParams(temperature=0, max_tokens=6)],
+                                      use_tqdm=False)
+    assert [c.token_ids for c in greedy[0].outputs] == [greedy[1].token_ids] * 3
+
+
+def test_a_stop_string_ends_only_the_completion_that_reached_it(small_cache_llm):
+    prompt = [9, 8, 7, 6, 5]
+    params = dict(n=4, temperature=1.0, seed=3, max_tokens=20, ignore_eos=True, skip_special_tokens=True)
+    texts = [c.text for c in small_cache_llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0].outputs]
+    stop = next(texts[0][i] for i in range(3, len(texts[0])) if texts[0][i] != "\ufffd")
+    assert any(stop not in t for t in texts[1:]), "pick a seed where some completion never meets the stop"
+    outs = small_cache_llm.generate([prompt], SamplingParams(stop=[stop], **params), use_tqdm=False)[0].outputs
+    for t, c in zip(texts, outs):
+        if stop in t:
+            assert c.finish_reason == "stop" and c.text == t[: t.index(stop)]
+        else:
+            assert c.finish_reason == "length" and c.text == t
 
 
 def test_stop_token_and_min_tokens(small_cache_llm):

@@ -26,6 +26,7 @@ def _batch():
     lengths = [3, 70, 20, 9, 41, 12, 5, 28]
     prompts = [torch.randint(2, 258, (n,), generator=g).tolist() for n in lengths]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 30, 14, 40, 9, 22, 3, 17)]
+    params[4] = SamplingParams(n=3, temperature=0.9, seed=4, max_tokens=9, ignore_eos=True)  # on one rank
     return prompts, params
 
 
@@ -37,7 +38,7 @@ def _generate(checkpoint, ep_size):
         outs = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.stats()
     assert stats.num_free_blocks == stats.num_blocks
-    return [o.token_ids for o in outs], stats
+    return [[c.token_ids for c in o.outputs] for o in outs], stats
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_two_hosts_over_tcp_equal_one_rank(tiny_checkpoint, single):
                  kv_cache_memory=10 * FP32_BYTES_PER_BLOCK, ep_size=2, nnodes=2, master_port=base,
                  scheduler_port=base + 1) as llm:
             assert len(llm.engine.procs) == 2  # the scheduler and rank 0's worker; rank 1 is node 1's
-            got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            got = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
             stats = llm.stats()
         assert all(n > 0 for n in stats.rank_requests)
         assert got == expected

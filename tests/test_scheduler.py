@@ -20,11 +20,15 @@ def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, max_len=4
     return Scheduler(cfg, BlockManager(num_blocks, block_size, caching))
 
 
-def run_step(sched: Scheduler, worker: WorkerState, rng: random.Random, vocab=50):
-    """A fake model: random tokens; with speculation, random drafts of which a random prefix is accepted."""
+def run_step(sched: Scheduler, worker: WorkerState, rng: random.Random, vocab=50, cache=None):
+    """A fake model: random tokens; with speculation, random drafts of which a random prefix is
+    accepted. `cache` (a dict): the fake model also writes each computed token into its block
+    slot there and checks that every token it attends to is in its slot."""
     k = sched.config.num_speculative_tokens
     step = sched.schedule()
     work = worker.apply(step.plan)
+    if cache is not None:
+        write_and_check_cache(work, cache, sched.blocks.block_size)
     sampled, drafts = {}, {}
     for w in work:
         if w.samples:
@@ -36,6 +40,28 @@ def run_step(sched: Scheduler, worker: WorkerState, rng: random.Random, vocab=50
                         [drafts[r] for r in sampled] if k else [])
     WorkerState.advance(work, sampled, drafts)
     return step, sched.update(step, result)
+
+
+def write_and_check_cache(work, cache: dict, bs: int) -> None:
+    for w in work:
+        req, start = w.req, w.req.num_computed
+        for pos in range(start):  # what this step's tokens attend to, prefix hits included
+            assert cache.get((req.block_table[pos // bs], pos % bs)) == req.token_ids[pos], (req.req_id, pos)
+        for pos, tok in enumerate(w.tokens, start):
+            cache[(req.block_table[pos // bs], pos % bs)] = tok
+
+
+def add_random_traffic(sched: Scheduler, rng: random.Random, shared_prefix: list[int], added: int) -> list[str]:
+    """One request, or now and then the completions of one prompt (SamplingParams.n); their ids."""
+    n = rng.randrange(1, 40)
+    prompt = (shared_prefix[: rng.randrange(0, 24)] + [rng.randrange(2, 50) for _ in range(n)])[:40]
+    params = SamplingParams(max_tokens=rng.randrange(1, 30))
+    if rng.random() < 0.2:
+        group = [Request(f"r{added}/{i}", prompt, params) for i in range(rng.randrange(2, 5))]
+        sched.add_group(group)
+        return [r.req_id for r in group]
+    sched.add(Request(f"r{added}", prompt, params))
+    return [f"r{added}"]
 
 
 def check_worker_mirrors_scheduler(sched: Scheduler, worker: WorkerState):
@@ -100,6 +126,95 @@ def test_prefix_hit_skips_cached_tokens():
     assert sched.counters.prefix_cache_hits == 20
 
 
+def completions(prompt, n, **params):
+    """A group as EngineCore builds it for SamplingParams(n=n)."""
+    return [Request(f"g/{i}", prompt, SamplingParams(**params)) for i in range(n)]
+
+
+def test_completions_of_one_prompt_compute_it_once():
+    """n = 3 over a 21-token prompt (5 full blocks of 4): the first completion prefills; the
+    others wait until those blocks are cached, then start from them and compute one token each."""
+    sched = make_scheduler(block_size=4, budget=64)
+    worker, rng = WorkerState(), random.Random(0)
+    prompt = list(range(2, 23))
+    sched.add_group(completions(prompt, 3, max_tokens=4, ignore_eos=True))
+    assert sched.num_waiting == 3 and len(sched.waiting) == 1
+    step, _ = run_step(sched, worker, rng)
+    assert [(r.req_id, n) for r, n in step.scheduled] == [("g/0", 21)]
+    sched.check_integrity()
+    step, _ = run_step(sched, worker, rng)
+    assert [(r.req_id, n) for r, n in step.scheduled] == [("g/0", 1), ("g/1", 1), ("g/2", 1)]
+    leader_blocks = sched.requests["g/0"].block_table[:5]
+    for plan in step.plan.new:
+        assert plan.num_computed == 20 and plan.block_ids[:5] == leader_blocks
+    sched.check_integrity()
+    assert sched.counters.computed_prompt_tokens == 21 + 1 + 1
+    assert sched.counters.prefix_cache_hits == 40
+    while sched.has_work():
+        run_step(sched, worker, rng)
+        sched.check_integrity()
+    assert sched.blocks.num_free == sched.blocks.num_blocks
+
+
+def test_completions_wait_for_the_last_chunk_of_a_chunked_prompt():
+    sched = make_scheduler(block_size=4, budget=8)
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add_group(completions(list(range(2, 23)), 2, max_tokens=2, ignore_eos=True))
+    for _ in range(3):  # 21 tokens in chunks of 8
+        step, _ = run_step(sched, worker, rng)
+        assert [r.req_id for r, _ in step.scheduled] == ["g/0"]
+    step, _ = run_step(sched, worker, rng)
+    assert [(r.req_id, n) for r, n in step.scheduled] == [("g/0", 1), ("g/1", 1)]
+
+
+@pytest.mark.parametrize("spec, prompt_len, held", [(0, 5, True), (0, 4, False), (2, 9, True), (2, 8, False)])
+def test_completions_are_held_only_when_a_block_can_be_shared(spec, prompt_len, held):
+    """A hit leaves the last prompt token uncached, and with MTP drafting also the last hit block."""
+    sched = make_scheduler(block_size=4, budget=64, spec=spec)
+    sched.add_group(completions(list(range(2, 2 + prompt_len)), 2))
+    assert len(sched.waiting) == (1 if held else 2) and sched.num_waiting == 2
+
+
+def test_completions_run_unshared_without_prefix_caching():
+    sched = make_scheduler(block_size=4, budget=64, caching=False)
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add_group(completions(list(range(2, 23)), 2))
+    step, _ = run_step(sched, worker, rng)
+    assert [(r.req_id, n) for r, n in step.scheduled] == [("g/0", 21), ("g/1", 21)]
+
+
+@pytest.mark.parametrize("end", ["abort", "preempt"])
+def test_completions_start_alone_when_the_first_one_ends_before_its_prompt_is_cached(end):
+    sched = make_scheduler(num_blocks=12, block_size=4, budget=8)
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add_group(completions(list(range(2, 23)), 3, max_tokens=2, ignore_eos=True))
+    run_step(sched, worker, rng)  # g/0's first chunk
+    if end == "abort":
+        sched.abort("g/0")
+    else:
+        sched._preempt(sched.requests["g/0"])
+    sched.check_integrity()
+    assert sched.num_waiting == len(sched.waiting) == (2 if end == "abort" else 3)
+    finished = set()
+    while sched.has_work():
+        _, deltas = run_step(sched, worker, rng)
+        finished |= {d.req_id for d in deltas if d.finished}
+        sched.check_integrity()
+    assert finished == ({"g/1", "g/2"} if end == "abort" else {"g/0", "g/1", "g/2"})
+
+
+def test_a_held_completion_can_be_aborted():
+    sched = make_scheduler(block_size=4, budget=64)
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add_group(completions(list(range(2, 23)), 3, max_tokens=2))
+    assert sched.abort("g/1") is not None
+    sched.check_integrity()
+    assert sched.num_waiting == 2 and "g/1" not in sched.requests
+    run_step(sched, worker, rng)
+    step, _ = run_step(sched, worker, rng)
+    assert [r.req_id for r, _ in step.scheduled] == ["g/0", "g/2"]
+
+
 def test_a_request_larger_than_the_pool_finishes_instead_of_blocking():
     sched = make_scheduler(num_blocks=2, block_size=4)
     worker, rng = WorkerState(), random.Random(0)
@@ -124,28 +239,26 @@ def test_random_traffic_keeps_every_invariant(seed):
                            budget=budget, max_seqs=max_seqs, caching=bool(seed % 2), spec=spec)
     worker = WorkerState()
     shared_prefix = [rng.randrange(2, 50) for _ in range(24)]
-    added, finished = 0, set()
+    added, finished, ids, cache = 0, set(), set(), {}
     for _ in range(1500):
         if added < 300 and rng.random() < 0.3:
-            n = rng.randrange(1, 40)
-            prompt = (shared_prefix[: rng.randrange(0, 24)] + [rng.randrange(2, 50) for _ in range(n)])[:40]
-            sched.add(Request(f"r{added}", prompt, SamplingParams(max_tokens=rng.randrange(1, 30))))
+            ids.update(add_random_traffic(sched, rng, shared_prefix, added))
             added += 1
         if sched.requests and rng.random() < 0.03:
             rid = rng.choice(list(sched.requests))
             sched.abort(rid)
             finished.add(rid)
-        step, deltas = run_step(sched, worker, rng)
+        step, deltas = run_step(sched, worker, rng, cache=cache)
         finished |= {d.req_id for d in deltas if d.finished}
         assert step.num_tokens <= budget
         assert len(sched.running) <= max_seqs
         sched.check_integrity()
         check_worker_mirrors_scheduler(sched, worker)
     while sched.has_work():
-        _, deltas = run_step(sched, worker, rng)
+        _, deltas = run_step(sched, worker, rng, cache=cache)
         finished |= {d.req_id for d in deltas if d.finished}
         sched.check_integrity()
-    assert finished == {f"r{i}" for i in range(added)}
+    assert finished == ids
     assert sched.blocks.num_free == sched.blocks.num_blocks  # an idle engine holds no block
     assert sched.counters.num_steps > 1000
     if spec:
@@ -154,9 +267,11 @@ def test_random_traffic_keeps_every_invariant(seed):
         assert sum(c.spec_accepted_per_pos) == c.spec_accepted_tokens
 
 
-def sample_step(worker: WorkerState, step, rng: random.Random, vocab=50) -> StepResult:
+def sample_step(worker: WorkerState, step, rng: random.Random, vocab=50, cache=None, block_size=0) -> StepResult:
     """The fake model runs one plan (no speculation)."""
     work = worker.apply(step.plan)
+    if cache is not None:
+        write_and_check_cache(work, cache, block_size)
     sampled = {w.req.req_id: [rng.randrange(vocab)] for w in work if w.samples}
     WorkerState.advance(work, sampled)
     return StepResult(step.plan.step_id, list(sampled), list(sampled.values()))
@@ -179,12 +294,15 @@ def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed)
     added, finished, outputs, max_tokens = 0, set(), {}, {}
     in_flight = None
     preempted_in_flight = 0
+    cache = {}
+
+    def sample(step):
+        return sample_step(worker, step, rng, cache=cache, block_size=block_size)
+
     for _ in range(1500):
         if added < 300 and rng.random() < 0.3:
-            n = rng.randrange(1, 40)
-            prompt = (shared_prefix[: rng.randrange(0, 24)] + [rng.randrange(2, 50) for _ in range(n)])[:40]
-            max_tokens[f"r{added}"] = rng.randrange(1, 30)
-            sched.add(Request(f"r{added}", prompt, SamplingParams(max_tokens=max_tokens[f"r{added}"])))
+            for rid in add_random_traffic(sched, rng, shared_prefix, added):
+                max_tokens[rid] = sched.requests[rid].params.max_tokens
             added += 1
         if sched.requests and rng.random() < 0.03:
             rid = rng.choice(list(sched.requests))
@@ -198,7 +316,7 @@ def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed)
         for d in deltas:
             outputs.setdefault(d.req_id, []).extend(d.new_token_ids)
         finished |= {d.req_id for d in deltas if d.finished}
-        in_flight = (upcoming, sample_step(worker, upcoming, rng))
+        in_flight = (upcoming, sample(upcoming))
         sched.check_integrity()
         for req in sched.running:  # the scheduler's tokens are a prefix of the worker's
             w = worker.requests[req.req_id]
@@ -211,9 +329,9 @@ def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed)
         in_flight = None
         if sched.has_work():
             step = sched.schedule()
-            in_flight = (step, sample_step(worker, step, rng))
+            in_flight = (step, sample(step))
         sched.check_integrity()
-    assert finished == {f"r{i}" for i in range(added)}
+    assert finished == set(max_tokens)
     assert sched.blocks.num_free == sched.blocks.num_blocks
     assert preempted_in_flight > 0
     for rid, toks in outputs.items():

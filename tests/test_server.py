@@ -121,6 +121,8 @@ def mixed_requests(n: int):
             params.update(temperature=0.8, top_p=0.9, seed=1000 + i)
         if i % 5 == 2:
             params.update(logprobs=2)
+        if i % 8 == 4:  # n completions, streamed interleaved by index
+            params.update(n=3, temperature=0.9, seed=2000 + i)
         reqs.append((PROMPTS[i % len(PROMPTS)] + " " * (i % 4), params))
     return reqs
 
@@ -147,12 +149,18 @@ def test_64_concurrent_streaming_clients_match_the_offline_api(server, tiny_chec
                                use_tqdm=False)
     for i, ((deltas, final), off, (_, params)) in enumerate(zip(results, offline, reqs)):
         assert isinstance(final, Final) and final.finish_reason == "length"
-        streamed_ids = [t for d in deltas for t in d.token_ids]
-        assert streamed_ids == final.token_ids == off.token_ids, (i, params)
-        assert "".join(d.text for d in deltas) == final.text == off.text
-        assert final.usage.completion_tokens == params["max_tokens"]
+        n = params.get("n", 1)
+        completions = final.completions or [final]
+        assert len(completions) == len(off.outputs) == n and final.token_ids == completions[0].token_ids
+        for k, (got, want) in enumerate(zip(completions, off.outputs)):
+            mine = [d for d in deltas if d.index == k]
+            streamed_ids = [t for d in mine for t in d.token_ids]
+            assert streamed_ids == got.token_ids == want.token_ids, (i, k, params)
+            assert "".join(d.text for d in mine) == got.text == want.text
+        assert final.usage.completion_tokens == n * params["max_tokens"]
         if "logprobs" in params:
-            assert len([lp for d in deltas for lp in d.logprobs]) == params["max_tokens"]
+            assert len([lp for d in deltas for lp in d.logprobs]) == n * params["max_tokens"]
+    assert sum("n" in params for _, params in reqs) == 8
 
 
 def test_abort_and_disconnect_free_their_blocks(server):
@@ -179,6 +187,21 @@ def test_abort_and_disconnect_free_their_blocks(server):
         time.sleep(0.1)
     stream.close()
     c.close()
+
+
+def test_aborting_a_request_of_n_completions_ends_them_all(server):
+    with Client(server.address, timeout_s=60) as c:
+        stream = c.generate("abort us " * 3, {"n": 4, "max_tokens": 3000, "ignore_eos": True}, request_id="group")
+        seen = set()
+        while len(seen) < 4:  # every completion is running
+            seen.add(next(stream).index)
+        c.abort("group")
+        final = list(stream)[-1]
+        assert isinstance(final, Final) and [x.finish_reason for x in final.completions] == ["abort"] * 4
+        assert final.usage.completion_tokens == sum(len(x.token_ids) for x in final.completions)
+        with pytest.raises(ServerError, match=r"n must be in \[1, 256\]"):
+            c.complete("x", {"n": 257})
+    assert server.wait_metric("mlaserve:kv_cache_usage_perc", lambda v: v == 0) == 0
 
 
 @pytest.mark.parametrize("payload,code", [

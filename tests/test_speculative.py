@@ -123,7 +123,7 @@ def test_speculation_with_prefix_caching_stop_tokens_and_logprobs(demo):
     shared = "sort " + ",".join(str(d) for d in [7, 3, 9, 1, 4, 4, 0, 2, 8, 6, 5] * 2) + ","  # 49 tokens
     prompts = [shared + "1=", shared + "3=", "sort 9,8,7,1=", "sort 5,5,2,0="]
     params = [SamplingParams(temperature=0, max_tokens=20, logprobs=2),
-              SamplingParams(temperature=0, max_tokens=20),
+              SamplingParams(n=3, temperature=0, max_tokens=20),  # two of them start from the first's blocks
               SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[comma]),
               SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[comma], logprobs=1)]
     runs = {}
@@ -137,6 +137,7 @@ def test_speculation_with_prefix_caching_stop_tokens_and_logprobs(demo):
     assert stats.prefix_cache_hits >= BLOCK and stats.spec_accepted_tokens > 10
     for a, b in zip(plain, spec):
         assert (a.token_ids, a.finish_reason, a.text) == (b.token_ids, b.finish_reason, b.text)
+    assert [c.token_ids for c in spec[1].outputs] == [plain[1].token_ids] * 3
     assert spec[2].finish_reason == "stop" and spec[2].token_ids == [2 + ord("1"), comma]
     for out in (spec[0], spec[3]):
         assert len(out.logprobs) == len(out.token_ids)
