@@ -25,6 +25,11 @@ class LatentCache:
         """Layer i's cache, [num_blocks, block_size, row width] (a view)."""
         return self.data[i]
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Block dst[i] takes block src[i]'s entries in every layer (no block is both)."""
+        device = self.data.device
+        self.data[:, torch.tensor(dst, device=device)] = self.data[:, torch.tensor(src, device=device)]
+
     @staticmethod
     def bytes_per_token(num_layers: int, rank: int, rope: int, dtype: torch.dtype, fp8: bool = False) -> int:
         if fp8:

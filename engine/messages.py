@@ -135,6 +135,10 @@ class StepPlan(Message):
     running_num_scheduled: list[int] = []
     running_new_blocks: list[list[int]] = []
     finished_ids: list[str] = []  # finished, aborted or preempted since the last step: drop state
+    # Before the step runs, block copy_dst[i] takes block copy_src[i]'s entries, every layer: the
+    # tail of a prompt (past its last full block) that a completion of n shares with the first.
+    copy_src: list[int] = []
+    copy_dst: list[int] = []
 
 
 class StepResult(Message):

@@ -186,6 +186,8 @@ class ModelRunner:
         """Runs one step. `publish`, when given, gets the result as soon as it is known, before
         this worker's own bookkeeping for the next step, so the scheduler's work overlaps it."""
         work = self.state.apply(plan)
+        if plan.copy_src:
+            self.cache.copy_blocks(plan.copy_src, plan.copy_dst)
         if not work:
             if self.model.ep is not None:  # the other ranks' tokens still need this rank's experts
                 self.model.idle_forward()

@@ -40,6 +40,9 @@ class Request:
         # wait (held, in no queue) until its blocks are in the prefix cache, then start from them.
         self.followers: list[Request] = []
         self.leader: Request | None = None  # set while held
+        # The leader's block holding the prompt's tail, referenced for this completion until its
+        # admission copies it (so it computes only the last prompt token).
+        self.tail_source: int | None = None
 
     @property
     def num_tokens(self) -> int:

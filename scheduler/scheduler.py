@@ -17,9 +17,11 @@ again; one that stops on EOS runs one step more, whose result is dropped. Cached
 are hashed only when their tokens are known.
 
 Parallel sampling (n completions of one prompt): the first completion is queued, the others are
-held until its prompt's full blocks are in the prefix cache, then queued at the front, where
-they hit those blocks and compute only the prompt's last partial block. If the first one ends
-or is preempted before then, they are queued as they are.
+held until it has computed the prompt and its full blocks are in the prefix cache, then queued at
+the front. There they hit those blocks, and each gets a copy of the first one's block holding the
+rest of the prompt (the worker copies it before the step that admits them), so each computes
+only the last prompt token. If the first one ends or is preempted before then, they are queued
+as they are.
 
 Speculative decoding: the worker returns up to k draft tokens with each sampled token; the next
 decode of that request computes its missing token plus those drafts (verification) and keeps
@@ -88,6 +90,7 @@ class Scheduler:
         self._dropped: list[str] = []  # ids the worker must forget at the next step
         self._unreported: list[Request] = []  # finished inside schedule(), reported by update()
         self._num_held = 0  # completions waiting for their first sibling's prompt blocks
+        self._pinning: dict[Request, None] = {}  # waiting completions holding a reference on a tail block
         self._step_id = 0
 
     # ---- intake ---------------------------------------------------------------------------
@@ -117,16 +120,42 @@ class Scheduler:
         """Full prompt blocks a prefix hit can give another request with this prompt."""
         return (req.num_prompt_tokens - 1) // self.blocks.block_size - (1 if self._lookahead else 0)
 
-    def _prompt_cached(self, req: Request) -> bool:
-        """Whether req's full prompt blocks, all a prefix hit can use, are in the prefix cache."""
-        return len(req.block_hashes) >= (req.num_prompt_tokens - 1) // self.blocks.block_size
+    def _prompt_shareable(self, req: Request) -> bool:
+        """Whether req has computed its prompt (but for the last token; in steps already planned)
+        and its full prompt blocks, all a prefix hit can use, are in the prefix cache."""
+        last = req.num_prompt_tokens - 1
+        return req.num_computed >= last and len(req.block_hashes) >= last // self.blocks.block_size
 
     def _release_followers(self, leader: Request) -> None:
+        """Queues the held completions first. When the leader's prompt is shareable, each also
+        takes a reference on the leader's block with the prompt's tail, for its admission to copy:
+        the worker runs plans in order, so the step that computed that tail runs before the copy."""
         followers, leader.followers = leader.followers, []
+        last = leader.num_prompt_tokens - 1
+        tail = None
+        if not self._lookahead and last % self.blocks.block_size and leader.block_table and \
+                self._prompt_shareable(leader):
+            tail = leader.block_table[last // self.blocks.block_size]
         for f in reversed(followers):
             f.leader = None
+            if tail is not None:
+                self.blocks.acquire([tail])
+                f.tail_source = tail
+                self._pinning[f] = None
             self.waiting.appendleft(f)
         self._num_held -= len(followers)
+
+    def _drop_tail_source(self, req: Request) -> None:
+        if req.tail_source is not None:
+            self.blocks.release([req.tail_source])
+            req.tail_source = None
+            self._pinning.pop(req, None)
+
+    def _unpin_tails(self) -> None:
+        """Blocks are short: the tails kept for waiting completions go back (they will compute
+        their prompt's tail instead), so that they never hold the pool hostage."""
+        for req in list(self._pinning):
+            self._drop_tail_source(req)
 
     @property
     def num_waiting(self) -> int:
@@ -231,6 +260,8 @@ class Scheduler:
     def _grow(self, req: Request, n: int) -> bool:
         """Makes req's table hold num_computed + n tokens, preempting from the back if needed."""
         need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
+        if need > self.blocks.num_free and self._pinning:
+            self._unpin_tails()
         while need > self.blocks.num_free:
             victim = self.running[-1]
             self._preempt(victim)
@@ -248,24 +279,37 @@ class Scheduler:
                 break  # preempted while its last step ran: back once that step's token is in
             if not req.block_table:
                 self._apply_prefix_hit(req)
+                if req.tail_source is not None:
+                    if len(req.block_table) == (req.num_prompt_tokens - 1) // self.blocks.block_size:
+                        req.num_computed = req.num_prompt_tokens - 1  # the rest comes with the copied tail
+                    else:  # some of the shared blocks were evicted: compute from the hit
+                        self._drop_tail_source(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if self._end_if_unservable(req, n):
                 continue
             need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
+            if need > self.blocks.num_free and self._pinning:
+                self._unpin_tails()
+                req.num_computed = min(req.num_computed, len(req.block_table) * self.blocks.block_size)
+                n = min(req.num_tokens - req.num_computed, budget)
+                need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
             if need > self.blocks.num_free:
                 self._release(req)  # waiting requests hold no blocks, prefix hits included
                 break
             req.block_table.extend(self.blocks.allocate(need))
             self.waiting.popleft()
             req.status = Status.RUNNING
+            if req.tail_source is not None:
+                step.plan.copy_src.append(req.tail_source)
+                step.plan.copy_dst.append(req.block_table[-1])
+                self._drop_tail_source(req)  # (copies run before the step: the block may be reused in it)
             if not req.scheduled_time:
                 req.scheduled_time = time.time()
+                self._count_prompt(req)
             self.running.append(req)
             self._add_to_plan(step, req, n)
             self._account(req, n)
             budget -= n
-            if req.followers and self._prompt_cached(req):
-                self._release_followers(req)  # its prompt was in the cache already: they go next
 
     def _apply_prefix_hit(self, req: Request) -> None:
         if req.params.prompt_logprobs is not None:
@@ -279,11 +323,14 @@ class Scheduler:
         req.block_table = list(hit)
         req.block_hashes = list(hashes)
         req.num_computed = len(hit) * self.blocks.block_size
-        if req.num_preemptions == 0:
-            req.num_cached_tokens = req.num_computed
-            self.counters.prompt_tokens += req.num_prompt_tokens
-            self.counters.prefix_cache_queries += req.num_prompt_tokens
-            self.counters.prefix_cache_hits += req.num_computed
+
+    def _count_prompt(self, req: Request) -> None:
+        """At first admission (a request that found no room is looked up again next step)."""
+        req.num_cached_tokens = req.num_computed
+        c = self.counters
+        c.prompt_tokens += req.num_prompt_tokens
+        c.prefix_cache_queries += req.num_prompt_tokens
+        c.prefix_cache_hits += req.num_computed
 
     def _add_to_plan(self, step: ScheduledStep, req: Request, n: int) -> None:
         if req.on_worker:
@@ -337,6 +384,8 @@ class Scheduler:
             in_step[req.req_id] = req
             if req.status is running:
                 self._cache_filled_blocks(req)
+                if req.followers and self._prompt_shareable(req):
+                    self._release_followers(req)
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
         self._unreported = []
         now = time.time()
@@ -396,8 +445,6 @@ class Scheduler:
         known = min(req.num_computed, len(req.token_ids))  # (tokens still pending are not hashable)
         if known // self.blocks.block_size > len(req.block_hashes):  # a block just filled up
             self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, known)
-            if req.followers and self._prompt_cached(req):
-                self._release_followers(req)
 
     def _count_verified(self, req: Request, num_drafts: int, num_accepted: int) -> None:
         # The accepted drafts' cache entries are verified ones (those past a stop token are moot).
@@ -433,6 +480,7 @@ class Scheduler:
             self._num_held -= 1
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
+        self._drop_tail_source(req)
         self._release(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
@@ -452,6 +500,8 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         tables = [r.block_table for r in self.running] + [r.block_table for r in self.waiting]
+        tables += [[r.tail_source] for r in self.waiting if r.tail_source is not None]
+        assert set(self._pinning) == {r for r in self.waiting if r.tail_source is not None}, "tail pins miscounted"
         self.blocks.check_integrity(tables)
         assert len(self.running) <= self.config.max_num_seqs
         assert all(r.status is Status.RUNNING for r in self.running)

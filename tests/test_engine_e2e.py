@@ -117,18 +117,18 @@ def test_seeded_sampling_is_the_same_whatever_the_batch(small_cache_llm):
 
 
 def test_n_completions_share_the_prompt_and_equal_requests_seeded_seed_plus_index(small_cache_llm):
-    """n = 4 over a 40-token prompt (2 full blocks of 16): the prompt is computed once and the
-    other three completions compute only its last 8 tokens; completion i draws exactly what the
-    same request with n = 1 and seed 7 + i draws, logprobs included; the prompt's logprobs come
-    once."""
+    """n = 4 over a 40-token prompt (2 full blocks of 16): the prompt is computed once; the
+    other three completions start from those blocks and a copy of the first one's third block,
+    and compute only the last prompt token. Completion i draws exactly what the same request
+    with n = 1 and seed 7 + i draws, logprobs included; the prompt's logprobs come once."""
     prompt = torch.randint(2, 258, (40,), generator=torch.Generator().manual_seed(23)).tolist()
     params = dict(temperature=1.0, top_k=40, max_tokens=10, ignore_eos=True, logprobs=1)
     before = small_cache_llm.stats()
     group = small_cache_llm.generate([prompt], SamplingParams(n=4, seed=7, prompt_logprobs=1, **params),
                                      use_tqdm=False)[0]
     after = small_cache_llm.stats()
-    assert after.computed_prompt_tokens - before.computed_prompt_tokens == 40 + 3 * 8
-    assert after.prefix_cache_hits - before.prefix_cache_hits == 3 * 32
+    assert after.computed_prompt_tokens - before.computed_prompt_tokens == 40 + 3 * 1
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 3 * 39
     assert [c.index for c in group.outputs] == [0, 1, 2, 3] and group.finished
     assert len(group.prompt_logprobs) == 40 and group.text == group.outputs[0].text
     alone = small_cache_llm.generate([prompt] * 4, [SamplingParams(seed=7 + i, **params) for i in range(4)],

@@ -28,7 +28,7 @@ def run_step(sched: Scheduler, worker: WorkerState, rng: random.Random, vocab=50
     step = sched.schedule()
     work = worker.apply(step.plan)
     if cache is not None:
-        write_and_check_cache(work, cache, sched.blocks.block_size)
+        write_and_check_cache(step.plan, work, cache, sched.blocks.block_size)
     sampled, drafts = {}, {}
     for w in work:
         if w.samples:
@@ -42,7 +42,13 @@ def run_step(sched: Scheduler, worker: WorkerState, rng: random.Random, vocab=50
     return step, sched.update(step, result)
 
 
-def write_and_check_cache(work, cache: dict, bs: int) -> None:
+def write_and_check_cache(plan, work, cache: dict, bs: int) -> None:
+    for src, dst in zip(plan.copy_src, plan.copy_dst):
+        for off in range(bs):
+            if (src, off) in cache:
+                cache[(dst, off)] = cache[(src, off)]
+            else:
+                cache.pop((dst, off), None)
     for w in work:
         req, start = w.req, w.req.num_computed
         for pos in range(start):  # what this step's tokens attend to, prefix hits included
@@ -154,6 +160,23 @@ def test_completions_of_one_prompt_compute_it_once():
         run_step(sched, worker, rng)
         sched.check_integrity()
     assert sched.blocks.num_free == sched.blocks.num_blocks
+
+
+def test_completions_copy_the_prompt_tail_and_compute_only_its_last_token():
+    """A 23-token prompt: 5 full blocks, then 2 tokens before the last in block 5. The others
+    hit the 5 blocks, get a copy of the first one's block 5, and compute token 22 alone."""
+    sched = make_scheduler(block_size=4, budget=64)
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add_group(completions(list(range(2, 25)), 3, max_tokens=4, ignore_eos=True))
+    run_step(sched, worker, rng)
+    step, _ = run_step(sched, worker, rng)
+    assert [(r.req_id, n) for r, n in step.scheduled] == [("g/0", 1), ("g/1", 1), ("g/2", 1)]
+    tail = sched.requests["g/0"].block_table[5]
+    assert step.plan.copy_src == [tail, tail]
+    assert step.plan.copy_dst == [sched.requests[f"g/{i}"].block_table[5] for i in (1, 2)]
+    assert [p.num_computed for p in step.plan.new] == [22, 22]
+    assert sched.counters.computed_prompt_tokens == 23 + 1 + 1 and sched.counters.prefix_cache_hits == 44
+    sched.check_integrity()
 
 
 def test_completions_wait_for_the_last_chunk_of_a_chunked_prompt():
@@ -271,7 +294,7 @@ def sample_step(worker: WorkerState, step, rng: random.Random, vocab=50, cache=N
     """The fake model runs one plan (no speculation)."""
     work = worker.apply(step.plan)
     if cache is not None:
-        write_and_check_cache(work, cache, block_size)
+        write_and_check_cache(step.plan, work, cache, block_size)
     sampled = {w.req.req_id: [rng.randrange(vocab)] for w in work if w.samples}
     WorkerState.advance(work, sampled)
     return StepResult(step.plan.step_id, list(sampled), list(sampled.values()))
