@@ -238,6 +238,20 @@ def test_a_held_completion_can_be_aborted():
     assert [r.req_id for r, _ in step.scheduled] == ["g/0", "g/2"]
 
 
+def test_a_request_that_waits_for_room_counts_its_prompt_once():
+    sched = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    worker, rng = WorkerState(), random.Random(0)
+    sched.add(Request("a", [2] * 10, SamplingParams(max_tokens=4, ignore_eos=True)))
+    sched.add(Request("b", [3] * 6, SamplingParams(max_tokens=2, ignore_eos=True)))
+    steps_b_waited = 0
+    while sched.has_work():
+        step, _ = run_step(sched, worker, rng)
+        steps_b_waited += "b" in sched.requests and sched.requests["b"].status is Status.WAITING
+    assert steps_b_waited >= 2
+    c = sched.counters
+    assert c.prompt_tokens == c.prefix_cache_queries == 16 and c.num_preemptions == 0
+
+
 def test_a_request_larger_than_the_pool_finishes_instead_of_blocking():
     sched = make_scheduler(num_blocks=2, block_size=4)
     worker, rng = WorkerState(), random.Random(0)
