@@ -38,11 +38,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("decode_graphs: needs a GPU (CUDA graphs); none is visible")
         return
-    ckpt = Path(args.checkpoint)
-    if not (ckpt / "config.json").exists():
-        from model.checkpoint_maker import make_checkpoint
+    from model.checkpoint_maker import ensure_checkpoint
 
-        make_checkpoint("small", 0, ckpt)
+    ckpt = ensure_checkpoint(args.checkpoint)
     cfg = ModelConfig.from_checkpoint(ckpt)
     weights = load_weights(ckpt, cfg, torch.bfloat16, include_mtp=False, keep_fp8=True)
     model = DeepseekV3(cfg, weights, max_positions=args.context + 64).to("cuda")

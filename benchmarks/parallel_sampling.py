@@ -81,11 +81,9 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", type=int, default=2 << 30)
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
-    ckpt = Path(args.checkpoint)
-    if not (ckpt / "config.json").exists():
-        from model.checkpoint_maker import make_checkpoint
+    from model.checkpoint_maker import ensure_checkpoint
 
-        make_checkpoint("small", 0, ckpt)
+    ckpt = ensure_checkpoint(args.checkpoint)
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(2, 258) for _ in range(args.prompt_len)] for _ in range(args.num_prompts)]
     out_tokens = args.num_prompts * args.n * args.output_len

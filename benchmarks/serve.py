@@ -109,11 +109,9 @@ def main() -> None:
     server = None
     address = args.address
     if address is None:
-        ckpt = Path(args.checkpoint)
-        if not (ckpt / "config.json").exists():
-            from model.checkpoint_maker import make_checkpoint
+        from model.checkpoint_maker import ensure_checkpoint
 
-            make_checkpoint("small" if "small" in ckpt.name else "tiny", 0, ckpt)
+        ckpt = ensure_checkpoint(args.checkpoint, "small" if "small" in Path(args.checkpoint).name else "tiny")
         server = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(ckpt),
                                    "--port", "0", "--metrics-port", "0", "--kv-cache-memory",
                                    str(args.kv_cache_memory)] + ["--no-async-scheduling"] * args.no_async_scheduling,

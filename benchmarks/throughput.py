@@ -80,11 +80,9 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--cuda-graphs", action="store_true", help="decode steps replayed from CUDA graphs (GPU)")
     args = ap.parse_args()
-    ckpt = Path(args.checkpoint)
-    if not (ckpt / "config.json").exists():
-        from model.checkpoint_maker import make_checkpoint
+    from model.checkpoint_maker import ensure_checkpoint
 
-        make_checkpoint("small", 0, ckpt)
+    ckpt = ensure_checkpoint(args.checkpoint)
     reqs = workload(args.num_requests, args.seed, 258, args.input_len, args.output_len)
     out_tokens = sum(o for _, o in reqs)
     t_ours = run_mlaserve(ckpt, reqs, args)

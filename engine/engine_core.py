@@ -122,10 +122,8 @@ class EngineCore:
             self.metrics.on_deltas(deltas)
             return deltas
         arrival = msg.arrival_time or None
-        if n == 1:
-            group = [Request(msg.req_id, msg.prompt_ids, msg.params, arrival)]
-        else:
-            group = [Request(i, msg.prompt_ids, completion_params(msg.params, k), arrival) for k, i in enumerate(ids)]
+        group = [Request(i, msg.prompt_ids, msg.params if n == 1 else completion_params(msg.params, k), arrival)
+                 for k, i in enumerate(ids)]
         # A group stays on one rank: its completions share the prompt's blocks there.
         rank = self._place()
         self.schedulers[rank].add_group(group)

@@ -221,3 +221,11 @@ def make_checkpoint(preset: str, seed: int, out_dir: str | Path, overrides: dict
     write_sharded(stored, out, SHARDS.get(preset, 3))
     write_tokenizer(out)
     return out
+
+
+def ensure_checkpoint(out_dir: str | Path, preset: str = "small", seed: int = 0) -> Path:
+    """The checkpoint in out_dir, made from the preset first if the folder holds none (benchmarks)."""
+    out = Path(out_dir)
+    if not (out / "config.json").exists():
+        make_checkpoint(preset, seed, out)
+    return out

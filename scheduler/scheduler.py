@@ -133,8 +133,7 @@ class Scheduler:
         followers, leader.followers = leader.followers, []
         last = leader.num_prompt_tokens - 1
         tail = None
-        if not self._lookahead and last % self.blocks.block_size and leader.block_table and \
-                self._prompt_shareable(leader):
+        if not self._lookahead and last % self.blocks.block_size and self._prompt_shareable(leader):
             tail = leader.block_table[last // self.blocks.block_size]
         for f in reversed(followers):
             f.leader = None
@@ -290,9 +289,9 @@ class Scheduler:
             need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
             if need > self.blocks.num_free and self._pinning:
                 self._unpin_tails()
+                # Without its tail (if it had one) req computes from its hit: look again.
                 req.num_computed = min(req.num_computed, len(req.block_table) * self.blocks.block_size)
-                n = min(req.num_tokens - req.num_computed, budget)
-                need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
+                continue
             if need > self.blocks.num_free:
                 self._release(req)  # waiting requests hold no blocks, prefix hits included
                 break
