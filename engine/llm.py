@@ -32,7 +32,7 @@ from engine.messages import (
 from engine.model_config import ModelConfig
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.processes import Channel, spawn
-from engine.sampling_params import parse_sampling_params
+from engine.sampling_params import parse_sampling_params, tokenize_bad_words
 from engine.worker_process import run_worker
 
 
@@ -232,7 +232,7 @@ class LLM:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids if text is not None else list(prompt)
         out = RequestOutput(req_id, text, ids, metrics=RequestMetrics(arrival_time=time.time()))
         try:
-            params = parse_sampling_params(raw_params)
+            params = tokenize_bad_words(parse_sampling_params(raw_params), self.tokenizer)
         except ValueError as e:
             out.outputs[0].finish_reason, out.error = "error", str(e)
             return out

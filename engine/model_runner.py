@@ -22,7 +22,7 @@ from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
 from model.moe import MoE
 from model.mtp import MTPModule
-from model.sampler import SampleRow, draft_rows, prompt_logprob_entries, speculative_sample
+from model.sampler import SampleRow, TokenHistory, draft_rows, prompt_logprob_entries, speculative_sample
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -124,6 +124,7 @@ class ModelRunner:
                                  self.device, fp8_cache)
         self._cache_layers = [self.cache.layer(i) for i in range(self.cfg.num_cache_layers)]
         self.state = WorkerState()
+        self.history = TokenHistory(self.cfg.vocab_size, self.device)  # the penalties' token counts
         if self.device.startswith("cuda"):
             # cuDNN's attention builds an execution plan for each new pair of query and key
             # lengths, on the host, and every prefill chunk brings new ones: it took 59% of the
@@ -186,6 +187,7 @@ class ModelRunner:
         """Runs one step. `publish`, when given, gets the result as soon as it is known, before
         this worker's own bookkeeping for the next step, so the scheduler's work overlaps it."""
         work = self.state.apply(plan)
+        self.history.forget(plan.finished_ids)
         if plan.copy_src:
             self.cache.copy_blocks(plan.copy_src, plan.copy_dst)
         if not work:
@@ -249,8 +251,8 @@ class ModelRunner:
             first = query_start[i] + w.num_known - 1
             positions += range(first, first + len(drafts) + 1)
         index = torch.tensor(positions, device=hidden.device)
-        return speculative_sample(self.model.logits(hidden[index]).cpu(), rows, row_drafts, sizes,
-                                  self.cfg.eos_token_id, self.config.seed)
+        return speculative_sample(self.model.logits(hidden[index]), rows, row_drafts, sizes,
+                                  self.cfg.eos_token_id, self.config.seed, self.history)
 
     def _propose(self, work: list[ScheduledWork], query_start: list[int], hidden: torch.Tensor,
                  sampled: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -328,6 +330,6 @@ class ModelRunner:
         stop = min(start + w.num_tokens, num_prompt - 1)  # position p predicts prompt token p + 1
         entries: list[TokenLogprobs | None] = [None] if start == 0 else []
         if stop > start:
-            logits = self.model.logits(hidden[: stop - start]).cpu()
+            logits = self.model.logits(hidden[: stop - start])
             entries += prompt_logprob_entries(logits, w.req.token_ids[start + 1 : stop + 1], n)
         return entries

@@ -26,6 +26,12 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     logprobs: int | None = None  # top-n logprobs per generated token
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Constraints on which tokens can be sampled (the logprobs returned stay the model's own).
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these can be sampled
+    bad_words: list[str] = []  # never generated (the frontend tokenizes them into bad_words_token_ids)
+    bad_words_token_ids: list[list[int]] = []  # token sequences never generated: the last token is
+    # banned where the output ends with the rest
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +69,25 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
                 p.append(f"{name} must be in [0, 20], got {n}")
         if any(not s for s in self.stop):
             p.append("stop strings must not be empty")
+        bad = [t for t, b in self.logit_bias.items() if not 0 <= t < vocab_size]
+        if bad:
+            p.append(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        bad = [b for b in self.logit_bias.values() if not -100.0 <= b <= 100.0]  # (NaN fails too)
+        if bad:
+            p.append(f"logit_bias values must be in [-100, 100], got {bad[:5]}")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                p.append("allowed_token_ids must not be empty (leave it out to allow every token)")
+            bad = [t for t in self.allowed_token_ids if not 0 <= t < vocab_size]
+            if bad:
+                p.append(f"allowed_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        if any(not w for w in self.bad_words):
+            p.append("bad_words must not be empty strings")
+        if any(not seq for seq in self.bad_words_token_ids):
+            p.append("bad_words_token_ids must not hold an empty sequence")
+        bad = [t for seq in self.bad_words_token_ids for t in seq if not 0 <= t < vocab_size]
+        if bad:
+            p.append(f"bad_words_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
         return p
 
 
@@ -73,6 +98,20 @@ def completion_params(params: SamplingParams, index: int) -> SamplingParams:
     seed = None if params.seed is None else params.seed + index
     plp = params.prompt_logprobs if index == 0 else None
     return msgspec.structs.replace(params, n=1, seed=seed, prompt_logprobs=plp)
+
+
+def tokenize_bad_words(params: SamplingParams, tokenizer) -> SamplingParams:
+    """params with each of its bad_words added to bad_words_token_ids, as written and as a word
+    after a space (the same word is another token sequence there), as vLLM does."""
+    if not params.bad_words:
+        return params
+    seqs = [list(s) for s in params.bad_words_token_ids]
+    for word in params.bad_words:
+        for text in (word.lstrip(" "), " " + word.lstrip(" ")):
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            if ids and ids not in seqs:
+                seqs.append(ids)
+    return msgspec.structs.replace(params, bad_words_token_ids=seqs)
 
 
 def parse_sampling_params(raw: SamplingParams | dict | None) -> SamplingParams:

@@ -36,7 +36,7 @@ from engine.messages import (
     completion_ids,
 )
 from engine.model_config import ModelConfig
-from engine.sampling_params import parse_sampling_params
+from engine.sampling_params import parse_sampling_params, tokenize_bad_words
 from entrypoints.metrics import start_metrics_server
 from entrypoints.protocol import (
     Abort,
@@ -211,7 +211,7 @@ class Server:
             self._send(identity, Error("invalid_request", "give exactly one of prompt and prompt_token_ids", rid))
             return
         try:
-            params = parse_sampling_params(msg.params)
+            params = tokenize_bad_words(parse_sampling_params(msg.params), self.tokenizer)
         except ValueError as e:
             self._send(identity, Error("invalid_request", str(e), rid))
             return

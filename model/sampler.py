@@ -1,7 +1,12 @@
-"""Batched sampling: penalties, temperature, top-k / top-p / min-p, seeded draws, logprobs.
+"""Batched sampling: constraints, penalties, temperature, top-k / top-p / min-p, seeded draws,
+speculative verification, logprobs.
 
-Randomness for a request's n-th output token comes from a generator seeded by (seed, n), so a
-seeded request draws the same tokens whatever its batch, and again after a preemption.
+Everything runs where the logits are (the GPU, on a GPU), as whole-batch tensor operations: the
+per-row work done in Python is reading each row's parameters and the token ids its edits touch,
+and one transfer brings back the chosen tokens. A row's draw takes two uniforms: one decides
+whether its draft is accepted, the other picks a token by inverse CDF. They come from a
+counter-based generator keyed by (seed, number of output tokens so far), so a seeded request
+draws the same tokens whatever its batch, after a preemption, and on any device.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import torch
 
 from engine.messages import TokenLogprobs
 from engine.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -44,65 +51,234 @@ def _row_seed(row: SampleRow, engine_seed: int) -> int:
     return (base * 1_000_003 + row.num_output) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
-    for i, r in enumerate(rows):
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_uniforms(seed: int) -> tuple[float, float]:
+    """Two uniforms from a row's seed, 24 bits each: the first in [0, 1), the second in
+    [0, 1 - 2^-22) so that a float32 inverse-CDF target never reaches the top of the CDF."""
+    x = _splitmix64(seed)
+    return (x >> 40) * 2.0**-24, ((x >> 16) & 0xFFFFFF) * 2.0**-24 * (1 - 2.0**-22)
+
+
+class TokenHistory:
+    """What the penalties read, kept on the device across steps: per request, which tokens its
+    prompt and output hold (repetition penalty) and how often each came in its output (frequency
+    and presence), as a row of two [slots, vocab] tensors. Each step folds in only the tokens
+    appended since the last, in one indexed update for the whole batch, so the cost follows what
+    changed, not the length of the histories. The worker forgets a request when the scheduler
+    drops it; a request seen again with another token list (readmitted) starts over."""
+
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu"):
+        self.vocab_size = vocab_size
+        self.seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
+        self._entries: dict[str, list] = {}  # req id -> [slot, its token list, tokens folded in]
+        self._free: list[int] = []
+
+    def forget(self, req_ids: list[str]) -> None:
+        for rid in req_ids:
+            entry = self._entries.pop(rid, None)
+            if entry is not None:
+                self._free.append(entry[0])
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def slots(self, rows: list[SampleRow]) -> list[int]:
+        """Each row's slot, holding its request's accepted tokens (not its drafts) once this returns."""
+        out: list[int] = []
+        reset: list[int] = []
+        seen_at: tuple[list[int], list[int]] = ([], [])
+        count_at: tuple[list[int], list[int]] = ([], [])
+        for r in rows:
+            entry = self._entries.get(r.req_id)
+            if entry is None or entry[1] is not r.token_ids or entry[2] > len(r.token_ids):
+                if entry is None:
+                    entry = self._entries[r.req_id] = [self._take_slot(), r.token_ids, 0]
+                entry[1], entry[2] = r.token_ids, 0
+                reset.append(entry[0])
+            slot, tokens, folded = entry
+            if folded < len(tokens):
+                new = tokens[folded:]
+                seen_at[0].extend([slot] * len(new))
+                seen_at[1].extend(new)
+                outputs = tokens[max(folded, r.num_prompt):]
+                count_at[0].extend([slot] * len(outputs))
+                count_at[1].extend(outputs)
+                entry[2] = len(tokens)
+            out.append(slot)
+        if reset:
+            at = torch.tensor(reset).to(self.seen.device)
+            self.seen[at] = False
+            self.counts[at] = 0
+        if seen_at[0]:
+            self.seen[_index(seen_at, self.seen.device)] = True
+        if count_at[0]:
+            ones = torch.ones(len(count_at[0]), dtype=torch.int32, device=self.counts.device)
+            self.counts.index_put_(_index(count_at, self.counts.device), ones, accumulate=True)
+        return out
+
+    def _take_slot(self) -> int:
+        if not self._free:
+            old = self.seen.shape[0]
+            grown = max(8, 2 * old)
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(grown - old, self.vocab_size)])
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grown - old, self.vocab_size)])
+            self._free = list(range(grown - 1, old - 1, -1))
+        return self._free.pop()
+
+
+def _index(rows_tokens: tuple[list[int], list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(rows_tokens[0], dtype=torch.long).to(device, non_blocking=True),
+            torch.tensor(rows_tokens[1], dtype=torch.long).to(device, non_blocking=True))
+
+
+class _Edits:
+    """Logit edits gathered over the rows as flat (row, token) lists, applied as one indexed
+    operation per kind, in vLLM's order: allowed tokens, bad words, logit bias, min_tokens,
+    then the penalties (dense over the penalized rows, from the TokenHistory)."""
+
+    def __init__(self) -> None:
+        self.allowed_rows: list[int] = []
+        self.allowed_at: tuple[list[int], list[int]] = ([], [])  # (index into allowed_rows, token)
+        self.banned: tuple[list[int], list[int]] = ([], [])
+        self.bias: tuple[list[int], list[int], list[float]] = ([], [], [])
+        self.penalized: list[int] = []  # rows with a penalty
+        self.penalties: list[tuple[float, float, float]] = []  # (repetition, frequency, presence)
+        self.draft_at: tuple[list[int], list[int]] = ([], [])  # (index into penalized, draft token)
+
+    def add(self, i: int, r: SampleRow, eos: int | None) -> None:
         p = r.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and r.num_output:
-            counts = torch.bincount(torch.tensor(r.output_ids), minlength=logits.shape[1]).float()
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if p.allowed_token_ids is not None:
+            self.allowed_at[0].extend([len(self.allowed_rows)] * len(p.allowed_token_ids))
+            self.allowed_at[1].extend(p.allowed_token_ids)
+            self.allowed_rows.append(i)
+        if p.bad_words_token_ids:
+            self._ban(i, _banned_by_bad_words(p.bad_words_token_ids, r.token_ids, r.num_prompt, r.drafts))
+        if p.logit_bias:
+            self.bias[0].extend([i] * len(p.logit_bias))
+            self.bias[1].extend(p.logit_bias)
+            self.bias[2].extend(p.logit_bias.values())
+        if r.num_output < p.min_tokens:
+            self._ban(i, list(p.stop_token_ids) + ([eos] if eos is not None else []))
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            self.draft_at[0].extend([len(self.penalized)] * len(r.drafts))
+            self.draft_at[1].extend(r.drafts)
+            self.penalized.append(i)
+            self.penalties.append((p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
+
+    def _ban(self, i: int, tokens: list[int]) -> None:
+        self.banned[0].extend([i] * len(tokens))
+        self.banned[1].extend(tokens)
+
+    def any(self) -> bool:
+        return bool(self.allowed_rows or self.banned[0] or self.bias[0] or self.penalized)
+
+    def apply(self, logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None) -> None:
+        dev = logits.device
+
+        def rows_tensor(rows: list[int]) -> torch.Tensor:
+            return torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+
+        if self.allowed_rows:
+            at = rows_tensor(self.allowed_rows)
+            keep = torch.zeros(len(self.allowed_rows), logits.shape[1], dtype=torch.bool, device=dev)
+            keep[_index(self.allowed_at, dev)] = True
+            logits[at] = logits[at].masked_fill_(~keep, float("-inf"))
+        if self.banned[0]:
+            logits[_index(self.banned, dev)] = float("-inf")
+        if self.bias[0]:
+            bias = torch.tensor(self.bias[2], dtype=logits.dtype).to(dev, non_blocking=True)
+            logits.index_put_(_index(self.bias[:2], dev), bias, accumulate=True)
+        if self.penalized:
+            if history is None:  # a one-off call (tests, tools): a history for these rows alone
+                history = TokenHistory(logits.shape[1], dev)
+            slots = rows_tensor(history.slots([rows[i] for i in self.penalized]))
+            seen = history.seen[slots]
+            counts = history.counts[slots].to(logits.dtype)
+            if self.draft_at[0]:  # the drafts before a verification row count as its output
+                at = _index(self.draft_at, dev)
+                seen[at] = True
+                counts.index_put_(at, torch.ones(len(self.draft_at[0]), dtype=counts.dtype, device=dev),
+                                  accumulate=True)
+            at = rows_tensor(self.penalized)
+            vals = logits[at]
+            rep, freq, pres = zip(*self.penalties)
+            if any(x != 1.0 for x in rep):
+                rep_t = torch.tensor(rep, dtype=logits.dtype).to(dev, non_blocking=True)[:, None]
+                vals.mul_(torch.where(seen, torch.where(vals > 0, 1 / rep_t, rep_t), 1.0))
+            if any(freq):
+                vals.sub_(counts * torch.tensor(freq, dtype=logits.dtype).to(dev, non_blocking=True)[:, None])
+            if any(pres):
+                vals.sub_((counts > 0) * torch.tensor(pres, dtype=logits.dtype).to(dev, non_blocking=True)[:, None])
+            logits[at] = vals
 
 
-def _mask_early_stops(logits: torch.Tensor, rows: list[SampleRow], eos: int | None) -> None:
-    for i, r in enumerate(rows):
-        if r.num_output < r.params.min_tokens:
-            banned = list(r.params.stop_token_ids) + ([eos] if eos is not None else [])
-            logits[i, banned] = float("-inf")
+def _banned_by_bad_words(seqs: list[list[int]], token_ids: list[int], num_prompt: int, drafts: list[int]) -> list[int]:
+    """The last token of each sequence whose other tokens end the output (never the prompt)."""
+    banned = []
+    num_output = len(token_ids) - num_prompt + len(drafts)
+    for seq in seqs:
+        k = len(seq) - 1
+        if k > num_output:
+            continue
+        if k:
+            # The output's last k tokens, drafts last, without copying the whole history.
+            from_drafts = drafts[-k:] if drafts else []
+            need = k - len(from_drafts)
+            if (token_ids[len(token_ids) - need :] if need else []) + from_drafts != seq[:k]:
+                continue
+        banned.append(seq[-1])
+    return banned
 
 
 def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Temperature-scaled logits with top-k, top-p and min-p applied (-inf outside)."""
-    temps = torch.tensor([r.params.temperature for r in rows]).clamp(min=1e-6)
-    logits = logits / temps[:, None]
-    top_k = [r.params.top_k for r in rows]
-    top_p = torch.tensor([r.params.top_p for r in rows])
-    min_p = torch.tensor([r.params.min_p for r in rows])
-    if any(k > 0 for k in top_k) or bool((top_p < 1).any()):
+    dev = logits.device
+    temps = [max(r.params.temperature, 1e-6) for r in rows]
+    logits = logits / torch.tensor(temps).to(dev, non_blocking=True)[:, None]
+    top_k = [r.params.top_k if r.params.top_k > 0 else logits.shape[1] for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    min_p = [r.params.min_p for r in rows]
+    if min(top_k) < logits.shape[1] or min(top_p) < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(logits.shape[1])[None, :]
-        k = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k])
-        drop = rank >= k[:, None]
+        rank = torch.arange(logits.shape[1], device=dev)[None, :]
+        drop = rank >= torch.tensor(top_k).to(dev, non_blocking=True)[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-        drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # keeps at least the top token
+        # (keeps at least the top token)
+        drop |= (probs.cumsum(-1) - probs) >= torch.tensor(top_p).to(dev, non_blocking=True)[:, None]
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if bool((min_p > 0).any()):
+    if max(min_p) > 0:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
+        floor = torch.tensor(min_p).to(dev, non_blocking=True)[:, None] * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
 def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow]) -> list[list[TokenLogprobs]]:
-    out: list[list[TokenLogprobs]] = []
     need = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not need:
         return [[] for _ in rows]
-    lp = raw[need].log_softmax(-1)
+    at = torch.tensor(need).to(raw.device, non_blocking=True)
+    lp = raw[at].log_softmax(-1)
+    chosen = tokens[at]
+    vals = lp.gather(1, chosen[:, None])
+    ranks = (lp > vals).sum(-1) + 1
     n_top = max(rows[i].params.logprobs or 0 for i in need)
-    top_v, top_i = lp.topk(max(n_top, 1), dim=-1) if n_top else (None, None)
+    top_v, top_i = lp.topk(max(n_top, 1), dim=-1)
+    chosen_l, vals_l, ranks_l = chosen.tolist(), vals[:, 0].tolist(), ranks.tolist()
+    top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
     by_row: dict[int, list[TokenLogprobs]] = {}
     for j, i in enumerate(need):
-        tok = int(tokens[i])
-        val = lp[j, tok]
         n = rows[i].params.logprobs or 0
-        by_row[i] = [TokenLogprobs(
-            token_id=tok, logprob=float(val), rank=int((lp[j] > val).sum()) + 1,
-            top_ids=top_i[j, :n].tolist() if n else [], top_logprobs=top_v[j, :n].tolist() if n else [])]
-    for i in range(len(rows)):
-        out.append(by_row.get(i, []))
-    return out
+        by_row[i] = [TokenLogprobs(token_id=chosen_l[j], logprob=vals_l[j], rank=ranks_l[j],
+                                   top_ids=top_i_l[j][:n], top_logprobs=top_v_l[j][:n])]
+    return [by_row.get(i, []) for i in range(len(rows))]
 
 
 def draft_rows(row: SampleRow, drafts: list[int]) -> list[SampleRow]:
@@ -113,50 +289,70 @@ def draft_rows(row: SampleRow, drafts: list[int]) -> list[SampleRow]:
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow], eos_token_id: int | None,
-           engine_seed: int = 0) -> tuple[list[int], list[list[TokenLogprobs]]]:
+           engine_seed: int = 0, history: TokenHistory | None = None) -> tuple[list[int], list[list[TokenLogprobs]]]:
     """logits [N, V] float32, one row per request due a token. Returns token ids and, per row,
     the logprobs entry when the request asked for logprobs (of the model's raw distribution)."""
     tokens, logprobs = speculative_sample(logits, rows, [-1] * len(rows), [1] * len(rows), eos_token_id,
-                                          engine_seed)
+                                          engine_seed, history)
     return [t[0] for t in tokens], logprobs
 
 
+def _draw(probs: torch.Tensor, drafts: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling against a deterministic (one-hot) draft, by inverse CDF. probs [R, V]
+    (overwritten); drafts [R] (-1: none); uniforms [R, 2], the second below 1 - 2^-22. Accepts
+    the draft d with probability p(d); otherwise draws from p with d removed, renormalized:
+    together that emits exactly p's distribution. Returns (accepted [R] bool, the drawn token [R])."""
+    has_draft = drafts >= 0
+    d = drafts.clamp(min=0)[:, None]
+    p_draft = probs.gather(1, d)
+    accepted = has_draft & (uniforms[:, 0] < p_draft[:, 0])
+    probs.scatter_(1, d, torch.where(has_draft[:, None], 0.0, p_draft))  # the residual
+    cdf = probs.cumsum_(-1)
+    # The target stays below the CDF's top even after float32 rounding (the uniform's margin), so
+    # the first entry above it is a token with mass.
+    drawn = torch.searchsorted(cdf, uniforms[:, 1:] * cdf[:, -1:], right=True)[:, 0]
+    return accepted, drawn
+
+
 def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list[int], group_sizes: list[int],
-                       eos_token_id: int | None, engine_seed: int = 0
+                       eos_token_id: int | None, engine_seed: int = 0, history: TokenHistory | None = None
                        ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
     """Verifies drafts and samples, for groups of consecutive rows (one group per request, built
     by draft_rows): row i carries drafts[i], the draft proposed for the token it predicts (-1 on a
     group's last row). A group emits its drafts while they are accepted, then one sampled token.
 
-    Greedy rows accept a draft equal to their argmax. Sampling rows use rejection sampling with a
-    deterministic (one-hot) draft distribution: accept with probability p(draft), else draw from
-    p with the draft removed, renormalized; that emits exactly p's distribution. Returns, per
-    group, the emitted tokens and their logprobs entries (when asked for)."""
+    Greedy rows accept a draft equal to their argmax; sampling rows use rejection sampling (_draw).
+    `history` keeps the penalties' token counts across calls (a worker's; without one they are
+    counted afresh). Returns, per group, the emitted tokens and their logprobs entries (when asked for)."""
+    dev = logits.device
     raw = logits
-    logits = logits.clone()
-    _apply_penalties(logits, rows)
-    _mask_early_stops(logits, rows, eos_token_id)
-    choice = logits.argmax(-1)
-    draft = torch.tensor(drafts, dtype=torch.long)
-    has_draft = draft >= 0
-    safe_draft = draft.clamp(min=0)[:, None]
-    accept = has_draft & (choice == draft)
-    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if random_rows:
-        idx = torch.tensor(random_rows)
+    edits = _Edits()
+    random_rows: list[int] = []
+    for i, r in enumerate(rows):
+        edits.add(i, r, eos_token_id)
+        if not r.params.greedy:
+            random_rows.append(i)
+    if edits.any():
+        logits = logits.clone()
+        edits.apply(logits, rows, history)
+    draft = torch.tensor(drafts, dtype=torch.long).to(dev, non_blocking=True)
+    if not random_rows:
+        choice = logits.argmax(-1)
+        accept = (draft >= 0) & (choice == draft)
+    elif len(random_rows) == len(rows):
+        uniforms = torch.tensor([row_uniforms(_row_seed(r, engine_seed)) for r in rows], dtype=torch.float32)
+        accept, choice = _draw(_filter(logits, rows).softmax(-1), draft, uniforms.to(dev, non_blocking=True))
+    else:  # a mixed batch: greedy rows take their argmax, the others draw
+        choice = logits.argmax(-1)
+        accept = (draft >= 0) & (choice == draft)
         sub = [rows[i] for i in random_rows]
-        probs = _filter(logits[idx], sub).softmax(-1)
-        gens = [torch.Generator().manual_seed(_row_seed(r, engine_seed)) for r in sub]
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p.
-        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=g) for g in gens])
-        uniform = torch.cat([torch.rand(1, generator=g) for g in gens])
-        d = safe_draft[idx]
-        accept[idx] = has_draft[idx] & (uniform < probs.gather(1, d)[:, 0])
-        residual = torch.where(has_draft[idx][:, None], probs.scatter(1, d, 0.0), probs)
-        choice[idx] = (residual / noise).argmax(-1)
+        idx = torch.tensor(random_rows).to(dev, non_blocking=True)
+        uniforms = torch.tensor([row_uniforms(_row_seed(r, engine_seed)) for r in sub], dtype=torch.float32)
+        accept[idx], choice[idx] = _draw(_filter(logits[idx], sub).softmax(-1), draft[idx],
+                                         uniforms.to(dev, non_blocking=True))
     emitted_by_row = torch.where(accept, draft, choice)
     entries = _logprob_entries(raw, emitted_by_row, rows)
-    acc, tok = accept.tolist(), emitted_by_row.tolist()
+    acc, tok = torch.stack([accept.long(), emitted_by_row]).tolist()  # the step's one wait on the device
     tokens: list[list[int]] = []
     logprobs: list[list[TokenLogprobs]] = []
     start = 0
@@ -173,10 +369,11 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
 def prompt_logprob_entries(logits: torch.Tensor, next_tokens: list[int], n: int) -> list[TokenLogprobs]:
     """logits [L, V] at positions predicting next_tokens [L]."""
     lp = logits.log_softmax(-1)
-    idx = torch.tensor(next_tokens)
-    vals = lp[torch.arange(len(next_tokens)), idx]
+    idx = torch.tensor(next_tokens).to(lp.device)
+    vals = lp[torch.arange(len(next_tokens), device=lp.device), idx]
     ranks = (lp > vals[:, None]).sum(-1) + 1
     top_v, top_i = lp.topk(max(n, 1), dim=-1)
-    return [TokenLogprobs(token_id=t, logprob=float(v), rank=int(r),
-                          top_ids=top_i[j, :n].tolist() if n else [], top_logprobs=top_v[j, :n].tolist() if n else [])
-            for j, (t, v, r) in enumerate(zip(next_tokens, vals, ranks))]
+    top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
+    return [TokenLogprobs(token_id=t, logprob=v, rank=r, top_ids=top_i_l[j][:n] if n else [],
+                          top_logprobs=top_v_l[j][:n] if n else [])
+            for j, (t, v, r) in enumerate(zip(next_tokens, vals.tolist(), ranks.tolist()))]

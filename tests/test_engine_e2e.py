@@ -166,6 +166,34 @@ def test_stop_token_and_min_tokens(small_cache_llm):
     assert out.finish_reason == "stop" and out.token_ids == greedy.token_ids[: first + 1]
 
 
+def test_logit_bias_allowed_token_ids_and_bad_words(small_cache_llm):
+    llm = small_cache_llm
+    allowed = [40, 41, 42, 77]
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    favored = next(t for t in range(3, 250) if t not in greedy[0].token_ids)
+    # a generated token that is a word of its own (one printable token)
+    token = next(t for t in greedy[0].token_ids[1:] if llm.tokenizer.decode([t]).isprintable()
+                 and llm.tokenizer.encode(llm.tokenizer.decode([t]), add_special_tokens=False).ids == [t])
+    cut = greedy[0].token_ids.index(token)
+    word = llm.tokenizer.decode([token])
+    outs = llm.generate([prompts[0]] * 5 + [prompts[1]], [
+        SamplingParams(temperature=1.0, seed=3, max_tokens=12, allowed_token_ids=allowed, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=4, max_tokens=12, allowed_token_ids=allowed, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=12, logit_bias={favored: 100.0}, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=12, bad_words=[word], ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=["x"], allowed_token_ids=[1 << 30]),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+    ], use_tqdm=False)
+    for out in outs[:2]:
+        assert len(out.token_ids) == 12 and set(out.token_ids) <= set(allowed)
+        assert len({t for o in outs[:2] for t in o.token_ids}) > 1
+    assert outs[2].token_ids == [favored] * 12
+    assert token not in outs[3].token_ids and outs[3].token_ids[:cut] == greedy[0].token_ids[:cut]
+    assert outs[4].finish_reason == "error" and "allowed_token_ids [1073741824] are outside" in outs[4].error
+    assert outs[5].token_ids == greedy[1].token_ids  # the rest of the batch is untouched
+
+
 def test_stop_string_is_cut_from_the_text(tiny_checkpoint, small_cache_llm):
     greedy = small_cache_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20,
                                                                   skip_special_tokens=True), use_tqdm=False)[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from model.sampler import SampleRow, draft_rows, sample, speculative_sample
+from model.sampler import SampleRow, TokenHistory, draft_rows, sample, speculative_sample
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
 
@@ -116,3 +116,98 @@ def test_greedy_verification_accepts_the_argmax_prefix():
     rows = draft_rows(SampleRow("g", SamplingParams(temperature=0), [1], 1), [3, 4, 8])
     tokens, _ = speculative_sample(logits, rows, [3, 4, 8, -1], [4], None)
     assert tokens == [[3, 4, 9]]  # two drafts accepted, the third replaced by the argmax
+
+
+def test_logit_bias_moves_the_argmax_and_the_draws():
+    assert sample(LOGITS, [row(temperature=0, logit_bias={3: 2.5})], None)[0] == [3]  # 0.0 + 2.5 > 2.0
+    assert sample(LOGITS, [row(temperature=0, logit_bias={0: -100.0})], None)[0] == [1]
+    counts = draw_counts(LOGITS, n=300, logit_bias={0: -100.0, 1: -100.0})
+    assert counts[0] == counts[1] == 0 and counts.sum() == 300
+
+
+def test_allowed_token_ids_are_the_only_ones_drawn():
+    assert sample(LOGITS, [row(temperature=0, allowed_token_ids=[2, 4])], None)[0] == [2]
+    counts = draw_counts(LOGITS, n=400, allowed_token_ids=[3, 4])
+    assert set(counts.nonzero().flatten().tolist()) == {3, 4}  # both drawn: e^-1 apart
+    # with a bias inside the allowed set, and with penalties: still only the allowed ones
+    assert sample(LOGITS, [row(temperature=0, allowed_token_ids=[3, 4], logit_bias={4: 1.5, 0: 50.0},
+                               output=[3], frequency_penalty=1.0)], None)[0] == [4]
+
+
+def test_bad_words_ban_the_last_token_after_the_rest():
+    one = [[0]]  # a one-token word is always banned
+    assert sample(LOGITS, [row(temperature=0, bad_words_token_ids=one)], None)[0] == [1]
+    two = [[3, 0]]  # token 0 is banned only right after token 3 in the output
+    assert sample(LOGITS, [row(temperature=0, bad_words_token_ids=two, output=[3])], None)[0] == [1]
+    assert sample(LOGITS, [row(temperature=0, bad_words_token_ids=two, output=[3, 1])], None)[0] == [0]
+    assert sample(LOGITS, [row(temperature=0, bad_words_token_ids=two, prompt=[3])], None)[0] == [0]  # prompt: not
+    three = [[2, 3, 0]]  # the prefix may run into the drafts being verified
+    rows = draft_rows(SampleRow("b", SamplingParams(temperature=0, bad_words_token_ids=three), [9, 2], 1), [3, 0])
+    tokens, _ = speculative_sample(LOGITS.repeat(3, 1), rows, [3, 0, -1], [3], None)
+    assert tokens == [[0]]  # after [2] alone token 0 is allowed: the argmax 0 rejects draft 3
+    tokens, _ = speculative_sample(torch.tensor([[0.0, 0, 0, 9, 0], [9.0, 8, 0, 0, 0], [0.0] * 5]), rows,
+                                   [3, 0, -1], [3], None)
+    assert tokens == [[3, 1]]  # draft 3 accepted; draft 0 banned after [2, 3], so 1 is sampled
+
+
+def test_constraints_leave_logprobs_raw():
+    _, lps = sample(LOGITS, [row(temperature=0, logprobs=1, allowed_token_ids=[4])], None)
+    assert lps[0][0].token_id == 4 and lps[0][0].rank == 5
+    assert math.isclose(lps[0][0].logprob, float(LOGITS.log_softmax(-1)[0, 4]), rel_tol=1e-6)
+
+
+def test_constraint_problems_name_the_field():
+    p = SamplingParams(logit_bias={7: 1.0, 1: 101.0}, allowed_token_ids=[], bad_words=[""],
+                       bad_words_token_ids=[[], [1, 9]]).problems(vocab_size=5)
+    text = " ".join(p)
+    for piece in ("logit_bias token ids [7]", "logit_bias values must be in [-100, 100], got [101.0]",
+                  "allowed_token_ids must not be empty", "bad_words must not be empty",
+                  "bad_words_token_ids must not hold an empty", "bad_words_token_ids [9]"):
+        assert piece in text
+    assert SamplingParams(logit_bias={4: -100.0}, allowed_token_ids=[0, 4], bad_words=["x"],
+                          bad_words_token_ids=[[1, 2]]).problems(vocab_size=5) == []
+
+
+def test_token_history_folds_only_new_tokens_and_matches_a_fresh_count():
+    """A worker's history, carried across steps (tokens appended, requests dropped and readmitted,
+    slots reused), penalizes exactly as counting each row afresh does."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 50
+    params = [SamplingParams(temperature=0, repetition_penalty=1.7, frequency_penalty=0.4),
+              SamplingParams(temperature=0, presence_penalty=1.1),
+              SamplingParams(temperature=0.9, seed=3, frequency_penalty=-0.5, repetition_penalty=0.8)]
+    history = TokenHistory(vocab)
+    reqs = {f"r{i}": torch.randint(0, vocab, (5 + i,), generator=g).tolist() for i in range(6)}
+    for step in range(30):
+        ids = sorted(reqs)
+        rows = [SampleRow(rid, params[int(rid[1:]) % 3], reqs[rid], 3) for rid in ids]
+        logits = torch.randn(len(rows), vocab, generator=g)
+        kept, _ = sample(logits, rows, None, history=history)
+        fresh, _ = sample(logits, [SampleRow(r.req_id, r.params, list(r.token_ids), 3) for r in rows], None)
+        assert kept == fresh, step
+        for r, t in zip(rows, kept):
+            r.token_ids.append(t)
+        if step % 7 == 6:  # one ends, a new one comes, one is readmitted with a new token list
+            gone = ids[step % len(ids)]
+            history.forget([gone])
+            del reqs[gone]
+            reqs[f"r{step}"] = torch.randint(0, vocab, (4,), generator=g).tolist()
+            again = ids[(step + 1) % len(ids)]
+            reqs[again] = list(reqs[again])
+    assert len(history) == len(reqs) and history.seen.shape[0] <= 8  # slots were reused
+
+
+def test_penalties_count_the_drafts_before_each_verification_row():
+    logits = torch.tensor([[2.0, 1.9, 0.0, 0.0], [2.0, 1.9, 0.0, 0.0]])
+    base = SampleRow("p", SamplingParams(temperature=0, presence_penalty=1.0), [3, 3], 1)
+    tokens, _ = speculative_sample(logits, draft_rows(base, [0]), [0, -1], [2], None)
+    assert tokens == [[0, 1]]  # draft 0 accepted, then 0 is penalized: 2.0 - 1 < 1.9
+
+
+def test_the_highest_uniform_still_draws_a_token_with_mass():
+    from model.sampler import _draw, row_uniforms
+    top = max(max(row_uniforms(s)[1] for s in range(20000)), (2**24 - 1) * 2.0**-24 * (1 - 2.0**-22))
+    for probs in ([0.3, 0.7, 0.0, 0.0], [1e-8] * 7 + [1 - 7e-8] + [0.0] * 3):
+        p = torch.tensor([probs], dtype=torch.float32)
+        _, drawn = _draw(p.clone(), torch.tensor([-1]), torch.tensor([[0.5, top]]))
+        assert p[0, int(drawn)] > 0

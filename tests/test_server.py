@@ -123,6 +123,9 @@ def mixed_requests(n: int):
             params.update(logprobs=2)
         if i % 8 == 4:  # n completions, streamed interleaved by index
             params.update(n=3, temperature=0.9, seed=2000 + i)
+        if i % 16 == 7:  # sampling constraints cross the wire (bad words tokenized by the server)
+            params.update(logit_bias={100: 3.0, 101: -100.0}, allowed_token_ids=list(range(90, 130)),
+                          bad_words=["e", "o"])  # ids 90-129: "X" to "\x7f", lowercase letters among them
         reqs.append((PROMPTS[i % len(PROMPTS)] + " " * (i % 4), params))
     return reqs
 
@@ -161,6 +164,10 @@ def test_64_concurrent_streaming_clients_match_the_offline_api(server, tiny_chec
         if "logprobs" in params:
             assert len([lp for d in deltas for lp in d.logprobs]) == n * params["max_tokens"]
     assert sum("n" in params for _, params in reqs) == 8
+    for (deltas, final), (_, params) in zip(results, reqs):
+        if "allowed_token_ids" in params:
+            assert set(final.token_ids) <= set(params["allowed_token_ids"]) - {101}
+            assert final.text and "e" not in final.text and "o" not in final.text
 
 
 def test_abort_and_disconnect_free_their_blocks(server):
@@ -215,6 +222,8 @@ def test_aborting_a_request_of_n_completions_ends_them_all(server):
      "invalid_request"),
     (msgspec.msgpack.encode({"type": "generate", "request_id": "hs", "prompt": "z" * 300_000}), "invalid_request"),
     (msgspec.msgpack.encode({"type": "generate", "request_id": "v", "prompt_token_ids": [1, 999]}),
+     "invalid_request"),
+    (msgspec.msgpack.encode({"type": "generate", "request_id": "b", "prompt": "x", "params": {"logit_bias": {3: 1e9}}}),
      "invalid_request"),
     (msgspec.msgpack.encode({"type": "abort", "request_id": "nobody"}), "unknown_request"),
 ])

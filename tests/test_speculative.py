@@ -121,11 +121,12 @@ def test_speculation_with_prefix_caching_stop_tokens_and_logprobs(demo):
     a prefix-cache hit (its last block recomputed for the MTP layer) changes nothing."""
     comma = 2 + ord(",")
     shared = "sort " + ",".join(str(d) for d in [7, 3, 9, 1, 4, 4, 0, 2, 8, 6, 5] * 2) + ","  # 49 tokens
-    prompts = [shared + "1=", shared + "3=", "sort 9,8,7,1=", "sort 5,5,2,0="]
+    prompts = [shared + "1=", shared + "3=", "sort 9,8,7,1=", "sort 5,5,2,0=", "sort 5,5,2,0="]
     params = [SamplingParams(temperature=0, max_tokens=20, logprobs=2),
               SamplingParams(n=3, temperature=0, max_tokens=20),  # two of them start from the first's blocks
               SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[comma]),
-              SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[comma], logprobs=1)]
+              SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[comma], logprobs=1),
+              SamplingParams(temperature=0, max_tokens=12, bad_words=["0,2"])]  # the drafts propose it
     runs = {}
     for k in (0, 2):
         with LLM(demo, dtype="float32", block_size=BLOCK, num_speculative_tokens=k,
@@ -139,6 +140,7 @@ def test_speculation_with_prefix_caching_stop_tokens_and_logprobs(demo):
         assert (a.token_ids, a.finish_reason, a.text) == (b.token_ids, b.finish_reason, b.text)
     assert [c.token_ids for c in spec[1].outputs] == [plain[1].token_ids] * 3
     assert spec[2].finish_reason == "stop" and spec[2].token_ids == [2 + ord("1"), comma]
+    assert spec[4].text.startswith("0,") and "0,2" not in spec[4].text  # sorted, it would go on "0,2"
     for out in (spec[0], spec[3]):
         assert len(out.logprobs) == len(out.token_ids)
         assert [lp.token_id for lp in out.logprobs] == out.token_ids
