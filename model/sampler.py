@@ -113,7 +113,7 @@ class TokenHistory:
                 entry[2] = len(tokens)
             out.append(slot)
         if reset:
-            at = torch.tensor(reset).to(self.seen.device)
+            at = _on(reset, self.seen.device)
             self.seen[at] = False
             self.counts[at] = 0
         if seen_at[0]:
@@ -133,9 +133,13 @@ class TokenHistory:
         return self._free.pop()
 
 
+def _on(values: list, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small host list as a tensor on the device (the step's parameters, indices, edits)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _index(rows_tokens: tuple[list[int], list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(rows_tokens[0], dtype=torch.long).to(device, non_blocking=True),
-            torch.tensor(rows_tokens[1], dtype=torch.long).to(device, non_blocking=True))
+    return _on(rows_tokens[0], device), _on(rows_tokens[1], device)
 
 
 class _Edits:
@@ -180,42 +184,38 @@ class _Edits:
         return bool(self.allowed_rows or self.banned[0] or self.bias[0] or self.penalized)
 
     def apply(self, logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None) -> None:
-        dev = logits.device
-
-        def rows_tensor(rows: list[int]) -> torch.Tensor:
-            return torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
-
+        dev, dtype = logits.device, logits.dtype
         if self.allowed_rows:
-            at = rows_tensor(self.allowed_rows)
+            at = _on(self.allowed_rows, dev)
             keep = torch.zeros(len(self.allowed_rows), logits.shape[1], dtype=torch.bool, device=dev)
             keep[_index(self.allowed_at, dev)] = True
             logits[at] = logits[at].masked_fill_(~keep, float("-inf"))
         if self.banned[0]:
             logits[_index(self.banned, dev)] = float("-inf")
         if self.bias[0]:
-            bias = torch.tensor(self.bias[2], dtype=logits.dtype).to(dev, non_blocking=True)
+            bias = _on(self.bias[2], dev, dtype)
             logits.index_put_(_index(self.bias[:2], dev), bias, accumulate=True)
         if self.penalized:
             if history is None:  # a one-off call (tests, tools): a history for these rows alone
                 history = TokenHistory(logits.shape[1], dev)
-            slots = rows_tensor(history.slots([rows[i] for i in self.penalized]))
+            slots = _on(history.slots([rows[i] for i in self.penalized]), dev)
             seen = history.seen[slots]
-            counts = history.counts[slots].to(logits.dtype)
+            counts = history.counts[slots].to(dtype)
             if self.draft_at[0]:  # the drafts before a verification row count as its output
                 at = _index(self.draft_at, dev)
                 seen[at] = True
                 counts.index_put_(at, torch.ones(len(self.draft_at[0]), dtype=counts.dtype, device=dev),
                                   accumulate=True)
-            at = rows_tensor(self.penalized)
+            at = _on(self.penalized, dev)
             vals = logits[at]
             rep, freq, pres = zip(*self.penalties)
             if any(x != 1.0 for x in rep):
-                rep_t = torch.tensor(rep, dtype=logits.dtype).to(dev, non_blocking=True)[:, None]
+                rep_t = _on(rep, dev, dtype)[:, None]
                 vals.mul_(torch.where(seen, torch.where(vals > 0, 1 / rep_t, rep_t), 1.0))
             if any(freq):
-                vals.sub_(counts * torch.tensor(freq, dtype=logits.dtype).to(dev, non_blocking=True)[:, None])
+                vals.sub_(counts * _on(freq, dev, dtype)[:, None])
             if any(pres):
-                vals.sub_((counts > 0) * torch.tensor(pres, dtype=logits.dtype).to(dev, non_blocking=True)[:, None])
+                vals.sub_((counts > 0) * _on(pres, dev, dtype)[:, None])
             logits[at] = vals
 
 
@@ -241,21 +241,21 @@ def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Temperature-scaled logits with top-k, top-p and min-p applied (-inf outside)."""
     dev = logits.device
     temps = [max(r.params.temperature, 1e-6) for r in rows]
-    logits = logits / torch.tensor(temps).to(dev, non_blocking=True)[:, None]
+    logits = logits / _on(temps, dev, torch.float32)[:, None]
     top_k = [r.params.top_k if r.params.top_k > 0 else logits.shape[1] for r in rows]
     top_p = [r.params.top_p for r in rows]
     min_p = [r.params.min_p for r in rows]
     if min(top_k) < logits.shape[1] or min(top_p) < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(logits.shape[1], device=dev)[None, :]
-        drop = rank >= torch.tensor(top_k).to(dev, non_blocking=True)[:, None]
+        drop = rank >= _on(top_k, dev)[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
         # (keeps at least the top token)
-        drop |= (probs.cumsum(-1) - probs) >= torch.tensor(top_p).to(dev, non_blocking=True)[:, None]
+        drop |= (probs.cumsum(-1) - probs) >= _on(top_p, dev, torch.float32)[:, None]
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if max(min_p) > 0:
         probs = logits.softmax(-1)
-        floor = torch.tensor(min_p).to(dev, non_blocking=True)[:, None] * probs.max(-1, keepdim=True).values
+        floor = _on(min_p, dev, torch.float32)[:, None] * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
@@ -264,7 +264,7 @@ def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SampleR
     need = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not need:
         return [[] for _ in rows]
-    at = torch.tensor(need).to(raw.device, non_blocking=True)
+    at = _on(need, raw.device)
     lp = raw[at].log_softmax(-1)
     chosen = tokens[at]
     vals = lp.gather(1, chosen[:, None])
@@ -335,21 +335,19 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
     if edits.any():
         logits = logits.clone()
         edits.apply(logits, rows, history)
-    draft = torch.tensor(drafts, dtype=torch.long).to(dev, non_blocking=True)
-    if not random_rows:
+    draft = _on(drafts, dev)
+    everyone = bool(random_rows) and len(random_rows) == len(rows)
+    if not everyone:  # greedy rows take their argmax
         choice = logits.argmax(-1)
         accept = (draft >= 0) & (choice == draft)
-    elif len(random_rows) == len(rows):
-        uniforms = torch.tensor([row_uniforms(_row_seed(r, engine_seed)) for r in rows], dtype=torch.float32)
-        accept, choice = _draw(_filter(logits, rows).softmax(-1), draft, uniforms.to(dev, non_blocking=True))
-    else:  # a mixed batch: greedy rows take their argmax, the others draw
-        choice = logits.argmax(-1)
-        accept = (draft >= 0) & (choice == draft)
-        sub = [rows[i] for i in random_rows]
-        idx = torch.tensor(random_rows).to(dev, non_blocking=True)
-        uniforms = torch.tensor([row_uniforms(_row_seed(r, engine_seed)) for r in sub], dtype=torch.float32)
-        accept[idx], choice[idx] = _draw(_filter(logits[idx], sub).softmax(-1), draft[idx],
-                                         uniforms.to(dev, non_blocking=True))
+    if random_rows:  # the others draw (without gathering their rows when that is every row)
+        sub = rows if everyone else [rows[i] for i in random_rows]
+        uniforms = _on([row_uniforms(_row_seed(r, engine_seed)) for r in sub], dev, torch.float32)
+        if everyone:
+            accept, choice = _draw(_filter(logits, rows).softmax(-1), draft, uniforms)
+        else:
+            idx = _on(random_rows, dev)
+            accept[idx], choice[idx] = _draw(_filter(logits[idx], sub).softmax(-1), draft[idx], uniforms)
     emitted_by_row = torch.where(accept, draft, choice)
     entries = _logprob_entries(raw, emitted_by_row, rows)
     acc, tok = torch.stack([accept.long(), emitted_by_row]).tolist()  # the step's one wait on the device

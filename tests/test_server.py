@@ -164,7 +164,7 @@ def test_64_concurrent_streaming_clients_match_the_offline_api(server, tiny_chec
         if "logprobs" in params:
             assert len([lp for d in deltas for lp in d.logprobs]) == n * params["max_tokens"]
     assert sum("n" in params for _, params in reqs) == 8
-    for (deltas, final), (_, params) in zip(results, reqs):
+    for (_, final), (_, params) in zip(results, reqs):
         if "allowed_token_ids" in params:
             assert set(final.token_ids) <= set(params["allowed_token_ids"]) - {101}
             assert final.text and "e" not in final.text and "o" not in final.text
