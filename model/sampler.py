@@ -335,6 +335,11 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
     if edits.any():
         logits = logits.clone()
         edits.apply(logits, rows, history)
+        # Constraints that leave a row no token at all (every allowed token banned, say) contradict
+        # each other: that row samples as if it had none, rather than emit a token out of the vocabulary.
+        dead = logits.amax(-1, keepdim=True) == float("-inf")
+        if bool(dead.any()):
+            logits = torch.where(dead, raw, logits)
     draft = _on(drafts, dev)
     everyone = bool(random_rows) and len(random_rows) == len(rows)
     if not everyone:  # greedy rows take their argmax

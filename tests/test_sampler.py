@@ -211,3 +211,14 @@ def test_the_highest_uniform_still_draws_a_token_with_mass():
         p = torch.tensor([probs], dtype=torch.float32)
         _, drawn = _draw(p.clone(), torch.tensor([-1]), torch.tensor([[0.5, top]]))
         assert p[0, int(drawn)] > 0
+
+
+def test_constraints_that_leave_no_token_are_dropped_for_that_row():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [0.0, 3.0, 1.0, 2.0]])
+    contradiction = dict(allowed_token_ids=[2], bad_words_token_ids=[[2]])
+    for temperature in (0, 1.0):
+        rows = [SampleRow("a", SamplingParams(temperature=temperature, seed=1, **contradiction), [1], 1),
+                SampleRow("b", SamplingParams(temperature=temperature, seed=1, allowed_token_ids=[2]), [1], 1)]
+        tokens, _ = sample(logits, rows, None)
+        assert 0 <= tokens[0] < 4 and tokens[1] == 2
+    assert sample(logits, [SampleRow("a", SamplingParams(temperature=0, **contradiction), [1], 1)], None)[0] == [1]
