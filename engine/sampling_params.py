@@ -60,34 +60,27 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
             p.append(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if self.repetition_penalty <= 0:
             p.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            p.append(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if n is not None and not 0 <= n <= 20:
                 p.append(f"{name} must be in [0, 20], got {n}")
         if any(not s for s in self.stop):
             p.append("stop strings must not be empty")
-        bad = [t for t, b in self.logit_bias.items() if not 0 <= t < vocab_size]
-        if bad:
-            p.append(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
         bad = [b for b in self.logit_bias.values() if not -100.0 <= b <= 100.0]  # (NaN fails too)
         if bad:
             p.append(f"logit_bias values must be in [-100, 100], got {bad[:5]}")
-        if self.allowed_token_ids is not None:
-            if not self.allowed_token_ids:
-                p.append("allowed_token_ids must not be empty (leave it out to allow every token)")
-            bad = [t for t in self.allowed_token_ids if not 0 <= t < vocab_size]
-            if bad:
-                p.append(f"allowed_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            p.append("allowed_token_ids must not be empty (leave it out to allow every token)")
         if any(not w for w in self.bad_words):
             p.append("bad_words must not be empty strings")
         if any(not seq for seq in self.bad_words_token_ids):
             p.append("bad_words_token_ids must not hold an empty sequence")
-        bad = [t for seq in self.bad_words_token_ids for t in seq if not 0 <= t < vocab_size]
-        if bad:
-            p.append(f"bad_words_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias token ids", self.logit_bias),
+                          ("allowed_token_ids", self.allowed_token_ids or []),
+                          ("bad_words_token_ids", [t for seq in self.bad_words_token_ids for t in seq])):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                p.append(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab_size})")
         return p
 
 

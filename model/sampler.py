@@ -25,8 +25,9 @@ _MASK64 = (1 << 64) - 1
 @dataclass
 class SampleRow:
     """One token to sample. `token_ids` is the request's own list (prompt, then output), read and
-    never copied unless a penalty needs the history, so a step's sampling does not cost more as
-    sequences grow; `drafts` are the draft tokens verified before this row's position."""
+    never copied (the penalties' TokenHistory takes only what was appended since the last step),
+    so a step's sampling does not cost more as sequences grow; `drafts` are the draft tokens
+    verified before this row's position."""
     req_id: str
     params: SamplingParams
     token_ids: list[int]
@@ -179,6 +180,10 @@ class _Edits:
     def _ban(self, i: int, tokens: list[int]) -> None:
         self.banned[0].extend([i] * len(tokens))
         self.banned[1].extend(tokens)
+
+    def masks_tokens(self) -> bool:
+        """Whether some row may have lost every token (the bias and penalties leave logits finite)."""
+        return bool(self.allowed_rows or self.banned[0])
 
     def any(self) -> bool:
         return bool(self.allowed_rows or self.banned[0] or self.bias[0] or self.penalized)
@@ -337,9 +342,10 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
         edits.apply(logits, rows, history)
         # Constraints that leave a row no token at all (every allowed token banned, say) contradict
         # each other: that row samples as if it had none, rather than emit a token out of the vocabulary.
-        dead = logits.amax(-1, keepdim=True) == float("-inf")
-        if bool(dead.any()):
-            logits = torch.where(dead, raw, logits)
+        if edits.masks_tokens():
+            dead = logits.amax(-1, keepdim=True) == float("-inf")
+            if bool(dead.any()):
+                logits = torch.where(dead, raw, logits)
     draft = _on(drafts, dev)
     everyone = bool(random_rows) and len(random_rows) == len(rows)
     if not everyone:  # greedy rows take their argmax
@@ -372,7 +378,7 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
 def prompt_logprob_entries(logits: torch.Tensor, next_tokens: list[int], n: int) -> list[TokenLogprobs]:
     """logits [L, V] at positions predicting next_tokens [L]."""
     lp = logits.log_softmax(-1)
-    idx = torch.tensor(next_tokens).to(lp.device)
+    idx = _on(next_tokens, lp.device)
     vals = lp[torch.arange(len(next_tokens), device=lp.device), idx]
     ranks = (lp > vals[:, None]).sum(-1) + 1
     top_v, top_i = lp.topk(max(n, 1), dim=-1)
