@@ -3,10 +3,15 @@ measured in the same run: transformers' logits processors with torch.multinomial
 `generate(do_sample=True)` runs) on the same logits, and one copy of the logits (the least a
 pass over them costs on this device).
 
-Cases: sampling with temperature and top-p; greedy; the three penalties over a 2048-token history
+Cases: sampling with temperature, top-k and top-p; greedy; the three penalties over a 2048-token history
 (mlaserve's steady state: the history carried across steps, one new token each; transformers
 has only the repetition penalty, so its peer does less); logit_bias
 with bad words and allowed_token_ids (no transformers peer). On a GPU the logits stay there.
+
+The logits are `randn` ("flat": the 0.95 nucleus holds most of the vocabulary, so mlaserve's
+top-p must sort whole rows) or `4 * randn` ("peaked": at temperature 0.8 the 1024 largest
+logits hold over 95% of the mass, as a language model's next-token distribution mostly does,
+and top-p is settled there without a sort). Transformers sorts either way.
 
     .venv/bin/python benchmarks/sampling.py --batch 8 64 256
 """
@@ -25,6 +30,7 @@ from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -54,6 +60,8 @@ def main() -> None:
     cases = {
         "temperature 0.8": SamplingParams(temperature=0.8),
         "temperature 0.8, top_p 0.95": SamplingParams(temperature=0.8, top_p=0.95),
+        "temperature 0.8, top_p 0.95, peaked": SamplingParams(temperature=0.8, top_p=0.95),
+        "temperature 0.8, top_k 50": SamplingParams(temperature=0.8, top_k=50),
         "greedy": SamplingParams(temperature=0),
         "penalties (rep 1.1, freq 0.3, pres 0.3)": SamplingParams(temperature=0.8, repetition_penalty=1.1,
                                                                   frequency_penalty=0.3, presence_penalty=0.3),
@@ -65,6 +73,9 @@ def main() -> None:
     peers = {  # (transformers has no frequency or presence penalty: its peer does less)
         "temperature 0.8": LogitsProcessorList([TemperatureLogitsWarper(0.8)]),
         "temperature 0.8, top_p 0.95": LogitsProcessorList([TemperatureLogitsWarper(0.8), TopPLogitsWarper(0.95)]),
+        "temperature 0.8, top_p 0.95, peaked": LogitsProcessorList([TemperatureLogitsWarper(0.8),
+                                                                    TopPLogitsWarper(0.95)]),
+        "temperature 0.8, top_k 50": LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(50)]),
         "greedy": None,
         "penalties (rep 1.1, freq 0.3, pres 0.3)": LogitsProcessorList([
             RepetitionPenaltyLogitsProcessor(1.1), TemperatureLogitsWarper(0.8)]),
@@ -73,10 +84,11 @@ def main() -> None:
     print(f"{'case':42s} {'batch':>5s} {'mlaserve ms':>12s} {'transformers ms':>16s} {'speed-up':>9s} "
           f"{'logits copies':>14s}")
     for batch in args.batch:
-        logits = torch.randn(batch, VOCAB, device=dev)
+        flat = torch.randn(batch, VOCAB, device=dev)
         hist = [[rnd.randrange(VOCAB) for _ in range(args.history)] for _ in range(batch)]
         for name, params in cases.items():
             rows = [SampleRow(f"r{i}", params, list(h), args.history // 2) for i, h in enumerate(hist)]
+            logits = flat * 4 if name.endswith("peaked") else flat
             t = median_times(contenders(logits, rows, hist, peers.get(name, False), dev), args.reps)
             peer = (f"{t['theirs'] * 1e3:16.2f} {t['theirs'] / t['ours']:8.2f}x" if "theirs" in t
                     else f"{'-':>16s} {'-':>9s}")

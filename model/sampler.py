@@ -242,27 +242,71 @@ def _banned_by_bad_words(seqs: list[list[int]], token_ids: list[int], num_prompt
     return banned
 
 
+# Top-p looks at each row's _HEAD largest logits first (a partial selection, ~15x cheaper than
+# sorting DeepSeek-V3's 129280 entries on a CPU): a row is settled there when its nucleus ends
+# inside the head, as it does for the peaked distributions a language model mostly gives; only
+# the other rows (a flat distribution, or a top_k too large to select) sort their whole row.
+_HEAD = 1024
+_LARGEST_SELECTED_TOP_K = 4096
+
+
 def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Temperature-scaled logits with top-k, top-p and min-p applied (-inf outside)."""
     dev = logits.device
+    vocab = logits.shape[1]
     temps = [max(r.params.temperature, 1e-6) for r in rows]
     logits = logits / _on(temps, dev, torch.float32)[:, None]
-    top_k = [r.params.top_k if r.params.top_k > 0 else logits.shape[1] for r in rows]
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
     top_p = [r.params.top_p for r in rows]
+    if min(top_k) < vocab or min(top_p) < 1.0:
+        logits = logits.masked_fill(logits < _top_k_top_p_cutoffs(logits, top_k, top_p)[:, None], float("-inf"))
     min_p = [r.params.min_p for r in rows]
-    if min(top_k) < logits.shape[1] or min(top_p) < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(logits.shape[1], device=dev)[None, :]
-        drop = rank >= _on(top_k, dev)[:, None]
-        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-        # (keeps at least the top token)
-        drop |= (probs.cumsum(-1) - probs) >= _on(top_p, dev, torch.float32)[:, None]
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if max(min_p) > 0:
-        probs = logits.softmax(-1)
-        floor = _on(min_p, dev, torch.float32)[:, None] * probs.max(-1, keepdim=True).values
-        logits = logits.masked_fill(probs < floor, float("-inf"))
+    if max(min_p) > 0:  # p < min_p * p_max, without the softmax (log 0 = -inf drops nothing)
+        floor = logits.amax(-1) + _on(min_p, dev, torch.float32).log()
+        logits = logits.masked_fill(logits < floor[:, None], float("-inf"))
     return logits
+
+
+def _top_k_top_p_cutoffs(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Each row's least kept logit under top-k, then top-p over the top-k tokens' renormalized
+    distribution (the most likely token is always kept; tokens tied with the cutoff stay too).
+    -inf for rows with neither. top_k: `vocab` where unset."""
+    dev = logits.device
+    vocab = logits.shape[1]
+    selectable = [k for k in top_k if k <= _LARGEST_SELECTED_TOP_K]
+    size = min(vocab, max(selectable + [_HEAD if min(top_p) < 1.0 else 1]))
+    ks, ps = _on(top_k, dev), _on(top_p, dev, torch.float32)
+    head = logits.topk(size, dim=-1).values
+    whole_row_norm = None
+    if size < vocab and any(k == vocab and p < 1.0 for k, p in zip(top_k, top_p)):
+        whole_row_norm = logits.logsumexp(-1)
+    cutoffs, settled = _cutoffs_in(head, ks, ps, vocab, whole_row_norm)
+    if size < vocab:
+        unsettled = (~settled).nonzero()[:, 0]
+        if unsettled.numel():  # (a wait on the device, only for batches with top-k or top-p)
+            whole = logits[unsettled].sort(dim=-1, descending=True).values
+            cutoffs[unsettled] = _cutoffs_in(whole, ks[unsettled], ps[unsettled], vocab, None)[0]
+    return cutoffs
+
+
+def _cutoffs_in(desc: torch.Tensor, ks: torch.Tensor, ps: torch.Tensor, vocab: int,
+                whole_row_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """desc: each row's largest logits, descending (a head, or the whole row). The cutoffs, and
+    which rows the head settles on its own: those whose top-k tokens all lie in it, and those
+    without top-k whose top-p mass ends inside it. whole_row_norm: the rows' logsumexp, for rows
+    without top-k when desc is only a head."""
+    rank = torch.arange(desc.shape[1], device=desc.device)
+    in_top_k = rank[None, :] < ks[:, None]
+    norm = desc.masked_fill(~in_top_k, float("-inf")).logsumexp(-1)
+    if whole_row_norm is not None:
+        norm = torch.where(ks == vocab, whole_row_norm, norm)
+    p = (desc - norm[:, None]).exp().masked_fill(~in_top_k, 0.0)
+    cum = p.cumsum(-1)
+    kept = in_top_k & (cum - p < ps[:, None])
+    cutoffs = desc.gather(1, (kept.sum(-1, keepdim=True) - 1).clamp(min=0))[:, 0]
+    unfiltered = (ks == vocab) & (ps >= 1.0)
+    settled = unfiltered | (ks <= desc.shape[1]) | ((ks == vocab) & (cum[:, -1] >= ps))
+    return cutoffs.masked_fill(unfiltered, float("-inf")), settled
 
 
 def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SampleRow]) -> list[list[TokenLogprobs]]:

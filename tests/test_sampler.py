@@ -222,3 +222,44 @@ def test_constraints_that_leave_no_token_are_dropped_for_that_row():
         tokens, _ = sample(logits, rows, None)
         assert 0 <= tokens[0] < 4 and tokens[1] == 2
     assert sample(logits, [SampleRow("a", SamplingParams(temperature=0, **contradiction), [1], 1)], None)[0] == [1]
+
+
+def reference_kept(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """The definition, by sorting the whole row: top-k, then top-p over the top-k tokens'
+    renormalized distribution (keeping at least one), then min-p against the top probability."""
+    values, order = logits.sort(descending=True)
+    k = top_k if top_k > 0 else len(values)
+    probs = values[:k].softmax(-1)
+    n = int(((probs.cumsum(-1) - probs) < top_p).sum()) if top_p < 1 else k
+    kept = order[:n]
+    return {int(t) for t in kept if min_p == 0 or logits[t].exp() >= min_p * logits.max().exp()}
+
+
+def test_top_k_top_p_from_the_head_equal_a_whole_sort(monkeypatch):
+    """Fresh random rows, peaked (the nucleus inside the head) and flat (it is not: the whole row
+    is sorted), with every mix of top-k (within the head, selected beyond it, too large to
+    select), top-p, min-p and temperature, in one batch. The kept tokens equal the definition's."""
+    import model.sampler as sampler
+    monkeypatch.setattr(sampler, "_HEAD", 32)
+    monkeypatch.setattr(sampler, "_LARGEST_SELECTED_TOP_K", 100)
+    vocab = 1500
+    g = torch.Generator().manual_seed(3)
+    settings = [(0, 0.9, 0.0), (10, 1.0, 0.0), (10, 0.5, 0.0), (80, 0.95, 0.0), (400, 0.9, 0.0),
+                (0, 1.0, 0.0), (0, 0.8, 0.05), (0, 1.0, 0.2), (1, 0.3, 0.0)]
+    rows, logits = [], []
+    for scale in (8.0, 0.3):
+        for temperature in (1.0, 0.7):
+            for k, p, m in settings:
+                rows.append(SampleRow(f"r{len(rows)}", SamplingParams(temperature=temperature, top_k=k, top_p=p,
+                                                                      min_p=m), [0], 1))
+                logits.append(torch.randn(vocab, generator=g) * scale)
+    logits = torch.stack(logits)
+    head = logits.topk(32, dim=-1).values
+    ks = torch.tensor([vocab] * len(rows))
+    settled = sampler._cutoffs_in(head, ks, torch.full((len(rows),), 0.9), vocab, logits.logsumexp(-1))[1]
+    assert settled[:len(rows) // 2].all() and not settled[len(rows) // 2:].any()  # both paths run
+    filtered = sampler._filter(logits, rows)
+    for i, r in enumerate(rows):
+        expected = reference_kept(logits[i] / r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p)
+        assert set(torch.isfinite(filtered[i]).nonzero()[:, 0].tolist()) == expected, (i, r.params)
+        assert torch.equal(filtered[i][list(expected)], logits[i][list(expected)] / r.params.temperature)
