@@ -3,7 +3,8 @@ speculative verification, logprobs.
 
 Everything runs where the logits are (the GPU, on a GPU), as whole-batch tensor operations: the
 per-row work done in Python is reading each row's parameters and the token ids its edits touch,
-and one transfer brings back the chosen tokens. A row's draw takes two uniforms: one decides
+and one transfer brings back the chosen tokens (a batch with top-k or top-p waits once more, to
+learn which rows need a whole sort). A row's draw takes two uniforms: one decides
 whether its draft is accepted, the other picks a token by inverse CDF. They come from a
 counter-based generator keyed by (seed, number of output tokens so far), so a seeded request
 draws the same tokens whatever its batch, after a preemption, and on any device.
