@@ -12,6 +12,8 @@ class EngineConfig:
     block_size: int = 64
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+    # "fcfs", or "priority": requests' `priority` (lower sooner) orders admission and preemption.
+    scheduling_policy: str = "fcfs"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_memory: int | None = None  # bytes for the latent cache; None: a fraction of free memory
     kv_cache_memory_fraction: float = 0.05
@@ -47,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'fp8', got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be at least 1, got {self.ep_size}")
         if self.nnodes < 1 or self.ep_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:

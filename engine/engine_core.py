@@ -58,7 +58,7 @@ class EngineCore:
         self.max_model_len = self.ready.max_model_len
         self.schedulers = [
             Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, r.max_model_len,
-                                      eos_token_id, config.num_speculative_tokens),
+                                      eos_token_id, config.num_speculative_tokens, config.scheduling_policy),
                       BlockManager(r.num_blocks, config.block_size, config.enable_prefix_caching))
             for r in readies]
         # callable: [StepPlan per rank] -> [StepResult per rank]; one with send/collect (workers
@@ -93,6 +93,9 @@ class EngineCore:
         problems = msg.params.problems(self.vocab_size)
         if problems:
             return "; ".join(problems)
+        if msg.priority and self.schedulers[0].config.policy != "priority":
+            return (f"priority is {msg.priority}, but the engine schedules first come first served: "
+                    f"start it with scheduling_policy 'priority' (--scheduling-policy priority)")
         blocks = min((s.blocks for s in self.schedulers), key=lambda b: b.num_blocks)
         if blocks.blocks_for(len(prompt) + 1 + self.scheduler.config.num_speculative_tokens) > blocks.num_blocks:
             return (f"prompt has {len(prompt)} tokens but the whole cache holds "
@@ -122,8 +125,8 @@ class EngineCore:
             self.metrics.on_deltas(deltas)
             return deltas
         arrival = msg.arrival_time or None
-        group = [Request(i, msg.prompt_ids, msg.params if n == 1 else completion_params(msg.params, k), arrival)
-                 for k, i in enumerate(ids)]
+        group = [Request(i, msg.prompt_ids, msg.params if n == 1 else completion_params(msg.params, k), arrival,
+                         msg.priority) for k, i in enumerate(ids)]
         # A group stays on one rank: its completions share the prompt's blocks there.
         rank = self._place()
         self.schedulers[rank].add_group(group)

@@ -168,7 +168,8 @@ class LLM:
                  kv_cache_memory_fraction: float = 0.05, startup_timeout_s: float = 600.0,
                  device: str = "auto", num_speculative_tokens: int = 0, ep_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 0, nnodes: int = 1, scheduler_port: int = 0,
-                 async_scheduling: bool = True, kv_cache_dtype: str = "auto", cuda_graphs: bool = False):
+                 async_scheduling: bool = True, kv_cache_dtype: str = "auto", cuda_graphs: bool = False,
+                 scheduling_policy: str = "fcfs"):
         if model is None:  # the embedded demo model, trained on first use if it is not shipped
             from model.demo_checkpoint import default_model_dir
 
@@ -179,7 +180,8 @@ class LLM:
             kv_cache_memory_fraction=kv_cache_memory_fraction, enable_prefix_caching=enable_prefix_caching,
             seed=seed, device=device, num_speculative_tokens=num_speculative_tokens, ep_size=ep_size,
             master_addr=master_addr, master_port=master_port, nnodes=nnodes, scheduler_port=scheduler_port,
-            async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype, cuda_graphs=cuda_graphs)
+            async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype, cuda_graphs=cuda_graphs,
+            scheduling_policy=scheduling_policy)
         self.tokenizer = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
         self.engine = EngineClient(self.config, startup_timeout_s)
         self._next_id = 0
@@ -204,20 +206,25 @@ class LLM:
             if isinstance(msg, EngineStats):
                 return msg
 
-    def generate(self, prompts, params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(self, prompts, params=None, use_tqdm: bool = True,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, or a list of either. params: a SamplingParams
-        or dict for all, or a list with one per prompt. A request with bad input comes back with
-        finish_reason "error" and `error` naming the problem; the others run normally."""
+        or dict for all, or a list with one per prompt. priority: one int per prompt, lower sooner
+        (an engine started with scheduling_policy="priority"). A request with bad input comes back
+        with finish_reason "error" and `error` naming the problem; the others run normally."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling parameters for {len(prompts)} prompts")
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"{len(priorities)} priorities for {len(prompts)} prompts")
         tracked: dict[str, _Tracked] = {}  # by engine request id: one per completion
         outs: list[RequestOutput] = []
         try:
-            for prompt, p in zip(prompts, plist):
-                outs.append(self._submit(prompt, p, tracked))
+            for prompt, p, rank in zip(prompts, plist, priorities):
+                outs.append(self._submit(prompt, p, tracked, rank))
             self._collect(tracked, len(outs), use_tqdm and len(prompts) > 1)
         except BaseException:
             # Ctrl-C or a dead engine: stop every process before the exception leaves.
@@ -225,7 +232,7 @@ class LLM:
             raise
         return outs
 
-    def _submit(self, prompt, raw_params, tracked: dict[str, _Tracked]) -> RequestOutput:
+    def _submit(self, prompt, raw_params, tracked: dict[str, _Tracked], priority: int = 0) -> RequestOutput:
         req_id = str(self._next_id)
         self._next_id += 1
         text = prompt if isinstance(prompt, str) else None
@@ -243,7 +250,7 @@ class LLM:
         for i, engine_id in enumerate(engine_ids):
             tracked[engine_id] = _Tracked(out, i, IncrementalDetokenizer(self.tokenizer, params),
                                           params.logprobs is not None)
-        self.engine.send(AddRequest(req_id, ids, params, out.metrics.arrival_time))
+        self.engine.send(AddRequest(req_id, ids, params, out.metrics.arrival_time, priority))
         return out
 
     def _collect(self, tracked: dict[str, _Tracked], num_requests: int, progress: bool) -> None:

@@ -27,6 +27,7 @@ class AddRequest(Message):
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0
+    priority: int = 0  # lower runs sooner; only with the "priority" scheduling policy
 
 
 def completion_ids(req_id: str, n: int) -> list[str]:

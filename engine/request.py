@@ -16,9 +16,11 @@ class Status(enum.Enum):
 
 class Request:
     def __init__(self, req_id: str, prompt_ids: list[int], params: SamplingParams,
-                 arrival_time: float | None = None):
+                 arrival_time: float | None = None, priority: int = 0):
         self.req_id = req_id
         self.params = params
+        self.priority = priority  # lower runs sooner, under the "priority" scheduling policy
+        self.arrival_order = 0  # the scheduler's count of arrivals: ties between equal priorities
         self.num_prompt_tokens = len(prompt_ids)
         self.token_ids = list(prompt_ids)  # prompt, then every accepted output token
         self.num_computed = 0  # tokens whose cache entries exist, or will once the steps sent have run

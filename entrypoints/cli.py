@@ -52,7 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
              enable_prefix_caching=not args.no_prefix_caching, device=args.device,
              num_speculative_tokens=args.num_speculative_tokens, ep_size=args.ep_size,
              async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
-             cuda_graphs=args.cuda_graphs) as llm:
+             cuda_graphs=args.cuda_graphs, scheduling_policy=args.scheduling_policy) as llm:
         print(f"latent cache: {llm.kv_cache_tokens} tokens of {llm.engine.ready.kv_bytes_per_token} bytes each",
               file=sys.stderr)
         start = time.perf_counter()
@@ -123,6 +123,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: requests' priority (lower sooner) orders admission and preemption")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
@@ -156,7 +158,7 @@ def _engine_config(args: argparse.Namespace, model_dir: str):
                         ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,
                         nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port,
                         async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
-                        cuda_graphs=args.cuda_graphs)
+                        cuda_graphs=args.cuda_graphs, scheduling_policy=args.scheduling_policy)
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ class Generate(_Msg, tag="generate"):
     prompt_token_ids: list[int] | None = None
     params: dict[str, Any] = {}  # SamplingParams fields; unknown names are an error
     stream: bool = True
+    priority: int = 0  # lower runs sooner, on a server started with --scheduling-policy priority
 
 
 class Abort(_Msg, tag="abort"):

@@ -232,7 +232,7 @@ class Server:
             s.completions.append(ServedCompletion(i, cid, IncrementalDetokenizer(self.tokenizer, params)))
             self.requests[cid] = (s, s.completions[-1])
         self.by_client[(identity, rid)] = s
-        self.engine.send(AddRequest(engine_id, ids, params, now))
+        self.engine.send(AddRequest(engine_id, ids, params, now, msg.priority))
 
     def _on_abort(self, identity: bytes, msg: Abort) -> None:
         s = self.by_client.get((identity, msg.request_id))

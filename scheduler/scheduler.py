@@ -4,9 +4,12 @@ One rule drives progress: each request's `num_computed` catches up with its `num
 the step's token budget. A decode is the case where one token is missing; a prefill chunk is the
 case where many are; a prefix-cache hit starts `num_computed` above zero; preemption resets it.
 
-Each step: running requests first (admission order), each taking what it is missing up to the
-remaining budget; when blocks run out the most recently admitted running request is preempted.
-Then waiting requests are admitted first come first served, their prompts chunked to the budget.
+Each step: running requests first, each taking what it is missing up to the remaining budget;
+when blocks run out the last running request is preempted. Then waiting requests are admitted,
+their prompts chunked to the budget. The scheduling policy orders both queues (vLLM's): "fcfs"
+runs and admits in arrival order, so the most recently admitted is preempted first; "priority"
+orders by (priority, arrival): the lowest priority (highest value) is preempted first, and a
+request of higher priority waits for room rather than preempt others to make it.
 
 Accounting happens when a step is planned, not when its result returns: the scheduled tokens
 count as computed at once, and a request whose step samples holds a pending token until the
@@ -32,14 +35,15 @@ one is hashed into the prefix cache, and tables keep k slots of lookahead for th
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from cache.block_manager import BlockManager
 from engine.messages import NewRequestPlan, RequestDelta, StepPlan, StepResult
 from engine.request import Request, Status
+from scheduler.waiting_queue import waiting_queue
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class SchedulerConfig:
     max_model_len: int
     eos_token_id: int | None
     num_speculative_tokens: int = 0
+    policy: str = "fcfs"  # or "priority" (scheduler/waiting_queue.py)
 
 
 @dataclass
@@ -77,12 +82,18 @@ class ScheduledStep:
         return sum(n for _, n in self.scheduled)
 
 
+def _priority_order(req: Request) -> tuple[int, int]:
+    return req.priority, req.arrival_order
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager):
         self.config = config
         self.blocks = blocks
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting = waiting_queue(config.policy)
+        self.running: list[Request] = []  # in the policy's order: the last is preempted first
+        self._by_priority = config.policy == "priority"
+        self._arrivals = itertools.count()
         self.requests: dict[str, Request] = {}
         self.counters = SchedulerCounters(spec_accepted_per_pos=[0] * config.num_speculative_tokens)
         # Slots past the scheduled tokens that the worker's chained drafting writes (MTP layer).
@@ -107,6 +118,7 @@ class Scheduler:
         leader, followers = group[0], group[1:]
         for req in group:
             self.requests[req.req_id] = req
+            req.arrival_order = next(self._arrivals)
         self.waiting.append(leader)
         if followers and self.blocks.enable_prefix_caching and self._shareable_blocks(leader) > 0:
             leader.followers = followers
@@ -305,7 +317,10 @@ class Scheduler:
             if not req.scheduled_time:
                 req.scheduled_time = time.time()
                 self._count_prompt(req)
-            self.running.append(req)
+            if self._by_priority:
+                bisect.insort(self.running, req, key=_priority_order)
+            else:
+                self.running.append(req)
             self._add_to_plan(step, req, n)
             self._account(req, n)
             budget -= n
@@ -504,6 +519,8 @@ class Scheduler:
         self.blocks.check_integrity(tables)
         assert len(self.running) <= self.config.max_num_seqs
         assert all(r.status is Status.RUNNING for r in self.running)
+        if self._by_priority:
+            assert self.running == sorted(self.running, key=_priority_order), "running out of priority order"
         assert all(not r.block_table for r in self.waiting), "a waiting request holds blocks"
         held = [f for r in itertools.chain(self.running, self.waiting) for f in r.followers]
         assert len(held) == self._num_held, "held completions miscounted"

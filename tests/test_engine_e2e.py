@@ -194,6 +194,27 @@ def test_logit_bias_allowed_token_ids_and_bad_words(small_cache_llm):
     assert outs[5].token_ids == greedy[1].token_ids  # the rest of the batch is untouched
 
 
+def test_priority_policy_runs_the_lowest_value_first_and_fcfs_refuses_priorities(tiny_checkpoint, small_cache_llm):
+    """One sequence at a time. Whichever requests arrived before the first step, the first one
+    admitted is one of them; the others arrive while it runs its 24 tokens, and from then on the
+    rest finish in priority order (never arrival order, for these priorities), with the tokens
+    an FCFS engine gives."""
+    prompts = [[7, 8, 9], [10, 11], [12, 13, 14], [15]]
+    priority = [3, 2, 0, 1]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, max_num_seqs=1, scheduling_policy="priority") as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False, priority=priority)
+    finished = sorted(range(4), key=lambda i: outs[i].metrics.finish_time)
+    assert finished[1:] == sorted(finished[1:], key=lambda i: priority[i])
+    fcfs = small_cache_llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in fcfs]
+    refused = small_cache_llm.generate(prompts[:2], params, use_tqdm=False, priority=[0, 1])
+    assert refused[0].token_ids == fcfs[0].token_ids
+    assert refused[1].finish_reason == "error" and "scheduling_policy 'priority'" in refused[1].error
+    with pytest.raises(ValueError, match="1 priorities for 2 prompts"):
+        small_cache_llm.generate(prompts[:2], params, use_tqdm=False, priority=[0])
+
+
 def test_stop_string_is_cut_from_the_text(tiny_checkpoint, small_cache_llm):
     greedy = small_cache_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20,
                                                                   skip_special_tokens=True), use_tqdm=False)[0]

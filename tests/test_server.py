@@ -225,6 +225,9 @@ def test_aborting_a_request_of_n_completions_ends_them_all(server):
      "invalid_request"),
     (msgspec.msgpack.encode({"type": "generate", "request_id": "b", "prompt": "x", "params": {"logit_bias": {3: 1e9}}}),
      "invalid_request"),
+    (msgspec.msgpack.encode({"type": "generate", "request_id": "q", "prompt": "x", "priority": 2}),
+     "invalid_request"),  # a first-come-first-served server
+    (msgspec.msgpack.encode({"type": "generate", "request_id": "q", "prompt": "x", "priority": "high"}), "bad_message"),
     (msgspec.msgpack.encode({"type": "abort", "request_id": "nobody"}), "unknown_request"),
 ])
 def test_malformed_messages_get_typed_errors_and_the_server_keeps_serving(server, payload, code):
