@@ -5,6 +5,12 @@ same requests (LLM.generate, all at once): the ratio says what serving costs on 
 
     .venv/bin/python benchmarks/serve.py --rate 8 --num-requests 200            # starts a server
     .venv/bin/python benchmarks/serve.py --address tcp://host:5555 --rate 8     # an existing one
+
+With --priority-fraction F the same arrivals run twice, on a first-come-first-served server and
+on one started with --scheduling-policy priority, where a random F of the requests carry
+priority 0 and the rest 1; it prints each class's latencies under both (the peer is the FCFS run).
+
+    .venv/bin/python benchmarks/serve.py --rate 8 --num-requests 100 --max-num-seqs 16 --priority-fraction 0.1
 """
 
 from __future__ import annotations
@@ -32,21 +38,25 @@ def workload(n: int, seed: int, in_range, out_range) -> list[tuple[list[int], in
             for _ in range(n)]
 
 
-async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float, rec: list) -> None:
+async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float, rec: list,
+              priority: int = 0, label: int = 0) -> None:
     await asyncio.sleep(delay)
     start = time.perf_counter()
     times: list[float] = []
     n_tokens = 0
-    async for ev in client.generate(prompt, {"max_tokens": out_len, "ignore_eos": True, "temperature": 0.0}):
+    async for ev in client.generate(prompt, {"max_tokens": out_len, "ignore_eos": True, "temperature": 0.0},
+                                    priority=priority):
         now = time.perf_counter()
         if isinstance(ev, Delta) and ev.token_ids:
             times.extend([now] * len(ev.token_ids))
             n_tokens += len(ev.token_ids)
         elif isinstance(ev, Final):
-            rec.append({"start": start, "token_times": times, "end": now, "tokens": len(ev.token_ids)})
+            rec.append({"start": start, "token_times": times, "end": now, "tokens": len(ev.token_ids),
+                        "label": label})
 
 
-async def run(address: str, reqs, rate: float, seed: int) -> tuple[list[dict], float]:
+async def run(address: str, reqs, rate: float, seed: int, priorities=None, labels=None) -> tuple[list[dict], float]:
+    """labels: a class per request, recorded with its latencies."""
     rng = random.Random(seed + 1)
     delays, t = [], 0.0
     for _ in reqs:
@@ -55,7 +65,10 @@ async def run(address: str, reqs, rate: float, seed: int) -> tuple[list[dict], f
     rec: list[dict] = []
     async with AsyncClient(address, timeout_s=600) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(one(client, p, n, d, rec) for (p, n), d in zip(reqs, delays)))
+        priorities = priorities or [0] * len(reqs)
+        labels = labels or [0] * len(reqs)
+        await asyncio.gather(*(one(client, p, n, d, rec, pr, lb)
+                               for (p, n), d, pr, lb in zip(reqs, delays, priorities, labels)))
         return rec, time.perf_counter() - start
 
 
@@ -103,38 +116,16 @@ def main() -> None:
     ap.add_argument("--skip-offline", action="store_true", help="do not measure the offline peer")
     ap.add_argument("--no-async-scheduling", action="store_true",
                     help="start the server planning each step after the last returns")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="the server's (default: its own default)")
+    ap.add_argument("--priority-fraction", type=float, default=0.0,
+                    help="compare FCFS with the priority policy, this fraction of requests at priority 0")
     args = ap.parse_args()
     reqs = workload(args.num_requests, args.seed, args.input_len, args.output_len)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # so `finally` stops the server we start
-    server = None
-    address = args.address
-    if address is None:
-        from model.checkpoint_maker import ensure_checkpoint
-
-        ckpt = ensure_checkpoint(args.checkpoint, "small" if "small" in Path(args.checkpoint).name else "tiny")
-        server = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(ckpt),
-                                   "--port", "0", "--metrics-port", "0", "--kv-cache-memory",
-                                   str(args.kv_cache_memory)] + ["--no-async-scheduling"] * args.no_async_scheduling,
-                                  stderr=subprocess.PIPE, text=True)
-        m, seen = None, []
-        while m is None and len(seen) < 50:  # log lines (a warning, say) may come first
-            line = server.stderr.readline()
-            if not line:
-                break
-            seen.append(line)
-            m = re.search(r"on (tcp://[^\s,]+)", line)
-        if not m:
-            server.send_signal(signal.SIGTERM)  # its own shutdown stops its engine processes
-            server.wait(timeout=120)
-            sys.exit("the server did not start: " + "".join(seen))
-        address = m.group(1)
-    try:
-        asyncio.run(run(address, reqs[:2], 0, args.seed))  # warm-up
-        rec, elapsed = asyncio.run(run(address, reqs, args.rate, args.seed))
-    finally:
-        if server is not None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=120)
+    if args.priority_fraction > 0:
+        compare_policies(args, reqs)
+        return
+    rec, elapsed = serve_once(args, reqs)
     s = summarize(rec, elapsed)
     print(f"rate {args.rate}/s, {s['requests']} requests in {s['elapsed_s']:.1f} s: {s['req_per_s']:.2f} req/s, "
           f"{s['output_tok_per_s']:.1f} output tok/s")
@@ -145,6 +136,62 @@ def main() -> None:
         peer = offline_throughput(args.checkpoint, reqs, {"kv_cache_memory": args.kv_cache_memory})
         print(f"offline LLM.generate on the same requests: {peer:.1f} output tok/s; served/offline = "
               f"{s['output_tok_per_s'] / peer:.2f} (below 1 where arrivals, not the engine, set the pace)")
+
+
+def serve_once(args, reqs, policy: str | None = None, priorities=None, labels=None) -> tuple[list[dict], float]:
+    """The workload against --address, or against a server started here (with --scheduling-policy
+    `policy` when given) and stopped after."""
+    server, address = None, args.address
+    if address is None:
+        server, address = start_server(args, ["--scheduling-policy", policy] if policy else [])
+    try:
+        asyncio.run(run(address, reqs[:2], 0, args.seed))  # warm-up
+        return asyncio.run(run(address, reqs, args.rate, args.seed, priorities, labels))
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
+
+
+def start_server(args, flags: list[str]) -> tuple[subprocess.Popen, str]:
+    from model.checkpoint_maker import ensure_checkpoint
+
+    ckpt = ensure_checkpoint(args.checkpoint, "small" if "small" in Path(args.checkpoint).name else "tiny")
+    server = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(ckpt),
+                               "--port", "0", "--metrics-port", "0", "--kv-cache-memory", str(args.kv_cache_memory)]
+                              + ["--no-async-scheduling"] * args.no_async_scheduling + flags
+                              + (["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []),
+                              stderr=subprocess.PIPE, text=True)
+    m, seen = None, []
+    while m is None and len(seen) < 50:  # log lines (a warning, say) may come first
+        line = server.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = re.search(r"on (tcp://[^\s,]+)", line)
+    if not m:
+        server.send_signal(signal.SIGTERM)  # its own shutdown stops its engine processes
+        server.wait(timeout=120)
+        sys.exit("the server did not start: " + "".join(seen))
+    return server, m.group(1)
+
+
+def compare_policies(args, reqs) -> None:
+    if args.address is not None:
+        sys.exit("--priority-fraction starts its own two servers: leave out --address")
+    rng = random.Random(args.seed + 2)
+    priorities = [0 if rng.random() < args.priority_fraction else 1 for _ in reqs]
+    runs = {"fcfs": serve_once(args, reqs, "fcfs", labels=priorities),
+            "priority": serve_once(args, reqs, "priority", priorities, priorities)}
+    print(f"rate {args.rate}/s, {len(reqs)} requests, {priorities.count(0)} of them at priority 0 "
+          "(sent without one to the FCFS server)")
+    for policy, (rec, elapsed) in runs.items():
+        print(f"{policy}: {summarize(rec, elapsed)['output_tok_per_s']:.1f} output tok/s")
+    for label in (0, 1):
+        for policy, (rec, elapsed) in runs.items():
+            s = summarize([r for r in rec if r["label"] == label], elapsed)
+            print(f"  priority-{label} requests under {policy:8s}: TTFT p50 {s['ttft_p50_ms']:8.1f} ms  "
+                  f"p90 {s['ttft_p90_ms']:8.1f} ms   E2E p50 {s['e2e_p50_ms']:8.1f} ms  p90 {s['e2e_p90_ms']:8.1f} ms")
 
 
 if __name__ == "__main__":

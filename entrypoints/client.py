@@ -55,10 +55,10 @@ def _params(params) -> dict[str, Any]:
     return msgspec.structs.asdict(params)  # a SamplingParams
 
 
-def _generate_msg(prompt, prompt_token_ids, params, request_id, stream) -> Generate:
+def _generate_msg(prompt, prompt_token_ids, params, request_id, stream, priority) -> Generate:
     if isinstance(prompt, list):
         prompt, prompt_token_ids = None, prompt
-    return Generate(request_id or uuid.uuid4().hex, prompt, prompt_token_ids, _params(params), stream)
+    return Generate(request_id or uuid.uuid4().hex, prompt, prompt_token_ids, _params(params), stream, priority)
 
 
 class Client:
@@ -109,9 +109,9 @@ class Client:
         return client_decoder.decode(self._sock.recv())
 
     def generate(self, prompt: str | list[int] | None = None, params=None, *, prompt_token_ids=None,
-                 request_id: str | None = None, stream: bool = True,
-                 timeout_s: float | None = None) -> Iterator[Delta | Final]:
-        msg = _generate_msg(prompt, prompt_token_ids, params, request_id, stream)
+                 request_id: str | None = None, stream: bool = True, timeout_s: float | None = None,
+                 priority: int = 0) -> Iterator[Delta | Final]:
+        msg = _generate_msg(prompt, prompt_token_ids, params, request_id, stream, priority)
         self._send(msg)
         done = False
         try:
@@ -226,9 +226,10 @@ class AsyncClient:
         await self._sock.send(client_encoder.encode(msg))
 
     async def generate(self, prompt: str | list[int] | None = None, params=None, *, prompt_token_ids=None,
-                       request_id: str | None = None, stream: bool = True,
-                       timeout_s: float | None = None) -> AsyncIterator[Delta | Final]:
-        msg = _generate_msg(prompt, prompt_token_ids, params, request_id or f"a{next(self._ids)}", stream)
+                       request_id: str | None = None, stream: bool = True, timeout_s: float | None = None,
+                       priority: int = 0) -> AsyncIterator[Delta | Final]:
+        msg = _generate_msg(prompt, prompt_token_ids, params, request_id or f"a{next(self._ids)}", stream,
+                            priority)
         if msg.request_id in self._queues:
             raise ValueError(f"request id {msg.request_id!r} is already in flight on this client")
         q: asyncio.Queue = asyncio.Queue()
