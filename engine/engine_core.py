@@ -85,14 +85,14 @@ class EngineCore:
         prompt = msg.prompt_ids
         if not prompt:
             return "prompt is empty"
+        problems = msg.params.problems(self.vocab_size)  # (first: a bad truncate_prompt_tokens explains a long prompt)
+        if problems:
+            return "; ".join(problems)
         if len(prompt) >= self.max_model_len:
             return f"prompt has {len(prompt)} tokens; the model's context is {self.max_model_len} tokens"
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             return f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-        problems = msg.params.problems(self.vocab_size)
-        if problems:
-            return "; ".join(problems)
         if msg.priority and self.schedulers[0].config.policy != "priority":
             return (f"priority is {msg.priority}, but the engine schedules first come first served: "
                     f"start it with scheduling_policy 'priority' (--scheduling-policy priority)")

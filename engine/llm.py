@@ -32,7 +32,7 @@ from engine.messages import (
 from engine.model_config import ModelConfig
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.processes import Channel, spawn
-from engine.sampling_params import parse_sampling_params, tokenize_bad_words
+from engine.sampling_params import parse_sampling_params, tokenize_bad_words, truncate_prompt
 from engine.worker_process import run_worker
 
 
@@ -243,6 +243,7 @@ class LLM:
         except ValueError as e:
             out.outputs[0].finish_reason, out.error = "error", str(e)
             return out
+        ids = out.prompt_token_ids = truncate_prompt(ids, params, self.engine.ready.max_model_len)
         engine_ids = completion_ids(req_id, params.n)
         out.outputs = [CompletionOutput(i) for i in range(len(engine_ids))]
         if params.prompt_logprobs is not None:

@@ -32,6 +32,9 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     bad_words: list[str] = []  # never generated (the frontend tokenizes them into bad_words_token_ids)
     bad_words_token_ids: list[list[int]] = []  # token sequences never generated: the last token is
     # banned where the output ends with the rest
+    # Keep only the prompt's last k tokens (vLLM's left truncation); -1: as many as the context
+    # holds with room for one generated token. Applied by the frontend (truncate_prompt).
+    truncate_prompt_tokens: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +67,9 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
             n = getattr(self, name)
             if n is not None and not 0 <= n <= 20:
                 p.append(f"{name} must be in [0, 20], got {n}")
+        k = self.truncate_prompt_tokens
+        if k is not None and k != -1 and k < 1:
+            p.append(f"truncate_prompt_tokens must be -1 (the context) or at least 1, got {k}")
         if any(not s for s in self.stop):
             p.append("stop strings must not be empty")
         bad = [b for b in self.logit_bias.values() if not -100.0 <= b <= 100.0]  # (NaN fails too)
@@ -91,6 +97,17 @@ def completion_params(params: SamplingParams, index: int) -> SamplingParams:
     seed = None if params.seed is None else params.seed + index
     plp = params.prompt_logprobs if index == 0 else None
     return msgspec.structs.replace(params, n=1, seed=seed, prompt_logprobs=plp)
+
+
+def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
+    """The prompt as the engine runs it: its last truncate_prompt_tokens ids when that is set (an
+    invalid value leaves it whole, for the engine to refuse with the field's name)."""
+    k = params.truncate_prompt_tokens
+    if k == -1:
+        k = max_model_len - 1
+    if k is None or k < 1 or len(ids) <= k:
+        return ids
+    return ids[-k:]
 
 
 def tokenize_bad_words(params: SamplingParams, tokenizer) -> SamplingParams:

@@ -36,7 +36,7 @@ from engine.messages import (
     completion_ids,
 )
 from engine.model_config import ModelConfig
-from engine.sampling_params import parse_sampling_params, tokenize_bad_words
+from engine.sampling_params import parse_sampling_params, tokenize_bad_words, truncate_prompt
 from entrypoints.metrics import start_metrics_server
 from entrypoints.protocol import (
     Abort,
@@ -224,6 +224,7 @@ class Server:
             ids = self.tokenizer.encode(msg.prompt, add_special_tokens=False).ids
         else:
             ids = list(msg.prompt_token_ids or [])
+        ids = truncate_prompt(ids, params, self.engine.ready.max_model_len)
         engine_id = f"s{self._next_id}"
         self._next_id += 1
         now = time.time()

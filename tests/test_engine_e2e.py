@@ -4,6 +4,7 @@ import os
 import signal
 import time
 
+import msgspec
 import pytest
 import torch
 
@@ -93,6 +94,7 @@ def test_prefix_cache_computes_only_new_tokens_and_keeps_output(tiny_checkpoint)
     ([5], {"bogus": 1}, "unknown field `bogus`"),
     ([5], {"n": 0}, r"n must be in \[1, 256\]"),
     ([5] * 5000, {"n": 3}, "prompt has 5000 tokens"),
+    ([5] * 5000, {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be -1 .* or at least 1, got 0"),
 ])
 def test_bad_input_fails_that_request_alone(small_cache_llm, prompt, params, message):
     good = SamplingParams(temperature=0, max_tokens=4)
@@ -213,6 +215,14 @@ def test_priority_policy_runs_the_lowest_value_first_and_fcfs_refuses_priorities
     assert refused[1].finish_reason == "error" and "scheduling_policy 'priority'" in refused[1].error
     with pytest.raises(ValueError, match="1 priorities for 2 prompts"):
         small_cache_llm.generate(prompts[:2], params, use_tqdm=False, priority=[0])
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(small_cache_llm):
+    long = [(7 * i) % 250 + 3 for i in range(5000)]  # longer than the context
+    params = SamplingParams(temperature=0, max_tokens=5)
+    out = small_cache_llm.generate([long], msgspec.structs.replace(params, truncate_prompt_tokens=8), use_tqdm=False)[0]
+    tail = small_cache_llm.generate([long[-8:]], params, use_tqdm=False)[0]
+    assert out.prompt_token_ids == long[-8:] and out.token_ids == tail.token_ids and out.finish_reason == "length"
 
 
 def test_stop_string_is_cut_from_the_text(tiny_checkpoint, small_cache_llm):

@@ -263,3 +263,15 @@ def test_top_k_top_p_from_the_head_equal_a_whole_sort(monkeypatch):
         expected = reference_kept(logits[i] / r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p)
         assert set(torch.isfinite(filtered[i]).nonzero()[:, 0].tolist()) == expected, (i, r.params)
         assert torch.equal(filtered[i][list(expected)], logits[i][list(expected)] / r.params.temperature)
+
+
+def test_truncate_prompt_keeps_the_last_tokens_or_what_the_context_holds():
+    from engine.sampling_params import truncate_prompt
+    ids = list(range(10))
+    assert truncate_prompt(ids, SamplingParams(truncate_prompt_tokens=3), 100) == [7, 8, 9]
+    assert truncate_prompt(ids, SamplingParams(truncate_prompt_tokens=30), 100) == ids
+    assert truncate_prompt(ids, SamplingParams(truncate_prompt_tokens=-1), 5) == [6, 7, 8, 9]  # room for one more
+    assert truncate_prompt(ids, SamplingParams(), 5) == ids  # the engine refuses it, naming the length
+    assert truncate_prompt(ids, SamplingParams(truncate_prompt_tokens=0), 5) == ids  # refused, naming the field
+    assert SamplingParams(truncate_prompt_tokens=-2).problems(50) == [
+        "truncate_prompt_tokens must be -1 (the context) or at least 1, got -2"]
