@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: generate.priority, final.prompt_logprobs
 
 
 class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
@@ -93,6 +93,9 @@ class Final(_Msg, tag="final"):
     timing: Timing
     logprobs: list[TokenLogprob] = []  # all of them, when not streaming and asked for
     completions: list[Completion] = []
+    # One per prompt token when asked for (params.prompt_logprobs), streaming or not; the first is
+    # None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Error(_Msg, tag="error"):

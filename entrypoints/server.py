@@ -83,6 +83,7 @@ class Served:
     num_cached_tokens: int = 0
     scheduled_time: float = 0.0
     first_token_time: float = 0.0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked for
 
     def unfinished_ids(self) -> list[str]:
         return [c.engine_id for c in self.completions if c.finish_reason is None]
@@ -228,7 +229,8 @@ class Server:
         engine_id = f"s{self._next_id}"
         self._next_id += 1
         now = time.time()
-        s = Served(identity, rid, msg.stream, params.logprobs is not None, now, num_prompt_tokens=len(ids))
+        s = Served(identity, rid, msg.stream, params.logprobs is not None, now, num_prompt_tokens=len(ids),
+                   prompt_logprobs=None if params.prompt_logprobs is None else [])
         for i, cid in enumerate(completion_ids(engine_id, params.n)):
             s.completions.append(ServedCompletion(i, cid, IncrementalDetokenizer(self.tokenizer, params)))
             self.requests[cid] = (s, s.completions[-1])
@@ -262,6 +264,8 @@ class Server:
         c.token_ids.extend(d.new_token_ids)
         new_logprobs = [_logprob(lp) for lp in d.logprobs] if s.want_logprobs else []
         c.logprobs.extend(new_logprobs)
+        if s.prompt_logprobs is not None:  # (only the first completion computes them)
+            s.prompt_logprobs.extend(None if lp is None else _logprob(lp) for lp in d.prompt_logprobs)
         if c.index == 0:
             s.num_cached_tokens = d.num_cached_tokens or s.num_cached_tokens
         s.scheduled_time = s.scheduled_time or d.scheduled_time
@@ -295,7 +299,7 @@ class Server:
         all_n = [Completion(c.index, c.finish_reason, c.detok.text, c.token_ids, [] if s.stream else c.logprobs)
                  for c in s.completions] if len(s.completions) > 1 else []
         return Final(s.request_id, first.finish_reason, first.detok.text, first.token_ids, usage, timing,
-                     [] if s.stream else first.logprobs, all_n)
+                     [] if s.stream else first.logprobs, all_n, s.prompt_logprobs)
 
     def _finish(self, s: Served, msg) -> None:
         self._forget(s)

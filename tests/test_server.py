@@ -121,6 +121,8 @@ def mixed_requests(n: int):
             params.update(temperature=0.8, top_p=0.9, seed=1000 + i)
         if i % 5 == 2:
             params.update(logprobs=2)
+        if i % 10 == 3:
+            params.update(prompt_logprobs=3)
         if i % 8 == 4:  # n completions, streamed interleaved by index
             params.update(n=3, temperature=0.9, seed=2000 + i)
         if i % 16 == 7:  # sampling constraints cross the wire (bad words tokenized by the server)
@@ -163,7 +165,15 @@ def test_64_concurrent_streaming_clients_match_the_offline_api(server, tiny_chec
         assert final.usage.completion_tokens == n * params["max_tokens"]
         if "logprobs" in params:
             assert len([lp for d in deltas for lp in d.logprobs]) == n * params["max_tokens"]
-    assert sum("n" in params for _, params in reqs) == 8
+        if "prompt_logprobs" in params:
+            assert final.prompt_logprobs[0] is None and off.prompt_logprobs[0] is None
+            assert len(final.prompt_logprobs) == len(off.prompt_logprobs) == final.usage.prompt_tokens
+            for got, want in zip(final.prompt_logprobs[1:], off.prompt_logprobs[1:]):
+                assert (got.token_id, got.rank, got.top_token_ids) == (want.token_id, want.rank, want.top_ids)
+                assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+        else:
+            assert final.prompt_logprobs is None
+    assert sum("n" in params for _, params in reqs) == 8 and sum("prompt_logprobs" in p for _, p in reqs) == 7
     for (_, final), (_, params) in zip(results, reqs):
         if "allowed_token_ids" in params:
             assert set(final.token_ids) <= set(params["allowed_token_ids"]) - {101}
