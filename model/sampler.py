@@ -380,6 +380,7 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
     Greedy rows accept a draft equal to their argmax; sampling rows use rejection sampling (_draw).
     `history` keeps the penalties' token counts across calls (a worker's; without one they are
     counted afresh). Returns, per group, the emitted tokens and their logprobs entries (when asked for)."""
+    assert logits.shape[0] == len(rows) == len(drafts) == sum(group_sizes), "one logits row per sampled row"
     dev = logits.device
     raw = logits
     edits = _Edits()
@@ -412,6 +413,8 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
             accept[idx], choice[idx] = _draw(_filter(logits[idx], sub).softmax(-1), draft[idx], uniforms)
     emitted_by_row = torch.where(accept, draft, choice)
     entries = _logprob_entries(raw, emitted_by_row, rows)
+    if len(group_sizes) == len(rows):  # no drafts: one row, one token per request
+        return [[t] for t in emitted_by_row.tolist()], entries  # (the step's one wait on the device)
     acc, tok = torch.stack([accept.long(), emitted_by_row]).tolist()  # the step's one wait on the device
     tokens: list[list[int]] = []
     logprobs: list[list[TokenLogprobs]] = []
@@ -421,7 +424,7 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
         while end < start + size - 1 and acc[end]:
             end += 1
         tokens.append(tok[start : end + 1])
-        logprobs.append([e for i in range(start, end + 1) for e in entries[i]])
+        logprobs.append(entries[start] if end == start else [e for i in range(start, end + 1) for e in entries[i]])
         start += size
     return tokens, logprobs
 
