@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler.waiting_queue import POLICIES
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -49,8 +51,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'fp8', got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if self.scheduling_policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be at least 1, got {self.ep_size}")
         if self.nnodes < 1 or self.ep_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:

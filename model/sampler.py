@@ -260,13 +260,13 @@ def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
     top_p = [r.params.top_p for r in rows]
     filtered = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k < vocab or p < 1.0]
-    if len(filtered) == len(rows):
-        logits = logits.masked_fill(logits < _top_k_top_p_cutoffs(logits, top_k, top_p)[:, None], float("-inf"))
-    elif filtered:  # only those rows pay for the selection
-        at = _on(filtered, dev)
-        sub = logits[at]
+    if filtered:  # only those rows pay for the selection
+        every = len(filtered) == len(rows)
+        at = None if every else _on(filtered, dev)
+        sub = logits if every else logits[at]
         cutoffs = _top_k_top_p_cutoffs(sub, [top_k[i] for i in filtered], [top_p[i] for i in filtered])
-        logits = logits.index_copy(0, at, sub.masked_fill(sub < cutoffs[:, None], float("-inf")))
+        sub = sub.masked_fill(sub < cutoffs[:, None], float("-inf"))
+        logits = sub if every else logits.index_copy(0, at, sub)
     min_p = [r.params.min_p for r in rows]
     if max(min_p) > 0:  # p < min_p * p_max, without the softmax (log 0 = -inf drops nothing)
         floor = logits.amax(-1) + _on(min_p, dev, torch.float32).log()
