@@ -12,16 +12,19 @@ sequences that need the same number of cache blocks into one batched computation
 stays under a block per sequence, instead of growing to the longest context of the step) and runs
 torch's fused attention on it, the heads as query rows of one shared key/value head. The step's
 longer prefill chunks, on either device, have their contexts' latents expanded to per-head keys
-and values, all chunks in one gather and one product (for a chunk of many queries that costs
+and values, many chunks in one gather and one product (for a chunk of many queries that costs
 fewer flops than the absorbed form's 576-wide products), then causal attention: in bf16 on CPUs
-with AMX through the compiled prefill kernel (every chunk in one call), elsewhere torch's fused
-scaled_dot_product_attention per chunk.
+with AMX through the compiled prefill kernel (every chunk of a group in one call), elsewhere
+torch's fused scaled_dot_product_attention per chunk. The expansion costs (nope + v) x heads
+values per context token (114 KB in DeepSeek-V3): chunks are grouped so that one group expands
+at most `expand_limit` context tokens, or else a step of many chunks behind one long cached
+prefix (a shared system prompt) would expand that prefix once per chunk, all at once.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +67,14 @@ class PrefillChunk:
 
 
 @dataclass
+class PrefillGroup:
+    """Prefill chunks whose contexts are expanded together."""
+    chunks: list[PrefillChunk]
+    slots: torch.Tensor  # cache rows of the chunks' contexts, one context after another
+    spans: torch.Tensor  # [4, chunks]: query start, count, context start (in slots), length
+
+
+@dataclass
 class AttentionPlan:
     """Built once per step and shared by every layer."""
     block_tables: torch.Tensor
@@ -71,29 +82,47 @@ class AttentionPlan:
     rows: DecodeRows | None  # short queries, Triton or compiled CPU kernel
     prefills: list[PrefillChunk]  # long queries, both paths
     buffer: GatherBuffer | None = None
-    prefill_slots: torch.Tensor | None = None  # cache rows of every prefill's context, in order
-    prefill_spans: torch.Tensor | None = None  # [4, chunks]: query start, count, context start, length
+    prefill_groups: list[PrefillGroup] = field(default_factory=list)
 
 
-def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer | None = None) -> AttentionPlan:
-    """`like` is any tensor on the model's device: it picks the kernels or the reference."""
+def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer | None = None,
+                   expand_limit: int | None = None) -> AttentionPlan:
+    """`like` is any tensor on the model's device: it picks the kernels or the reference.
+    `expand_limit`: the most context tokens one prefill group expands (a longer context is a
+    group of its own); None: all of the step's chunks in one group."""
     q_lens = [batch.query_start[i + 1] - batch.query_start[i] for i in range(batch.num_seqs)]
     short = [i for i, n in enumerate(q_lens) if n <= SHORT_QUERY_MAX]
     long = [i for i, n in enumerate(q_lens) if n > SHORT_QUERY_MAX]
     prefills = [PrefillChunk(batch.query_start[i], batch.query_start[i + 1], i, batch.context_lens[i]) for i in long]
-    slots = spans = None
-    if prefills:
-        slots = _context_slots(batch, prefills)
-        lens = [p.context_len for p in prefills]
-        spans = torch.tensor([[p.start for p in prefills], [p.end - p.start for p in prefills],
-                              [0, *itertools.accumulate(lens[:-1])], lens])
+    prefill_groups = [_prefill_group(batch, chunks) for chunks in _expansion_groups(prefills, expand_limit)]
     # The compiled kernel reads host memory: the torch reference on a GPU tensor (tests comparing
     # against it on the GPU) takes the gathering path.
     if not triton_wanted(like) and (like.device.type != "cpu" or native.library() is None):
         groups = [_group(batch, seqs, q_lens, like.dtype) for seqs in _similar_lengths(batch, short)]
-        return AttentionPlan(batch.block_tables, groups, None, prefills, buffer, slots, spans)
+        return AttentionPlan(batch.block_tables, groups, None, prefills, buffer, prefill_groups)
     rows = _decode_rows(batch, short, q_lens) if short else None
-    return AttentionPlan(batch.block_tables, [], rows, prefills, buffer, slots, spans)
+    return AttentionPlan(batch.block_tables, [], rows, prefills, buffer, prefill_groups)
+
+
+def _expansion_groups(prefills: list[PrefillChunk], limit: int | None) -> list[list[PrefillChunk]]:
+    """Consecutive chunks, as many per group as fit `limit` context tokens (one at least)."""
+    groups: list[list[PrefillChunk]] = []
+    held = 0
+    for p in prefills:
+        if groups and (limit is None or held + p.context_len <= limit):
+            groups[-1].append(p)
+            held += p.context_len
+        else:
+            groups.append([p])
+            held = p.context_len
+    return groups
+
+
+def _prefill_group(batch: ForwardBatch, chunks: list[PrefillChunk]) -> PrefillGroup:
+    lens = [p.context_len for p in chunks]
+    spans = torch.tensor([[p.start for p in chunks], [p.end - p.start for p in chunks],
+                          [0, *itertools.accumulate(lens[:-1])], lens])
+    return PrefillGroup(chunks, _context_slots(batch, chunks), spans)
 
 
 def _context_slots(batch: ForwardBatch, prefills: list[PrefillChunk]) -> torch.Tensor:
@@ -238,20 +267,29 @@ def paged_mla_attention_ref(
 def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
                          w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float, out: torch.Tensor) -> None:
     """Every prefill chunk of the step (the last `end - start` of its `context_len` positions)
-    against its whole context: the contexts' latents gathered and expanded to per-head K nope
-    [L, H, nope] and V [L, H, v] for all chunks at once, then fused attention per chunk with a
-    bottom-right causal mask, written into out[start:end]. The CPU kernel takes queries and keys
-    in their nope and rope parts; torch's attention gets them concatenated. MLASERVE_CPU_PREFILL=0
-    keeps the CPU on torch's attention."""
+    against its whole context, written into out[start:end]: group by group, the contexts' latents
+    gathered and expanded to per-head K nope [L, H, nope] and V [L, H, v] for the group's chunks at
+    once, then fused attention per chunk with a bottom-right causal mask. The CPU kernel takes
+    queries and keys in their nope and rope parts; torch's attention gets them concatenated.
+    MLASERVE_CPU_PREFILL=0 keeps the CPU on torch's attention."""
+    q = None
+    for group in plan.prefill_groups:
+        q = _prefill_group_attention(q_nope, q_pe, cache, group, w_uk, w_uv, softmax_scale, out, q)
+
+
+def _prefill_group_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, group: PrefillGroup,
+                             w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float, out: torch.Tensor,
+                             q: torch.Tensor | None) -> torch.Tensor | None:
+    """One group; returns the concatenated queries of torch's path (made once, for every group)."""
     heads, nope, rank = w_uk.shape
     v_dim = w_uv.shape[1]
     if latent_fp8.is_fp8(cache):
-        latent = native.latent_fp8_gather(cache, plan.prefill_slots, rank, q_nope.dtype)
+        latent = native.latent_fp8_gather(cache, group.slots, rank, q_nope.dtype)
     else:
-        latent = cache.view(-1, cache.shape[-1]).index_select(0, plan.prefill_slots)  # [L, 576], all contexts
+        latent = cache.view(-1, cache.shape[-1]).index_select(0, group.slots)  # [L, 576], the group's contexts
     total = latent.shape[0]
     c, k_pe = latent.split([rank, latent.shape[-1] - rank], dim=-1)
-    # One gather and two linears for the step's chunks together, not per chunk: per chunk, their
+    # One gather and two linears for the group's chunks together, not per chunk: per chunk, their
     # fixed costs were half of the CPU's prefill attention time. Plain linears over the [H * d, rank]
     # weights: an einsum would copy the weights into its batched layout on every call.
     k_nope = F.linear(c, w_uk.view(heads * nope, rank)).view(total, heads, nope)
@@ -260,16 +298,17 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
     if not latent.is_cuda and native.prefill_attention_available(q_nope.dtype, nope, rope, v_dim):
         # Queries and keys in their parts: the rope key is one row per token for every head.
         native.prefill_attention(q_nope, q_pe, k_nope, k_pe[:, None].expand(total, heads, rope), v,
-                                 plan.prefill_spans, softmax_scale, out)
-        return
+                                 group.spans, softmax_scale, out)
+        return q
     k = torch.cat([k_nope, k_pe[:, None].expand(total, heads, rope)], dim=-1)
-    q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, nope + rope]
+    if q is None:
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, nope + rope]
     if not latent.is_cuda:
         # torch's fused CPU kernel is 4x slower when values are narrower than keys: zero columns,
         # dropped after.
         v = F.pad(v, (0, k.shape[-1] - v_dim))
     first = 0
-    for p in plan.prefills:
+    for p in group.chunks:
         n = p.context_len
         qc, kc, vc = (t.transpose(0, 1)[None] for t in (q[p.start: p.end], k[first: first + n], v[first: first + n]))
         first += n
@@ -282,6 +321,7 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
             mask = torch.ones(tq, n, dtype=torch.bool, device=q.device).tril(n - tq)
             o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=softmax_scale)
         out[p.start: p.end] = o[0, ..., :v_dim].transpose(0, 1)
+    return q
 
 
 def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,

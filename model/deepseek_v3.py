@@ -51,10 +51,14 @@ class DeepseekV3(nn.Module):
     """The main model. Layer i uses latent cache layer i."""
 
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], experts: range | None = None,
-                 max_positions: int | None = None, ep: ExpertParallel | None = None):
+                 max_positions: int | None = None, ep: ExpertParallel | None = None,
+                 prefill_expand_limit: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.ep = ep
+        # The most context tokens a step's prefill chunks expand to per-head keys and values at once
+        # (kernels/mla_attention.py); None: no limit.
+        self.prefill_expand_limit = prefill_expand_limit
         experts = ep.local if ep is not None else experts if experts is not None else range(cfg.n_routed_experts)
         self.embed_tokens = nn.Parameter(w["model.embed_tokens.weight"], requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, w, i, experts, ep) for i in range(cfg.num_hidden_layers))
@@ -73,7 +77,7 @@ class DeepseekV3(nn.Module):
         states before the final norm, [T, hidden] (the MTP module reads these). `plan`: the
         attention plan when the caller made it (a CUDA graph's, over static buffers)."""
         if plan is None:
-            plan = plan_attention(batch, self.embed_tokens, self.gather_buffer)
+            plan = plan_attention(batch, self.embed_tokens, self.gather_buffer, self.prefill_expand_limit)
         x, residual = F.embedding(batch.input_ids, self.embed_tokens), None
         for layer in self.layers:
             x, residual = layer(x, batch, cache_layers[layer.layer_idx], plan, self.rope, residual)

@@ -52,7 +52,7 @@ class MTPModule(nn.Module):
         """batch.input_ids[i] is the token after the one whose hidden state is prev_hidden[i];
         writes the module's latent entries at batch's slots; returns its hidden states (pre-norm)."""
         main = self.main
-        plan = plan_attention(batch, main.embed_tokens, main.gather_buffer)
+        plan = plan_attention(batch, main.embed_tokens, main.gather_buffer, main.prefill_expand_limit)
         e = self.enorm(F.embedding(batch.input_ids, main.embed_tokens))
         x = self.eh_proj(torch.cat([e, self.hnorm(prev_hidden)], dim=-1))
         out, residual = self.layer(x, batch, cache, plan, main.rope)

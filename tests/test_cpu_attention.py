@@ -95,6 +95,46 @@ def test_cpu_attention_matches_the_definition(monkeypatch, path, fp8):
     assert torch.allclose(out.double(), ref, atol=1e-4, rtol=1e-4), (out.double() - ref).abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_chunks_behind_one_prefix_expand_in_bounded_groups(dtype):
+    """Chunks that share one cached prefix (a common system prompt) each expand it: grouped under
+    `expand_limit` context tokens, every group holds at most that many (a longer context alone),
+    and the output is the definition's, as with the whole step in one group. bf16 takes the
+    compiled prefill kernel where the CPU has AMX (spans relative to each group's contexts)."""
+    torch.manual_seed(1)
+    rank = RANK
+    cache = torch.randn(64, PAGE, rank + ROPE).to(dtype)
+    prefix = [3, 9, 14, 20, 33]  # 40 cached tokens
+    own = iter(range(40, 64))
+    shapes = [(40, 12)] * 6 + [(0, 20), (40, 30), (7, 1)]  # (computed, new): prefix hits, a fresh prompt, a decode
+    chunks, tables = [], []
+    for computed, n in shapes:
+        table = (prefix if computed >= 40 else []) + [next(own) for _ in range(-(-(computed + n) // PAGE) -
+                                                                                (5 if computed >= 40 else 0))]
+        tables.append(table)
+        chunks.append(SequenceChunk([1] * n, computed, table))
+    batch = ForwardBatch.build(chunks, PAGE)
+    t = batch.query_start[-1]
+    q_nope, q_pe = torch.randn(t, HEADS, NOPE).to(dtype), torch.randn(t, HEADS, ROPE).to(dtype)
+    w_uk, w_uv = (torch.randn(HEADS, NOPE, rank) / 4).to(dtype), (torch.randn(HEADS, V, rank) / 4).to(dtype)
+    ref = per_sequence_reference(q_nope, q_pe, cache, tables, chunks, w_uk, w_uv, 0.3)
+    outs = {}
+    for limit in (None, 110, 1):
+        plan = attention.plan_attention(batch, q_nope, attention.GatherBuffer(), limit)
+        sizes = [sum(p.context_len for p in g.chunks) for g in plan.prefill_groups]
+        assert sum(len(g.chunks) for g in plan.prefill_groups) == len(plan.prefills) == 8
+        if limit is None:
+            assert len(sizes) == 1
+        else:
+            assert all(s <= limit or len(g.chunks) == 1 for s, g in zip(sizes, plan.prefill_groups)), sizes
+            assert len(sizes) == (8 if limit == 1 else 4), sizes  # 52 + 52 a group, then 20 + 70
+        outs[limit] = attention.mla_attention(q_nope, q_pe, cache, plan, w_uk, w_uv, 0.3)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for limit, out in outs.items():
+        assert torch.allclose(out.double(), ref, atol=tol, rtol=tol), (limit, (out.double() - ref).abs().max())
+        assert torch.allclose(out, outs[None], atol=tol / 10, rtol=tol / 10), limit
+
+
 def test_groups_pad_little():
     """Below 8 blocks every count gets its own group; beyond, a group spans counts within 12.5%
     of its smallest."""
