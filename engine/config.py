@@ -17,7 +17,11 @@ class EngineConfig:
     # "fcfs", or "priority": requests' `priority` (lower sooner) orders admission and preemption.
     scheduling_policy: str = "fcfs"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    kv_cache_memory: int | None = None  # bytes for the latent cache; None: a fraction of free memory
+    # Bytes for the latent cache. None: on a GPU, what gpu_memory_utilization of it leaves after the
+    # weights and a step's measured peak (vLLM's rule); on a host, kv_cache_memory_fraction of the
+    # available memory left after a step's peak.
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
     kv_cache_memory_fraction: float = 0.05
     # "auto": entries in the model's dtype; "fp8": kernels/latent_fp8.py's layout, 57% of bf16's bytes.
     kv_cache_dtype: str = "auto"
@@ -51,6 +55,11 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'fp8', got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1 or not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_utilization ({self.gpu_memory_utilization}) and kv_cache_memory_fraction "
+                             f"({self.kv_cache_memory_fraction}) must be in (0, 1]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if self.scheduling_policy not in POLICIES:
             raise ValueError(f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
         if self.ep_size < 1:

@@ -295,7 +295,8 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
         tokens = sum(r.num_blocks for r in readies.values()) * config.block_size
         ready = core.ready
         outbox.send(EngineReady(sum(r.num_blocks for r in readies.values()), config.block_size, ready.max_model_len,
-                                ready.vocab_size, tokens, ready.kv_bytes_per_token))
+                                ready.vocab_size, tokens, ready.kv_bytes_per_token,
+                                max(r.step_peak_bytes for r in readies.values())))
         _serve(core, inbox, outbox)
         for ch in plans:
             ch.send(Shutdown())

@@ -164,7 +164,8 @@ class _Tracked:
 class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str = "bfloat16", max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 256, block_size: int = 64, kv_cache_memory: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True, seed: int = 0,
+                 max_model_len: int | None = None,
                  kv_cache_memory_fraction: float = 0.05, startup_timeout_s: float = 600.0,
                  device: str = "auto", num_speculative_tokens: int = 0, ep_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 0, nnodes: int = 1, scheduler_port: int = 0,
@@ -177,7 +178,8 @@ class LLM:
         self.config = EngineConfig(
             model_dir=str(model), dtype=dtype, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-            kv_cache_memory_fraction=kv_cache_memory_fraction, enable_prefix_caching=enable_prefix_caching,
+            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_fraction=kv_cache_memory_fraction,
+            enable_prefix_caching=enable_prefix_caching,
             seed=seed, device=device, num_speculative_tokens=num_speculative_tokens, ep_size=ep_size,
             master_addr=master_addr, master_port=master_port, nnodes=nnodes, scheduler_port=scheduler_port,
             async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype, cuda_graphs=cuda_graphs,

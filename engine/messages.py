@@ -57,6 +57,7 @@ class EngineReady(Message):
     vocab_size: int
     kv_cache_tokens: int
     kv_bytes_per_token: int
+    step_peak_bytes: int = 0  # the largest step's memory beyond weights and cache, per rank (the most of any)
 
 
 class TokenLogprobs(Message):
@@ -163,6 +164,7 @@ class WorkerReady(Message):
     kv_bytes_per_token: int
     vocab_size: int
     max_model_len: int
+    step_peak_bytes: int = 0
 
 
 class WorkerFailed(Message):

@@ -11,8 +11,18 @@ import torch
 from cache.latent_cache import LatentCache
 from engine.config import EngineConfig
 from engine.decode_graphs import CudaGraphReplay, DecodeGraphs, RerunReplay
+from engine.memory_profile import (
+    GIB,
+    PeakMeter,
+    cuda_cache_budget,
+    host_cache_budget,
+    no_room_message,
+    trim_host_heap,
+    worst_step_chunks,
+)
 from engine.messages import StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
+from engine.sampling_params import SamplingParams
 from engine.worker_state import ScheduledWork, WorkerState
 from kernels import native
 from kernels.backend import triton_wanted
@@ -27,13 +37,6 @@ from model.sampler import SampleRow, TokenHistory, draft_rows, prompt_logprob_en
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -41,7 +44,7 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 def _keep_freed_heap() -> None:
     """A forward's activations are megabytes each: by default glibc maps each one fresh and hands
     it back when freed, so every op of every step page-faults its output in again. Serving them
-    from a heap that keeps freed memory (up to 1 GiB, returned when idle by _malloc_trim) took a
+    from a heap that keeps freed memory (up to 1 GiB, returned when idle by trim_host_heap) took a
     2048-token prefill step on the CPU from 324-348 ms to 234-252 ms."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -98,38 +101,43 @@ class ModelRunner:
         # Each rank reads only its own routed experts from the shards.
         weights = load_weights(config.model_dir, self.cfg, self.dtype, experts=ep.local if ep else None,
                                include_mtp=self.num_spec > 0, keep_fp8=keep_fp8)
-        # Chained drafting reads rope tables k positions past the last verified token.
-        self.model = DeepseekV3(self.cfg, weights, max_positions=self.max_model_len + self.num_spec,
-                                ep=ep).to(self.device)
+        # Chained drafting reads rope tables k positions past the last verified token. A step's
+        # prefill chunks without cached prefixes hold at most one long context (a prompt resumed
+        # after earlier chunks) and the step's own tokens: such steps expand in one group.
+        max_positions = self.max_model_len + self.num_spec
+        self.model = DeepseekV3(self.cfg, weights, max_positions=max_positions, ep=ep,
+                                prefill_expand_limit=max_positions + config.max_num_batched_tokens).to(self.device)
         self.mtp = MTPModule(self.cfg, weights, self.model).to(self.device) if self.num_spec else None
         modules = [*self.model.modules(), *(self.mtp.modules() if self.mtp is not None else ())]
         self._moes = [m for m in modules if isinstance(m, MoE)]  # found once, read every step
         del weights
+        if self.device.startswith("cuda"):
+            # cuDNN's attention builds an execution plan for each new pair of query and key
+            # lengths, on the host, and every prefill chunk brings new ones: it took 59% of the
+            # worker's time in the H100 throughput run. Flash / memory-efficient attention do not.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         fp8_cache = config.kv_cache_dtype == "fp8"
         cache_shape = (self.cfg.num_cache_layers, self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim)
         self.kv_bytes_per_token = LatentCache.bytes_per_token(*cache_shape, self.dtype, fp8_cache)
-        budget = config.kv_cache_memory
-        if budget is None:
-            budget = int(available_memory(self.device) * config.kv_cache_memory_fraction)
+        self.history = TokenHistory(self.cfg.vocab_size, self.device)  # the penalties' token counts
+        # A host's cache of a given size is the OS's to fit: a step is measured there only when
+        # the cache is sized from what is available (it costs a prefill step at start-up).
+        measure = self.device.startswith("cuda") or config.kv_cache_memory is None
+        self.step_peak_bytes = self._measure_step_peak(cache_shape, fp8_cache) if measure else 0
+        budget = self._cache_budget()
         num_blocks = budget // (self.kv_bytes_per_token * config.block_size)
         # CUDA graphs pad their batches with rows that write into a block of their own: the pool's
         # last, which the scheduler never sees.
         graphs = config.cuda_graphs and keep_fp8 and ep is None and not self.num_spec
         self._usable_blocks = num_blocks - (1 if graphs else 0)
         if self._usable_blocks < 1:
-            raise ValueError(f"kv_cache_memory {budget} bytes holds no block of {config.block_size} tokens "
+            raise ValueError(f"a latent cache of {budget} bytes holds no block of {config.block_size} tokens "
                              f"({self.kv_bytes_per_token} bytes per token)"
                              + (" beside the CUDA graphs' padding block" if graphs else ""))
         self.cache = LatentCache(cache_shape[0], num_blocks, config.block_size, *cache_shape[1:], self.dtype,
                                  self.device, fp8_cache)
         self._cache_layers = [self.cache.layer(i) for i in range(self.cfg.num_cache_layers)]
         self.state = WorkerState()
-        self.history = TokenHistory(self.cfg.vocab_size, self.device)  # the penalties' token counts
-        if self.device.startswith("cuda"):
-            # cuDNN's attention builds an execution plan for each new pair of query and key
-            # lengths, on the host, and every prefill chunk brings new ones: it took 59% of the
-            # worker's time in the H100 throughput run. Flash / memory-efficient attention do not.
-            torch.backends.cuda.enable_cudnn_sdp(False)
         if keep_fp8 and self.device.startswith("cuda") and ep is None:
             self._compile_kernels()
         self.graphs: DecodeGraphs | None = None
@@ -140,6 +148,71 @@ class ModelRunner:
                 "cuda") else RerunReplay
             self.graphs = DecodeGraphs(self.model, self._cache_layers, config.block_size, config.max_num_seqs,
                                        self.max_model_len, num_blocks - 1, make)
+
+    @torch.inference_mode()
+    def _measure_step_peak(self, cache_shape: tuple[int, int, int], fp8_cache: bool) -> int:
+        """Runs the largest step the scheduler can plan (engine/memory_profile.py), main model, MTP
+        pass and sampler, on a one-block scratch cache; returns the bytes it raised memory by (0
+        where that cannot be measured). Expert-parallel ranks all run it at the same point of their
+        start, so its all-to-alls pair up."""
+        c = self.config
+        bs = c.block_size
+        scratch = LatentCache(cache_shape[0], 1, bs, *cache_shape[1:], self.dtype, self.device, fp8_cache)
+        layers = [scratch.layer(i) for i in range(cache_shape[0])]
+        gen = torch.Generator().manual_seed(0)  # random tokens route like real ones; the global RNG stays as it was
+        chunks = []
+        for computed, n in worst_step_chunks(self.max_model_len, c.max_num_batched_tokens):
+            tokens = torch.randint(self.cfg.vocab_size, (n,), generator=gen).tolist()
+            chunks.append(SequenceChunk(tokens, computed, [0] * -(-(computed + n) // bs)))
+        self.release_idle_memory()  # freed heap kept from loading would hide the step's growth
+        meter = PeakMeter(self.device)
+        measured = meter.start()
+        hidden = self.model(ForwardBatch.build(chunks, bs, self.device), layers)
+        if self.mtp is not None:
+            self.mtp(ForwardBatch.build(chunks, bs, self.device), hidden, layers[self.mtp.layer_idx])
+        # Every row of a full decode batch (with its drafts' rows) sampling the costliest way:
+        # penalties, top-k/top-p that the head cannot settle, logprobs.
+        n = min(c.max_num_seqs * (1 + self.num_spec), hidden.shape[0])
+        params = SamplingParams(temperature=1.0, top_k=self.cfg.vocab_size, top_p=0.999, repetition_penalty=1.1,
+                                frequency_penalty=0.1, logprobs=20, seed=0)
+        # A request's rows (its drafts') share its id: the history holds one slot per request.
+        rows = [SampleRow(f"memory-profile-{i // (1 + self.num_spec)}", params, chunks[0].token_ids, 1)
+                for i in range(n)]
+        speculative_sample(self.model.logits(hidden[:n]), rows, [-1] * n, [1] * n, self.cfg.eos_token_id,
+                           c.seed, self.history)
+        peak = meter.peak() if measured else 0
+        self.history.forget([r.req_id for r in rows])
+        for moe in self._moes:
+            moe.routed_tokens.zero_()
+        del hidden, scratch, layers
+        self.release_idle_memory()
+        return peak
+
+    def _cache_budget(self) -> int:
+        """Bytes for the latent cache: kv_cache_memory when given (on a GPU, checked against what is
+        left), else gpu_memory_utilization of a GPU, or kv_cache_memory_fraction of the host's
+        available memory, with a step's peak set aside."""
+        c = self.config
+        peak = self.step_peak_bytes
+        limits = (self.max_model_len, c.max_num_batched_tokens, c.max_num_seqs)
+        if self.device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info()
+            used = total - free  # weights, the CUDA context, other processes
+            budget = c.kv_cache_memory
+            if budget is None:
+                budget = cuda_cache_budget(total, used, peak, c.gpu_memory_utilization)
+                if budget <= 0:
+                    raise ValueError(no_room_message(
+                        f"gpu_memory_utilization={c.gpu_memory_utilization} of {total / GIB:.1f} GiB",
+                        f"{used / GIB:.2f} GiB are in use (weights, CUDA context, other processes)", peak, *limits))
+            elif budget + used + peak > total:
+                raise ValueError(no_room_message(
+                    f"kv_cache_memory={budget} on a {total / GIB:.1f} GiB device",
+                    f"{used / GIB:.2f} GiB are in use (weights, CUDA context, other processes)", peak, *limits))
+            return budget
+        if c.kv_cache_memory is not None:
+            return c.kv_cache_memory
+        return host_cache_budget(available_memory(self.device), peak, c.kv_cache_memory_fraction)
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:
@@ -168,7 +241,7 @@ class ModelRunner:
         self.model.gather_buffer.release()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        _malloc_trim()
+        trim_host_heap()
 
     def close(self) -> None:
         """An orderly exit: expert-parallel ranks leave their group together (the last step, run

@@ -24,7 +24,7 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
 
         runner = ModelRunner(config, rank)
         results.send(WorkerReady(rank, runner.num_blocks, runner.kv_bytes_per_token, runner.cfg.vocab_size,
-                                 runner.max_model_len))
+                                 runner.max_model_len, runner.step_peak_bytes))
         busy_since_release = False
         while True:
             msg = plans.recv(timeout_ms=IDLE_RELEASE_MS)

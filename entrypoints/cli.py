@@ -49,11 +49,15 @@ def _generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, n=args.n)
     with LLM(_model_dir(args), dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
              max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-             enable_prefix_caching=not args.no_prefix_caching, device=args.device,
+             gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
+             device=args.device,
              num_speculative_tokens=args.num_speculative_tokens, ep_size=args.ep_size,
              async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
              cuda_graphs=args.cuda_graphs, scheduling_policy=args.scheduling_policy) as llm:
-        print(f"latent cache: {llm.kv_cache_tokens} tokens of {llm.engine.ready.kv_bytes_per_token} bytes each",
+        ready = llm.engine.ready
+        peak = f"; a step's activations peak at {ready.step_peak_bytes / (1 << 20):.0f} MiB" \
+            if ready.step_peak_bytes else ""
+        print(f"latent cache: {llm.kv_cache_tokens} tokens of {ready.kv_bytes_per_token} bytes each{peak}",
               file=sys.stderr)
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
@@ -126,7 +130,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="priority: requests' priority (lower sooner) orders admission and preemption")
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
+    p.add_argument("--kv-cache-memory", type=int, default=None,
+                   help="bytes for the latent cache (default: what --gpu-memory-utilization of a GPU leaves after "
+                        "the weights and a step's measured peak; on a CPU 5%% of available memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="the share of the GPU's memory the engine may hold (vLLM's)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="latent cache entries: auto (the model's dtype) or fp8 (e4m3 latents with a power-of-two "
                         "scale per 128, bf16 rope keys: 656 bytes a token instead of 1152)")
@@ -153,8 +161,9 @@ def _engine_config(args: argparse.Namespace, model_dir: str):
 
     return EngineConfig(model_dir=model_dir, dtype=args.dtype, block_size=args.block_size,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-                        seed=args.seed, device=args.device, num_speculative_tokens=args.num_speculative_tokens,
+                        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+                        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, device=args.device,
+                        num_speculative_tokens=args.num_speculative_tokens,
                         ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,
                         nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port,
                         async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
