@@ -7,7 +7,8 @@
 # Then on the device, carrying [".whl"], one stage per call:
 #     bash scripts/gpu_checks.sh tests      # the kernel, model, graph, FP8-cache and sampler tests on CUDA
 #     bash scripts/gpu_checks.sh kernels    # benchmarks/kernels.py (DeepSeek-V3 shapes) -> $OUT/kernels.json
-#     bash scripts/gpu_checks.sh engine     # decode graphs, sampler, offline throughput on the small checkpoint
+#     bash scripts/gpu_checks.sh engine     # decode graphs, sampler, offline throughput on the small checkpoint,
+#                                           # the start-up memory measurement (engine/memory_profile.py)
 # Logs go to $OUT (the device tool brings that folder back) or ./gpu_out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ case "$stage" in
 tests)
     # Each of these picks CUDA when torch sees a GPU; on CUDA the kernels compile for real.
     python3 -m pytest -q -x tests/test_kernels.py tests/test_model_kernels.py tests/test_latent_fp8.py \
-        tests/test_decode_graphs.py tests/test_sampler.py 2>&1 | tee "$out/tests.log"
+        tests/test_decode_graphs.py tests/test_sampler.py tests/test_memory_profile.py 2>&1 | tee "$out/tests.log"
     ;;
 kernels)
     python3 benchmarks/kernels.py --json "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
@@ -43,6 +44,9 @@ engine)
     python3 benchmarks/decode_graphs.py 2>&1 | tee "$out/decode_graphs.log"
     python3 benchmarks/sampling.py --device cuda --batch 8 64 256 2>&1 | tee "$out/sampling.log"
     python3 benchmarks/throughput.py --num-requests 256 --kv-cache-memory $((8 << 30)) 2>&1 | tee "$out/throughput.log"
+    # The cache sized by gpu_memory_utilization after the measured step: its line names both.
+    python3 -m entrypoints.cli generate --model checkpoints/small-seed0 --prompt hello --max-tokens 4 \
+        2>&1 | tee "$out/memory_profile.log"
     ;;
 *)
     echo "unknown stage $stage" >&2

@@ -86,9 +86,10 @@ def test_the_worker_measures_a_step_before_sizing_its_cache_and_leaves_no_trace(
 
 
 def test_a_given_host_cache_size_skips_the_measurement(tiny_checkpoint):
+    """(A GPU measures whatever the cache size: a given size is checked against what is left.)"""
     from engine.model_runner import ModelRunner
 
     runner = ModelRunner(EngineConfig(model_dir=str(tiny_checkpoint), dtype="float32", kv_cache_memory=1 << 20,
-                                      block_size=16))
+                                      block_size=16, device="cpu"))
     assert runner.step_peak_bytes == 0
     assert runner.num_blocks == (1 << 20) // (runner.kv_bytes_per_token * 16)
