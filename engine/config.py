@@ -58,6 +58,9 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1 or not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_utilization ({self.gpu_memory_utilization}) and kv_cache_memory_fraction "
                              f"({self.kv_cache_memory_fraction}) must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must hold a prompt token and a generated one (>= 2), "
+                             f"got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if self.scheduling_policy not in POLICIES:
@@ -71,6 +74,16 @@ class EngineConfig:
             raise ValueError("with nnodes > 1 every host needs the same explicit master_port and scheduler_port")
         if not 0 <= self.num_speculative_tokens <= 3:
             raise ValueError(f"num_speculative_tokens must be 0 (off) to 3, got {self.num_speculative_tokens}")
+
+    def served_model_len(self, max_position_embeddings: int) -> int:
+        """The context the engine serves: the model's, or a shorter one asked for (less memory for
+        a step's prefill expansion). Longer than the model's is refused: its rope tables end there."""
+        if self.max_model_len is None:
+            return max_position_embeddings
+        if self.max_model_len > max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} is longer than the model's context "
+                             f"(max_position_embeddings {max_position_embeddings} in {self.model_dir})")
+        return self.max_model_len
 
     @property
     def local_ranks(self) -> range:

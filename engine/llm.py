@@ -48,6 +48,7 @@ def _free_port(host: str) -> int:
 
 def _check_fits_model(config: EngineConfig, cfg: ModelConfig) -> None:
     """Options that cannot work with this checkpoint fail here, before any process starts."""
+    config.served_model_len(cfg.max_position_embeddings)
     if config.ep_size > 1 and cfg.n_routed_experts % config.ep_size:
         raise ValueError(f"ep_size {config.ep_size} does not divide the model's {cfg.n_routed_experts} routed experts")
     if config.num_speculative_tokens and cfg.num_nextn_predict_layers < 1:

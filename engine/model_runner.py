@@ -73,10 +73,6 @@ def available_memory(device: str) -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
 
 
-def max_model_len(config: EngineConfig, cfg: ModelConfig) -> int:
-    return min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, rank: int = 0):
         self.config = config
@@ -84,7 +80,7 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.device = resolve_device(config.device)
         self.cfg = ModelConfig.from_checkpoint(config.model_dir)
-        self.max_model_len = max_model_len(config, self.cfg)
+        self.max_model_len = config.served_model_len(self.cfg.max_position_embeddings)
         # The GPU path keeps the checkpoint's FP8 weights for the FP8 kernels; the CPU path dequantizes.
         keep_fp8 = triton_wanted(torch.empty(0, device=self.device))
         if not keep_fp8:

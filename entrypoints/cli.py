@@ -48,7 +48,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, n=args.n)
     with LLM(_model_dir(args), dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
-             max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+             max_num_seqs=args.max_num_seqs, block_size=args.block_size, max_model_len=args.max_model_len,
+             kv_cache_memory=args.kv_cache_memory,
              gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
              device=args.device,
              num_speculative_tokens=args.num_speculative_tokens, ep_size=args.ep_size,
@@ -130,6 +131,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="priority: requests' priority (lower sooner) orders admission and preemption")
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the longest sequence served, prompt and output (default: the model's context)")
     p.add_argument("--kv-cache-memory", type=int, default=None,
                    help="bytes for the latent cache (default: what --gpu-memory-utilization of a GPU leaves after "
                         "the weights and a step's measured peak; on a CPU 5%% of available memory)")
@@ -161,7 +164,8 @@ def _engine_config(args: argparse.Namespace, model_dir: str):
 
     return EngineConfig(model_dir=model_dir, dtype=args.dtype, block_size=args.block_size,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+                        max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, device=args.device,
                         num_speculative_tokens=args.num_speculative_tokens,
                         ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,

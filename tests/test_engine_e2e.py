@@ -83,6 +83,18 @@ def test_prefix_cache_computes_only_new_tokens_and_keeps_output(tiny_checkpoint)
     assert cached.token_ids == plain.token_ids
 
 
+def test_max_model_len_bounds_what_is_served(tiny_checkpoint):
+    """A context shorter than the model's: a prompt that fills it fails alone, naming it, and a
+    generation ends with "length" where prompt and output reach it."""
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    with LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, max_model_len=48,
+             kv_cache_memory=64 * FP32_BYTES_PER_BLOCK) as llm:
+        assert llm.engine.ready.max_model_len == 48
+        outs = llm.generate([[5] * 48, [5] * 40], greedy, use_tqdm=False)
+    assert outs[0].finish_reason == "error" and "the model's context is 48 tokens" in outs[0].error
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 8
+
+
 @pytest.mark.parametrize("prompt, params, message", [
     ([], {}, "prompt is empty"),
     ([5] * 5000, {}, "prompt has 5000 tokens; the model's context is 4096"),

@@ -185,3 +185,5 @@ def test_options_the_checkpoint_cannot_serve_fail_before_any_process_starts(tiny
     (no_mtp / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="needs the checkpoint's MTP module"):
         LLM(no_mtp, num_speculative_tokens=2)
+    with pytest.raises(ValueError, match=r"max_model_len 5000 is longer than the model's context \(max_position_emb"):
+        LLM(tiny_checkpoint, max_model_len=5000)
