@@ -2,12 +2,14 @@
 N chunks, each a few new tokens after the same P cached ones, through the model on the CPU.
 
 Each chunk attends over its whole context through the expanded path (kernels/mla_attention.py),
-which turns the context's latents into per-head keys and values. With every chunk in one group
-the step expands the prefix N times at once; the engine groups chunks under
-max_model_len + max_num_batched_tokens context tokens. Peer, in the same run: the same step in
-one group (the code before the grouping). Printed: each one's memory peak (engine/memory_profile.py's
-meter: resident memory on the host) and median time, alternated, and what the one-group
-expansion would hold for DeepSeek-V3 (128 heads, nope 128 + v 128 + rope 64, bf16).
+which turns the context's latents into per-head keys and values. Before session 17 the step
+expanded the prefix N times, all at once. The engine now groups chunks under max_model_len +
+max_num_batched_tokens context tokens, and a group whose contexts share rows expands each once.
+Cases, alternated in the same run: the engine as it is; grouped but every context expanded
+(the batch without its host block tables, which the sharing needs); and the peer, one group with
+every context expanded (the code before). Printed: each one's memory peak (engine/memory_profile.py's
+meter: resident memory on the host) and median time, and what the one-group expansion would
+hold for DeepSeek-V3 (128 heads, nope 128 + v 128 + rope 64, bf16).
 
     .venv/bin/python benchmarks/shared_prefix.py --prefix 4000 --suffix 24 --requests 64
 """
@@ -15,6 +17,7 @@ expansion would hold for DeepSeek-V3 (128 heads, nope 128 + v 128 + rope 64, bf1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -62,23 +65,24 @@ def main() -> None:
         tokens = torch.randint(cfg.vocab_size, (args.suffix,), generator=gen).tolist()
         chunks.append(SequenceChunk(tokens, args.prefix, table))
     batch = ForwardBatch.build(chunks, BLOCK)
+    unshared = dataclasses.replace(batch, host_block_tables=None)
 
-    def run(expand_limit):
+    def run(step, expand_limit):
         model.prefill_expand_limit = expand_limit
         with torch.inference_mode():
-            model(batch, layers)
+            model(step, layers)
 
-    cases = {"grouped": limit, "one group": None}
+    cases = {"engine": (batch, limit), "grouped": (unshared, limit), "one group": (unshared, None)}
     peaks = {name: [] for name in cases}
     times = {name: [] for name in cases}
-    run(limit)  # warm-up
+    run(batch, limit)  # warm-up
     for _ in range(args.reps):
-        for name, expand_limit in cases.items():
+        for name, case in cases.items():
             trim_host_heap()
             meter = PeakMeter("cpu")
             meter.start()
             t = time.perf_counter()
-            run(expand_limit)
+            run(*case)
             times[name].append(time.perf_counter() - t)
             peaks[name].append(meter.peak())
     context = args.requests * (args.prefix + args.suffix)
@@ -86,10 +90,11 @@ def main() -> None:
           f"tokens after {args.prefix} cached ones ({context} context tokens in all; groups of <= {limit})")
     for name in cases:
         peak, median = max(peaks[name]) / 2**20, statistics.median(times[name]) * 1e3
-        print(f"  {name:9s}: peak {peak:8.1f} MiB, median {median:8.1f} ms")
-    mem_ratio = max(peaks["one group"]) / max(max(peaks["grouped"]), 1)
-    time_ratio = statistics.median(times["one group"]) / statistics.median(times["grouped"])
-    print(f"  one group / grouped: memory {mem_ratio:.2f}x, time {time_ratio:.2f}x")
+        print(f"  {name:10s}: peak {peak:8.1f} MiB, median {median:8.1f} ms")
+    for name in ("engine", "grouped"):
+        mem_ratio = max(peaks["one group"]) / max(max(peaks[name]), 1)
+        time_ratio = statistics.median(times["one group"]) / statistics.median(times[name])
+        print(f"  one group (before) / {name}: memory {mem_ratio:.2f}x, time {time_ratio:.2f}x")
     per_token = 128 * (128 + 128 + 64) * 2  # DeepSeek-V3's expanded keys and values per context token, bf16
     bound = (163840 + args.max_num_batched_tokens) * per_token
     print(f"  DeepSeek-V3, the same burst in one group: {context * per_token / 2**30:.1f} GiB of keys and values; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -163,9 +164,13 @@ class ModelRunner:
         self.release_idle_memory()  # freed heap kept from loading would hide the step's growth
         meter = PeakMeter(self.device)
         measured = meter.start()
-        hidden = self.model(ForwardBatch.build(chunks, bs, self.device), layers)
+        # Every page points at the one scratch block, which the prefill attention would take for a
+        # shared prefix and expand once: without host tables it expands every context, as distinct
+        # blocks would make it.
+        batch = dataclasses.replace(ForwardBatch.build(chunks, bs, self.device), host_block_tables=None)
+        hidden = self.model(batch, layers)
         if self.mtp is not None:
-            self.mtp(ForwardBatch.build(chunks, bs, self.device), hidden, layers[self.mtp.layer_idx])
+            self.mtp(batch, hidden, layers[self.mtp.layer_idx])
         # Every row of a full decode batch (with its drafts' rows) sampling the costliest way:
         # penalties, top-k/top-p that the head cannot settle, logprobs.
         n = min(c.max_num_seqs * (1 + self.num_spec), hidden.shape[0])

@@ -70,8 +70,11 @@ class PrefillChunk:
 class PrefillGroup:
     """Prefill chunks whose contexts are expanded together."""
     chunks: list[PrefillChunk]
-    slots: torch.Tensor  # cache rows of the chunks' contexts, one context after another
-    spans: torch.Tensor  # [4, chunks]: query start, count, context start (in slots), length
+    slots: torch.Tensor  # cache rows to expand: the chunks' contexts one after another, or with `rows` each once
+    spans: torch.Tensor  # [4, chunks]: query start, count, context start, length (in the contexts' rows)
+    # When contexts share cache rows (chunks behind one cached prefix): row i of the contexts is
+    # expanded row rows[i] (slots then holds each cache row once). None: slots are the contexts.
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -94,7 +97,7 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
     short = [i for i, n in enumerate(q_lens) if n <= SHORT_QUERY_MAX]
     long = [i for i, n in enumerate(q_lens) if n > SHORT_QUERY_MAX]
     prefills = [PrefillChunk(batch.query_start[i], batch.query_start[i + 1], i, batch.context_lens[i]) for i in long]
-    prefill_groups = [_prefill_group(batch, chunks) for chunks in _expansion_groups(prefills, expand_limit)]
+    prefill_groups = [_prefill_group(batch, chunks) for chunks in _expansion_groups(batch, prefills, expand_limit)]
     # The compiled kernel reads host memory: the torch reference on a GPU tensor (tests comparing
     # against it on the GPU) takes the gathering path.
     if not triton_wanted(like) and (like.device.type != "cpu" or native.library() is None):
@@ -104,36 +107,76 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
     return AttentionPlan(batch.block_tables, [], rows, prefills, buffer, prefill_groups)
 
 
-def _expansion_groups(prefills: list[PrefillChunk], limit: int | None) -> list[list[PrefillChunk]]:
-    """Consecutive chunks, as many per group as fit `limit` context tokens (one at least)."""
+class _GroupRows:
+    """What a group of chunks expands: all their context rows, or (where contexts share cache
+    blocks and the batch's tables are on the host) each shared row once plus one chunk's context
+    at a time, whichever is fewer."""
+
+    def __init__(self, tables: torch.Tensor | None, page: int):
+        self.tables, self.page = tables, page
+        self.total = self.longest = 0
+        self.blocks: set[int] = set()
+
+    def _blocks(self, p: PrefillChunk) -> list[int]:
+        return self.tables[p.seq, : -(-p.context_len // self.page)].tolist()
+
+    def cost(self, p: PrefillChunk | None = None) -> int:
+        total, longest, blocks = self.total, self.longest, len(self.blocks)
+        if p is not None:
+            total, longest = total + p.context_len, max(longest, p.context_len)
+            if self.tables is not None:
+                blocks += len(set(self._blocks(p)) - self.blocks)
+        if self.tables is None:
+            return total
+        return min(total, blocks * self.page + longest)
+
+    def add(self, p: PrefillChunk) -> None:
+        self.total += p.context_len
+        self.longest = max(self.longest, p.context_len)
+        if self.tables is not None:
+            self.blocks.update(self._blocks(p))
+
+
+def _expansion_groups(batch: ForwardBatch, prefills: list[PrefillChunk],
+                      limit: int | None) -> list[list[PrefillChunk]]:
+    """Consecutive chunks, as many per group as keep what it expands within `limit` rows (one at least)."""
     groups: list[list[PrefillChunk]] = []
-    held = 0
+    held = _GroupRows(batch.host_block_tables, batch.block_size)
     for p in prefills:
-        if groups and (limit is None or held + p.context_len <= limit):
-            groups[-1].append(p)
-            held += p.context_len
-        else:
-            groups.append([p])
-            held = p.context_len
+        if not groups or (limit is not None and held.cost(p) > limit):
+            groups.append([])
+            held = _GroupRows(batch.host_block_tables, batch.block_size)
+        groups[-1].append(p)
+        held.add(p)
     return groups
 
 
 def _prefill_group(batch: ForwardBatch, chunks: list[PrefillChunk]) -> PrefillGroup:
+    """The group's context rows. Where contexts share cache rows (many chunks behind one cached
+    prefix), expanding each shared row once and copying one chunk's context at a time to attend
+    over takes fewer rows than expanding every context (and 2 * rank / 4 flops per byte copied
+    fewer: the expansion is 2 * rank * (nope + v) flops a row and head)."""
     lens = [p.context_len for p in chunks]
     spans = torch.tensor([[p.start for p in chunks], [p.end - p.start for p in chunks],
                           [0, *itertools.accumulate(lens[:-1])], lens])
-    return PrefillGroup(chunks, _context_slots(batch, chunks), spans)
+    host = batch.host_block_tables
+    slots = _context_slots(host if host is not None else batch.block_tables, batch.block_size, chunks)
+    device = batch.block_tables.device
+    if host is not None and len(chunks) > 1:
+        unique, rows = torch.unique(slots, return_inverse=True)
+        if unique.numel() + max(lens) < slots.numel():
+            return PrefillGroup(chunks, unique.to(device), spans, rows.to(device))
+    return PrefillGroup(chunks, slots.to(device), spans)
 
 
-def _context_slots(batch: ForwardBatch, prefills: list[PrefillChunk]) -> torch.Tensor:
+def _context_slots(tables: torch.Tensor, page: int, prefills: list[PrefillChunk]) -> torch.Tensor:
     """Flat cache rows (block * block_size + offset) of positions 0..context_len-1 of each chunk's
     sequence, the chunks one after another."""
-    page = batch.block_size
-    offsets = torch.arange(page, device=batch.block_tables.device)
+    offsets = torch.arange(page, device=tables.device)
     parts = []
     for p in prefills:
         pages = -(-p.context_len // page)
-        parts.append((batch.block_tables[p.seq, :pages, None].long() * page + offsets).flatten()[: p.context_len])
+        parts.append((tables[p.seq, :pages, None].long() * page + offsets).flatten()[: p.context_len])
     return torch.cat(parts)
 
 
@@ -295,33 +338,51 @@ def _prefill_group_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: to
     k_nope = F.linear(c, w_uk.view(heads * nope, rank)).view(total, heads, nope)
     v = F.linear(c, w_uv.view(heads * v_dim, rank)).view(total, heads, v_dim)
     rope = k_pe.shape[-1]
-    if not latent.is_cuda and native.prefill_attention_available(q_nope.dtype, nope, rope, v_dim):
+    compiled = not latent.is_cuda and native.prefill_attention_available(q_nope.dtype, nope, rope, v_dim)
+    if compiled and group.rows is None:
         # Queries and keys in their parts: the rope key is one row per token for every head.
         native.prefill_attention(q_nope, q_pe, k_nope, k_pe[:, None].expand(total, heads, rope), v,
                                  group.spans, softmax_scale, out)
         return q
-    k = torch.cat([k_nope, k_pe[:, None].expand(total, heads, rope)], dim=-1)
-    if q is None:
+    if not compiled and q is None:
         q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, nope + rope]
-    if not latent.is_cuda:
-        # torch's fused CPU kernel is 4x slower when values are narrower than keys: zero columns,
-        # dropped after.
-        v = F.pad(v, (0, k.shape[-1] - v_dim))
     first = 0
     for p in group.chunks:
         n = p.context_len
-        qc, kc, vc = (t.transpose(0, 1)[None] for t in (q[p.start: p.end], k[first: first + n], v[first: first + n]))
+        if group.rows is None:
+            kn, kp, vc = k_nope[first: first + n], k_pe[first: first + n], v[first: first + n]
+        else:  # the shared rows were expanded once: this chunk's context, copied out of them
+            kn, kp, vc = (t.index_select(0, group.rows[first: first + n]) for t in (k_nope, k_pe, v))
         first += n
-        tq = p.end - p.start
-        if tq == n:  # no cached prefix: the plain causal mask
-            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=softmax_scale)
+        if compiled:
+            span = torch.tensor([[p.start], [p.end - p.start], [0], [n]])
+            native.prefill_attention(q_nope, q_pe, kn, kp[:, None].expand(n, heads, rope), vc, span, softmax_scale,
+                                     out)
         else:
-            # Bottom-right causal: query i sits at position n - tq + i. (torch's causal_lower_right
-            # would do, but importing it loads torch._dynamo, a second of start-up.)
-            mask = torch.ones(tq, n, dtype=torch.bool, device=q.device).tril(n - tq)
-            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=softmax_scale)
-        out[p.start: p.end] = o[0, ..., :v_dim].transpose(0, 1)
+            out[p.start: p.end] = _torch_chunk_attention(q[p.start: p.end], kn, kp, vc, softmax_scale)
     return q
+
+
+def _torch_chunk_attention(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+                           softmax_scale: float) -> torch.Tensor:
+    """One chunk's queries [tq, H, nope + rope], the last tq of its n positions, over its context
+    (k_nope [n, H, nope], k_pe [n, rope], v [n, H, v]) -> [tq, H, v]."""
+    n, heads, v_dim = v.shape
+    k = torch.cat([k_nope, k_pe[:, None].expand(n, heads, k_pe.shape[-1])], dim=-1)
+    if not q.is_cuda:
+        # torch's fused CPU kernel is 4x slower when values are narrower than keys: zero columns,
+        # dropped after.
+        v = F.pad(v, (0, k.shape[-1] - v_dim))
+    qc, kc, vc = (t.transpose(0, 1)[None] for t in (q, k, v))
+    tq = q.shape[0]
+    if tq == n:  # no cached prefix: the plain causal mask
+        o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=softmax_scale)
+    else:
+        # Bottom-right causal: query i sits at position n - tq + i. (torch's causal_lower_right
+        # would do, but importing it loads torch._dynamo, a second of start-up.)
+        mask = torch.ones(tq, n, dtype=torch.bool, device=q.device).tril(n - tq)
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=softmax_scale)
+    return o[0, ..., :v_dim].transpose(0, 1)
 
 
 def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,

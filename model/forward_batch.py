@@ -30,6 +30,9 @@ class ForwardBatch:
     # [T] int64: 1 for a request's token, 0 for a row that only pads the batch to a captured CUDA
     # graph's size (engine/decode_graphs.py); None: every token is a request's.
     real_tokens: torch.Tensor | None = None
+    # block_tables in host memory (None where the batch was not built from chunks): the attention
+    # plan reads it without waiting on the device.
+    host_block_tables: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -68,4 +71,5 @@ class ForwardBatch:
             context_lens=context_lens,
             block_tables=tables.to(device),
             block_size=block_size,
+            host_block_tables=tables,
         )

@@ -96,17 +96,18 @@ def test_cpu_attention_matches_the_definition(monkeypatch, path, fp8):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_chunks_behind_one_prefix_expand_in_bounded_groups(dtype):
-    """Chunks that share one cached prefix (a common system prompt) each expand it: grouped under
-    `expand_limit` context tokens, every group holds at most that many (a longer context alone),
-    and the output is the definition's, as with the whole step in one group. bf16 takes the
-    compiled prefill kernel where the CPU has AMX (spans relative to each group's contexts)."""
+def test_prefill_chunks_behind_one_prefix_expand_in_bounded_groups_and_each_row_once(dtype):
+    """Chunks behind one cached prefix (a common system prompt): grouped so that what a group
+    expands stays within `expand_limit` rows (a longer context alone); a group whose contexts
+    share cache rows expands each row once and copies one chunk's context at a time. The output
+    is the definition's either way, as with the whole step in one group. bf16 takes the compiled
+    prefill kernel where the CPU has AMX (spans relative to each group's contexts, or per chunk)."""
     torch.manual_seed(1)
     rank = RANK
     cache = torch.randn(64, PAGE, rank + ROPE).to(dtype)
     prefix = [3, 9, 14, 20, 33]  # 40 cached tokens
     own = iter(range(40, 64))
-    shapes = [(40, 12)] * 6 + [(0, 20), (40, 30), (7, 1)]  # (computed, new): prefix hits, a fresh prompt, a decode
+    shapes = [(40, 10)] * 8 + [(0, 20), (40, 30), (7, 1)]  # (computed, new): prefix hits, a fresh prompt, a decode
     chunks, tables = [], []
     for computed, n in shapes:
         table = (prefix if computed >= 40 else []) + [next(own) for _ in range(-(-(computed + n) // PAGE) -
@@ -118,16 +119,19 @@ def test_prefill_chunks_behind_one_prefix_expand_in_bounded_groups(dtype):
     q_nope, q_pe = torch.randn(t, HEADS, NOPE).to(dtype), torch.randn(t, HEADS, ROPE).to(dtype)
     w_uk, w_uv = (torch.randn(HEADS, NOPE, rank) / 4).to(dtype), (torch.randn(HEADS, V, rank) / 4).to(dtype)
     ref = per_sequence_reference(q_nope, q_pe, cache, tables, chunks, w_uk, w_uv, 0.3)
+    # limit -> (contexts per group, whether each group expands shared rows once). A group's rows:
+    # its contexts', or where fewer, its distinct blocks' and its longest context's (a copy of it).
+    expected = {None: ([[50] * 8 + [20, 70]], [True]),  # 210 distinct rows + 70 of 490
+                160: ([[50] * 4, [50] * 4, [20, 70]], [True, True, False]),  # 13 blocks of 8 + 50 = 154 <= 160
+                1: ([[50]] * 8 + [[20], [70]], [False] * 10)}
     outs = {}
-    for limit in (None, 110, 1):
+    for limit, (contexts, shared) in expected.items():
         plan = attention.plan_attention(batch, q_nope, attention.GatherBuffer(), limit)
-        sizes = [sum(p.context_len for p in g.chunks) for g in plan.prefill_groups]
-        assert sum(len(g.chunks) for g in plan.prefill_groups) == len(plan.prefills) == 8
-        if limit is None:
-            assert len(sizes) == 1
-        else:
-            assert all(s <= limit or len(g.chunks) == 1 for s, g in zip(sizes, plan.prefill_groups)), sizes
-            assert len(sizes) == (8 if limit == 1 else 4), sizes  # 52 + 52 a group, then 20 + 70
+        assert [[p.context_len for p in g.chunks] for g in plan.prefill_groups] == contexts
+        assert [g.rows is not None for g in plan.prefill_groups] == shared
+        for g in plan.prefill_groups:
+            if g.rows is not None:
+                assert g.slots.unique().numel() == g.slots.numel() and g.rows.numel() == sum(g.spans[3])
         outs[limit] = attention.mla_attention(q_nope, q_pe, cache, plan, w_uk, w_uv, 0.3)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for limit, out in outs.items():

@@ -67,20 +67,26 @@ def test_planning_each_step_after_the_last_returns_gives_the_same_tokens(small_c
 
 
 def test_prefix_cache_computes_only_new_tokens_and_keeps_output(tiny_checkpoint):
-    prefix = torch.randint(2, 258, (80,), generator=torch.Generator().manual_seed(5)).tolist()
-    first, second = prefix + [10, 11, 12], prefix + [20, 21]
+    """Then four prompts behind the same cached prefix in one step: their prefill chunks expand
+    the shared rows once (kernels/mla_attention.py) and give the tokens of an engine without the
+    cache."""
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(2, 258, (80,), generator=g).tolist()
+    first = prefix + [10, 11, 12]
+    seconds = [prefix + torch.randint(2, 258, (n,), generator=g).tolist() for n in (2, 12, 20, 30)]
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     with LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, kv_cache_memory=64 * FP32_BYTES_PER_BLOCK) as llm:
         llm.generate([first], greedy, use_tqdm=False)
         before = llm.stats()
-        cached = llm.generate([second], greedy, use_tqdm=False)[0]
+        cached = llm.generate(seconds, greedy, use_tqdm=False)
         after = llm.stats()
-    assert after.computed_prompt_tokens - before.computed_prompt_tokens == len(second) - 80
-    assert after.prefix_cache_hits - before.prefix_cache_hits == 80 and cached.metrics.num_cached_tokens == 80
+    assert after.computed_prompt_tokens - before.computed_prompt_tokens == sum(len(p) - 80 for p in seconds)
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 4 * 80
+    assert all(c.metrics.num_cached_tokens == 80 for c in cached)
     with LLM(tiny_checkpoint, dtype="float32", block_size=BLOCK, enable_prefix_caching=False,
              kv_cache_memory=64 * FP32_BYTES_PER_BLOCK) as llm:
-        plain = llm.generate([second], greedy, use_tqdm=False)[0]
-    assert cached.token_ids == plain.token_ids
+        plain = llm.generate(seconds, greedy, use_tqdm=False)
+    assert [c.token_ids for c in cached] == [p.token_ids for p in plain]
 
 
 def test_max_model_len_bounds_what_is_served(tiny_checkpoint):
