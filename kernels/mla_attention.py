@@ -16,9 +16,11 @@ and values, many chunks in one gather and one product (for a chunk of many queri
 fewer flops than the absorbed form's 576-wide products), then causal attention: in bf16 on CPUs
 with AMX through the compiled prefill kernel (every chunk of a group in one call), elsewhere
 torch's fused scaled_dot_product_attention per chunk. The expansion costs (nope + v) x heads
-values per context token (114 KB in DeepSeek-V3): chunks are grouped so that one group expands
-at most `expand_limit` context tokens, or else a step of many chunks behind one long cached
-prefix (a shared system prompt) would expand that prefix once per chunk, all at once.
+values per context row (114 KB in DeepSeek-V3) and 2 x rank flops per value. A step of many
+chunks behind one long cached prefix (a shared system prompt) would expand that prefix once per
+chunk, all at once: so chunks are grouped to expand at most `expand_limit` rows per group, and a
+group whose contexts share cache rows expands each once, then copies one chunk's context at a
+time out of them to attend over.
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ class AttentionPlan:
 def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer | None = None,
                    expand_limit: int | None = None) -> AttentionPlan:
     """`like` is any tensor on the model's device: it picks the kernels or the reference.
-    `expand_limit`: the most context tokens one prefill group expands (a longer context is a
-    group of its own); None: all of the step's chunks in one group."""
+    `expand_limit`: the most rows one prefill group expands (a longer context is a group of its
+    own); None: all of the step's chunks in one group."""
     q_lens = [batch.query_start[i + 1] - batch.query_start[i] for i in range(batch.num_seqs)]
     short = [i for i, n in enumerate(q_lens) if n <= SHORT_QUERY_MAX]
     long = [i for i, n in enumerate(q_lens) if n > SHORT_QUERY_MAX]
@@ -110,31 +112,30 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
 class _GroupRows:
     """What a group of chunks expands: all their context rows, or (where contexts share cache
     blocks and the batch's tables are on the host) each shared row once plus one chunk's context
-    at a time, whichever is fewer."""
+    at a time, whichever is fewer. Distinct rows are counted as whole distinct blocks: a bound,
+    found from block ids, of the exact count _prefill_group takes."""
 
     def __init__(self, tables: torch.Tensor | None, page: int):
         self.tables, self.page = tables, page
         self.total = self.longest = 0
         self.blocks: set[int] = set()
 
-    def _blocks(self, p: PrefillChunk) -> list[int]:
-        return self.tables[p.seq, : -(-p.context_len // self.page)].tolist()
+    def blocks_of(self, p: PrefillChunk) -> set[int]:
+        if self.tables is None:
+            return set()
+        return set(self.tables[p.seq, : -(-p.context_len // self.page)].tolist())
 
-    def cost(self, p: PrefillChunk | None = None) -> int:
-        total, longest, blocks = self.total, self.longest, len(self.blocks)
-        if p is not None:
-            total, longest = total + p.context_len, max(longest, p.context_len)
-            if self.tables is not None:
-                blocks += len(set(self._blocks(p)) - self.blocks)
+    def cost(self, p: PrefillChunk, blocks: set[int]) -> int:
+        """Rows the group would expand with p (whose blocks are `blocks`) in it."""
+        total = self.total + p.context_len
         if self.tables is None:
             return total
-        return min(total, blocks * self.page + longest)
+        return min(total, len(self.blocks | blocks) * self.page + max(self.longest, p.context_len))
 
-    def add(self, p: PrefillChunk) -> None:
+    def add(self, p: PrefillChunk, blocks: set[int]) -> None:
         self.total += p.context_len
         self.longest = max(self.longest, p.context_len)
-        if self.tables is not None:
-            self.blocks.update(self._blocks(p))
+        self.blocks |= blocks
 
 
 def _expansion_groups(batch: ForwardBatch, prefills: list[PrefillChunk],
@@ -143,19 +144,19 @@ def _expansion_groups(batch: ForwardBatch, prefills: list[PrefillChunk],
     groups: list[list[PrefillChunk]] = []
     held = _GroupRows(batch.host_block_tables, batch.block_size)
     for p in prefills:
-        if not groups or (limit is not None and held.cost(p) > limit):
+        blocks = held.blocks_of(p)
+        if not groups or (limit is not None and held.cost(p, blocks) > limit):
             groups.append([])
             held = _GroupRows(batch.host_block_tables, batch.block_size)
         groups[-1].append(p)
-        held.add(p)
+        held.add(p, blocks)
     return groups
 
 
 def _prefill_group(batch: ForwardBatch, chunks: list[PrefillChunk]) -> PrefillGroup:
-    """The group's context rows. Where contexts share cache rows (many chunks behind one cached
-    prefix), expanding each shared row once and copying one chunk's context at a time to attend
-    over takes fewer rows than expanding every context (and 2 * rank / 4 flops per byte copied
-    fewer: the expansion is 2 * rank * (nope + v) flops a row and head)."""
+    """The group's context rows: each distinct one once where that, plus a copy of the longest
+    context, holds fewer rows than every context (chunks behind one cached prefix). The copies
+    cost memory traffic only; every row not expanded saves 2 x rank flops per value."""
     lens = [p.context_len for p in chunks]
     spans = torch.tensor([[p.start for p in chunks], [p.end - p.start for p in chunks],
                           [0, *itertools.accumulate(lens[:-1])], lens])
