@@ -16,7 +16,7 @@ and values, many chunks in one gather and one product (for a chunk of many queri
 fewer flops than the absorbed form's 576-wide products), then causal attention: in bf16 on CPUs
 with AMX through the compiled prefill kernel (every chunk of a group in one call), elsewhere
 torch's fused scaled_dot_product_attention per chunk. The expansion costs (nope + v) x heads
-values per context row (114 KB in DeepSeek-V3) and 2 x rank flops per value. A step of many
+values per context row (64 KB of bf16 in DeepSeek-V3) and 2 x rank flops per value. A step of many
 chunks behind one long cached prefix (a shared system prompt) would expand that prefix once per
 chunk, all at once: so chunks are grouped to expand at most `expand_limit` rows per group, and a
 group whose contexts share cache rows expands each once, then copies one chunk's context at a
