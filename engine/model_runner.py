@@ -198,18 +198,18 @@ class ModelRunner:
         limits = (self.max_model_len, c.max_num_batched_tokens, c.max_num_seqs)
         if self.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info()
-            used = total - free  # weights, the CUDA context, other processes
+            used = total - free
+            in_use = f"{used / GIB:.2f} GiB are in use (weights, CUDA context, other processes)"
             budget = c.kv_cache_memory
             if budget is None:
                 budget = cuda_cache_budget(total, used, peak, c.gpu_memory_utilization)
                 if budget <= 0:
                     raise ValueError(no_room_message(
-                        f"gpu_memory_utilization={c.gpu_memory_utilization} of {total / GIB:.1f} GiB",
-                        f"{used / GIB:.2f} GiB are in use (weights, CUDA context, other processes)", peak, *limits))
+                        f"gpu_memory_utilization={c.gpu_memory_utilization} of {total / GIB:.1f} GiB", in_use, peak,
+                        *limits))
             elif budget + used + peak > total:
-                raise ValueError(no_room_message(
-                    f"kv_cache_memory={budget} on a {total / GIB:.1f} GiB device",
-                    f"{used / GIB:.2f} GiB are in use (weights, CUDA context, other processes)", peak, *limits))
+                raise ValueError(no_room_message(f"kv_cache_memory={budget} on a {total / GIB:.1f} GiB device", in_use,
+                                                 peak, *limits))
             return budget
         if c.kv_cache_memory is not None:
             return c.kv_cache_memory

@@ -141,11 +141,13 @@ class _GroupRows:
 def _expansion_groups(batch: ForwardBatch, prefills: list[PrefillChunk],
                       limit: int | None) -> list[list[PrefillChunk]]:
     """Consecutive chunks, as many per group as keep what it expands within `limit` rows (one at least)."""
+    if limit is None:
+        return [prefills] if prefills else []
     groups: list[list[PrefillChunk]] = []
     held = _GroupRows(batch.host_block_tables, batch.block_size)
     for p in prefills:
         blocks = held.blocks_of(p)
-        if not groups or (limit is not None and held.cost(p, blocks) > limit):
+        if not groups or held.cost(p, blocks) > limit:
             groups.append([])
             held = _GroupRows(batch.host_block_tables, batch.block_size)
         groups[-1].append(p)
