@@ -27,7 +27,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # this folder's kernels.
 
 import torch
 
-from engine.memory_profile import PeakMeter, trim_host_heap
+from engine.memory_profile import PeakMeter
 from engine.model_config import ModelConfig
 from model.checkpoint_maker import ensure_checkpoint
 from model.deepseek_v3 import DeepseekV3
@@ -78,7 +78,6 @@ def main() -> None:
     run(batch, limit)  # warm-up
     for _ in range(args.reps):
         for name, case in cases.items():
-            trim_host_heap()
             meter = PeakMeter("cpu")
             meter.start()
             t = time.perf_counter()

@@ -15,6 +15,7 @@ of one block (every page of its tables points there), and measures the high-wate
 from __future__ import annotations
 
 import ctypes
+import gc
 import re
 
 import torch
@@ -49,7 +50,11 @@ class PeakMeter:
         self._base = (0, 0)
 
     def start(self) -> bool:
-        """False where the peak cannot be measured (a host without /proc's reset)."""
+        """False where the peak cannot be measured (a host without /proc's reset). Garbage is
+        collected and the freed heap returned first: memory freed during the work (a collection
+        of an earlier owner's tensors, say) would otherwise lower the level and hide the growth."""
+        gc.collect()
+        trim_host_heap()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

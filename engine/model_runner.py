@@ -161,7 +161,7 @@ class ModelRunner:
         for computed, n in worst_step_chunks(self.max_model_len, c.max_num_batched_tokens):
             tokens = torch.randint(self.cfg.vocab_size, (n,), generator=gen).tolist()
             chunks.append(SequenceChunk(tokens, computed, [0] * -(-(computed + n) // bs)))
-        self.release_idle_memory()  # freed heap kept from loading would hide the step's growth
+        self.release_idle_memory()  # buffers sized by earlier forwards would hide the step's growth
         meter = PeakMeter(self.device)
         measured = meter.start()
         # Every page points at the one scratch block, which the prefill attention would take for a
