@@ -47,6 +47,10 @@ class EngineConfig:
     nnodes: int = 1
     node_rank: int = 0
     scheduler_port: int = 0
+    # The watchdog: a worker sends a heartbeat every half second from a thread of its own, also in
+    # the middle of a long step (torch's kernels release the interpreter); one that sends nothing for
+    # this long is stopped or hung, and the engine fails its requests naming that rank.
+    worker_heartbeat_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):
@@ -72,6 +76,9 @@ class EngineConfig:
                              f"{self.node_rank} in [0, nnodes)")
         if self.nnodes > 1 and not (self.master_port and self.scheduler_port):
             raise ValueError("with nnodes > 1 every host needs the same explicit master_port and scheduler_port")
+        if not 1.0 <= self.worker_heartbeat_timeout_s <= 3600.0:
+            raise ValueError(f"worker_heartbeat_timeout_s must be in [1, 3600] seconds (heartbeats come every "
+                             f"0.5 s), got {self.worker_heartbeat_timeout_s}")
         if not 0 <= self.num_speculative_tokens <= 3:
             raise ValueError(f"num_speculative_tokens must be 0 (off) to 3, got {self.num_speculative_tokens}")
 

@@ -28,6 +28,7 @@ from engine.messages import (
     StepPlan,
     StepResult,
     WorkerFailed,
+    WorkerHeartbeat,
     WorkerReady,
     WorkerToScheduler,
     completion_ids,
@@ -35,6 +36,7 @@ from engine.messages import (
 from engine.metrics import EngineMetrics
 from engine.processes import Channel, become_child_process
 from engine.request import Request
+from engine.request_input import prompt_problem
 from engine.sampling_params import completion_params
 from scheduler.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
@@ -88,11 +90,8 @@ class EngineCore:
         problems = msg.params.problems(self.vocab_size)  # (first: a bad truncate_prompt_tokens explains a long prompt)
         if problems:
             return "; ".join(problems)
-        if len(prompt) >= self.max_model_len:
-            return f"prompt has {len(prompt)} tokens; the model's context is {self.max_model_len} tokens"
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            return f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+        if (problem := prompt_problem(prompt, self.max_model_len, self.vocab_size)) is not None:
+            return problem
         if msg.priority and self.schedulers[0].config.policy != "priority":
             return (f"priority is {msg.priority}, but the engine schedules first come first served: "
                     f"start it with scheduling_policy 'priority' (--scheduling-policy priority)")
@@ -233,13 +232,51 @@ def _no_results(steps: list[ScheduledStep]) -> list[StepResult]:
 
 class RemoteWorkers:
     """Workers behind sockets, as EngineCore drives them: a plan per rank in, a result per rank
-    out; `send` and `collect` apart let a step be in flight while the next one is planned."""
+    out; `send` and `collect` apart let a step be in flight while the next one is planned.
 
-    def __init__(self, plans: list[Channel], results: Channel):
+    The watchdog lives here: every message from a rank (its heartbeats above all) marks it alive,
+    and a rank silent for heartbeat_timeout_s while its result is awaited, or while idle, is
+    reported as stuck. A long step is no hang: its heartbeats keep coming."""
+
+    def __init__(self, plans: list[Channel], results: Channel, heartbeat_timeout_s: float = 5.0):
         self.plans = plans
         self.results = results
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.last_seen = [time.monotonic()] * len(plans)
         # A rank can answer the next step before another rank answers this one.
         self._early: dict[tuple[int, int], StepResult] = {}
+
+    def _note(self, msg) -> None:
+        """Heartbeats and failures, whatever the moment they arrive."""
+        if isinstance(msg, WorkerFailed):
+            raise WorkerGone(f"worker {msg.rank} failed:\n{msg.error}")
+        if msg is not None:
+            self.last_seen[msg.rank] = time.monotonic()
+
+    def _check_alive(self, ranks) -> None:
+        now = time.monotonic()
+        silent = [r for r in ranks if now - self.last_seen[r] > self.heartbeat_timeout_s]
+        if silent:
+            r = silent[0]
+            raise WorkerGone(f"worker rank {r} is stuck: no heartbeat for {now - self.last_seen[r]:.1f} s "
+                             f"(the limit is {self.heartbeat_timeout_s:g} s); the process is stopped or hung")
+
+    def _read(self, timeout_ms: int) -> list[StepResult]:
+        """Everything the ranks sent by now (waiting up to timeout_ms for the first), every
+        message noted as a sign of life before any rank is judged silent."""
+        results = []
+        msg = self.results.recv(timeout_ms=timeout_ms)
+        while msg is not None:
+            self._note(msg)
+            if isinstance(msg, StepResult):
+                results.append(msg)
+            msg = self.results.recv(timeout_ms=0)
+        return results
+
+    def poll_idle(self) -> None:
+        """Between steps: read what the ranks sent (heartbeats, a failure) and check they live."""
+        self._read(timeout_ms=0)  # (no step result is awaited between steps)
+        self._check_alive(range(len(self.plans)))
 
     def __call__(self, step_plans: list[StepPlan]) -> list[StepResult]:
         self.send(step_plans)
@@ -252,25 +289,23 @@ class RemoteWorkers:
     def collect(self, step_plans: list[StepPlan]) -> list[StepResult]:
         """The results of step_plans (results of earlier steps are not waiting: each is
         collected before the next is)."""
-        plans, results = self.plans, self.results
+        plans = self.plans
         got: dict[int, StepResult] = {}
         for rank, plan in enumerate(step_plans):
             if (early := self._early.pop((rank, plan.step_id), None)) is not None:
                 got[rank] = early
         deadline = time.monotonic() + WORKER_STEP_TIMEOUT_S
         while len(got) < len(plans):
+            missing = sorted(set(range(len(plans))) - set(got))
             if time.monotonic() > deadline:
-                missing = sorted(set(range(len(plans))) - set(got))
                 raise WorkerGone(f"workers {missing} did not answer step {step_plans[0].step_id} "
                                  f"within {WORKER_STEP_TIMEOUT_S:.0f} s")
-            msg = results.recv(timeout_ms=1000)
-            if isinstance(msg, StepResult):
+            for msg in self._read(timeout_ms=250):
                 if msg.step_id == step_plans[msg.rank].step_id:
                     got[msg.rank] = msg
                 elif msg.step_id > step_plans[msg.rank].step_id:
                     self._early[(msg.rank, msg.step_id)] = msg
-            elif isinstance(msg, WorkerFailed):
-                raise WorkerGone(f"worker {msg.rank} failed:\n{msg.error}")
+            self._check_alive(sorted(set(range(len(plans))) - set(got)))
         return [got[r] for r in range(len(plans))]
 
 
@@ -289,9 +324,10 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
             msg = results.recv(timeout_ms=max(1, int((deadline - time.monotonic()) * 1000)))
             if isinstance(msg, WorkerReady):
                 readies[msg.rank] = msg
-            else:
+            elif not isinstance(msg, WorkerHeartbeat):  # (a rank that is ready already beats)
                 raise WorkerGone(msg.error if isinstance(msg, WorkerFailed) else "workers did not start in time")
-        core = EngineCore(config, list(readies.values()), eos_token_id, RemoteWorkers(plans, results))
+        core = EngineCore(config, list(readies.values()), eos_token_id,
+                          RemoteWorkers(plans, results, config.worker_heartbeat_timeout_s))
         tokens = sum(r.num_blocks for r in readies.values()) * config.block_size
         ready = core.ready
         outbox.send(EngineReady(sum(r.num_blocks for r in readies.values()), config.block_size, ready.max_model_len,
@@ -308,6 +344,17 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
         ctx.term()
 
 
+def _add_or_refuse(core: EngineCore, msg: AddRequest) -> list[RequestDelta]:
+    """A request that the checks let through but that fails to queue fails alone: the engine's
+    state is untouched until add() has placed the whole group."""
+    try:
+        return core.add(msg)
+    except Exception as e:
+        error = f"the engine could not take the request: {type(e).__name__}: {e}"
+        return [RequestDelta(i, finished=True, finish_reason="error", error=error)
+                for i in completion_ids(msg.req_id, msg.params.n)]
+
+
 def _serve(core: EngineCore, inbox: Channel, outbox: Channel) -> None:
     while True:
         deltas: list[RequestDelta] = []
@@ -315,7 +362,7 @@ def _serve(core: EngineCore, inbox: Channel, outbox: Channel) -> None:
         while (msg := inbox.recv(timeout_ms=timeout)) is not None:
             timeout = 0
             if isinstance(msg, AddRequest):
-                deltas.extend(core.add(msg))
+                deltas.extend(_add_or_refuse(core, msg))
             elif isinstance(msg, AbortRequests):
                 deltas.extend(core.abort(msg.req_ids))
             elif isinstance(msg, GetStats):
@@ -324,5 +371,7 @@ def _serve(core: EngineCore, inbox: Channel, outbox: Channel) -> None:
                 return
         if core.has_work():
             deltas.extend(core.step())
+        else:
+            core.worker.poll_idle()
         if deltas:
             outbox.send(RequestOutputs(deltas))

@@ -32,7 +32,7 @@ from engine.messages import (
 from engine.model_config import ModelConfig
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.processes import Channel, spawn
-from engine.sampling_params import parse_sampling_params, tokenize_bad_words, truncate_prompt
+from engine.request_input import RequestInputError, check_priority, prepare_request
 from engine.worker_process import run_worker
 
 
@@ -76,6 +76,7 @@ class EngineClient:
                             eos, startup_timeout_s)]
         self.procs += [spawn(run_worker, config, r, links[f"plans{r}"], links["results"]) for r in config.local_ranks]
         self.inputs = Channel(self._ctx, zmq.PUSH, addrs["input"], bind=False, decode_type=None)
+        self.stopped: str | None = None  # why the engine no longer runs, once it does not
         atexit.register(self.shutdown)
         try:
             ready = self.recv(timeout_s=startup_timeout_s)
@@ -87,10 +88,16 @@ class EngineClient:
         self.ready: EngineReady = ready
 
     def send(self, msg) -> None:
+        self._check_running()
         self.inputs.send(msg)
+
+    def _check_running(self) -> None:
+        if self.stopped is not None:
+            raise EngineDeadError(f"the engine is stopped ({self.stopped}); start a new one")
 
     def recv(self, timeout_s: float | None = None):
         """The next message from the scheduler; raises EngineDeadError if a process died."""
+        self._check_running()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while deadline is None or time.monotonic() < deadline:
             msg = self.outputs.recv(timeout_ms=200)
@@ -103,7 +110,9 @@ class EngineClient:
                 raise EngineDeadError(f"engine process {dead[0].name} exited with code {dead[0].exitcode}")
         raise EngineDeadError(f"no answer from the engine within {timeout_s} s")
 
-    def shutdown(self) -> None:
+    def shutdown(self, why: str = "shutdown() was called") -> None:
+        if self.stopped is None:
+            self.stopped = why
         if not self.procs:
             return
         try:
@@ -171,7 +180,7 @@ class LLM:
                  device: str = "auto", num_speculative_tokens: int = 0, ep_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 0, nnodes: int = 1, scheduler_port: int = 0,
                  async_scheduling: bool = True, kv_cache_dtype: str = "auto", cuda_graphs: bool = False,
-                 scheduling_policy: str = "fcfs"):
+                 scheduling_policy: str = "fcfs", worker_heartbeat_timeout_s: float = 5.0):
         if model is None:  # the embedded demo model, trained on first use if it is not shipped
             from model.demo_checkpoint import default_model_dir
 
@@ -184,7 +193,7 @@ class LLM:
             seed=seed, device=device, num_speculative_tokens=num_speculative_tokens, ep_size=ep_size,
             master_addr=master_addr, master_port=master_port, nnodes=nnodes, scheduler_port=scheduler_port,
             async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype, cuda_graphs=cuda_graphs,
-            scheduling_policy=scheduling_policy)
+            scheduling_policy=scheduling_policy, worker_heartbeat_timeout_s=worker_heartbeat_timeout_s)
         self.tokenizer = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
         self.engine = EngineClient(self.config, startup_timeout_s)
         self._next_id = 0
@@ -215,8 +224,8 @@ class LLM:
         or dict for all, or a list with one per prompt. priority: one int per prompt, lower sooner
         (an engine started with scheduling_policy="priority"). A request with bad input comes back
         with finish_reason "error" and `error` naming the problem; the others run normally."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt (a string, token ids, or something _submit refuses by name)
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling parameters for {len(prompts)} prompts")
@@ -229,9 +238,9 @@ class LLM:
             for prompt, p, rank in zip(prompts, plist, priorities):
                 outs.append(self._submit(prompt, p, tracked, rank))
             self._collect(tracked, len(outs), use_tqdm and len(prompts) > 1)
-        except BaseException:
+        except BaseException as e:
             # Ctrl-C or a dead engine: stop every process before the exception leaves.
-            self.shutdown()
+            self.engine.shutdown(f"a generate() call ended with {type(e).__name__}")
             raise
         return outs
 
@@ -239,14 +248,17 @@ class LLM:
         req_id = str(self._next_id)
         self._next_id += 1
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids if text is not None else list(prompt)
-        out = RequestOutput(req_id, text, ids, metrics=RequestMetrics(arrival_time=time.time()))
+        out = RequestOutput(req_id, text, [], metrics=RequestMetrics(arrival_time=time.time()))
+        ready = self.engine.ready
         try:
-            params = tokenize_bad_words(parse_sampling_params(raw_params), self.tokenizer)
-        except ValueError as e:
-            out.outputs[0].finish_reason, out.error = "error", str(e)
+            priority = check_priority(priority)
+            ids, params = prepare_request(prompt, raw_params, self.tokenizer, ready.max_model_len, ready.vocab_size)
+        except RequestInputError as e:  # that prompt alone fails, with one output per completion asked for
+            n = len(completion_ids(req_id, e.params.n)) if e.params is not None else 1
+            out.outputs = [CompletionOutput(i, finish_reason="error") for i in range(n)]
+            out.error = str(e)
             return out
-        ids = out.prompt_token_ids = truncate_prompt(ids, params, self.engine.ready.max_model_len)
+        out.prompt_token_ids = ids
         engine_ids = completion_ids(req_id, params.n)
         out.outputs = [CompletionOutput(i) for i in range(len(engine_ids))]
         if params.prompt_logprobs is not None:

@@ -3,7 +3,7 @@
 frontend -> scheduler: AddRequest, AbortRequests, GetStats, Shutdown
 scheduler -> frontend: EngineReady, RequestOutputs, EngineStats, EngineDead
 scheduler -> worker:   StepPlan, Shutdown
-worker -> scheduler:   WorkerReady, StepResult, WorkerFailed
+worker -> scheduler:   WorkerReady, StepResult, WorkerFailed, WorkerHeartbeat
 """
 
 from __future__ import annotations
@@ -167,6 +167,14 @@ class WorkerReady(Message):
     step_peak_bytes: int = 0
 
 
+class WorkerHeartbeat(Message):
+    """Sent every HEARTBEAT_INTERVAL_S by a thread of each worker: the watchdog's sign of life."""
+    rank: int
+
+
+HEARTBEAT_INTERVAL_S = 0.5
+
+
 class WorkerFailed(Message):
     rank: int
     error: str
@@ -175,4 +183,4 @@ class WorkerFailed(Message):
 FrontendToScheduler = AddRequest | AbortRequests | GetStats | Shutdown
 SchedulerToFrontend = EngineReady | RequestOutputs | EngineStats | EngineDead
 SchedulerToWorker = StepPlan | Shutdown
-WorkerToScheduler = WorkerReady | StepResult | WorkerFailed
+WorkerToScheduler = WorkerReady | StepResult | WorkerFailed | WorkerHeartbeat

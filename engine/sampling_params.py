@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import math
+from typing import Annotated
+
 import msgspec
 
 MAX_PARALLEL_SAMPLES = 256  # n above this is refused: each completion is a sequence the engine tracks
+INT64 = (-(1 << 63), (1 << 63) - 1)  # every integer that crosses a process boundary fits msgpack's int64
+MAX_TOKENS_LIMIT = (1 << 31) - 1  # max_tokens, min_tokens, top_k, truncate_prompt_tokens
+# What one request may carry in its lists. Each is work per request (tokenizing bad words) or per
+# generated token (looking for stop strings, banning bad words), done where others wait, so each
+# is bounded; the schema checks the lengths before their elements are read.
+MAX_STOP_STRINGS = 128
+MAX_STOP_STRING_CHARS = 1024
+MAX_BAD_WORDS = 1024
+MAX_BAD_WORD_TOKENS = 64
+MAX_TOKEN_LIST = 1 << 17  # stop_token_ids, allowed_token_ids, logit_bias entries: a vocabulary's worth
+
+
+def _at_most(n: int):
+    return msgspec.Meta(max_length=n)
 
 
 class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -19,19 +36,22 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    stop: list[str] = []
-    stop_token_ids: list[int] = []
+    stop: Annotated[list[Annotated[str, _at_most(MAX_STOP_STRING_CHARS)]], _at_most(MAX_STOP_STRINGS)] = []
+    stop_token_ids: Annotated[list[int], _at_most(MAX_TOKEN_LIST)] = []
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Constraints on which tokens can be sampled (the logprobs returned stay the model's own).
-    logit_bias: dict[int, float] = {}  # token id -> added to its logit, in [-100, 100]
-    allowed_token_ids: list[int] | None = None  # only these can be sampled
-    bad_words: list[str] = []  # never generated (the frontend tokenizes them into bad_words_token_ids)
-    bad_words_token_ids: list[list[int]] = []  # token sequences never generated: the last token is
-    # banned where the output ends with the rest
+    logit_bias: Annotated[dict[int, float], _at_most(MAX_TOKEN_LIST)] = {}  # token id -> added to its logit
+    allowed_token_ids: Annotated[list[int], _at_most(MAX_TOKEN_LIST)] | None = None  # only these can be sampled
+    # never generated (the frontend tokenizes them into bad_words_token_ids)
+    bad_words: Annotated[list[Annotated[str, _at_most(MAX_STOP_STRING_CHARS)]], _at_most(MAX_BAD_WORDS)] = []
+    # token sequences never generated: the last token is
+    # banned where the output ends with the rest (bad_words add two sequences each)
+    bad_words_token_ids: Annotated[list[Annotated[list[int], _at_most(MAX_BAD_WORD_TOKENS)]],
+                                   _at_most(2 * MAX_BAD_WORDS)] = []
     # Keep only the prompt's last k tokens (vLLM's left truncation); -1: as many as the context
     # holds with room for one generated token. Applied by the frontend (truncate_prompt).
     truncate_prompt_tokens: int | None = None
@@ -41,20 +61,29 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
         return self.temperature == 0.0
 
     def problems(self, vocab_size: int) -> list[str]:
-        """What is wrong with these parameters, as sentences naming the field; empty if valid."""
+        """What is wrong with these parameters, as sentences naming the field; empty if valid.
+        Every frontend's requests pass here (the engine checks each one before it is queued), so a
+        value that would misbehave downstream (NaN compares false to every bound, an integer past
+        int64 cannot be encoded again) is refused here, by name, and nowhere else."""
         p: list[str] = []
-        if not 1 <= self.n <= MAX_PARALLEL_SAMPLES:
-            p.append(f"n must be in [1, {MAX_PARALLEL_SAMPLES}], got {self.n}")
-        if self.max_tokens < 1:
-            p.append(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            p.append(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                p.append(f"{name} must be a finite number, got {v}")
+        if p:
+            return p  # the range checks below assume finite values
+        for name, lo, hi in (("n", 1, MAX_PARALLEL_SAMPLES), ("max_tokens", 1, MAX_TOKENS_LIMIT),
+                             ("min_tokens", 0, min(self.max_tokens, MAX_TOKENS_LIMIT)),
+                             ("top_k", -1, MAX_TOKENS_LIMIT)):
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                p.append(f"{name} must be in [{lo}, {hi}], got {v}")
+        if self.seed is not None and not INT64[0] <= self.seed <= INT64[1]:
+            p.append(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.temperature < 0:
             p.append(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             p.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            p.append(f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             p.append(f"min_p must be in [0, 1], got {self.min_p}")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -68,8 +97,9 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
             if n is not None and not 0 <= n <= 20:
                 p.append(f"{name} must be in [0, 20], got {n}")
         k = self.truncate_prompt_tokens
-        if k is not None and k != -1 and k < 1:
-            p.append(f"truncate_prompt_tokens must be -1 (the context) or at least 1, got {k}")
+        if k is not None and k != -1 and not 1 <= k <= MAX_TOKENS_LIMIT:
+            p.append(f"truncate_prompt_tokens must be -1 (the context) or at least 1, got {k}"
+                     if k < 1 else f"truncate_prompt_tokens must be at most {MAX_TOKENS_LIMIT}, got {k}")
         if any(not s for s in self.stop):
             p.append("stop strings must not be empty")
         bad = [b for b in self.logit_bias.values() if not -100.0 <= b <= 100.0]  # (NaN fails too)
@@ -94,9 +124,15 @@ def completion_params(params: SamplingParams, index: int) -> SamplingParams:
     """The parameters of completion `index` of a request with n > 1: one completion each, seeds
     seed + index (so completion 0 is what the same request with n = 1 gives), and the prompt's
     logprobs computed by completion 0 alone."""
-    seed = None if params.seed is None else params.seed + index
+    seed = None if params.seed is None else wrap_int64(params.seed + index)
     plp = params.prompt_logprobs if index == 0 else None
     return msgspec.structs.replace(params, n=1, seed=seed, prompt_logprobs=plp)
+
+
+def wrap_int64(x: int) -> int:
+    """x folded into int64 as two's complement does: a derived seed (seed + index) stays
+    encodable and distinct from its neighbours."""
+    return (x - INT64[0]) % (1 << 64) + INT64[0]
 
 
 def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
@@ -115,23 +151,30 @@ def tokenize_bad_words(params: SamplingParams, tokenizer) -> SamplingParams:
     after a space (the same word is another token sequence there), as vLLM does."""
     if not params.bad_words:
         return params
+    texts = [t for word in params.bad_words for t in (word.lstrip(" "), " " + word.lstrip(" "))]
     seqs = [list(s) for s in params.bad_words_token_ids]
-    for word in params.bad_words:
-        for text in (word.lstrip(" "), " " + word.lstrip(" ")):
-            ids = tokenizer.encode(text, add_special_tokens=False).ids
-            if ids and ids not in seqs:
-                seqs.append(ids)
+    seen = {tuple(s) for s in seqs}  # (a list's `in` made this quadratic in the number of words)
+    for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
+        key = tuple(enc.ids)
+        if key and key not in seen:
+            seen.add(key)
+            seqs.append(enc.ids)
     return msgspec.structs.replace(params, bad_words_token_ids=seqs)
 
 
 def parse_sampling_params(raw: SamplingParams | dict | None) -> SamplingParams:
     """Accepts a SamplingParams, a dict of its fields, or None (defaults). Raises ValueError
-    naming the offending field (unknown names and wrong types included)."""
+    naming the offending field (unknown names, wrong types and overlong lists included). A
+    SamplingParams made in Python is checked too (its constructor checks no types), through the
+    same msgpack round trip that every process boundary applies."""
     if raw is None:
         return SamplingParams()
-    if isinstance(raw, SamplingParams):
-        return raw
     try:
+        if isinstance(raw, SamplingParams):
+            return _params_decoder.decode(msgspec.msgpack.encode(raw))
         return msgspec.convert(raw, SamplingParams)
-    except msgspec.ValidationError as e:
+    except (msgspec.ValidationError, msgspec.EncodeError, TypeError, OverflowError) as e:
         raise ValueError(f"invalid sampling parameters: {e}") from None
+
+
+_params_decoder = msgspec.msgpack.Decoder(SamplingParams)

@@ -110,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=5555, help="ZeroMQ ROUTER port (0: any free port)")
-    srv.add_argument("--metrics-port", type=int, default=None, help="serve http://HOST:PORT/metrics")
+    srv.add_argument("--metrics-port", type=int, default=None, help="serve http://METRICS_HOST:PORT/metrics")
+    srv.add_argument("--metrics-host", default="127.0.0.1",
+                     help="where /metrics listens (loopback by default, whatever --host is)")
+    srv.add_argument("--max-completions-per-client", type=int, default=None,
+                     help="unfinished completions one connection may hold (default: half of --max-num-seqs)")
+    srv.add_argument("--max-prompt-tokens-per-client", type=int, default=None,
+                     help="prompt tokens of one connection's unfinished requests (default: the cache's tokens)")
     srv.add_argument("--shutdown-grace", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM")
     srv.add_argument("--seed", type=int, default=0)
@@ -155,6 +161,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master-port", type=int, default=0, help="rendezvous port (0: a free one, one host only)")
     p.add_argument("--nnodes", type=int, default=1, help="hosts taking part (expert parallelism across hosts)")
     p.add_argument("--node-rank", type=int, default=0, help="this host's index; 0 runs the scheduler")
+    p.add_argument("--worker-heartbeat-timeout", type=float, default=5.0,
+                   help="seconds a worker may send no heartbeat before it is declared stuck and the engine stops")
     p.add_argument("--scheduler-port", type=int, default=0,
                    help="with --nnodes > 1: tcp ports PORT (results) and PORT+1+rank (plans) on master-addr")
 
@@ -171,7 +179,8 @@ def _engine_config(args: argparse.Namespace, model_dir: str):
                         ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,
                         nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port,
                         async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
-                        cuda_graphs=args.cuda_graphs, scheduling_policy=args.scheduling_policy)
+                        cuda_graphs=args.cuda_graphs, scheduling_policy=args.scheduling_policy,
+                        worker_heartbeat_timeout_s=args.worker_heartbeat_timeout)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -181,11 +190,20 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     from entrypoints.server import Server
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for n in (args.max_completions_per_client, args.max_prompt_tokens_per_client):
+        if n is not None and n < 1:
+            print(f"error: a per-client limit must be at least 1, got {n}", file=sys.stderr)
+            return 2
     config = _engine_config(args, _model_dir(args))
-    server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace)
-    metrics = f", metrics on http://{args.host}:{server.metrics_server.server_port}/metrics" \
+    server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace,
+                    metrics_host=args.metrics_host, max_completions_per_client=args.max_completions_per_client,
+                    max_prompt_tokens_per_client=args.max_prompt_tokens_per_client)
+    metrics = f", metrics on http://{args.metrics_host}:{server.metrics_server.server_port}/metrics" \
         if server.metrics_server else ""
     print(f"mlaserve serving {config.model_dir} on {server.address}{metrics}", file=sys.stderr, flush=True)
     return server.serve_forever()

@@ -58,7 +58,8 @@ def _params(params) -> dict[str, Any]:
 def _generate_msg(prompt, prompt_token_ids, params, request_id, stream, priority) -> Generate:
     if isinstance(prompt, list):
         prompt, prompt_token_ids = None, prompt
-    return Generate(request_id or uuid.uuid4().hex, prompt, prompt_token_ids, _params(params), stream, priority)
+    raw = msgspec.Raw(msgspec.msgpack.encode(_params(params)))
+    return Generate(request_id or uuid.uuid4().hex, prompt, prompt_token_ids, raw, stream, priority)
 
 
 class Client:

@@ -7,7 +7,10 @@ snapshot; it never talks to the engine itself (ZeroMQ sockets stay on the server
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, start_http_server
+import threading
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, MetricsHandler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 PREFIX = "mlaserve:"
@@ -30,9 +33,17 @@ class EngineCollector:
         self.server = server
 
     def collect(self):
-        stats, counters = self.server.stats_snapshot()
+        stats, counters, health = self.server.stats_snapshot()
         yield _counter("server_requests_received", "Generate messages received.", counters["requests_received"])
         yield _counter("server_bad_messages", "Frames refused as unreadable.", counters["bad_messages"])
+        yield _counter("server_requests_refused_by_limits", "Requests refused by a per-connection limit.",
+                       counters["requests_refused_by_limits"])
+        yield _counter("server_clients_disconnected", "Clients whose connection closed with requests unfinished.",
+                       counters["clients_disconnected"])
+        yield _gauge("engine_healthy", "1 while the engine runs; 0 once it failed (health says why).",
+                     float(health.status != "engine_dead"))
+        yield _gauge("stats_age_seconds", "Age of the engine numbers below (the scheduler answers between "
+                     "steps; a value growing past a step's length means it is stuck).", health.stats_age_s)
         if stats is None:
             return
         yield _gauge("num_requests_running", "Requests in the running batch.", stats.num_running)
@@ -111,10 +122,39 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(PREFIX + name, doc, value=value)
 
 
+MAX_METRICS_CONNECTIONS = 8  # scrapers at once; more are closed unanswered
+METRICS_SOCKET_TIMEOUT_S = 5.0  # an idle or slow connection is closed after this
+
+
+class _BoundedMetricsServer(ThreadingHTTPServer):
+    """prometheus_client's handler behind a bounded number of connection threads, each with a
+    socket timeout: idle connections cannot pile up threads."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        request.settimeout(METRICS_SOCKET_TIMEOUT_S)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def start_metrics_server(server, host: str, port: int):
     """Serves /metrics on host:port (0 picks a free port: see `.server_port`). Returns the HTTP
     server; `.shutdown()` stops it."""
     registry = CollectorRegistry()
     registry.register(EngineCollector(server))
-    httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    httpd = _BoundedMetricsServer((host, port), MetricsHandler.factory(registry))
+    threading.Thread(target=httpd.serve_forever, name="mlaserve-metrics", daemon=True).start()
     return httpd

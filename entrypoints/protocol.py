@@ -7,11 +7,20 @@ server -> client: Delta*, then Final (or Error) for a Generate; HealthReply; Mod
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: generate.priority, final.prompt_logprobs
+# Bounds a frame's fields are read against (their lengths come before their elements, so an
+# overlong field is refused without reading it): a request id is echoed in every message back.
+MAX_REQUEST_ID_CHARS = 256
+MAX_PROMPT_TOKEN_IDS = 1 << 20  # DeepSeek-V3's context is 163840; the engine refuses past its own
+RequestId = Annotated[str, msgspec.Meta(max_length=MAX_REQUEST_ID_CHARS)]
+
+# 2: generate.priority, final.prompt_logprobs; 3: health_reply.detail and status "engine_dead",
+# error codes "limit_exceeded" and "internal_error", a chosen ZeroMQ routing id is taken as the
+# connection it arrives on
+PROTOCOL_VERSION = 3
 
 
 class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
@@ -21,16 +30,18 @@ class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_de
 # ---- client -> server -------------------------------------------------------------------------
 
 class Generate(_Msg, tag="generate"):
-    request_id: str
+    request_id: RequestId
     prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    params: dict[str, Any] = {}  # SamplingParams fields; unknown names are an error
+    prompt_token_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_PROMPT_TOKEN_IDS)] | None = None
+    # A map of SamplingParams fields (unknown names are an error), kept as its bytes while the frame
+    # is read: the server decodes it off its loop, against SamplingParams' own typed schema.
+    params: msgspec.Raw = msgspec.Raw(b"\x80")
     stream: bool = True
     priority: int = 0  # lower runs sooner, on a server started with --scheduling-policy priority
 
 
 class Abort(_Msg, tag="abort"):
-    request_id: str
+    request_id: RequestId
 
 
 class Health(_Msg, tag="health"):
@@ -105,9 +116,11 @@ class Error(_Msg, tag="error"):
 
 
 class HealthReply(_Msg, tag="health_reply"):
-    status: str  # "ok" | "shutting_down"
+    status: str  # "ok" | "shutting_down" | "engine_dead"
     running: int
     waiting: int
+    detail: str = ""  # with "engine_dead": why (the stuck rank, the failed process)
+    stats_age_s: float = 0.0  # how old running/waiting are (the engine answers between steps)
 
 
 class ModelInfo(_Msg, tag="model_info"):
@@ -130,7 +143,9 @@ ERROR_CODES = {
     "duplicate_request_id": "this client already has an unfinished request with that id",
     "unknown_request": "Abort named a request id this client has no unfinished request with",
     "shutting_down": "the server is stopping and takes no new requests",
-    "engine_error": "the engine failed while running the request",
+    "engine_error": "the engine failed (the message says why); the server answers health until it is restarted",
+    "limit_exceeded": "this connection holds as much as one connection may (the message names the limit)",
+    "internal_error": "the server could not handle this message; it keeps serving the others",
 }
 
 client_encoder = msgspec.msgpack.Encoder()

@@ -13,9 +13,11 @@ return 0. A request whose client has gone (ZeroMQ cannot route to it any more) i
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,20 +27,23 @@ from tokenizers import Tokenizer
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.llm import EngineClient, EngineDeadError
+from engine.llm import EngineClient
 from engine.messages import (
     AbortRequests,
     AddRequest,
+    EngineDead,
     EngineStats,
     GetStats,
     RequestDelta,
     RequestOutputs,
     completion_ids,
 )
-from engine.model_config import ModelConfig
-from engine.sampling_params import parse_sampling_params, tokenize_bad_words, truncate_prompt
+from engine.request_input import RequestInputError
+from engine.sampling_params import SamplingParams
+from entrypoints.connections import ClientLimits, ClientState, Connections
 from entrypoints.metrics import start_metrics_server
 from entrypoints.protocol import (
+    PROTOCOL_VERSION,
     Abort,
     Completion,
     Delta,
@@ -55,9 +60,16 @@ from entrypoints.protocol import (
     server_decoder,
     server_encoder,
 )
+from entrypoints.request_prep import Preparer
+
+log = logging.getLogger("mlaserve.server")
 
 STATS_INTERVAL_S = 0.25
 MAX_FRAME_BYTES = 16 << 20  # a bigger frame is refused before decoding
+# A peer that answers no ZMTP ping for this long (a host gone, a cable pulled: no FIN ever comes)
+# is disconnected by ZeroMQ, and its requests end as any departed client's do.
+PEER_HEARTBEAT_IVL_MS, PEER_HEARTBEAT_TIMEOUT_MS = 5_000, 15_000
+MAX_PREPARING = 64  # requests being prepared at once; past it the loop reads no more frames until some finish
 
 
 @dataclass
@@ -73,17 +85,24 @@ class ServedCompletion:
 
 @dataclass
 class Served:
-    identity: bytes
+    client: ClientState
     request_id: str
     stream: bool
-    want_logprobs: bool
     arrival: float
+    want_logprobs: bool = False
     completions: list[ServedCompletion] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     scheduled_time: float = 0.0
     first_token_time: float = 0.0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked for
+    priority: int = 0
+    preparing: bool = True  # in the Preparer; no engine id yet
+    aborted: bool = False  # an Abort came while preparing
+
+    @property
+    def identity(self) -> bytes:
+        return self.client.identity
 
     def unfinished_ids(self) -> list[str]:
         return [c.engine_id for c in self.completions if c.finish_reason is None]
@@ -91,31 +110,45 @@ class Served:
 
 class Server:
     def __init__(self, config: EngineConfig, host: str = "127.0.0.1", port: int = 5555,
-                 metrics_port: int | None = None, shutdown_grace_s: float = 30.0, model_name: str | None = None):
+                 metrics_port: int | None = None, shutdown_grace_s: float = 30.0, model_name: str | None = None,
+                 metrics_host: str = "127.0.0.1", max_completions_per_client: int | None = None,
+                 max_prompt_tokens_per_client: int | None = None):
         self.config = config
         self.grace_s = shutdown_grace_s
         self.model_name = model_name or Path(config.model_dir).name
         self.tokenizer = Tokenizer.from_file(str(Path(config.model_dir) / "tokenizer.json"))
-        self.eos = ModelConfig.from_checkpoint(config.model_dir).eos_token_id
         self.engine = EngineClient(config)
+        ready = self.engine.ready
+        # One connection may hold half the engine's batch and its whole cache's worth of prompt
+        # by default: enough for a load generator on one socket, and never every slot.
+        self.limits = ClientLimits(
+            max_completions_per_client or max(1, config.max_num_seqs * config.ep_size // 2),
+            max_prompt_tokens_per_client or ready.kv_cache_tokens)
+        self.preparer = Preparer(self.tokenizer, ready.max_model_len, ready.vocab_size)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises: we abort its work
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        self.router.setsockopt(zmq.HEARTBEAT_IVL, PEER_HEARTBEAT_IVL_MS)
+        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, PEER_HEARTBEAT_TIMEOUT_MS)
+        self.connections = Connections(self.router)
         self.port = self.router.bind_to_random_port(f"tcp://{host}") if port == 0 else port
         if port:
             self.router.bind(f"tcp://{host}:{port}")
         self.address = f"tcp://{host}:{self.port}"
         self.requests: dict[str, tuple[Served, ServedCompletion]] = {}  # by engine request id
-        self.by_client: dict[tuple[bytes, str], Served] = {}
         self.latest_stats: EngineStats | None = None
-        self.counters = {"requests_received": 0, "bad_messages": 0}
+        self.stats_time = time.monotonic()
+        self.engine_failure: str | None = None  # why the engine stopped, once it has
+        self.counters = {"requests_received": 0, "bad_messages": 0, "requests_refused_by_limits": 0,
+                         "clients_disconnected": 0}
         self._next_id = 0
         self._stop_at: float | None = None
         self._stats_due = 0.0
         self._lock = threading.Lock()
-        self.metrics_server = start_metrics_server(self, host, metrics_port) if metrics_port is not None else None
+        self.metrics_server = start_metrics_server(self, metrics_host, metrics_port) \
+            if metrics_port is not None else None
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -124,45 +157,62 @@ class Server:
             self._stop_at = time.monotonic() + self.grace_s
 
     def serve_forever(self, install_signals: bool = True) -> int:
+        """Returns 0 after a clean stop, 1 when the engine had failed (the server stays up until
+        then to answer health with the reason)."""
         if install_signals:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.engine.outputs.socket, zmq.POLLIN)
+        poller.register(self.connections.monitor, zmq.POLLIN)
+        poller.register(self.preparer.fd, zmq.POLLIN)
         try:
             while True:
                 if self._stop_at is not None:
-                    if not self.by_client:
+                    if not self.requests and not self.preparer.pending:
                         break
                     if time.monotonic() >= self._stop_at:
                         self._abort_all("the server is stopping and its grace period has ended")
                         break
                 events = dict(poller.poll(50))
-                if self.router in events:
+                self._drop_gone_clients()
+                if self.preparer.fd in events:
+                    self._submit_prepared()
+                if self.router in events and self.preparer.pending < MAX_PREPARING:
                     self._drain_clients()
-                if self.engine.outputs.socket in events:
+                if self.engine.outputs.socket in events and self.engine_failure is None:
                     self._drain_engine()
-                self._refresh_stats()
-                self._check_engine()
+                if self.engine_failure is None:
+                    self._refresh_stats()
+                    self._check_engine()
         finally:
             self.close()
-        return 0
+        return 0 if self.engine_failure is None else 1
 
     def close(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+            self.metrics_server.server_close()
             self.metrics_server = None
-        self.engine.shutdown()
+        self.engine.shutdown("the server stopped")
+        self.preparer.close()
+        self.connections.close()
         self.router.close(linger=0)
         self.ctx.term()
 
     def _check_engine(self) -> None:
         dead = [p for p in self.engine.procs if not p.is_alive()]
         if dead:
-            self._abort_all(f"engine process {dead[0].name} exited with code {dead[0].exitcode}",
-                            code="engine_error")
-            raise EngineDeadError(f"engine process {dead[0].name} exited with code {dead[0].exitcode}")
+            self._engine_failed(f"engine process {dead[0].name} exited with code {dead[0].exitcode}")
+
+    def _engine_failed(self, reason: str) -> None:
+        """Every request in flight fails with the reason, the engine's processes are stopped, and
+        the server stays up to say so (health: engine_dead) until it is stopped."""
+        log.error("the engine failed; every request in flight fails with the reason:\n%s", reason)
+        self.engine_failure = reason.strip().splitlines()[-1] if reason.strip() else "the engine failed"
+        self._abort_all(f"the engine failed: {self.engine_failure}", code="engine_error")
+        self.engine.shutdown(f"it failed: {self.engine_failure}")
 
     # ---- client side --------------------------------------------------------------------------
 
@@ -173,88 +223,143 @@ class Server:
         except zmq.ZMQError:  # unroutable (client gone) or its queue is full
             return False
 
+    def _drop_gone_clients(self) -> None:
+        for c in self.connections.gone():
+            self.counters["clients_disconnected"] += 1
+            self._client_gone(c)
+
     def _drain_clients(self) -> None:
-        while True:
+        while self.preparer.pending < MAX_PREPARING:
             try:
-                frames = self.router.recv_multipart(flags=zmq.NOBLOCK)
+                frames = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            identity, payload = frames[0], frames[-1]
+            identity, payload = frames[0].bytes, frames[-1]
+            client, departed = self.connections.client(identity, payload.get(zmq.SRCFD))
+            if departed is not None:  # the identity's earlier connection is gone: its requests end first
+                self._client_gone(departed)
             try:
-                msg = server_decoder.decode(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                self.counters["bad_messages"] += 1
-                self._send(identity, Error("bad_message", f"cannot read the message: {e}", _request_id_of(payload)))
-                continue
-            if isinstance(msg, Generate):
-                self._on_generate(identity, msg)
-            elif isinstance(msg, Abort):
-                self._on_abort(identity, msg)
-            elif isinstance(msg, Health):
-                s = self.latest_stats
-                self._send(identity, HealthReply("ok" if self._stop_at is None else "shutting_down",
-                                                 s.num_running if s else 0, s.num_waiting if s else 0))
-            elif isinstance(msg, GetModelInfo):
-                r, c = self.engine.ready, self.config
-                self._send(identity, ModelInfo(self.model_name, 1, r.max_model_len, r.vocab_size, r.block_size,
-                                               r.kv_cache_tokens, c.max_num_seqs, c.max_num_batched_tokens, c.dtype))
+                self._on_frame(client, payload.bytes)
+            except Exception:  # a defect of ours, not the client's: that frame fails, the loop serves on
+                log.exception("a client frame could not be handled")
+                self._send(identity, Error("internal_error", "the server could not handle this message "
+                                           f"({traceback.format_exc().strip().splitlines()[-1]})", None))
+            self.connections.release_if_idle(client)
 
-    def _on_generate(self, identity: bytes, msg: Generate) -> None:
+    def _on_frame(self, client: ClientState, payload: bytes) -> None:
+        try:
+            msg = server_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+            # (RecursionError: msgspec stops at the interpreter's depth limit in a value it skips)
+            self.counters["bad_messages"] += 1
+            self._send(client.identity, Error("bad_message", f"cannot read the message: {e}",
+                                              _request_id_of(payload)))
+            return
+        if isinstance(msg, Generate):
+            self._on_generate(client, msg)
+        elif isinstance(msg, Abort):
+            self._on_abort(client, msg)
+        elif isinstance(msg, Health):
+            self._send(client.identity, self._health())
+        elif isinstance(msg, GetModelInfo):
+            r, c = self.engine.ready, self.config
+            self._send(client.identity, ModelInfo(self.model_name, PROTOCOL_VERSION, r.max_model_len, r.vocab_size,
+                                                  r.block_size, r.kv_cache_tokens, c.max_num_seqs,
+                                                  c.max_num_batched_tokens, c.dtype))
+
+    def _health(self) -> HealthReply:
+        s = self.latest_stats
+        status = "engine_dead" if self.engine_failure else "ok" if self._stop_at is None else "shutting_down"
+        return HealthReply(status, s.num_running if s else 0, s.num_waiting if s else 0,
+                           self.engine_failure or "", round(time.monotonic() - self.stats_time, 3))
+
+    def _on_generate(self, client: ClientState, msg: Generate) -> None:
         self.counters["requests_received"] += 1
         rid = msg.request_id
+        if self.engine_failure is not None:
+            self._send(client.identity, Error("engine_error", f"the engine failed: {self.engine_failure}", rid))
+            return
         if self._stop_at is not None:
-            self._send(identity, Error("shutting_down", "the server is stopping and takes no new requests", rid))
+            self._send(client.identity, Error("shutting_down", "the server is stopping and takes no new requests",
+                                              rid))
             return
-        if (identity, rid) in self.by_client:
-            self._send(identity, Error("duplicate_request_id", f"request id {rid!r} is still running", rid))
+        if rid in client.requests:
+            self._send(client.identity, Error("duplicate_request_id", f"request id {rid!r} is still running", rid))
             return
-        if (msg.prompt is None) == (msg.prompt_token_ids is None):
-            self._send(identity, Error("invalid_request", "give exactly one of prompt and prompt_token_ids", rid))
+        refusal = self.limits.refusal(client.completions, client.prompt_tokens, 1, 0)
+        if refusal is not None:  # (counted as one completion while it is prepared)
+            self._refuse(client, rid, refusal)
             return
-        try:
-            params = tokenize_bad_words(parse_sampling_params(msg.params), self.tokenizer)
-        except ValueError as e:
-            self._send(identity, Error("invalid_request", str(e), rid))
+        s = Served(client, rid, msg.stream, time.time(), priority=msg.priority)
+        client.requests[rid] = s
+        client.completions += 1
+        self.preparer.submit(s, msg)
+
+    def _refuse(self, client: ClientState, rid: str, why: str) -> None:
+        self.counters["requests_refused_by_limits"] += 1
+        self._send(client.identity, Error("limit_exceeded", why, rid))
+
+    def _submit_prepared(self) -> None:
+        for s, result in self.preparer.take():
+            client = s.client
+            client.completions -= 1
+            if client.requests.get(s.request_id) is not s:
+                continue  # the client went while it was prepared
+            if isinstance(result, Exception):
+                message = str(result) if isinstance(result, RequestInputError) else \
+                    f"the request could not be prepared ({type(result).__name__}: {result})"
+                self._finish(s, Error("invalid_request", message, s.request_id))
+            elif self.engine_failure is not None:
+                self._finish(s, Error("engine_error", f"the engine failed: {self.engine_failure}", s.request_id))
+            elif s.aborted:
+                self._finish(s, Final(s.request_id, "abort", "", [], Usage(0, 0), Timing(0.0, 0.0, 0.0)))
+            else:
+                self._start(s, *result)
+            self.connections.release_if_idle(client)
+
+    def _start(self, s: Served, ids: list[int], params: SamplingParams) -> None:
+        client, n = s.client, len(completion_ids("x", params.n))
+        refusal = self.limits.refusal(client.completions, client.prompt_tokens, n, len(ids))
+        if refusal is not None:
+            client.requests.pop(s.request_id, None)
+            self._refuse(client, s.request_id, refusal)
             return
-        if msg.prompt is not None:
-            if len(msg.prompt) > 64 * self.engine.ready.max_model_len:  # cannot fit whatever the tokenizer does
-                self._send(identity, Error("invalid_request", f"prompt of {len(msg.prompt)} characters is longer "
-                                           f"than the model's context of {self.engine.ready.max_model_len} tokens",
-                                           rid))
-                return
-            ids = self.tokenizer.encode(msg.prompt, add_special_tokens=False).ids
-        else:
-            ids = list(msg.prompt_token_ids or [])
-        ids = truncate_prompt(ids, params, self.engine.ready.max_model_len)
+        client.completions += n
+        client.prompt_tokens += len(ids)
         engine_id = f"s{self._next_id}"
         self._next_id += 1
-        now = time.time()
-        s = Served(identity, rid, msg.stream, params.logprobs is not None, now, num_prompt_tokens=len(ids),
-                   prompt_logprobs=None if params.prompt_logprobs is None else [])
+        s.preparing, s.num_prompt_tokens = False, len(ids)
+        s.want_logprobs = params.logprobs is not None
+        s.prompt_logprobs = None if params.prompt_logprobs is None else []
         for i, cid in enumerate(completion_ids(engine_id, params.n)):
             s.completions.append(ServedCompletion(i, cid, IncrementalDetokenizer(self.tokenizer, params)))
             self.requests[cid] = (s, s.completions[-1])
-        self.by_client[(identity, rid)] = s
-        self.engine.send(AddRequest(engine_id, ids, params, now, msg.priority))
+        self.engine.send(AddRequest(engine_id, ids, params, s.arrival, s.priority))
 
-    def _on_abort(self, identity: bytes, msg: Abort) -> None:
-        s = self.by_client.get((identity, msg.request_id))
+    def _on_abort(self, client: ClientState, msg: Abort) -> None:
+        s = client.requests.get(msg.request_id)
         if s is None:
-            self._send(identity, Error("unknown_request", f"no unfinished request {msg.request_id!r}",
-                                       msg.request_id))
-            return
-        self.engine.send(AbortRequests(s.unfinished_ids()))  # the Final(abort) comes back through the engine
+            self._send(client.identity, Error("unknown_request", f"no unfinished request {msg.request_id!r}",
+                                              msg.request_id))
+        elif s.preparing:
+            s.aborted = True  # answered when its preparation is done
+        else:
+            self.engine.send(AbortRequests(s.unfinished_ids()))  # the Final(abort) comes back through the engine
 
     # ---- engine side --------------------------------------------------------------------------
 
     def _drain_engine(self) -> None:
         while (msg := self.engine.outputs.recv(timeout_ms=0)) is not None:
             if isinstance(msg, RequestOutputs):
+                self._drop_gone_clients()  # no output goes to an identity whose connection is gone
                 for d in msg.deltas:
                     self._on_delta(d)
             elif isinstance(msg, EngineStats):
                 with self._lock:
-                    self.latest_stats = msg
+                    self.latest_stats, self.stats_time = msg, time.monotonic()
+            elif isinstance(msg, EngineDead):
+                self._engine_failed(msg.reason)
+                return
 
     def _on_delta(self, d: RequestDelta) -> None:
         entry = self.requests.get(d.req_id)
@@ -280,7 +385,7 @@ class Server:
             text = c.detok.text[c.sent_text:]
             c.sent_text = len(c.detok.text)
             if not self._send(s.identity, Delta(s.request_id, text, d.new_token_ids, new_logprobs, c.index)):
-                self._client_gone(s)
+                self._served_gone(s)
                 return
         if stopped or d.finished:
             if stopped:
@@ -308,21 +413,36 @@ class Server:
     def _forget(self, s: Served) -> None:
         for c in s.completions:
             self.requests.pop(c.engine_id, None)
-        self.by_client.pop((s.identity, s.request_id), None)
+        client = s.client
+        if client.requests.get(s.request_id) is s:
+            del client.requests[s.request_id]
+            if not s.preparing:
+                client.completions -= len(s.completions)
+                client.prompt_tokens -= s.num_prompt_tokens
+        self.connections.release_if_idle(client)
 
-    def _client_gone(self, s: Served) -> None:
+    def _served_gone(self, s: Served) -> None:
         unfinished = s.unfinished_ids()
         self._forget(s)
-        if unfinished:
+        if unfinished and self.engine_failure is None:
+            self.engine.send(AbortRequests(unfinished))
+
+    def _client_gone(self, client: ClientState) -> None:
+        """Every request of a client whose connection closed ends now (one abort for them all)."""
+        served = list(client.requests.values())
+        unfinished = [i for s in served for i in s.unfinished_ids()]
+        for s in served:
+            self._forget(s)
+        if unfinished and self.engine_failure is None:
             self.engine.send(AbortRequests(unfinished))
 
     def _abort_all(self, why: str, code: str | None = None) -> None:
-        served = list(self.by_client.values())
+        served = [s for c in list(self.connections.clients.values()) for s in c.requests.values()]
         ids = [i for s in served for i in s.unfinished_ids()]
         if ids and code is None:
             try:
                 self.engine.send(AbortRequests(ids))
-            except zmq.ZMQError:
+            except Exception:  # (the engine is stopping too)
                 pass
         for s in served:
             self._finish(s, Error(code or "shutting_down", why, s.request_id))
@@ -333,9 +453,9 @@ class Server:
             self._stats_due = now + STATS_INTERVAL_S
             self.engine.send(GetStats())
 
-    def stats_snapshot(self) -> tuple[EngineStats | None, dict[str, int]]:
+    def stats_snapshot(self) -> tuple[EngineStats | None, dict[str, int], HealthReply]:
         with self._lock:
-            return self.latest_stats, dict(self.counters)
+            return self.latest_stats, dict(self.counters), self._health()
 
 
 def _logprob(lp) -> TokenLogprob:

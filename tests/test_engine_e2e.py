@@ -105,7 +105,7 @@ def test_max_model_len_bounds_what_is_served(tiny_checkpoint):
     ([], {}, "prompt is empty"),
     ([5] * 5000, {}, "prompt has 5000 tokens; the model's context is 4096"),
     ([5, 999], {}, r"prompt token ids \[999\] are outside the vocabulary"),
-    ([5], {"max_tokens": 0}, "max_tokens must be at least 1"),
+    ([5], {"max_tokens": 0}, "max_tokens must be in \\[1, "),
     ([5], {"temperature": -1.0}, "temperature must be >= 0"),
     ([5], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ([5], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
@@ -113,6 +113,18 @@ def test_max_model_len_bounds_what_is_served(tiny_checkpoint):
     ([5], {"n": 0}, r"n must be in \[1, 256\]"),
     ([5] * 5000, {"n": 3}, "prompt has 5000 tokens"),
     ([5] * 5000, {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be -1 .* or at least 1, got 0"),
+    # Values every range check passes by comparing false, or that cannot cross a process boundary again.
+    ([5], {"temperature": float("nan")}, "temperature must be a finite number, got nan"),
+    ([5], {"repetition_penalty": float("nan")}, "repetition_penalty must be a finite number"),
+    ([5], {"top_p": float("inf")}, "top_p must be a finite number, got inf"),
+    ([5], {"presence_penalty": float("-inf")}, "presence_penalty must be a finite number"),
+    ([5], {"seed": 2**64 - 1, "n": 2}, "seed must be a 64-bit signed integer"),
+    ([5], {"max_tokens": 2**63}, r"max_tokens must be in \[1, 2147483647\]"),
+    ([5], {"stop": ["x"] * 129}, r"Expected `array` of length <= 128 - at `\$.stop`"),
+    ([5], {"logit_bias": {5: float("nan")}}, r"logit_bias values must be in \[-100, 100\], got \[nan\]"),
+    (1.5, {}, "a prompt is a string or a list of token ids, got float"),
+    ([5, "x"], {}, "a prompt is a string or a list of token ids"),
+    ([5, -1], {}, r"prompt token ids \[-1\] are outside the vocabulary"),
 ])
 def test_bad_input_fails_that_request_alone(small_cache_llm, prompt, params, message):
     good = SamplingParams(temperature=0, max_tokens=4)
