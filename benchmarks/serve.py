@@ -158,7 +158,10 @@ def start_server(args, flags: list[str]) -> tuple[subprocess.Popen, str]:
 
     ckpt = ensure_checkpoint(args.checkpoint, "small" if "small" in Path(args.checkpoint).name else "tiny")
     server = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(ckpt),
-                               "--port", "0", "--metrics-port", "0", "--kv-cache-memory", str(args.kv_cache_memory)]
+                               "--port", "0", "--metrics-port", "0", "--kv-cache-memory", str(args.kv_cache_memory),
+                               # one socket stands for every simulated user here
+                               "--max-completions-per-client", "1000000",
+                               "--max-prompt-tokens-per-client", "1000000000"]
                               + ["--no-async-scheduling"] * args.no_async_scheduling + flags
                               + (["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []),
                               stderr=subprocess.PIPE, text=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Annotated
 
@@ -24,7 +25,34 @@ def _at_most(n: int):
     return msgspec.Meta(max_length=n)
 
 
-class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+class BadWordsIndex:
+    """bad_words_token_ids arranged for a per-token check that costs the number of distinct
+    sequence lengths, not the number of sequences: the last token of each sequence is banned
+    where the output ends with the rest of it."""
+
+    def __init__(self, seqs: list[list[int]]):
+        self.always: list[int] = []  # one-token sequences
+        self.by_context: dict[int, dict[tuple[int, ...], list[int]]] = {}  # context length -> context -> last
+        for seq in seqs:
+            if not seq:
+                continue  # (refused by problems(); nothing to ban)
+            if len(seq) == 1:
+                self.always.append(seq[0])
+            else:
+                self.by_context.setdefault(len(seq) - 1, {}).setdefault(tuple(seq[:-1]), []).append(seq[-1])
+        self.longest = max(self.by_context, default=0)
+
+    def banned(self, output_tail: tuple[int, ...]) -> list[int]:
+        """output_tail: the output's last `longest` tokens (fewer when it is shorter)."""
+        out = list(self.always)
+        for k, table in self.by_context.items():
+            if k <= len(output_tail) and (last := table.get(output_tail[len(output_tail) - k:])) is not None:
+                out.extend(last)
+        return out
+
+
+# dict=True: instances carry a __dict__ for cached derived state (BadWordsIndex), never encoded.
+class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, dict=True):
     n: int = 1  # completions per prompt; they share the prompt's cache blocks
     max_tokens: int = 16
     min_tokens: int = 0
@@ -59,6 +87,10 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @functools.cached_property
+    def bad_words_index(self) -> BadWordsIndex:
+        return BadWordsIndex(self.bad_words_token_ids)
 
     def problems(self, vocab_size: int) -> list[str]:
         """What is wrong with these parameters, as sentences naming the field; empty if valid.

@@ -43,6 +43,7 @@ from engine.sampling_params import SamplingParams
 from entrypoints.connections import ClientLimits, ClientState, Connections
 from entrypoints.metrics import start_metrics_server
 from entrypoints.protocol import (
+    MAX_REQUEST_ID_CHARS,
     PROTOCOL_VERSION,
     Abort,
     Completion,
@@ -462,12 +463,18 @@ def _logprob(lp) -> TokenLogprob:
     return TokenLogprob(lp.token_id, lp.logprob, lp.rank, list(lp.top_ids), list(lp.top_logprobs))
 
 
-def _request_id_of(payload: bytes) -> str | None:
-    """Best effort, for the Error of a message that failed validation: its request_id if readable."""
-    try:
-        raw = msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError:
-        return None
-    rid = raw.get("request_id") if isinstance(raw, dict) else None
-    return rid if isinstance(rid, str) else None
+class _RequestIdOnly(msgspec.Struct):
+    request_id: str | None = None
 
+
+_request_id_decoder = msgspec.msgpack.Decoder(_RequestIdOnly)
+
+
+def _request_id_of(payload: bytes) -> str | None:
+    """Best effort, for the Error of a message that failed validation: its request_id if readable
+    (every other field is skipped unread)."""
+    try:
+        rid = _request_id_decoder.decode(payload).request_id
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    return rid[:MAX_REQUEST_ID_CHARS] if rid is not None else None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.messages import TokenLogprobs
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import BadWordsIndex, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 
@@ -165,7 +165,7 @@ class _Edits:
             self.allowed_at[1].extend(p.allowed_token_ids)
             self.allowed_rows.append(i)
         if p.bad_words_token_ids:
-            self._ban(i, _banned_by_bad_words(p.bad_words_token_ids, r.token_ids, r.num_prompt, r.drafts))
+            self._ban(i, _banned_by_bad_words(p.bad_words_index, r.token_ids, r.num_prompt, r.drafts))
         if p.logit_bias:
             self.bias[0].extend([i] * len(p.logit_bias))
             self.bias[1].extend(p.logit_bias)
@@ -225,22 +225,16 @@ class _Edits:
             logits[at] = vals
 
 
-def _banned_by_bad_words(seqs: list[list[int]], token_ids: list[int], num_prompt: int, drafts: list[int]) -> list[int]:
+def _banned_by_bad_words(index: BadWordsIndex, token_ids: list[int], num_prompt: int,
+                         drafts: list[int]) -> list[int]:
     """The last token of each sequence whose other tokens end the output (never the prompt)."""
-    banned = []
     num_output = len(token_ids) - num_prompt + len(drafts)
-    for seq in seqs:
-        k = len(seq) - 1
-        if k > num_output:
-            continue
-        if k:
-            # The output's last k tokens, drafts last, without copying the whole history.
-            from_drafts = drafts[-k:] if drafts else []
-            need = k - len(from_drafts)
-            if (token_ids[len(token_ids) - need :] if need else []) + from_drafts != seq[:k]:
-                continue
-        banned.append(seq[-1])
-    return banned
+    k = min(index.longest, num_output)
+    # The output's last k tokens, drafts last, without copying the whole history.
+    from_drafts = drafts[-k:] if k else []
+    need = k - len(from_drafts)
+    tail = (token_ids[len(token_ids) - need:] if need else []) + from_drafts
+    return index.banned(tuple(tail))
 
 
 # Top-p looks at each row's _HEAD largest logits first (a partial selection, ~15x cheaper than

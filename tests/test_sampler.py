@@ -1,12 +1,13 @@
 """Sampler: each filter and penalty on hand-made logits; draws follow the distribution."""
 
 import math
+import random
 
 import pytest
 import torch
 
-from engine.sampling_params import SamplingParams
-from model.sampler import SampleRow, TokenHistory, draft_rows, sample, speculative_sample
+from engine.sampling_params import BadWordsIndex, SamplingParams
+from model.sampler import SampleRow, TokenHistory, _banned_by_bad_words, draft_rows, sample, speculative_sample
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
 
@@ -275,3 +276,16 @@ def test_truncate_prompt_keeps_the_last_tokens_or_what_the_context_holds():
     assert truncate_prompt(ids, SamplingParams(truncate_prompt_tokens=0), 5) == ids  # refused, naming the field
     assert SamplingParams(truncate_prompt_tokens=-2).problems(50) == [
         "truncate_prompt_tokens must be -1 (the context) or at least 1, got -2"]
+
+
+def test_the_bad_words_index_bans_what_the_definition_bans():
+    """The definition: a sequence's last token is banned where the output ends with the rest."""
+    rng = random.Random(0)
+    for _ in range(300):
+        seqs = [[rng.randrange(4) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(1, 12))]
+        output = [rng.randrange(4) for _ in range(rng.randint(0, 6))]
+        drafts_at = rng.randint(0, len(output))
+        prompt = [rng.randrange(4) for _ in range(3)]
+        want = sorted(s[-1] for s in seqs if len(s) - 1 <= len(output) and output[len(output) - len(s) + 1:] == s[:-1])
+        got = _banned_by_bad_words(BadWordsIndex(seqs), prompt + output[:drafts_at], len(prompt), output[drafts_at:])
+        assert sorted(got) == want, (seqs, output, drafts_at)

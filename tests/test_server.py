@@ -1,105 +1,16 @@
 """The serving endpoint end to end: a real `mlaserve serve` process on loopback, real clients."""
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 
 import msgspec
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from engine import LLM, SamplingParams
 from entrypoints.client import AsyncClient, Client, ServerError
 from entrypoints.protocol import Delta, Final
-
-ENGINE_ARGS = ["--dtype", "float32", "--kv-cache-memory", "40000000", "--block-size", "16",
-               "--max-num-batched-tokens", "256"]
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
-
-
-class RunningServer:
-    def __init__(self, checkpoint, *extra: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(checkpoint), "--port", "0",
-             "--metrics-port", "0", *ENGINE_ARGS, *extra],
-            stderr=subprocess.PIPE, text=True)
-        # Log lines (a warning, say) may come before the one that says where it listens. A server
-        # that never says it is stopped here, so a failed start leaves no process behind.
-        lines, m = [], None
-        while m is None and len(lines) < 50:
-            line = self.proc.stderr.readline()
-            if not line:  # exited
-                break
-            lines.append(line)
-            m = re.search(r"on (tcp://\S+), metrics on (http://\S+)", line)
-        if m is None:
-            self.stop()
-            raise AssertionError(f"server did not start: {''.join(lines)}{self.proc.stderr.read()}")
-        self.address, self.metrics_url = m.group(1), m.group(2)
-        self.children = _children(self.proc.pid)
-
-    def metrics(self) -> dict[tuple[str, tuple], float]:
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        out = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-    def metric(self, name: str, **labels) -> float:
-        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def wait_metric(self, name: str, predicate, timeout_s: float = 10.0) -> float:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            v = self.metric(name)
-            if predicate(v) or time.monotonic() > deadline:
-                return v
-            time.sleep(0.1)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-
-
-def _left_running(pids: list[int], wait_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + wait_s
-    while True:
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.1)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+from tests.server_util import RunningServer, left_running
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +18,7 @@ def server(tiny_checkpoint):
     s = RunningServer(tiny_checkpoint)
     yield s
     assert s.stop() == 0
-    assert not _left_running(s.children), "engine processes left running"
+    assert not left_running(s.children), "engine processes left running"
 
 
 PROMPTS = ["The quick brown fox", "a", "Mixture of experts routes each token to", "0123456789" * 4, "hello"]
@@ -309,4 +220,4 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_clean(tiny_checkpoint)
         assert isinstance(events[-1], Final) and events[-1].finish_reason == "length"
         assert len(events[-1].token_ids) == 1500
     assert s.proc.wait(timeout=60) == 0
-    assert not _left_running(s.children)
+    assert not left_running(s.children)
