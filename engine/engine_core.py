@@ -15,9 +15,11 @@ import zmq
 from cache.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.messages import (
+    HEARTBEAT_INTERVAL_S,
     AbortRequests,
     AddRequest,
     EngineDead,
+    EngineHeartbeat,
     EngineReady,
     EngineStats,
     FrontendToScheduler,
@@ -34,7 +36,7 @@ from engine.messages import (
     completion_ids,
 )
 from engine.metrics import EngineMetrics
-from engine.processes import Channel, become_child_process
+from engine.processes import Channel, Heartbeat, become_child_process
 from engine.request import Request
 from engine.request_input import prompt_problem
 from engine.sampling_params import completion_params
@@ -317,6 +319,7 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
     outbox = Channel(ctx, zmq.PUSH, addrs["output"], bind=False, decode_type=None)
     plans = [Channel(ctx, zmq.PUSH, addrs[f"plans{r}"], bind=True, decode_type=None) for r in range(config.ep_size)]
     results = Channel(ctx, zmq.PULL, addrs["results"], bind=True, decode_type=WorkerToScheduler)
+    heartbeat = None
     try:
         readies: dict[int, WorkerReady] = {}
         deadline = time.monotonic() + startup_timeout_s
@@ -333,12 +336,15 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
         outbox.send(EngineReady(sum(r.num_blocks for r in readies.values()), config.block_size, ready.max_model_len,
                                 ready.vocab_size, tokens, ready.kv_bytes_per_token,
                                 max(r.step_peak_bytes for r in readies.values())))
+        heartbeat = Heartbeat(ctx, addrs["output"], EngineHeartbeat(), HEARTBEAT_INTERVAL_S)
         _serve(core, inbox, outbox)
         for ch in plans:
             ch.send(Shutdown())
     except Exception:
         outbox.send(EngineDead(traceback.format_exc()))
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         for ch in (inbox, outbox, results, *plans):
             ch.close()
         ctx.term()

@@ -20,6 +20,7 @@ from engine.messages import (
     AbortRequests,
     AddRequest,
     EngineDead,
+    EngineHeartbeat,
     EngineReady,
     EngineStats,
     GetStats,
@@ -77,6 +78,9 @@ class EngineClient:
         self.procs += [spawn(run_worker, config, r, links[f"plans{r}"], links["results"]) for r in config.local_ranks]
         self.inputs = Channel(self._ctx, zmq.PUSH, addrs["input"], bind=False, decode_type=None)
         self.stopped: str | None = None  # why the engine no longer runs, once it does not
+        self.heartbeat_timeout_s = config.worker_heartbeat_timeout_s
+        self.last_heard = time.monotonic()
+        self._beating = False
         atexit.register(self.shutdown)
         try:
             ready = self.recv(timeout_s=startup_timeout_s)
@@ -86,6 +90,7 @@ class EngineClient:
             self.shutdown()
             raise
         self.ready: EngineReady = ready
+        self._beating = True  # from here on the scheduler sends heartbeats
 
     def send(self, msg) -> None:
         self._check_running()
@@ -96,19 +101,40 @@ class EngineClient:
             raise EngineDeadError(f"the engine is stopped ({self.stopped}); start a new one")
 
     def recv(self, timeout_s: float | None = None):
-        """The next message from the scheduler; raises EngineDeadError if a process died."""
+        """The next message from the scheduler; raises EngineDeadError if a process died or the
+        scheduler went silent (it beats every half second once ready)."""
         self._check_running()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while deadline is None or time.monotonic() < deadline:
-            msg = self.outputs.recv(timeout_ms=200)
+            msg = self.poll(timeout_ms=200)
             if isinstance(msg, EngineDead):
                 raise EngineDeadError(f"the engine failed:\n{msg.reason}")
             if msg is not None:
                 return msg
-            dead = [p for p in self.procs if not p.is_alive()]
-            if dead:
-                raise EngineDeadError(f"engine process {dead[0].name} exited with code {dead[0].exitcode}")
+            if (failure := self.failure()) is not None:
+                raise EngineDeadError(failure)
         raise EngineDeadError(f"no answer from the engine within {timeout_s} s")
+
+    def poll(self, timeout_ms: int = 0):
+        """The next message but heartbeats (which are noted), or None."""
+        while (msg := self.outputs.recv(timeout_ms=timeout_ms)) is not None:
+            self.last_heard = time.monotonic()
+            if not isinstance(msg, EngineHeartbeat):
+                return msg
+            timeout_ms = 0
+        return None
+
+    def failure(self) -> str | None:
+        """Why the engine no longer runs, seen from here: a process that died, or a scheduler
+        (ready, so beating) that has sent nothing for the heartbeat timeout."""
+        dead = [p for p in self.procs if not p.is_alive()]
+        if dead:
+            return f"engine process {dead[0].name} exited with code {dead[0].exitcode}"
+        silent = time.monotonic() - self.last_heard
+        if self._beating and silent > self.heartbeat_timeout_s:
+            return (f"the scheduler process is stuck: nothing from it for {silent:.1f} s (the limit is "
+                    f"{self.heartbeat_timeout_s:g} s); the process is stopped or hung")
+        return None
 
     def shutdown(self, why: str = "shutdown() was called") -> None:
         if self.stopped is None:

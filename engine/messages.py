@@ -1,7 +1,7 @@
 """Every message that crosses a process boundary: msgspec structs, msgpack on the wire.
 
 frontend -> scheduler: AddRequest, AbortRequests, GetStats, Shutdown
-scheduler -> frontend: EngineReady, RequestOutputs, EngineStats, EngineDead
+scheduler -> frontend: EngineReady, RequestOutputs, EngineStats, EngineDead, EngineHeartbeat
 scheduler -> worker:   StepPlan, Shutdown
 worker -> scheduler:   WorkerReady, StepResult, WorkerFailed, WorkerHeartbeat
 """
@@ -115,6 +115,10 @@ class EngineDead(Message):
     reason: str
 
 
+class EngineHeartbeat(Message):
+    """The scheduler process's sign of life to the frontend, every HEARTBEAT_INTERVAL_S."""
+
+
 # ---- scheduler <-> worker ---------------------------------------------------------------------
 
 class NewRequestPlan(Message):
@@ -181,6 +185,6 @@ class WorkerFailed(Message):
 
 
 FrontendToScheduler = AddRequest | AbortRequests | GetStats | Shutdown
-SchedulerToFrontend = EngineReady | RequestOutputs | EngineStats | EngineDead
+SchedulerToFrontend = EngineReady | RequestOutputs | EngineStats | EngineDead | EngineHeartbeat
 SchedulerToWorker = StepPlan | Shutdown
 WorkerToScheduler = WorkerReady | StepResult | WorkerFailed | WorkerHeartbeat

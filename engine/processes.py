@@ -6,6 +6,7 @@ import ctypes
 import multiprocessing as mp
 import os
 import signal
+import threading
 from typing import Any
 
 import msgspec
@@ -55,3 +56,32 @@ def spawn(target, *args) -> mp.Process:
     proc = mp.get_context("spawn").Process(target=target, args=args, daemon=True)
     proc.start()
     return proc
+
+
+class Heartbeat:
+    """A process's sign of life: `msg` sent every `interval_s` on a socket of its own thread
+    (sockets are not shared between threads). It keeps beating while the process's main thread
+    runs a long step (torch's kernels release the interpreter); a stopped or hung process sends
+    none. A full queue (nobody reading) drops beats rather than block."""
+
+    def __init__(self, ctx: zmq.Context, addr: str, msg: msgspec.Struct, interval_s: float):
+        self._stop = threading.Event()
+        self._interval_s = interval_s
+        self._thread = threading.Thread(target=self._run, args=(ctx, addr, msgspec.msgpack.encode(msg)),
+                                        name="mlaserve-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self, ctx: zmq.Context, addr: str, beat: bytes) -> None:
+        out = Channel(ctx, zmq.PUSH, addr, bind=False, decode_type=None)
+        try:
+            while not self._stop.wait(self._interval_s):
+                try:
+                    out.socket.send(beat, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        finally:
+            out.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self._interval_s)

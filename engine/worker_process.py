@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import traceback
 
-import msgspec
 import zmq
 
 from engine.config import EngineConfig
@@ -17,7 +15,7 @@ from engine.messages import (
     WorkerHeartbeat,
     WorkerReady,
 )
-from engine.processes import Channel, become_child_process
+from engine.processes import Channel, Heartbeat, become_child_process
 
 # After this long without a plan the worker returns its scratch buffers and free heap pages.
 IDLE_RELEASE_MS = 1000
@@ -28,7 +26,6 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
     ctx = zmq.Context()
     plans = Channel(ctx, zmq.PULL, plan_addr, bind=False, decode_type=SchedulerToWorker)
     results = Channel(ctx, zmq.PUSH, result_addr, bind=False, decode_type=None)
-    stopping = threading.Event()
     heartbeat = None
     try:
         from engine.model_runner import ModelRunner  # torch loads here, in the worker only
@@ -36,8 +33,7 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
         runner = ModelRunner(config, rank)
         results.send(WorkerReady(rank, runner.num_blocks, runner.kv_bytes_per_token, runner.cfg.vocab_size,
                                  runner.max_model_len, runner.step_peak_bytes))
-        heartbeat = threading.Thread(target=_beat, args=(ctx, result_addr, rank, stopping), daemon=True)
-        heartbeat.start()
+        heartbeat = Heartbeat(ctx, result_addr, WorkerHeartbeat(rank), HEARTBEAT_INTERVAL_S)
         busy_since_release = False
         while True:
             msg = plans.recv(timeout_ms=IDLE_RELEASE_MS)
@@ -54,27 +50,11 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
     except Exception:
         results.send(WorkerFailed(rank, traceback.format_exc()))
     finally:
-        stopping.set()
         if heartbeat is not None:
-            heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S)
+            heartbeat.stop()
         plans.close()
         results.close()
         ctx.term()
-
-
-def _beat(ctx: zmq.Context, result_addr: str, rank: int, stopping: threading.Event) -> None:
-    """The worker's sign of life, on a socket of this thread's own (sockets are not shared
-    between threads). It runs while a step runs: a stopped or hung process sends none."""
-    out = Channel(ctx, zmq.PUSH, result_addr, bind=False, decode_type=None)
-    beat = msgspec.msgpack.encode(WorkerHeartbeat(rank))
-    try:
-        while not stopping.wait(HEARTBEAT_INTERVAL_S):
-            try:
-                out.socket.send(beat, zmq.NOBLOCK)  # a full queue (nobody reading) drops the beat
-            except zmq.Again:
-                pass
-    finally:
-        out.close()
 
 
 def run_node_workers(config: EngineConfig, poll_s: float = 0.5) -> int:

@@ -203,9 +203,8 @@ class Server:
         self.ctx.term()
 
     def _check_engine(self) -> None:
-        dead = [p for p in self.engine.procs if not p.is_alive()]
-        if dead:
-            self._engine_failed(f"engine process {dead[0].name} exited with code {dead[0].exitcode}")
+        if (failure := self.engine.failure()) is not None:
+            self._engine_failed(failure)
 
     def _engine_failed(self, reason: str) -> None:
         """Every request in flight fails with the reason, the engine's processes are stopped, and
@@ -350,7 +349,7 @@ class Server:
     # ---- engine side --------------------------------------------------------------------------
 
     def _drain_engine(self) -> None:
-        while (msg := self.engine.outputs.recv(timeout_ms=0)) is not None:
+        while (msg := self.engine.poll()) is not None:
             if isinstance(msg, RequestOutputs):
                 self._drop_gone_clients()  # no output goes to an identity whose connection is gone
                 for d in msg.deltas:

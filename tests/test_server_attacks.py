@@ -245,29 +245,33 @@ def test_metrics_threads_are_bounded_and_model_info_has_the_protocol_version(ser
         assert c.model_info().protocol_version == PROTOCOL_VERSION == 3
 
 
-def test_a_stopped_worker_fails_every_request_naming_its_rank(tiny_checkpoint):
+@pytest.mark.parametrize("which, cause", [("worker", "WorkerGone: worker rank 0 is stuck"),
+                                          ("scheduler", "the scheduler process is stuck")])
+def test_a_stopped_engine_process_fails_every_request_naming_it(tiny_checkpoint, which, cause):
     s = RunningServer(tiny_checkpoint, "--worker-heartbeat-timeout", "3")
     try:
-        worker = max(s.children)  # the last spawned: the worker (the scheduler is first)
+        # The scheduler is spawned first, then the worker (multiprocessing's resource tracker is no engine process).
+        engine = sorted(p for p in s.children if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read())
+        pid = engine[1] if which == "worker" else engine[0]
         with Client(s.address, timeout_s=60) as c:
             stream = c.generate("stream", {"max_tokens": 3000, "ignore_eos": True})
             next(stream)
-            os.kill(worker, signal.SIGSTOP)
+            os.kill(pid, signal.SIGSTOP)
             stopped = time.monotonic()
             with pytest.raises(ServerError) as e:
                 list(stream)
             waited = time.monotonic() - stopped
-            assert e.value.code == "engine_error" and "worker rank 0 is stuck" in e.value.message, e.value
+            assert e.value.code == "engine_error" and cause in e.value.message, e.value
             assert waited < 3 + 2, f"the watchdog took {waited:.1f} s"
-            print(f"\nwatchdog: SIGSTOP of the worker to the client's error: {waited:.2f} s (limit 3 s)")
+            print(f"\nwatchdog: SIGSTOP of the {which} to the client's error: {waited:.2f} s (limit 3 s)")
             health = c.health()
-            assert health.status == "engine_dead" and "worker rank 0 is stuck" in health.detail
+            assert health.status == "engine_dead" and cause in health.detail
             assert s.metric("mlaserve:engine_healthy") == 0
             with pytest.raises(ServerError) as e:
                 c.complete("after", {"max_tokens": 2})
             assert e.value.code == "engine_error"
         assert s.stop() == 1
-        assert "WorkerGone: worker rank 0 is stuck" in s.log_text()
+        assert cause in s.log_text()
     finally:
         if s.proc.poll() is None:
             s.proc.kill()
