@@ -20,6 +20,17 @@ def tiny_checkpoint(tmp_path_factory):
     return make_checkpoint("tiny", seed=0, out_dir=tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    """A real `mlaserve serve` on the tiny checkpoint, one per test module, stopped cleanly at its end."""
+    from tests.server_util import RunningServer, left_running
+
+    s = RunningServer(tiny_checkpoint)
+    yield s
+    assert s.stop() == 0
+    assert not left_running(s.children), "engine processes left running"
+
+
 # Every process a test starts (engines, workers, servers, and anything they start) inherits this
 # mark, so a test module that leaves one running fails at its end, orphans included: a process
 # whose parent died is no longer this session's descendant, but it still carries the mark.

@@ -12,15 +12,6 @@ from entrypoints.client import AsyncClient, Client, ServerError
 from entrypoints.protocol import Delta, Final
 from tests.server_util import RunningServer, left_running
 
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    s = RunningServer(tiny_checkpoint)
-    yield s
-    assert s.stop() == 0
-    assert not left_running(s.children), "engine processes left running"
-
-
 PROMPTS = ["The quick brown fox", "a", "Mixture of experts routes each token to", "0123456789" * 4, "hello"]
 
 

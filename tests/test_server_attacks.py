@@ -81,14 +81,6 @@ def greedy(server: RunningServer, prompt: str, max_tokens: int = 80) -> list[int
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    s = RunningServer(tiny_checkpoint)
-    yield s
-    assert s.stop() == 0
-    assert not left_running(s.children), "engine processes left running"
-
-
-@pytest.fixture(scope="module")
 def reference(server):
     return [greedy(server, p) for p in BYSTANDER_PROMPTS]
 

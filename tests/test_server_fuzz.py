@@ -7,13 +7,12 @@ greedy request afterwards gives the tokens it gave before."""
 import time
 
 import msgspec
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from entrypoints.client import Client
 from entrypoints.protocol import Delta, Error, Final, HealthReply, ModelInfo
-from tests.server_util import RunningServer, left_running
+from tests.server_util import RunningServer
 
 INT_EDGES = [0, 1, -1, 2, 255, 256, 4095, 4096, 2**31 - 1, 2**31, 2**63 - 1, -(2**63), 2**64 - 1]
 FLOAT_EDGES = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-300, 1e300, -1.0, 0.5, 2.0, 100.0, 101.0]
@@ -70,14 +69,6 @@ frames = st.one_of(well_formed.map(msgspec.msgpack.encode), well_formed.map(msgs
                    st.integers(1, 5000).map(lambda d: b"\x91" * d + b"\xc0"))
 
 TERMINAL = (Final, Error, HealthReply, ModelInfo)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    s = RunningServer(tiny_checkpoint)
-    yield s
-    assert s.stop() == 0
-    assert not left_running(s.children), "engine processes left running"
 
 
 def answer(server: RunningServer, frame: bytes):
