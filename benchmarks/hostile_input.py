@@ -30,7 +30,7 @@ from entrypoints.protocol import Delta, Final
 from model.checkpoint_maker import make_checkpoint
 from tests.server_util import RunningServer
 
-BYSTANDER = {"max_tokens": 200, "ignore_eos": True, "temperature": 0.0}
+BYSTANDER = {"max_tokens": 100, "ignore_eos": True, "temperature": 0.0}
 HEAVY = {"ignore_eos": True, "stop": [f"never{i}" * 20 for i in range(128)],
          "bad_words": [f"w{i}" for i in range(1024)]}
 
@@ -50,7 +50,7 @@ def crowd(address: str, n: int, params: dict, done: threading.Event) -> None:
     with Client(address, timeout_s=300) as c:
         for i in range(n):
             c.send_raw(msgspec.msgpack.encode({"type": "generate", "request_id": f"c{i}", "prompt": f"crowd {i}",
-                                               "params": {**params, "max_tokens": 4000}, "stream": False}))
+                                               "params": {**params, "max_tokens": 1000}, "stream": False}))
         done.wait()
         for i in range(n):
             c.send_raw(msgspec.msgpack.encode({"type": "abort", "request_id": f"c{i}"}))
@@ -101,7 +101,7 @@ def watchdog(ckpt: Path, timeout_s: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--heavy", type=int, default=32, help="heavy requests beside the bystanders")
+    ap.add_argument("--heavy", type=int, default=8, help="heavy requests beside the bystanders")
     args = ap.parse_args()
     ckpt = make_checkpoint("tiny", 0, Path(tempfile.mkdtemp(prefix="hostile-")))
     server = RunningServer(ckpt)
