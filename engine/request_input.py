@@ -32,7 +32,9 @@ def prompt_token_ids(prompt, tokenizer, max_model_len: int) -> list[int]:
         if len(prompt) > MAX_PROMPT_CHARS_PER_TOKEN * max_model_len:
             raise RequestInputError(f"prompt of {len(prompt)} characters is longer than the model's context "
                                     f"of {max_model_len} tokens")
-        return tokenizer.encode(prompt, add_special_tokens=False).ids
+        # encode_batch releases the interpreter while it runs (encode does not): a server that
+        # prepares requests on threads keeps its loop running beside a long prompt.
+        return tokenizer.encode_batch([prompt], add_special_tokens=False)[0].ids
     if not isinstance(prompt, (list, tuple)):
         raise RequestInputError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
     wrong = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool)), None)

@@ -21,22 +21,9 @@ from entrypoints.protocol import Generate
 _params_decoder = msgspec.msgpack.Decoder(SamplingParams)
 
 
-class _BatchEncoder:
-    """The tokenizer as prepare_request uses it, through encode_batch (which releases the GIL)."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-
-    def encode(self, text: str, add_special_tokens: bool = False):
-        return self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
-
-    def encode_batch(self, texts, add_special_tokens: bool = False):
-        return self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)
-
-
 class Preparer:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, threads: int = 4):
-        self.tokenizer = _BatchEncoder(tokenizer)
+        self.tokenizer = tokenizer
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="mlaserve-prepare")
         self._done: deque[tuple[object, Future]] = deque()
