@@ -86,7 +86,7 @@ class ModelRunner:
         keep_fp8 = triton_wanted(torch.empty(0, device=self.device))
         if not keep_fp8:
             _keep_freed_heap()
-            native.library()  # built now (or found built), not inside the first step
+            native.prebuild()  # built now (or found built), not inside the first step
         self.num_spec = config.num_speculative_tokens
         if self.num_spec and self.cfg.num_nextn_predict_layers < 1:
             raise ValueError(f"num_speculative_tokens={self.num_spec} needs an MTP module, and {config.model_dir} "

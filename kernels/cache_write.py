@@ -152,7 +152,7 @@ def write_latent_entries(c_kv: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Ten
     rotated (in place on the kernel paths)."""
     if triton_wanted(c_kv):
         return write_latent_entries_triton(c_kv, k_pe, q_pe, norm_weight, eps, rotations, positions, slots, cache)
-    if native.host_bf16(q_pe, norm_weight) and (latent_fp8.is_fp8(cache) or native.host_bf16(cache)):
+    if native.runs("norm", q_pe, norm_weight) and (latent_fp8.is_fp8(cache) or native.runs("norm", cache)):
         native.mla_cache_entries(c_kv, k_pe, q_pe, norm_weight, eps, rotations, positions, slots, cache)
         return q_pe
     return write_latent_entries_ref(c_kv, k_pe, q_pe, norm_weight, eps, rotations, positions, slots, cache)

@@ -102,7 +102,7 @@ def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer
     prefill_groups = [_prefill_group(batch, chunks) for chunks in _expansion_groups(batch, prefills, expand_limit)]
     # The compiled kernel reads host memory: the torch reference on a GPU tensor (tests comparing
     # against it on the GPU) takes the gathering path.
-    if not triton_wanted(like) and (like.device.type != "cpu" or native.library() is None):
+    if not triton_wanted(like) and (like.device.type != "cpu" or native.library("decode") is None):
         groups = [_group(batch, seqs, q_lens, like.dtype) for seqs in _similar_lengths(batch, short)]
         return AttentionPlan(batch.block_tables, groups, None, prefills, buffer, prefill_groups)
     rows = _decode_rows(batch, short, q_lens) if short else None
@@ -397,7 +397,7 @@ def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
     `head_strips` (CPU, bf16: w_uk and w_uv per head in the compiled linear's layout, see
     model/mla.py) puts both absorbed products on the compiled linear, [rows, heads, ...] in and out."""
     rows = plan.rows
-    if head_strips is not None and q_nope.shape[0] <= native.LINEAR_MAX_ROWS and not triton_wanted(q_nope):
+    if head_strips is not None and q_nope.shape[0] <= native.linear_max_rows() and not triton_wanted(q_nope):
         q_latent = native.linear_heads(q_nope, head_strips[0])  # [T, H, rank]
         o_latent = torch.empty_like(q_latent)
         native.paged_mla_decode_cpu(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,

@@ -1,79 +1,21 @@
-"""The CPU path's compiled kernels (kernels/csrc), built on first use and called through ctypes.
-
-The library is compiled with the machine's C++ compiler for the machine's own instruction set
-(-march=native) into a cache folder keyed by the source, the compiler and the CPU, so a process
-after the first loads it in milliseconds. It shares torch's OpenMP runtime (same soname), so its
-threads are torch's threads. Without a compiler, or with MLASERVE_NATIVE=0, `library()` is None
-and callers use their torch implementation.
+"""The CPU path's compiled kernels (kernels/csrc), called through ctypes: their signatures and
+their torch-facing contracts. kernels/cpu_build.py builds the library per instruction-set
+variant and says which variant each kernel family runs (`library(family)`: None where the
+family's torch implementation runs).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from functools import cache
-from pathlib import Path
 
 import torch
 
-from kernels import latent_fp8
-
-log = logging.getLogger(__name__)
-
-CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp", CSRC / "norm_cpu.cpp", CSRC / "prefill_attention_cpu.cpp",
-           CSRC / "moe_gate_cpu.cpp", CSRC / "activation_cpu.cpp", CSRC / "linear_cpu.cpp"]
-HEADERS = [CSRC / "cpu_common.h"]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+from kernels import cpu_build, latent_fp8
+from kernels.cpu_build import VARIANT_ID
 
 
-def cache_dir() -> Path:
-    """$MLASERVE_CACHE_DIR/native, else ~/.cache/mlaserve/native, else (home not writable) the
-    temporary folder's mlaserve-native."""
-    root = os.environ.get("MLASERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mlaserve")
-    path = Path(root) / "native"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / "mlaserve-native"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
-def _build(cxx: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: processes starting together never load half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+@cpu_build.on_load
+def _bind(lib: ctypes.CDLL) -> None:
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     lib.mla_decode.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, p, p, p, i64, i64, p,
                                i32, i32, i32, i32, i32, i32, f32, i32, i32, i32, i32]
@@ -98,30 +40,23 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mla_cache_entries_bf16.restype = i32
     lib.linear_bf16.argtypes = [p, i64, i64, i64, p, i32, i32, i32, p, i64, i64, i32]
     lib.linear_bf16.restype = i32
-    return lib
 
 
-@cache
-def library() -> ctypes.CDLL | None:
-    if os.environ.get("MLASERVE_NATIVE", "1") == "0":
-        return None
-    cxx = _compiler()
-    if cxx is None:
-        log.warning("no C++ compiler found: the CPU path uses its torch attention (slower)")
-        return None
-    try:
-        version = subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True).stdout
-        texts = [f.read_text() for f in SOURCES + HEADERS]
-        key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode())
-        target = cache_dir() / f"mlaserve_cpu-{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            _build(cxx, target)
-        return _bind(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("building the CPU kernels failed, the CPU path uses its torch attention (slower): %s",
-                    detail.strip()[-2000:])
-        return None
+def library(family: str = "decode") -> ctypes.CDLL | None:
+    """The build `family`'s kernels run from (kernels/cpu_build.py: FAMILIES), or None."""
+    return cpu_build.family_library(family)
+
+
+def prebuild() -> None:
+    """Builds (or finds built) every library a family will call, so that no step waits on it."""
+    for family in cpu_build.FAMILIES:
+        library(family)
+
+
+def runs(family: str, *tensors: torch.Tensor) -> bool:
+    """Whether `family`'s compiled kernels take these tensors: bf16 on the host, the family on
+    a compiled variant."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and library(family) is not None
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -138,37 +73,15 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-IMPLS = {"generic": 0, "avx512": 1, "amx": 2}
-
-
-def amx_granted() -> bool:
-    """Whether the library has AMX code and the OS gave this process the tile registers: the
-    decode kernel's capability mask answers for every kernel of the library."""
-    return "amx" in available_impls()
-
-
-def available_impls() -> list[str]:
-    """The implementations this machine runs: always the portable one; the AVX-512 BF16 one where
-    the CPU has those instructions; the AMX one where it has tile units and the OS grants them."""
-    lib = library()
-    mask = lib.mla_decode_impls() if lib is not None else 0
-    return [name for name, bit in (("generic", 0), ("avx512", 1), ("amx", 2)) if bit == 0 or mask & bit]
-
-
 def choose_impl(dtype: torch.dtype, heads: int, rank: int, rope: int, page: int) -> str:
-    """The fastest implementation that takes these shapes (DeepSeek-V3's, in bf16, take all three):
-    AMX (matrix tiles) over AVX-512 BF16 (vector dot products) over the portable loops.
-    MLASERVE_CPU_DECODE=avx512 (or generic) caps the choice, to compare or to work around one."""
-    have = available_impls()
-    cap = os.environ.get("MLASERVE_CPU_DECODE")
-    if cap is not None:
-        if cap not in IMPLS:
-            raise ValueError(f"MLASERVE_CPU_DECODE={cap!r}: expected one of {sorted(IMPLS)}")
-        have = [name for name in have if IMPLS[name] <= IMPLS[cap]]
+    """The fastest of the decode family's variant and those below it that takes these shapes
+    (DeepSeek-V3's, in bf16, take all three): AMX (matrix tiles) over AVX-512 BF16 (vector dot
+    products) over the portable loops."""
+    top = cpu_build.variant("decode") or "generic"
     if dtype == torch.bfloat16 and rank % 32 == 0 and rope % 32 == 0:
-        if "amx" in have and heads % 8 == 0 and page % 16 == 0:
+        if top == "amx" and heads % 8 == 0 and page % 16 == 0:
             return "amx"
-        if "avx512" in have and heads % 4 == 0 and rank % 64 == 0:
+        if top in ("avx512", "amx") and heads % 4 == 0 and rank % 64 == 0:
             return "avx512"
     return "generic"
 
@@ -186,13 +99,13 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
                          softmax_scale: float, max_kv_len: int, num_splits: int | None = None,
                          impl: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The contract of `kernels.mla_decode.paged_mla_decode`, on CPU tensors, through the compiled
-    kernel (the caller checks `library()` first). Queries and `out` ([rows, heads, rank], written
+    kernel (the caller checks `library("decode")` first). Queries and `out` ([rows, heads, rank], written
     when given) may have any row and head strides, e.g. a transposed [heads, rows, ...] tensor.
     The cache is of the queries' dtype, or uint8 in the FP8 layout of kernels/latent_fp8.py.
-    `impl` (a name from IMPLS) overrides `choose_impl`."""
-    lib = library()
+    `impl` (a name from cpu_build.VARIANTS, at most the family's variant) overrides `choose_impl`."""
+    lib = library("decode")
     if lib is None:
-        raise RuntimeError("the CPU kernels are not built (see kernels/native.py)")
+        raise RuntimeError("the CPU decode kernel is not built or is turned off (see kernels/cpu_build.py)")
     _require_host("paged_mla_decode_cpu", q_latent, q_pe, cache, block_tables, seq_of_row, kv_lens,
                   *([out] if out is not None else []))
     dtype = q_latent.dtype
@@ -221,7 +134,7 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
     rc = lib.mla_decode(_ptr(q_latent), q_latent.stride(0), q_latent.stride(1), _ptr(q_pe), q_pe.stride(0),
                         q_pe.stride(1), _ptr(cache), _ptr(tables), tables.stride(0), _ptr(seq_of_row),
                         _ptr(kv_lens), _ptr(out), out.stride(0), out.stride(1), _ptr(partial), rows, heads, rank,
-                        rope, page, splits, float(softmax_scale), q_latent.element_size(), int(fp8), IMPLS[impl],
+                        rope, page, splits, float(softmax_scale), q_latent.element_size(), int(fp8), VARIANT_ID[impl],
                         threads)
     if rc != 0:
         raise RuntimeError(f"mla_decode ({impl}) refused rows={rows} heads={heads} rank={rank} rope={rope} "
@@ -233,9 +146,9 @@ def latent_fp8_gather(cache: torch.Tensor, slots: torch.Tensor, rank: int, dtype
     """FP8 cache rows `slots` dequantized, [len(slots), rank + rope] in `dtype`: compiled in bf16
     on the host with AVX-512 (one pass; 0.30 ms against torch's 4.5 ms for 2048 rows), else
     kernels.latent_fp8's torch code."""
-    lib = library()
+    lib = library("decode")
     flat = cache.view(-1, cache.shape[-1])
-    if dtype == torch.bfloat16 and cache.device.type == "cpu" and lib is not None and "avx512" in available_impls():
+    if dtype == torch.bfloat16 and cache.device.type == "cpu" and cpu_build.variant("decode") in ("avx512", "amx"):
         rope = (cache.shape[-1] - latent_fp8.entry_bytes(rank, 0)) // 2
         slots = slots.to(torch.int64).contiguous()
         out = torch.empty(slots.numel(), rank + rope, dtype=dtype)
@@ -246,10 +159,9 @@ def latent_fp8_gather(cache: torch.Tensor, slots: torch.Tensor, rank: int, dtype
 
 
 def moe_experts_available(dtype: torch.dtype, hidden: int, inter: int) -> bool:
-    """Whether `moe_routed` runs here: bf16, the CPU has AMX and the OS grants it, hidden a
+    """Whether `moe_routed` runs here: bf16, the moe family on a compiled variant, hidden a
     multiple of 64 and the expert width of 32 (DeepSeek-V3: 7168 and 2048)."""
-    return (amx_granted() and dtype == torch.bfloat16
-            and hidden % 64 == 0 and inter % 32 == 0 and os.environ.get("MLASERVE_CPU_MOE", "1") != "0")
+    return dtype == torch.bfloat16 and hidden % 64 == 0 and inter % 32 == 0 and library("moe") is not None
 
 
 EXPERT_STRIP = 64  # output columns per strip of moe_cpu.cpp's weight layout
@@ -263,7 +175,7 @@ def moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_
     EXPERT_STRIP) -> [T, hidden]:
     per token, the sum over its on-rank choices of weight * (silu(x W_gate) * (x W_up)) W_down,
     plus `add` ([T, hidden] bf16) when given."""
-    lib = library()
+    lib = library("moe")
     _require_host("moe_routed", x, weights, ids, gate_up_pairs, down_pairs, *([add] if add is not None else []))
     n, strips, half_hidden, _, _ = gate_up_pairs.shape
     hidden, inter = half_hidden * 2, strips * EXPERT_STRIP // 2
@@ -295,17 +207,23 @@ def moe_routed(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_
 
 LINEAR_STRIP = 32  # output columns per strip of linear_cpu.cpp's weight layout
 # Above this many rows torch's matmul is as fast (its per-call re-layout of the weight is paid
-# back): at 2048 rows the small model's linears ran 1-2% slower in a prefill step through
-# `linear`, and at 256 rows (a decode step) 3-5% faster.
-LINEAR_MAX_ROWS = 1024
+# back). AMX: at 2048 rows the small model's linears ran 1-2% slower in a prefill step through
+# `linear`, and at 256 rows (a decode step) 3-5% faster. AVX-512 BF16 against torch's oneDNN on
+# the same instructions (benchmarks/cpu_avx512_paths.py, DeepSeek-V3's linears at a quarter
+# width): 1.05-1.55x at 1 and 32 rows, 0.94-1.04x at 128, 0.94-0.98x at 1024.
+LINEAR_MAX_ROWS = {"amx": 1024, "avx512": 64}
+
+
+def linear_max_rows() -> int:
+    """The most rows `linear` takes on the linear family's variant (0: it does not run)."""
+    return LINEAR_MAX_ROWS.get(cpu_build.variant("linear"), 0)
 
 
 def linear_available(weight: torch.Tensor) -> bool:
-    """Whether `linear` can take this [N, K] weight: bf16 on the host, the CPU has AMX and the OS
-    grants it, K and N multiples of 32 (every DeepSeek-V3 linear but the vocabulary's)."""
-    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.shape[0] % LINEAR_STRIP == 0 and weight.shape[1] % 32 == 0
-            and os.environ.get("MLASERVE_CPU_LINEAR", "1") != "0" and amx_granted())
+    """Whether `linear` can take this [N, K] weight: bf16 on the host, the linear family on a
+    compiled variant, K and N multiples of 32 (every DeepSeek-V3 linear but the vocabulary's)."""
+    return (weight.dim() == 2 and weight.shape[0] % LINEAR_STRIP == 0 and weight.shape[1] % 32 == 0
+            and runs("linear", weight))
 
 
 def pack_strips(weight: torch.Tensor, width: int = LINEAR_STRIP) -> torch.Tensor:
@@ -341,7 +259,7 @@ def linear(x: torch.Tensor, strips: torch.Tensor) -> torch.Tensor:
     n, k = _check_linear(x, strips, 1)
     x2, stride = _rows(_last_dim_contiguous(x))
     out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-    rc = library().linear_bf16(_ptr(x2), stride, 0, x2.shape[0], _ptr(strips), k, n, 1, _ptr(out), n, 0,
+    rc = library("linear").linear_bf16(_ptr(x2), stride, 0, x2.shape[0], _ptr(strips), k, n, 1, _ptr(out), n, 0,
                                torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"linear refused K={k} N={n}")
@@ -355,21 +273,17 @@ def linear_heads(x: torch.Tensor, strips: torch.Tensor) -> torch.Tensor:
     x = _last_dim_contiguous(x)
     t, heads = x.shape[:2]
     out = torch.empty(t, heads, n, dtype=torch.bfloat16)
-    rc = library().linear_bf16(_ptr(x), x.stride(0), x.stride(1), t, _ptr(strips), k, n, heads, _ptr(out),
+    rc = library("linear").linear_bf16(_ptr(x), x.stride(0), x.stride(1), t, _ptr(strips), k, n, heads, _ptr(out),
                                out.stride(0), out.stride(1), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"linear_heads refused K={k} N={n}")
     return out
 
 
-def host_bf16(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled kernels can take these tensors: bf16 on the host, the library built."""
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and library() is not None
-
-
 def rms_norm_available(x: torch.Tensor) -> bool:
-    """Whether `rms_norm` takes x: bf16 host rows with a contiguous last dim, the library built."""
-    return x.dim() >= 1 and x.stride(-1) == 1 and host_bf16(x)
+    """Whether `rms_norm` takes x: bf16 host rows with a contiguous last dim, the norm family on
+    a compiled variant."""
+    return x.dim() >= 1 and x.stride(-1) == 1 and runs("norm", x)
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -382,7 +296,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """model/layers.py's RMSNorm of x (bf16, any row stride) through the compiled kernel. With
     `residual`, normalizes h = x + residual instead and returns (norm(h), h), the add fused in."""
-    lib = library()
+    lib = library("norm")
     tensors = [x, weight] + ([residual] if residual is not None else [])
     _require_host("rms_norm", *tensors)
     cols = x.shape[-1]
@@ -410,7 +324,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def silu_mul(h: torch.Tensor) -> torch.Tensor:
     """F.silu(gate) * up for h = [gate | up] ([..., 2 * cols], bf16 on the host, any row stride)
     through the compiled kernel, with the reference's two bf16 roundings -> [..., cols]."""
-    lib = library()
+    lib = library("activation")
     _require_host("silu_mul", h)
     cols = h.shape[-1] // 2
     if h.dtype != torch.bfloat16 or h.shape[-1] != 2 * cols or cols == 0:
@@ -424,11 +338,11 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
 
 
 def prefill_attention_available(dtype: torch.dtype, nope_dim: int, rope_dim: int, v_dim: int) -> bool:
-    """Whether `prefill_attention` runs here: bf16, the CPU has AMX and the OS grants it, the key
-    parts' widths multiples of 32 and the values' of 64 (DeepSeek-V3: 128 + 64 and 128).
-    MLASERVE_CPU_PREFILL=0 turns it off (torch's fused attention instead)."""
-    return (amx_granted() and dtype == torch.bfloat16 and nope_dim % 32 == 0 and rope_dim % 32 == 0
-            and v_dim % 64 == 0 and os.environ.get("MLASERVE_CPU_PREFILL", "1") != "0")
+    """Whether `prefill_attention` runs here: bf16, the prefill family on a compiled variant, the
+    key parts' widths multiples of 32 and the values' of 64 (DeepSeek-V3: 128 + 64 and 128).
+    MLASERVE_CPU_PREFILL=off turns it off (torch's fused attention instead)."""
+    return (dtype == torch.bfloat16 and nope_dim % 32 == 0 and rope_dim % 32 == 0 and v_dim % 64 == 0
+            and library("prefill") is not None)
 
 
 def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
@@ -439,7 +353,7 @@ def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Te
     heads), v [L, H, Dv], out [T, H, Dv] (written for the chunks' queries), bf16, any row and head
     strides; spans [4, chunks] int64: query start, query count, key start, key count (>= the query
     count); query i of a chunk sits at position key count - query count + i and sees the keys up to it."""
-    lib = library()
+    lib = library("prefill")
     _require_host("prefill_attention", q_nope, q_pe, k_nope, k_pe, v, spans, out)
     tokens, heads, dn = q_nope.shape
     rope, length, dv = q_pe.shape[2], k_nope.shape[0], v.shape[2]
@@ -472,7 +386,7 @@ def moe_gate(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, n_grou
     """model/moe.py's Gate through the compiled kernel: x [T, hidden] bf16 (any row stride), the
     gate's weight transposed, weight_t [hidden, E], and bias [E] float32 -> (weights [T, k] float32,
     ids [T, k] int64), best first."""
-    lib = library()
+    lib = library("gate")
     _require_host("moe_gate", x, weight_t, bias)
     tokens, hidden = x.shape
     experts = weight_t.shape[1]
@@ -499,7 +413,7 @@ def mla_cache_entries(c_kv: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor
     [rms_norm(c_kv) | rope(k_pe)] into the cache rows `slots` ([num_blocks, block_size, entry] cache,
     bf16, or uint8 in the FP8 layout, quantized as latent_fp8.quantize_entries does) and rotates
     q_pe [T, H, rope] in place. rotations: the RotaryEmbedding's complex64 table."""
-    lib = library()
+    lib = library("norm")
     _require_host("mla_cache_entries", c_kv, k_pe, q_pe, norm_weight, rotations, positions, slots, cache)
     tokens, rank = c_kv.shape
     rope = k_pe.shape[-1]

@@ -52,7 +52,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_inv is None:
-            if (x.numel() <= native.LINEAR_MAX_ROWS * x.shape[-1] and native.host_bf16(x)
+            if (x.numel() <= native.linear_max_rows() * x.shape[-1] and native.runs("linear", x)
                     and self.strips is not None):
                 return native.linear(x, self.strips)
             return F.linear(x, self.weight)
@@ -136,7 +136,7 @@ class DenseMLP(nn.Module):
             d = self.down_proj
             return fp8_gemm(q, s, d.weight, d.scale_inv, x.dtype).view(*shape[:-1], -1)
         h = self.gate_up(x)
-        if native.host_bf16(h):
+        if native.runs("activation", h):
             return self.down_proj(native.silu_mul(h))  # one compiled pass, the same roundings
         gate, up = h.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

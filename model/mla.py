@@ -69,6 +69,6 @@ class MLA(nn.Module):
         q_pe = write_latent_entries(c_kv, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
                                     rope.rotations, positions, slot_mapping, cache)
 
-        strips = self.head_strips if native.host_bf16(q) else None
+        strips = self.head_strips if native.runs("linear", q) else None
         o = mla_attention(q_nope, q_pe, cache, plan, self.w_uk, self.w_uv, cfg.softmax_scale, strips)  # [T, H, v]
         return self.o_proj(o.reshape(t, -1))

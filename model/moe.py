@@ -34,7 +34,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        if x.dim() == 2 and native.host_bf16(x):
+        if x.dim() == 2 and native.runs("gate", x):
             return native.moe_gate(x, self.weight_t, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
                                    cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
         return select_experts(F.linear(x.float(), self.weight), self.e_score_correction_bias, cfg.n_group,

@@ -3,16 +3,16 @@ and sliced gathers; expanded prefill chunks) against attention written out per s
 MLA definition: keys and values expanded per head from the latents, a causal softmax in float64."""
 
 import random
-import shutil
 
 import pytest
 import torch
 
 import kernels.mla_attention as attention
-from kernels import latent_fp8, native
+from kernels import cpu_build, latent_fp8, native
 from kernels.backend import use_triton_kernels
 from kernels.mla_decode import paged_mla_decode_ref
 from model.forward_batch import ForwardBatch, SequenceChunk
+from tests.cpu_variants import compiled_kernels, each_variant, use_variant
 
 HEADS, NOPE, ROPE, RANK, V, PAGE = 4, 16, 8, 32, 16, 8
 
@@ -37,14 +37,6 @@ def per_sequence_reference(q_nope, q_pe, cache, tables, chunks, w_uk, w_uv, scal
     return torch.stack(outs)
 
 
-def compiled_kernels() -> bool:
-    """The compiled kernels must build wherever there is a compiler (CI has one)."""
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        return False
-    assert native.library() is not None, "kernels/csrc did not build: see the warning logged by kernels.native"
-    return True
-
-
 @pytest.mark.parametrize("fp8", [False, True], ids=["cache-f32", "cache-fp8"])
 @pytest.mark.parametrize("path", ["compiled", "torch", "torch-sliced"])
 def test_cpu_attention_matches_the_definition(monkeypatch, path, fp8):
@@ -57,7 +49,7 @@ def test_cpu_attention_matches_the_definition(monkeypatch, path, fp8):
     if path == "compiled" and not compiled_kernels():
         pytest.skip("no C++ compiler")
     if path != "compiled":
-        monkeypatch.setattr(native, "library", lambda: None)
+        monkeypatch.setenv("MLASERVE_CPU_DECODE", "off")
     monkeypatch.setattr(attention, "GATHER_SLICE_BYTES", 3000 if path == "torch-sliced" else 1 << 40)
     rng = random.Random(0)
     torch.manual_seed(0)
@@ -149,11 +141,9 @@ def test_groups_pad_little():
     assert counts == [[1], [2], [3], [8, 9], [10], [40, 44, 45], [50]]
 
 
-def skip_unless_compiled(impl: str, dtype: torch.dtype) -> None:
-    if not compiled_kernels():
-        pytest.skip("no C++ compiler")
-    if impl not in native.available_impls():
-        pytest.skip(f"this CPU has no {impl}")
+def skip_unless_compiled(monkeypatch, impl: str, dtype: torch.dtype) -> None:
+    """Runs the decode family's `impl` variant, or skips saying why it cannot."""
+    use_variant(monkeypatch, "decode", impl)
     if impl != "generic" and dtype != torch.bfloat16:
         pytest.skip("the vector implementations are bf16 only")
 
@@ -179,13 +169,13 @@ def shuffled_with_unwritten_rows(cache: torch.Tensor, lens: list[int], poison) -
 @pytest.mark.parametrize("impl", ["generic", "avx512", "amx"])
 @pytest.mark.parametrize("splits", [None, 1, 3, 40])
 @pytest.mark.parametrize("heads", [8, 32])
-def test_compiled_decode_kernel_matches_reference(dtype, impl, splits, heads):
+def test_compiled_decode_kernel_matches_reference(monkeypatch, dtype, impl, splits, heads):
     """DeepSeek-V3's cache geometry (512 + 64), 8 heads (AMX: one group of 8) and 32 (two groups
     of 16): ragged lengths with partial last blocks whose unwritten rows hold NaN, shuffled
     blocks, three query rows of one sequence at growing lengths, transposed (strided) queries and
     output, the output poisoned with NaN first; each implementation this CPU has; contexts split
     in 3, and in more pieces than they have blocks."""
-    skip_unless_compiled(impl, dtype)
+    skip_unless_compiled(monkeypatch, impl, dtype)
     torch.manual_seed(1)
     rank, rope, page, num_blocks = 512, 64, 16, 300
     cache = torch.randn(num_blocks, page, rank + rope).to(dtype)
@@ -219,18 +209,17 @@ def causal_reference(q, k, v, spans, scale):
     return outs
 
 
+@each_variant("prefill")
 @pytest.mark.parametrize("heads,nope,rope,v_dim", [(8, 64, 64, 64), (4, 128, 64, 128), (2, 32, 96, 64)])
-def test_compiled_prefill_kernel_matches_reference(heads, nope, rope, v_dim):
+def test_compiled_prefill_kernel_matches_reference(monkeypatch, variant, heads, nope, rope, v_dim):
     """The AMX prefill kernel over chunks that start from scratch and after a cached prefix, of
     lengths around its 16-query and 32-key steps, one past its 512-key softmax blocks, a chunk of
     one query; queries and keys in their nope and rope parts, the rope key one row shared by the
     heads (as MLA hands them), all strided inside wider tensors; the output poisoned with NaN, with
     rows outside every chunk that must stay untouched."""
-    if not compiled_kernels():
-        pytest.skip("no C++ compiler")
+    use_variant(monkeypatch, "prefill", variant)
     qk_dim = nope + rope
-    if not native.prefill_attention_available(torch.bfloat16, nope, rope, v_dim):
-        pytest.skip("this CPU has no AMX")
+    assert native.prefill_attention_available(torch.bfloat16, nope, rope, v_dim)
     torch.manual_seed(3)
     q_lens, k_lens = [17, 1, 40, 16, 33, 300], [17, 9, 100, 16, 33, 1100]
     gap = 3  # rows between chunks that no chunk owns
@@ -275,12 +264,11 @@ def test_compiled_prefill_kernel_refuses_what_it_cannot_take():
     assert not native.prefill_attention_available(torch.bfloat16, 48, 16, 64)
 
 
-def test_the_fastest_implementation_is_chosen():
-    if not compiled_kernels():
-        pytest.skip("no C++ compiler")
-    have = native.available_impls()
-    best = "amx" if "amx" in have else "avx512" if "avx512" in have else "generic"
-    assert native.choose_impl(torch.bfloat16, 128, 512, 64, 64) == best
+@each_variant("decode")
+def test_the_fastest_implementation_is_chosen(monkeypatch, variant):
+    """The best implementation under the family's variant that takes the shapes."""
+    use_variant(monkeypatch, "decode", variant)
+    assert native.choose_impl(torch.bfloat16, 128, 512, 64, 64) == variant
     assert native.choose_impl(torch.float32, 128, 512, 64, 64) == "generic"
     assert native.choose_impl(torch.bfloat16, 6, 512, 64, 64) == "generic"  # no 4- or 8-head groups
 
@@ -315,16 +303,16 @@ def test_a_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, capl
     plans its torch attention instead; MLASERVE_NATIVE=0 does the same on purpose."""
     monkeypatch.setenv("MLASERVE_CACHE_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CXX", "false")
-    native.library.cache_clear()
+    cpu_build.library.cache_clear()
     try:
         assert native.library() is None
-        assert "building the CPU kernels failed" in caplog.text
+        assert "building the CPU kernels (generic) failed" in caplog.text
         batch = ForwardBatch.build([SequenceChunk([1], 5, [0])], PAGE)
         plan = attention.plan_attention(batch, torch.zeros(1))
         assert plan.rows is None and len(plan.groups) == 1
         monkeypatch.delenv("CXX")
         monkeypatch.setenv("MLASERVE_NATIVE", "0")
-        native.library.cache_clear()
+        cpu_build.library.cache_clear()
         assert native.library() is None
     finally:
-        native.library.cache_clear()
+        cpu_build.library.cache_clear()

@@ -1,19 +1,20 @@
-"""The compiled bf16 linear (AMX tiles, weight kept in strips) against torch's bf16 matmul: both
-sum in float32 and round once, so they differ only where the order of the sum moves a value
-across a rounding boundary."""
+"""The compiled bf16 linear (AMX tiles or AVX-512 BF16 dot products, weight kept in strips) against
+torch's bf16 matmul, at each variant this machine runs: both sum in float32 and round once, so
+they differ only where the order of the sum moves a value across a rounding boundary."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import native
+from kernels import cpu_build, native
 from model.layers import Linear, StackedLinear
+from tests.cpu_variants import use_variant
 
 
-@pytest.fixture(autouse=True)
-def needs_amx():
-    if not native.linear_available(torch.zeros(32, 32, dtype=torch.bfloat16)):
-        pytest.skip("no AMX here (or no compiler): Linear uses torch's matmul")
+@pytest.fixture(autouse=True, params=cpu_build.FAMILIES["linear"][1])
+def variant(request, monkeypatch):
+    use_variant(monkeypatch, "linear", request.param)
+    assert native.linear_available(torch.zeros(32, 32, dtype=torch.bfloat16))
 
 
 def assert_matches_torch(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -68,7 +69,7 @@ def test_model_linears_dispatch_to_the_kernel():
     a, b = stacked.parts(x)
     assert_matches_torch(a, x, w["a.weight"])
     assert_matches_torch(b, x, w["b.weight"])
-    big = torch.randn(native.LINEAR_MAX_ROWS + 1, 512).bfloat16()
+    big = torch.randn(native.linear_max_rows() + 1, 512).bfloat16()
     assert torch.equal(stacked(big), F.linear(big, stacked.weight))
     odd = Linear(torch.randn(258, 512).bfloat16())  # the vocabulary's 258 rows: not whole strips
     assert odd.strips is None

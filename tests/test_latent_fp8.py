@@ -12,7 +12,8 @@ from kernels import latent_fp8, native
 from kernels.mla_decode import paged_mla_decode_ref
 from model.demo_checkpoint import default_model_dir
 from model.demo_task import is_correct
-from tests.test_cpu_attention import compiled_kernels, shuffled_with_unwritten_rows, skip_unless_compiled
+from tests.cpu_variants import use_variant
+from tests.test_cpu_attention import shuffled_with_unwritten_rows, skip_unless_compiled
 
 RANK, ROPE = 512, 64
 
@@ -53,23 +54,23 @@ def test_entries_round_within_e4m3_and_dequantize_exactly():
     assert torch.equal(latent_fp8.dequantize_entries(raw.view(3, 100, -1), RANK, torch.float32), out.view(3, 100, -1))
 
 
-def test_compiled_gather_equals_the_torch_dequantization():
+@pytest.mark.parametrize("variant", ["avx512", "amx"])
+def test_compiled_gather_equals_the_torch_dequantization(monkeypatch, variant):
     """Prefill reads its contexts' FP8 entries through one compiled gather (bf16, AVX-512)."""
-    if not compiled_kernels() or "avx512" not in native.available_impls():
-        pytest.skip("no AVX-512 BF16 build here")
+    use_variant(monkeypatch, "decode", variant)
     raw = quantized(640, seed=5)[2].view(10, 64, -1)
     slots = torch.randperm(640)[:333]
     got = native.latent_fp8_gather(raw, slots, RANK, torch.bfloat16)
     assert torch.equal(got, latent_fp8.dequantize_entries(raw.view(-1, 656)[slots], RANK, torch.bfloat16))
 
 
-def test_compiled_write_quantizes_as_torch_does():
+@pytest.mark.parametrize("variant", ["generic", "avx512", "amx"])
+def test_compiled_write_quantizes_as_torch_does(monkeypatch, variant):
     """The compiled cache write (norm, rope, FP8 quantization in one pass) stores exactly the bytes
     quantize_entries makes of the bf16 entries it writes into a plain cache: 1M latent values over
     eleven orders of magnitude (e4m3 subnormals, round-half-even ties, groups whose largest value
     makes the scale an exact power of two), an all-zero row, shuffled slots, rows left unwritten."""
-    if not native.host_bf16(torch.empty(0, dtype=torch.bfloat16)):
-        pytest.skip("no compiled CPU kernels here")
+    use_variant(monkeypatch, "norm", variant)
     from engine.model_config import ModelConfig
     from model.checkpoint_maker import preset_config
     from model.rope import RotaryEmbedding
@@ -123,11 +124,11 @@ def test_engine_refuses_an_unknown_cache_dtype():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("impl", ["generic", "avx512", "amx"])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_compiled_decode_kernel_reads_fp8_entries_as_their_dequantized_values(dtype, impl, splits):
+def test_compiled_decode_kernel_reads_fp8_entries_as_their_dequantized_values(monkeypatch, dtype, impl, splits):
     """Each implementation on an FP8 cache gives, bit for bit, what it gives on the same entries
     dequantized into a plain cache: ragged lengths, shuffled blocks, unwritten rows of partial
     blocks filled with 0xFF bytes (NaN values and scales), transposed queries and output."""
-    skip_unless_compiled(impl, dtype)
+    skip_unless_compiled(monkeypatch, impl, dtype)
     torch.manual_seed(2)
     page, num_blocks, heads = 16, 60, 16
     raw = quantized(num_blocks * page, seed=3)[2].view(num_blocks, page, -1)

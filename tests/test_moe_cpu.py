@@ -1,4 +1,5 @@
-"""The CPU path's routed experts (dequantized weights): the compiled AMX kernel, padded batched
+"""The CPU path's routed experts (dequantized weights): the compiled kernel at each variant this
+machine runs (AMX tiles, AVX-512 BF16), padded batched
 matmuls, and the per-expert loop they fall back to under skewed routing, against each choice
 computed on its own."""
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from kernels import native
 from model.moe import RoutedExperts
+from tests.cpu_variants import each_variant, use_variant
 
 E, HIDDEN, INTER, K = 8, 32, 24, 3
 
@@ -54,12 +56,14 @@ def test_routed_experts_without_tokens_or_local_choices():
 
 @pytest.mark.parametrize("first,local", [(0, E), (2, 4)])
 @pytest.mark.parametrize("tokens", [1, 37, 600])
-def test_compiled_experts_match_each_choice(first, local, tokens):
-    """The AMX kernel (bf16, hidden 128, expert width 64): 16-row work items with short last ones,
-    experts without tokens, choices for other ranks' experts, skewed routing."""
+@each_variant("moe")
+def test_compiled_experts_match_each_choice(monkeypatch, variant, first, local, tokens):
+    """The compiled kernel (bf16, hidden 128, expert width 64), on AMX tiles or AVX-512 BF16:
+    16-row work items with short last ones, experts without tokens, choices for other ranks'
+    experts, skewed routing."""
     hidden, inter = 128, 64
-    if not native.moe_experts_available(torch.bfloat16, hidden, inter):
-        pytest.skip("no compiler, or no AMX on this CPU")
+    use_variant(monkeypatch, "moe", variant)
+    assert native.moe_experts_available(torch.bfloat16, hidden, inter)
     torch.manual_seed(1)
     gate_up = (torch.randn(local, 2 * inter, hidden) / hidden ** 0.5).bfloat16()
     down = (torch.randn(local, hidden, inter) / inter ** 0.5).bfloat16()
@@ -83,12 +87,12 @@ def test_compiled_experts_match_each_choice(first, local, tokens):
     assert torch.equal(experts(x, weights, off_rank, add=shared), shared)
 
 
-def test_compiled_experts_leave_the_kernel_when_moved_or_cast():
+@each_variant("moe")
+def test_compiled_experts_leave_the_kernel_when_moved_or_cast(monkeypatch, variant):
     """The kernel reads bf16 host memory: moved to another device (`meta` stands in for CUDA) or
     cast to float32, the experts take the torch path, on the same weights."""
     hidden, inter = 128, 64
-    if not native.moe_experts_available(torch.bfloat16, hidden, inter):
-        pytest.skip("no compiler, or no AMX on this CPU")
+    use_variant(monkeypatch, "moe", variant)
     gate_up = torch.randn(4, 2 * inter, hidden).bfloat16()
     down = torch.randn(4, hidden, inter).bfloat16()
     moved = RoutedExperts(gate_up, down, 0).to("meta")
@@ -109,12 +113,12 @@ def test_compiled_experts_leave_the_kernel_when_moved_or_cast():
 
 
 @pytest.mark.parametrize("experts,groups,top_groups,k", [(32, 4, 2, 4), (256, 8, 4, 8), (16, 1, 1, 3)])
-def test_compiled_gate_matches_reference(experts, groups, top_groups, k):
+@each_variant("gate")
+def test_compiled_gate_matches_reference(monkeypatch, variant, experts, groups, top_groups, k):
     """The router on bf16 hidden states (the CPU path's dtype) picks the same experts, best first,
     with the same weights as the torch definition: the small checkpoint's shape, DeepSeek-V3's
     (256 experts in 8 groups, 4 kept, top-8), and a single group."""
-    if native.library() is None:
-        pytest.skip("no C++ compiler")
+    use_variant(monkeypatch, "gate", variant)
     from types import SimpleNamespace
 
     from model.moe import Gate
@@ -132,9 +136,9 @@ def test_compiled_gate_matches_reference(experts, groups, top_groups, k):
         assert torch.allclose(weights, ref_weights, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_gate_refuses_what_it_cannot_take():
-    if native.library() is None:
-        pytest.skip("no C++ compiler")
+@each_variant("gate")
+def test_compiled_gate_refuses_what_it_cannot_take(monkeypatch, variant):
+    use_variant(monkeypatch, "gate", variant)
     w, b = torch.randn(64, 32), torch.randn(32)  # weight transposed: [hidden, E]
     with pytest.raises(ValueError, match="want bf16 x"):
         native.moe_gate(torch.randn(4, 64), w, b, 4, 2, 4, True, 1.0)

@@ -84,6 +84,54 @@ inline void transpose16x16_epi32(__m512i r[16]) {
   }
 }
 
+// C[R][16 V] (float32, row stride ldc) = A[R][K] (bf16, row stride lda) x one strip of 16 V
+// columns in the tiles' B layout ([K / 2][16 V][2]: pairs of K interleaved), on AVX-512 BF16:
+// each pair of A's row, broadcast, meets V vectors of the strip's pair row in one dot product per
+// vector, summed in float32 in K order. R V accumulators stay in registers (at most 24 of 32).
+template <int R, int V>
+inline void strip_rows_avx512(const uint16_t* A, int64_t lda, const uint16_t* strip, int K, float* C, int64_t ldc) {
+  static_assert(R * V <= 24, "accumulators must fit the registers");
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int kp = 0; kp < K / 2; ++kp) {
+    const uint16_t* b = strip + size_t(kp) * V * 32;
+    __m512bh bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + v * 32);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, A + r * lda + 2 * kp, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, bv[v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
+}
+
+// strip_rows_avx512 over `rows` rows (any count), in groups that fill the registers.
+template <int V>
+inline void strip_product_avx512(const uint16_t* A, int64_t lda, int64_t rows, const uint16_t* strip, int K, float* C,
+                                 int64_t ldc) {
+  constexpr int G = 24 / V;  // rows per group: 12 for 32-column strips, 6 for 64
+  int64_t r = 0;
+  for (; r + G <= rows; r += G) strip_rows_avx512<G, V>(A + r * lda, lda, strip, K, C + r * ldc, ldc);
+  const int64_t left = rows - r;
+  const uint16_t* a = A + r * lda;
+  float* c = C + r * ldc;
+  switch (left) {  // the tail, one row count at a time (R is a template parameter)
+#define MLASERVE_TAIL(n) \
+  case n:                \
+    if constexpr (n < G) strip_rows_avx512<n, V>(a, lda, strip, K, c, ldc); \
+    break;
+    MLASERVE_TAIL(1) MLASERVE_TAIL(2) MLASERVE_TAIL(3) MLASERVE_TAIL(4) MLASERVE_TAIL(5) MLASERVE_TAIL(6)
+    MLASERVE_TAIL(7) MLASERVE_TAIL(8) MLASERVE_TAIL(9) MLASERVE_TAIL(10) MLASERVE_TAIL(11)
+#undef MLASERVE_TAIL
+    default:
+      break;
+  }
+}
+
 #endif  // MLASERVE_HAVE_AVX512_BF16
 
 #ifdef MLASERVE_HAVE_AMX

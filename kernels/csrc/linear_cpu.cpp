@@ -1,12 +1,14 @@
-// A bf16 linear on the CPU's AMX tiles: y = x W^T (float32 sums, rounded once to bf16, as torch's
-// bf16 matmul), with W stored once, at load, in the tiles' B layout.
+// A bf16 linear on the CPU's AMX tiles, or (a build without AMX) AVX-512 BF16 dot products: y = x W^T
+// (float32 sums, rounded once to bf16, as torch's bf16 matmul), with W stored once, at load, in
+// the tiles' B layout.
 //
 // W [N, K] is kept as strips of 32 output columns, each strip's rows of K in pairs interleaved:
 // strips[s][k / 2][c][k % 2] = W[32 s + c][k]. A strip is contiguous (K x 64 bytes), so its
 // tiles stream from memory in order, and each tile load is 16 rows 128 bytes apart. The output is
 // made in blocks of 32 rows x 32 columns: two A tiles (16 rows each) and two B tiles (16 columns
 // each) per 32 values of K feed four accumulator tiles. A block of 16 rows or fewer (decode
-// batches) uses one A tile.
+// batches) uses one A tile. Without AMX a block's rows run through strip_product_avx512
+// (cpu_common.h), which reads the same strips.
 //
 // Why not torch's matmul: it re-lays the weight out for the tiles on every call. For the small
 // model's linears that re-layout, with the weight read cold from memory, took 2-3x the product's
@@ -25,9 +27,12 @@ namespace {
 
 using namespace mlaserve;
 
-#ifdef MLASERVE_HAVE_AMX
+#ifdef MLASERVE_HAVE_AVX512_BF16
 
 constexpr int kStrip = 32;  // output columns per strip
+
+#ifdef MLASERVE_HAVE_AMX
+constexpr bool kTiles = true;
 
 // C[16 or 32][32] (float32, row stride 32) = A[rows][K] (bf16, row stride lda) x one strip.
 template <bool kTwoRowTiles>
@@ -58,6 +63,9 @@ inline void block_product(const uint16_t* A, int64_t lda, const uint16_t* strip,
     _tile_stored(3, C + 16 * kStrip + 16, kStrip * 4);
   }
 }
+#else
+constexpr bool kTiles = false;
+#endif  // MLASERVE_HAVE_AMX
 
 struct Linear {
   const uint16_t* x;
@@ -82,8 +90,10 @@ void run_linear(const Linear& L, int num_threads) {
   const int64_t items = int64_t(L.heads) * row_blocks * chunks;
 #pragma omp parallel num_threads(int(std::min<int64_t>(num_threads, items)))
   {
+#ifdef MLASERVE_HAVE_AMX
     const int shape[1][2] = {{16, 64}};
     load_tile_config(shape, 1);
+#endif
     std::vector<uint16_t> padded;
     alignas(64) float Cbuf[2 * 32 * kStrip];
 #pragma omp for schedule(dynamic, 1)
@@ -98,7 +108,7 @@ void run_linear(const Linear& L, int num_threads) {
       // A short block is read from a zero-padded copy: the tiles always load whole 16-row tiles.
       const uint16_t* A = L.x + head * L.x_head + r0 * L.x_row;
       int64_t lda = L.x_row;
-      if (n < tile_rows) {
+      if (kTiles && n < tile_rows) {
         padded.assign(size_t(tile_rows) * L.K, 0);
         for (int r = 0; r < n; ++r) std::memcpy(padded.data() + size_t(r) * L.K, A + r * L.x_row, sizeof(uint16_t) * L.K);
         A = padded.data();
@@ -109,10 +119,14 @@ void run_linear(const Linear& L, int num_threads) {
       for (int s = s0; s <= s1; ++s) {
         if (s < s1) {
           float* C = Cbuf + (s & 1) * 32 * kStrip;
+#ifdef MLASERVE_HAVE_AMX
           if (tile_rows == 32)
             block_product<true>(A, lda, strips + s * strip_size, L.K, C);
           else
             block_product<false>(A, lda, strips + s * strip_size, L.K, C);
+#else
+          strip_product_avx512<kStrip / 16>(A, lda, n, strips + s * strip_size, L.K, C, kStrip);
+#endif
         }
         if (s > s0) {
           const float* C = Cbuf + ((s - 1) & 1) * 32 * kStrip;
@@ -124,11 +138,13 @@ void run_linear(const Linear& L, int num_threads) {
         }
       }
     }
+#ifdef MLASERVE_HAVE_AMX
     _tile_release();
+#endif
   }
 }
 
-#endif  // MLASERVE_HAVE_AMX
+#endif  // MLASERVE_HAVE_AVX512_BF16
 
 }  // namespace
 
@@ -140,8 +156,11 @@ extern "C" {
 // K % 32 == 0 and N % 32 == 0. Returns 0, or -1 when this build or shape cannot.
 int linear_bf16(const uint16_t* x, int64_t x_row, int64_t x_head, int64_t rows, const uint16_t* strips, int K, int N,
                 int heads, uint16_t* out, int64_t out_row, int64_t out_head, int num_threads) {
+#ifdef MLASERVE_HAVE_AVX512_BF16
 #ifdef MLASERVE_HAVE_AMX
-  if (!amx_permitted() || K % 32 || N % 32 || K <= 0 || N <= 0 || rows < 0 || heads < 1) return -1;
+  if (!amx_permitted()) return -1;
+#endif
+  if (K % 32 || N % 32 || K <= 0 || N <= 0 || rows < 0 || heads < 1) return -1;
   if (rows == 0) return 0;
   run_linear(Linear{x, x_row, x_head, rows, strips, K, N, heads, out, out_row, out_head}, num_threads);
   return 0;

@@ -1,4 +1,5 @@
-// Routed experts on the CPU's AMX tiles: the contract of model/moe.py's RoutedExperts on its
+// Routed experts on the CPU's AMX tiles (or, in a build without AMX, AVX-512 BF16 dot products on
+// the same weight layout): the contract of model/moe.py's RoutedExperts on its
 // CPU path, for one rank's experts, from the router's choices to the tokens' summed outputs.
 //
 // The choices (token t's j-th: expert ids[t][j], weight weights[t][j]) that fall on this rank's
@@ -32,7 +33,7 @@ namespace {
 
 using namespace mlaserve;
 
-#ifdef MLASERVE_HAVE_AMX
+#ifdef MLASERVE_HAVE_AVX512_BF16
 
 constexpr int kItemsPerUnit = 8;  // see run_routed
 constexpr int kRows = 16;  // rows per work item: one tile's height (32-row items, each weight
@@ -42,8 +43,12 @@ constexpr int kStrip = 64;  // weight columns per strip
 
 // C[16][N] (float32, row stride ldc) = A[16][K] (bf16, row stride lda) x B (bf16, strips of 64
 // columns: [N / 64][K / 2][64][2]). Four 16-column output tiles at a time share each A tile.
-// K % 32 == 0, N % 64 == 0.
-void gemm_rows16(const uint16_t* A, int lda, const uint16_t* B, int K, int N, float* C, int ldc) {
+// K % 32 == 0, N % 64 == 0. Without AMX only the first `rows` rows are made (the rest are padding).
+void gemm_rows16(const uint16_t* A, int lda, int rows, const uint16_t* B, int K, int N, float* C, int ldc) {
+#ifndef MLASERVE_HAVE_AMX
+  for (int n0 = 0; n0 < N; n0 += kStrip) strip_product_avx512<kStrip / 16>(A, lda, rows, B + size_t(n0) * K, K, C + n0, ldc);
+#else
+  (void)rows;
   for (int n0 = 0; n0 < N; n0 += kStrip) {
     _tile_zero(0);
     _tile_zero(1);
@@ -67,6 +72,7 @@ void gemm_rows16(const uint16_t* A, int lda, const uint16_t* B, int K, int N, fl
     _tile_stored(2, C + n0 + 32, ldc * 4);
     _tile_stored(3, C + n0 + 48, ldc * 4);
   }
+#endif
 }
 
 inline __m512 silu_ps(__m512 x) {  // x / (1 + e^-x)
@@ -131,8 +137,10 @@ void run_routed(const Routed& R, int num_threads) {
   const size_t w1_size = size_t(H) * 2 * I, w2_size = size_t(I) * H;
 #pragma omp parallel num_threads(num_threads)
   {
+#ifdef MLASERVE_HAVE_AMX
     const int shape[1][2] = {{16, 64}};
     load_tile_config(shape, 1);  // every tile 16 x 64 bytes
+#endif
     std::vector<uint16_t> a(size_t(kRows) * H), act(size_t(kRows) * I);
     std::vector<float> h(size_t(kRows) * 2 * I), o(size_t(kRows) * H);
 #pragma omp for schedule(dynamic, 1)
@@ -144,7 +152,7 @@ void run_routed(const Routed& R, int num_threads) {
       for (int r = 0; r < w.rows; ++r)
         std::memcpy(a.data() + size_t(r) * H, R.x + choice[r] / R.k * R.x_row, sizeof(uint16_t) * H);
       if (w.rows < kRows) std::memset(a.data() + size_t(w.rows) * H, 0, sizeof(uint16_t) * (kRows - w.rows) * H);
-      gemm_rows16(a.data(), H, R.w1 + w.expert * w1_size, H, 2 * I, h.data(), 2 * I);
+      gemm_rows16(a.data(), H, w.rows, R.w1 + w.expert * w1_size, H, 2 * I, h.data(), 2 * I);
       for (int r = 0; r < kRows; ++r) {
         const float* g = h.data() + size_t(r) * 2 * I;
         uint16_t* dst = act.data() + size_t(r) * I;
@@ -154,7 +162,7 @@ void run_routed(const Routed& R, int num_threads) {
           _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
       }
-      gemm_rows16(act.data(), I, R.w2 + w.expert * w2_size, I, H, o.data(), H);
+      gemm_rows16(act.data(), I, w.rows, R.w2 + w.expert * w2_size, I, H, o.data(), H);
       for (int r = 0; r < w.rows; ++r) {
         const __m512 s = _mm512_set1_ps(R.weights[choice[r]]);
         const float* src = o.data() + size_t(r) * H;
@@ -166,7 +174,9 @@ void run_routed(const Routed& R, int num_threads) {
         }
       }
     }
+#ifdef MLASERVE_HAVE_AMX
     _tile_release();
+#endif
     // Each token's rows summed (choices on other ranks' experts were not written: skipped).
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < R.tokens; ++t) {
@@ -193,7 +203,7 @@ void run_routed(const Routed& R, int num_threads) {
   }
 }
 
-#endif  // MLASERVE_HAVE_AMX
+#endif  // MLASERVE_HAVE_AVX512_BF16
 
 }  // namespace
 
@@ -210,8 +220,11 @@ int moe_routed(const uint16_t* x, int64_t x_row, int64_t tokens, const int64_t* 
                int first_expert, int n_experts, const uint16_t* w1, const uint16_t* w2, const uint16_t* add,
                int64_t add_row, uint16_t* choices, uint16_t* out, int64_t out_row, int hidden, int inter,
                int num_threads) {
+#ifdef MLASERVE_HAVE_AVX512_BF16
 #ifdef MLASERVE_HAVE_AMX
-  if (!amx_permitted() || hidden % 64 || inter % 32 || k <= 0) return -1;
+  if (!amx_permitted()) return -1;
+#endif
+  if (hidden % 64 || inter % 32 || k <= 0) return -1;
   const Routed R{x, x_row, tokens, ids, weights, k, first_expert, n_experts, w1, w2, add, add_row, choices, out,
                  out_row, hidden, inter};
   run_routed(R, num_threads);
