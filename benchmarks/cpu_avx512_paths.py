@@ -40,8 +40,8 @@ def linear_rows(args) -> None:
         strips = native.pack_strips(w)
         for rows in (1, 32, 128, 256, 1024):
             x = torch.randn(rows, k).bfloat16()
-            times = median_times({"compiled": lambda: native.linear(x, strips), "torch": lambda: F.linear(x, w)},
-                                 args.reps)
+            fns = {"compiled": lambda x=x, s=strips: native.linear(x, s), "torch": lambda x=x, w=w: F.linear(x, w)}
+            times = median_times(fns, args.reps)
             print(f"linear {name:15s} K={k:5d} N={n:5d} rows={rows:5d}: compiled {times['compiled'] * 1e3:7.3f} ms, "
                   f"torch {times['torch'] * 1e3:7.3f} ms, torch/compiled {times['torch'] / times['compiled']:.2f}")
 
@@ -60,8 +60,8 @@ def experts(args) -> None:
         x = torch.randn(tokens, hidden).bfloat16()
         weights = torch.rand(tokens, k)
         ids = torch.stack([torch.randperm(n)[:k] for _ in range(tokens)])
-        times = median_times({"compiled": lambda: compiled(x, weights, ids), "torch": lambda: plain(x, weights, ids)},
-                             args.reps)
+        a = (x, weights, ids)
+        times = median_times({"compiled": lambda a=a: compiled(*a), "torch": lambda a=a: plain(*a)}, args.reps)
         print(f"experts {n} x ({hidden} -> {inter}), top {k}, tokens={tokens:5d}: compiled "
               f"{times['compiled'] * 1e3:7.3f} ms, torch {times['torch'] * 1e3:7.3f} ms, "
               f"torch/compiled {times['torch'] / times['compiled']:.2f}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
-import multiprocessing as mp
 import os
+import pickle
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -52,10 +54,58 @@ class Channel:
         self.socket.close(linger=0)
 
 
-def spawn(target, *args) -> mp.Process:
-    proc = mp.get_context("spawn").Process(target=target, args=args, daemon=True)
-    proc.start()
-    return proc
+class ChildProcess:
+    """An engine process: a fresh interpreter that runs `target(*args)` (the mp.Process calls the
+    frontend uses: is_alive, exitcode, join, kill, name, pid). Unlike multiprocessing's spawn, it
+    never re-imports the parent's main module, so a script without an `if __name__ ==
+    "__main__":` guard starts the engine once, as vLLM's quickstart does; the target and its
+    arguments travel pickled on the child's stdin, with the parent's import path."""
+
+    def __init__(self, target, args: tuple, name: str):
+        self.name = name
+        payload = pickle.dumps((list(sys.path), target, args))
+        self._popen = subprocess.Popen([sys.executable, "-c", "from engine.processes import run_child; run_child()"],
+                                       stdin=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                           p for p in sys.path if p)})
+        self.pid = self._popen.pid
+        try:
+            self._popen.stdin.write(payload)
+            self._popen.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once: is_alive and exitcode say so
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+
+
+def run_child() -> None:
+    """The child's side of ChildProcess."""
+    path, target, args = pickle.loads(sys.stdin.buffer.read())
+    sys.path[:0] = [p for p in path if p not in sys.path]
+    target(*args)
+
+
+_spawned = 0
+
+
+def spawn(target, *args) -> ChildProcess:
+    global _spawned
+    _spawned += 1
+    return ChildProcess(target, args, f"{target.__name__}-{_spawned}")
 
 
 class Heartbeat:

@@ -30,9 +30,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ def compiled_kernels() -> bool:
     """The compiled kernels must build wherever there is a compiler (CI has one)."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         return False
-    assert cpu_build.library("generic") is not None, "kernels/csrc did not build: see the warning from kernels.cpu_build"
+    assert cpu_build.library("generic") is not None, "kernels/csrc did not build: see kernels.cpu_build's warning"
     return True
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kernels import native
-from model.layers import RMSNorm
 from kernels.cpu_build import VARIANTS
+from model.layers import RMSNorm
 from tests.cpu_variants import use_variant
 
 # out = bf16(w * bf16(t)) where the kernel's t differs from torch's by a few float32 units (the

@@ -242,8 +242,8 @@ def test_metrics_threads_are_bounded_and_model_info_has_the_protocol_version(ser
 def test_a_stopped_engine_process_fails_every_request_naming_it(tiny_checkpoint, which, cause):
     s = RunningServer(tiny_checkpoint, "--worker-heartbeat-timeout", "3")
     try:
-        # The scheduler is spawned first, then the worker (multiprocessing's resource tracker is no engine process).
-        engine = sorted(p for p in s.children if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read())
+        # The scheduler is spawned first, then the worker (only engine processes run run_child).
+        engine = sorted(p for p in s.children if b"run_child" in open(f"/proc/{p}/cmdline", "rb").read())
         pid = engine[1] if which == "worker" else engine[0]
         with Client(s.address, timeout_s=60) as c:
             stream = c.generate("stream", {"max_tokens": 3000, "ignore_eos": True})
