@@ -76,3 +76,14 @@ def no_process_outlives_its_module():
         except ProcessLookupError:
             pass
     assert not left, f"processes left running by this module: {left}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which compiled CPU kernel variants this run tested, family by family (tests/cpu_variants.py)."""
+    from tests.cpu_variants import summary_lines
+
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("CPU kernel variants")
+        for line in lines:
+            terminalreporter.write_line(line)
