@@ -162,15 +162,17 @@ def library(variant: str) -> ctypes.CDLL | None:
     return lib
 
 
-def runnable_variants() -> list[str]:
+@cache
+def runnable_variants() -> tuple[str, ...]:
     """The variants whose build loads here and has its code paths: the compiler knew the
-    instructions and, for AMX, the OS granted the tile registers."""
+    instructions and, for AMX, the OS granted the tile registers. Asked on every kernel call
+    (through `variant`), so found once per process."""
     out = []
     for v in VARIANTS:
         lib = library(v)
         if lib is not None and (v == "generic" or lib.mla_decode_impls() & VARIANT_ID[v]):
             out.append(v)
-    return out
+    return tuple(out)
 
 
 def _cap(name: str) -> int:

@@ -304,6 +304,7 @@ def test_a_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, capl
     monkeypatch.setenv("MLASERVE_CACHE_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CXX", "false")
     cpu_build.library.cache_clear()
+    cpu_build.runnable_variants.cache_clear()
     try:
         assert native.library() is None
         assert "building the CPU kernels (generic) failed" in caplog.text
@@ -313,6 +314,8 @@ def test_a_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, capl
         monkeypatch.delenv("CXX")
         monkeypatch.setenv("MLASERVE_NATIVE", "0")
         cpu_build.library.cache_clear()
+        cpu_build.runnable_variants.cache_clear()
         assert native.library() is None
     finally:
         cpu_build.library.cache_clear()
+        cpu_build.runnable_variants.cache_clear()
