@@ -36,6 +36,10 @@ class EngineConfig:
     # on a GPU; applies on the GPU kernel path without expert parallelism or speculative decoding,
     # and is ignored elsewhere.
     cuda_graphs: bool = False
+    # Every sequence's tokens the same whatever is batched beside it (kernels/batch_invariant.py;
+    # vLLM's VLLM_BATCH_INVARIANT, SGLang's --enable-deterministic-inference): on the kernel path,
+    # dense products in one fixed tiling and decode attention unsplit. Costs speed on a GPU.
+    batch_invariant: bool = False
     # Expert parallelism: ep_size worker processes, each with its own block pool (data-parallel
     # attention) and 1/ep_size of the routed experts. Budgets and max_num_seqs are per rank.
     ep_size: int = 1

@@ -206,7 +206,8 @@ class LLM:
                  device: str = "auto", num_speculative_tokens: int = 0, ep_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 0, nnodes: int = 1, scheduler_port: int = 0,
                  async_scheduling: bool = True, kv_cache_dtype: str = "auto", cuda_graphs: bool = False,
-                 scheduling_policy: str = "fcfs", worker_heartbeat_timeout_s: float = 5.0):
+                 batch_invariant: bool = False, scheduling_policy: str = "fcfs",
+                 worker_heartbeat_timeout_s: float = 5.0):
         if model is None:  # the embedded demo model, trained on first use if it is not shipped
             from model.demo_checkpoint import default_model_dir
 
@@ -219,7 +220,8 @@ class LLM:
             seed=seed, device=device, num_speculative_tokens=num_speculative_tokens, ep_size=ep_size,
             master_addr=master_addr, master_port=master_port, nnodes=nnodes, scheduler_port=scheduler_port,
             async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype, cuda_graphs=cuda_graphs,
-            scheduling_policy=scheduling_policy, worker_heartbeat_timeout_s=worker_heartbeat_timeout_s)
+            batch_invariant=batch_invariant, scheduling_policy=scheduling_policy,
+            worker_heartbeat_timeout_s=worker_heartbeat_timeout_s)
         self.tokenizer = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
         self.engine = EngineClient(self.config, startup_timeout_s)
         self._next_id = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,7 @@ from engine.model_config import ModelConfig
 from engine.sampling_params import SamplingParams
 from engine.worker_state import ScheduledWork, WorkerState
 from kernels import native
-from kernels.backend import triton_wanted
+from kernels.backend import set_batch_invariant, triton_wanted
 from model.deepseek_v3 import DeepseekV3
 from model.expert_parallel import ExpertParallel, init_distributed, leave_distributed
 from model.forward_batch import ForwardBatch, SequenceChunk
@@ -34,6 +35,8 @@ from model.loader import load_weights
 from model.moe import MoE
 from model.mtp import MTPModule
 from model.sampler import SampleRow, TokenHistory, draft_rows, prompt_logprob_entries, speculative_sample
+
+log = logging.getLogger("mlaserve.worker")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -81,6 +84,10 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.device = resolve_device(config.device)
         self.cfg = ModelConfig.from_checkpoint(config.model_dir)
+        set_batch_invariant(config.batch_invariant)
+        if config.batch_invariant and not triton_wanted(torch.empty(0, device=self.device)):
+            log.warning("batch_invariant applies to the kernel path (a GPU, or MLASERVE_KERNELS=triton): "
+                        "this worker runs the CPU's and torch's kernels, whose rows may change with the batch")
         self.max_model_len = config.served_model_len(self.cfg.max_position_embeddings)
         # The GPU path keeps the checkpoint's FP8 weights for the FP8 kernels; the CPU path dequantizes.
         keep_fp8 = triton_wanted(torch.empty(0, device=self.device))

@@ -54,7 +54,8 @@ def _generate(args: argparse.Namespace) -> int:
              device=args.device,
              num_speculative_tokens=args.num_speculative_tokens, ep_size=args.ep_size,
              async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
-             cuda_graphs=args.cuda_graphs, scheduling_policy=args.scheduling_policy) as llm:
+             cuda_graphs=args.cuda_graphs, batch_invariant=args.batch_invariant,
+             scheduling_policy=args.scheduling_policy) as llm:
         ready = llm.engine.ready
         peak = f"; a step's activations peak at {ready.step_peak_bytes / (1 << 20):.0f} MiB" \
             if ready.step_peak_bytes else ""
@@ -155,6 +156,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="plan each step only after the previous one returns")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps from CUDA graphs (GPU; not with --ep-size > 1 or speculative decoding)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="each sequence's tokens independent of what is batched with it (GPU kernel path; slower)")
     p.add_argument("--ep-size", type=int, default=1,
                    help="expert-parallel worker processes (each: 1/N of the routed experts, its own cache)")
     p.add_argument("--master-addr", default="127.0.0.1", help="torch.distributed rendezvous address")
@@ -179,7 +182,8 @@ def _engine_config(args: argparse.Namespace, model_dir: str):
                         ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,
                         nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port,
                         async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
-                        cuda_graphs=args.cuda_graphs, scheduling_policy=args.scheduling_policy,
+                        cuda_graphs=args.cuda_graphs, batch_invariant=args.batch_invariant,
+                        scheduling_policy=args.scheduling_policy,
                         worker_heartbeat_timeout_s=args.worker_heartbeat_timeout)
 
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 _forced: bool | None = None
+_batch_invariant = False
 
 
 def triton_wanted(t: torch.Tensor) -> bool:
@@ -36,6 +37,28 @@ def use_triton_kernels(enabled: bool):
         yield
     finally:
         _forced = previous
+
+
+def batch_invariant() -> bool:
+    """Whether the kernel path's products and attention keep each row's bits whatever else is
+    batched (kernels/batch_invariant.py); the engine's `batch_invariant` option sets it."""
+    return _batch_invariant
+
+
+@contextmanager
+def batch_invariant_mode(enabled: bool = True):
+    global _batch_invariant
+    previous, _batch_invariant = _batch_invariant, enabled
+    try:
+        yield
+    finally:
+        _batch_invariant = previous
+
+
+def set_batch_invariant(enabled: bool) -> None:
+    """For a worker process, once, from its config."""
+    global _batch_invariant
+    _batch_invariant = enabled
 
 
 def cdiv(a: int, b: int) -> int:

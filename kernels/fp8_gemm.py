@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import cdiv, triton_wanted
+from kernels.backend import batch_invariant, cdiv, triton_wanted
 from kernels.quant import QUANT_GROUP, act_quant
 
 
@@ -147,9 +147,10 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         fp8_gemm_autotuned[grid](a, a_scale, b, b_scale, c, m, n, k, _m_bucket(m), EVEN_K=even_k)
         return c
     if a.is_cuda:
-        bm, bn, warps, stages = gemm_tile(m, n, _num_sms(a.device))
-    else:  # the interpreter: small tiles
-        bm, bn, warps, stages = 32, 64, 4, 1
+        # The batch-invariant mode keeps one tile whatever M (kernels/batch_invariant.py).
+        bm, bn, warps, stages = (64, 128, 4, 4) if batch_invariant() else gemm_tile(m, n, _num_sms(a.device))
+    else:  # the interpreter: one tile (each program costs milliseconds there)
+        bm, bn, warps, stages = 32, 128, 4, 1
     _fp8_gemm_kernel[(cdiv(m, bm) * cdiv(n, bn),)](a, a_scale, b, b_scale, c, m, n, k, 0, BLOCK_M=bm, BLOCK_N=bn,
                                                   GROUP_M=8 if a.is_cuda else 4, EVEN_K=even_k,
                                                   num_warps=warps, num_stages=stages)

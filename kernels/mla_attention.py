@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from kernels import latent_fp8, native
 from kernels.backend import triton_wanted
+from kernels.batch_invariant import dense_bmm, dense_linear
 from kernels.mla_decode import paged_mla_decode
 from model.forward_batch import ForwardBatch
 
@@ -338,8 +339,8 @@ def _prefill_group_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: to
     # One gather and two linears for the group's chunks together, not per chunk: per chunk, their
     # fixed costs were half of the CPU's prefill attention time. Plain linears over the [H * d, rank]
     # weights: an einsum would copy the weights into its batched layout on every call.
-    k_nope = F.linear(c, w_uk.view(heads * nope, rank)).view(total, heads, nope)
-    v = F.linear(c, w_uv.view(heads * v_dim, rank)).view(total, heads, v_dim)
+    k_nope = dense_linear(c, w_uk.view(heads * nope, rank)).view(total, heads, nope)
+    v = dense_linear(c, w_uv.view(heads * v_dim, rank)).view(total, heads, v_dim)
     rope = k_pe.shape[-1]
     compiled = not latent.is_cuda and native.prefill_attention_available(q_nope.dtype, nope, rope, v_dim)
     if compiled and group.rows is None:
@@ -405,7 +406,7 @@ def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         return native.linear_heads(o_latent, head_strips[1])  # [T, H, v]
     # q_nope is a slice of the q_b_proj output: bmm over its strided transpose is 3x slower on the
     # CPU than a copy into [H, T, nope] and a bmm over that.
-    q_latent = torch.bmm(q_nope.transpose(0, 1).contiguous(), w_uk).transpose(0, 1)  # [T, H, rank]
+    q_latent = dense_bmm(q_nope.transpose(0, 1).contiguous(), w_uk).transpose(0, 1)  # [T, H, rank]
     if triton_wanted(q_nope):
         o_latent = paged_mla_decode(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
                                     softmax_scale, rows.max_kv_len)
@@ -413,7 +414,7 @@ def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         o_latent = torch.empty_like(q_latent.transpose(0, 1)).transpose(0, 1)
         native.paged_mla_decode_cpu(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,
                                     softmax_scale, rows.max_kv_len, out=o_latent)
-    return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+    return dense_bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels import latent_fp8
-from kernels.backend import cdiv, interpreting, triton_wanted
+from kernels.backend import batch_invariant, cdiv, interpreting, triton_wanted
 
 LOG2E = 1.4426950408889634
 
@@ -184,7 +184,10 @@ def paged_mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
     block_h, tile_n, tile_warps, tile_stages = decode_tile(heads, block_h)
     block_n, num_warps, num_stages = block_n or tile_n, num_warps or tile_warps, num_stages or tile_stages
     head_blocks = cdiv(heads, block_h)
-    splits = num_splits or choose_num_splits(rows, head_blocks, max_kv_len, q_latent.device)
+    # Unsplit in the batch-invariant mode: the split count follows the batch's rows and longest
+    # context, and each split changes the order in which a row's context is summed.
+    splits = num_splits or (1 if batch_invariant() else choose_num_splits(rows, head_blocks, max_kv_len,
+                                                                          q_latent.device))
     if splits > 1:
         part = torch.empty(rows * heads * splits, rank, dtype=torch.float32, device=q_latent.device)
         lse = torch.empty(rows * heads * splits, dtype=torch.float32, device=q_latent.device)

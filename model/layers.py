@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import native
+from kernels.batch_invariant import dense_linear
 from kernels.fp8_gemm import fp8_gemm, fp8_linear
 from kernels.quant import QUANT_GROUP, silu_mul_quant
 from kernels.rms_norm import rms_norm, rms_norm_ref
@@ -55,7 +56,7 @@ class Linear(nn.Module):
             if (x.numel() <= native.linear_max_rows() * x.shape[-1] and native.runs("linear", x)
                     and self.strips is not None):
                 return native.linear(x, self.strips)
-            return F.linear(x, self.weight)
+            return dense_linear(x, self.weight)
         return fp8_linear(x, self.weight, self.scale_inv)
 
 

@@ -8,6 +8,8 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from kernels import native
+from kernels.backend import batch_invariant
+from kernels.batch_invariant import dense_bmm, dense_linear
 from kernels.fused_moe import fused_moe
 from kernels.moe_router import select_experts, select_experts_ref
 from model.expert_parallel import ExpertParallel
@@ -37,7 +39,7 @@ class Gate(nn.Module):
         if x.dim() == 2 and native.runs("gate", x):
             return native.moe_gate(x, self.weight_t, self.e_score_correction_bias, cfg.n_group, cfg.topk_group,
                                    cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
-        return select_experts(F.linear(x.float(), self.weight), self.e_score_correction_bias, cfg.n_group,
+        return select_experts(dense_linear(x.float(), self.weight), self.e_score_correction_bias, cfg.n_group,
                               cfg.topk_group, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
     def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +131,7 @@ class RoutedExperts(nn.Module):
         if width == 0:
             return torch.zeros_like(x)
         padding = n * width - sum(per_expert)
-        if padding > self.ROWS_PER_CALL * sum(c > 0 for c in per_expert):
+        if padding > self.ROWS_PER_CALL * sum(c > 0 for c in per_expert) and not batch_invariant():
             return self._per_expert(x, weights, order, per_expert, k)
         # Choice order[i] goes to row i - start(expert) of its expert's padded slab.
         sorted_key = key[order]
@@ -138,13 +140,13 @@ class RoutedExperts(nn.Module):
         on = sorted_key < n
         src = torch.zeros(n * width, dtype=torch.long, device=x.device)  # padding rows compute token 0, unused
         src[padded_row[on]] = order[on] // k
-        h = torch.bmm(x.index_select(0, src).view(n, width, -1), self.gate_up_t)
+        h = dense_bmm(x.index_select(0, src).view(n, width, -1), self.gate_up_t)
         gate, up = h.chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, self.down_t).view(n * width, -1)
+        out = dense_bmm(F.silu(gate) * up, self.down_t).view(n * width, -1)
         back = torch.zeros(t * k, dtype=torch.long, device=x.device)  # other ranks' choices: weight 0
         back[order[on]] = padded_row[on]
         w = torch.where(on_rank.view(t, k), weights, 0).to(x.dtype)
-        return torch.bmm(w.view(t, 1, k), out.index_select(0, back).view(t, k, -1)).view(t, -1)
+        return dense_bmm(w.view(t, 1, k), out.index_select(0, back).view(t, k, -1)).view(t, -1)
 
     def _per_expert(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, counts: list[int],
                     k: int) -> torch.Tensor:
