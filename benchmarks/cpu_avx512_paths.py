@@ -1,5 +1,6 @@
 """The compiled AVX-512 BF16 kernels against torch on a CPU with AVX-512 BF16 and no AMX (AMD Zen 4/5,
-Intel Ice Lake and Cooper Lake): the decision of which one the CPU path runs there.
+Intel Ice Lake and Cooper Lake): the decision of which one the CPU path runs there, for the dense
+linears, the routed experts and prefill attention.
 
 On an AMX machine the same class of CPU is emulated: the kernels' avx512 build (kernels/cpu_build.py,
 compiled with AMX turned off) and torch with oneDNN capped at AVX-512 BF16 (ONEDNN_MAX_CPU_ISA, set
@@ -67,15 +68,44 @@ def experts(args) -> None:
               f"torch/compiled {times['torch'] / times['compiled']:.2f}")
 
 
+def _prefill_times(reps: int, heads: int, nope: int, rope: int, v_dim: int, q_len: int, k_len: int) -> dict:
+    from kernels.mla_attention import _torch_chunk_attention
+
+    q = torch.randn(q_len, heads, nope + rope).bfloat16()
+    k_nope = torch.randn(k_len, heads, nope).bfloat16()
+    k_pe = torch.randn(k_len, rope).bfloat16()
+    v = torch.randn(k_len, heads, v_dim).bfloat16()
+    out = torch.empty(q_len, heads, v_dim, dtype=torch.bfloat16)
+    spans = torch.tensor([[0], [q_len], [0], [k_len]])
+    shared_rope = k_pe[:, None].expand(k_len, heads, rope)
+
+    def compiled():
+        native.prefill_attention(q[..., :nope], q[..., nope:], k_nope, shared_rope, v, spans, 0.07, out)
+
+    return median_times({"compiled": compiled, "torch": lambda: _torch_chunk_attention(q, k_nope, k_pe, v, 0.07)},
+                        reps)
+
+
+def prefill(args) -> None:
+    """The compiled kernel against the torch path the CPU takes without it (kernels/mla_attention.py)."""
+    heads, nope, rope, v_dim = max(1, 128 // args.scale), 128, 64, 128  # DeepSeek-V3's head widths
+    for q_len, k_len in ((64, 64), (256, 256), (1024, 1024), (256, 2048)):  # the last after a cached prefix
+        times = _prefill_times(args.reps, heads, nope, rope, v_dim, q_len, k_len)
+        print(f"prefill attention {heads} heads, {q_len:4d} queries over {k_len:4d} keys: compiled "
+              f"{times['compiled'] * 1e3:7.3f} ms, torch {times['torch'] * 1e3:7.3f} ms, "
+              f"torch/compiled {times['torch'] / times['compiled']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--scale", type=int, default=4, help="divide DeepSeek-V3's widths by this")
-    ap.add_argument("--only", choices=["linear", "experts"])
+    ap.add_argument("--only", choices=["linear", "experts", "prefill"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ["MLASERVE_CPU_ISA"] = "avx512"
+    os.environ.setdefault("MLASERVE_CPU_ISA", "avx512")
+    os.environ.setdefault("MLASERVE_CPU_PREFILL", "avx512")  # opt-in there (kernels/cpu_build.py: OPT_IN)
     if "avx512" not in cpu_build.runnable_variants():
         sys.exit("this machine cannot run the avx512 build (kernels/cpu_build.py)")
     print(f"threads {args.threads}; torch's oneDNN capped at {os.environ['ONEDNN_MAX_CPU_ISA']}; the kernels' "
@@ -89,6 +119,11 @@ def main() -> None:
             print("experts: the moe family has no avx512 code")
         else:
             experts(args)
+    if args.only in (None, "prefill"):
+        if native.library("prefill") is None:
+            print("prefill: the prefill family has no avx512 code")
+        else:
+            prefill(args)
 
 
 if __name__ == "__main__":

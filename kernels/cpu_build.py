@@ -62,8 +62,13 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "gate": ("MLASERVE_CPU_GATE", VARIANTS, "the MoE router's linear and expert selection"),
     "moe": ("MLASERVE_CPU_MOE", ("avx512", "amx"), "routed experts"),
     "linear": ("MLASERVE_CPU_LINEAR", ("avx512", "amx"), "dense bf16 linears and MLA's absorbed products"),
-    "prefill": ("MLASERVE_CPU_PREFILL", ("amx",), "prefill attention"),
+    "prefill": ("MLASERVE_CPU_PREFILL", ("avx512", "amx"), "prefill attention"),
 }
+# Variants a family runs only when its cap names them: measured slower than torch's path. The
+# avx512 prefill kernel ran at 0.39-0.89x torch's attention on a Sapphire Rapids with AMX off
+# (benchmarks/cpu_avx512_paths.py --only prefill), though torch's attention kept its AMX there
+# (it ignores ONEDNN_MAX_CPU_ISA); on Zen 4 it is unmeasured, so torch stays the default.
+OPT_IN: dict[str, tuple[str, ...]] = {"prefill": ("avx512",)}
 
 
 def cache_dir() -> Path:
@@ -198,6 +203,8 @@ def variant(family: str) -> str | None:
     best = max((VARIANTS.index(v) for v in have if VARIANTS.index(v) <= cap), default=-1)
     if best < 0 or VARIANTS[best] not in compiled:
         return None
+    if VARIANTS[best] in OPT_IN.get(family, ()) and os.environ.get(cap_name) != VARIANTS[best]:
+        return None
     return VARIANTS[best]
 
 
@@ -216,8 +223,9 @@ def describe() -> str:
              f"CPU kernel variants runnable here: {', '.join(have) or 'none (no compiler or MLASERVE_NATIVE=0)'}"]
     for family, (cap, compiled, what) in FAMILIES.items():
         testable = [v for v in compiled if v in have]
+        opt_in = "".join(f"; {v} only with {cap}={v}" for v in OPT_IN.get(family, ()))
         lines.append(f"  {family:10s} runs {variant(family) or 'torch':7s} tested here: "
-                     f"{', '.join(testable) or 'none'} (has code for {', '.join(compiled)}; {cap}) - {what}")
+                     f"{', '.join(testable) or 'none'} (has code for {', '.join(compiled)}; {cap}{opt_in}) - {what}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from kernels import cpu_build, latent_fp8, native
 from kernels.backend import use_triton_kernels
 from kernels.mla_decode import paged_mla_decode_ref
 from model.forward_batch import ForwardBatch, SequenceChunk
-from tests.cpu_variants import compiled_kernels, each_variant, use_variant
+from tests.cpu_variants import compiled_kernels, each_variant, use_variant, why_not_runnable
 
 HEADS, NOPE, ROPE, RANK, V, PAGE = 4, 16, 8, 32, 16, 8
 
@@ -242,6 +242,20 @@ def test_compiled_prefill_kernel_matches_reference(monkeypatch, variant, heads, 
         err = ((got - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (q0, nq, err)
     assert out[~owned].isnan().all()
+
+
+def test_the_avx512_prefill_kernel_runs_only_when_asked(monkeypatch):
+    """Slower than torch's attention where measured (kernels/cpu_build.py: OPT_IN): an AVX-512
+    machine without AMX keeps torch's unless MLASERVE_CPU_PREFILL=avx512 asks for it."""
+    reason = why_not_runnable("avx512")
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("MLASERVE_CPU_ISA", "avx512")
+    monkeypatch.delenv("MLASERVE_CPU_PREFILL", raising=False)
+    assert cpu_build.variant("prefill") is None and cpu_build.variant("linear") == "avx512"
+    assert not native.prefill_attention_available(torch.bfloat16, 128, 64, 128)
+    monkeypatch.setenv("MLASERVE_CPU_PREFILL", "avx512")
+    assert cpu_build.variant("prefill") == "avx512"
 
 
 def test_compiled_prefill_kernel_refuses_what_it_cannot_take():

@@ -113,9 +113,15 @@ inline void strip_rows_avx512(const uint16_t* A, int64_t lda, const uint16_t* st
 template <int V>
 inline void strip_product_avx512(const uint16_t* A, int64_t lda, int64_t rows, const uint16_t* strip, int K, float* C,
                                  int64_t ldc) {
-  constexpr int G = 24 / V;  // rows per group: 12 for 32-column strips, 6 for 64
+  constexpr int G = 24 / V;  // rows per group: 24 for 16-column strips, 12 for 32, 6 for 64
   int64_t r = 0;
   for (; r + G <= rows; r += G) strip_rows_avx512<G, V>(A + r * lda, lda, strip, K, C + r * ldc, ldc);
+  if constexpr (G > 12) {  // 16-column strips: a tail of 12-23 rows takes 12 first
+    if (rows - r >= 12) {
+      strip_rows_avx512<12, V>(A + r * lda, lda, strip, K, C + r * ldc, ldc);
+      r += 12;
+    }
+  }
   const int64_t left = rows - r;
   const uint16_t* a = A + r * lda;
   float* c = C + r * ldc;

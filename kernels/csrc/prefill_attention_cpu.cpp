@@ -1,5 +1,5 @@
-// Causal attention of prefill chunks over their expanded keys and values, on the CPU's AMX tiles:
-// the contract of kernels/mla_attention.py's expanded prefill path, every chunk of a step in one call.
+// Causal attention of prefill chunks over their expanded keys and values, on the CPU's AMX tiles
+// (or AVX-512 BF16 dot products where the build has no AMX, on the same layouts): the contract of kernels/mla_attention.py's expanded prefill path, every chunk of a step in one call.
 //
 // Queries and keys come in two parts each, [nope | rope] (D = Dn + rope dims): in MLA the rope
 // part of the keys is one row per token shared by every head (head stride 0), and the parts of the
@@ -37,7 +37,7 @@ namespace {
 
 using namespace mlaserve;
 
-#ifdef MLASERVE_HAVE_AMX
+#ifdef MLASERVE_HAVE_AVX512_BF16
 
 constexpr int kSuper = 512;  // keys per exact-softmax block (a multiple of 32)
 
@@ -70,6 +70,79 @@ struct Scratch {
   std::vector<uint16_t> vt;    // [Dv][keys rounded up to 32]
   std::vector<float> ot, acc;  // [Dv][16 queries]
 };
+
+// scores^T [16 keys][16 queries] (float32) of the 16 keys from row `row` (or `kpad`, [16][D], for
+// a last tile past the chunk's end) against qt, the queries as [D / 2][16][2].
+#ifdef MLASERVE_HAVE_AMX
+inline void key_tile_scores(const Problem& P, const uint16_t* kpad, int64_t row, int h, const uint16_t* qt, float* s) {
+  _tile_zero(0);
+  for (int dc = 0; dc < P.D / 32; ++dc) {
+    const int d0 = 32 * dc;
+    if (kpad)
+      _tile_loadd(2, kpad + d0, P.D * 2);
+    else
+      _tile_loadd(2, P.k.at(row, h, d0, P.Dn), (d0 < P.Dn ? P.k.a_row : P.k.b_row) * 2);
+    _tile_loadd(3, qt + size_t(dc) * 16 * 32, 64);
+    _tile_dpbf16ps(0, 2, 3);
+  }
+  _tile_stored(0, s, 64);
+}
+
+// ot [Dv][16 queries] = vt [Dv][32 nsteps keys] (row stride ldv) x pb [16 nsteps][16 queries][2].
+inline void values_times_probs(const uint16_t* vt, int64_t ldv, int Dv, const uint16_t* pb, int nsteps, float* ot) {
+  for (int g0 = 0; g0 < Dv; g0 += 64) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(4);
+    _tile_zero(5);
+    const uint16_t* v = vt + size_t(g0) * ldv;
+    for (int s = 0; s < nsteps; ++s) {
+      _tile_loadd(6, pb + size_t(s) * 512, 64);
+      _tile_loadd(2, v + 32 * s, ldv * 2);
+      _tile_dpbf16ps(0, 2, 6);
+      _tile_loadd(3, v + 16 * ldv + 32 * s, ldv * 2);
+      _tile_dpbf16ps(1, 3, 6);
+      _tile_loadd(7, v + 32 * ldv + 32 * s, ldv * 2);
+      _tile_dpbf16ps(4, 7, 6);
+      _tile_loadd(2, v + 48 * ldv + 32 * s, ldv * 2);
+      _tile_dpbf16ps(5, 2, 6);
+    }
+    _tile_stored(0, ot + size_t(g0) * 16, 64);
+    _tile_stored(1, ot + size_t(g0 + 16) * 16, 64);
+    _tile_stored(4, ot + size_t(g0 + 32) * 16, 64);
+    _tile_stored(5, ot + size_t(g0 + 48) * 16, 64);
+  }
+}
+#else
+inline void key_tile_scores(const Problem& P, const uint16_t* kpad, int64_t row, int h, const uint16_t* qt, float* s) {
+  // One key per accumulator; each pair of a key's dims, broadcast, meets the 16 queries' pair.
+  const uint16_t *a[16], *b[16];
+  for (int r = 0; r < 16; ++r) {
+    a[r] = kpad ? kpad + size_t(r) * P.D : P.k.a + (row + r) * P.k.a_row + h * P.k.a_head;
+    b[r] = kpad ? kpad + size_t(r) * P.D + P.Dn : P.k.b + (row + r) * P.k.b_row + h * P.k.b_head;
+  }
+  __m512 acc[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  for (int part = 0; part < 2; ++part) {  // the nope dims, then the rope dims
+    const uint16_t* const* rows = part ? b : a;
+    const int first = part ? P.Dn / 2 : 0, end = part ? P.D / 2 : P.Dn / 2;
+    for (int kp = first; kp < end; ++kp) {
+      const __m512bh q = (__m512bh)_mm512_loadu_si512(qt + size_t(kp) * 32);
+      const int d = 2 * (kp - first);
+      for (int r = 0; r < 16; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, rows[r] + d, 4);
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), q);
+      }
+    }
+  }
+  for (int r = 0; r < 16; ++r) _mm512_storeu_ps(s + r * 16, acc[r]);
+}
+
+inline void values_times_probs(const uint16_t* vt, int64_t ldv, int Dv, const uint16_t* pb, int nsteps, float* ot) {
+  strip_product_avx512<1>(vt, ldv, Dv, pb, 32 * nsteps, ot, 16);
+}
+#endif  // MLASERVE_HAVE_AMX
 
 void attend_chunk_head(const Problem& P, int c, int h, Scratch& w) {
   const int D = P.D, Dv = P.Dv;
@@ -139,17 +212,8 @@ void attend_chunk_head(const Problem& P, int c, int h, Scratch& w) {
                 std::memset(dst, 0, sizeof(uint16_t) * 32);
             }
         }
-        _tile_zero(0);
-        for (int dc = 0; dc < D / 32; ++dc) {
-          const int d0 = 32 * dc;
-          if (padded)
-            _tile_loadd(2, w.kpad.data() + d0, D * 2);
-          else
-            _tile_loadd(2, P.k.at(P.k_start[c] + key0, h, d0, P.Dn), (d0 < P.Dn ? P.k.a_row : P.k.b_row) * 2);
-          _tile_loadd(3, w.qt.data() + size_t(dc) * 16 * 32, 64);
-          _tile_dpbf16ps(0, 2, 3);
-        }
-        _tile_stored(0, w.s.data() + size_t(t) * 256, 64);
+        key_tile_scores(P, padded ? w.kpad.data() : nullptr, P.k_start[c] + key0, h, w.qt.data(),
+                        w.s.data() + size_t(t) * 256);
       }
       // Scale, mask, block max.
       __m512 mx = neg_inf;
@@ -183,28 +247,7 @@ void attend_chunk_head(const Problem& P, int c, int h, Scratch& w) {
         _mm512_storeu_si512(w.pb.data() + size_t(jj) * 32, _mm512_permutexvar_epi16(interleave, both));
       }
       l = _mm512_fmadd_ps(l, alpha, lsum);
-      for (int g0 = 0; g0 < Dv; g0 += 64) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(4);
-        _tile_zero(5);
-        const uint16_t* vt = w.vt.data() + size_t(g0) * Lpad + sb0;
-        for (int s = 0; s < nsteps; ++s) {
-          _tile_loadd(6, w.pb.data() + size_t(s) * 512, 64);
-          _tile_loadd(2, vt + 32 * s, Lpad * 2);
-          _tile_dpbf16ps(0, 2, 6);
-          _tile_loadd(3, vt + 16 * Lpad + 32 * s, Lpad * 2);
-          _tile_dpbf16ps(1, 3, 6);
-          _tile_loadd(7, vt + 32 * Lpad + 32 * s, Lpad * 2);
-          _tile_dpbf16ps(4, 7, 6);
-          _tile_loadd(2, vt + 48 * Lpad + 32 * s, Lpad * 2);
-          _tile_dpbf16ps(5, 2, 6);
-        }
-        _tile_stored(0, w.ot.data() + size_t(g0) * 16, 64);
-        _tile_stored(1, w.ot.data() + size_t(g0 + 16) * 16, 64);
-        _tile_stored(4, w.ot.data() + size_t(g0 + 32) * 16, 64);
-        _tile_stored(5, w.ot.data() + size_t(g0 + 48) * 16, 64);
-      }
+      values_times_probs(w.vt.data() + sb0, Lpad, Dv, w.pb.data(), nsteps, w.ot.data());
       for (int d = 0; d < Dv; ++d) {
         float* acc = w.acc.data() + size_t(d) * 16;
         _mm512_storeu_ps(acc, _mm512_fmadd_ps(_mm512_loadu_ps(acc), alpha, _mm512_loadu_ps(w.ot.data() + size_t(d) * 16)));
@@ -229,8 +272,10 @@ void run(const Problem& P, int chunks, int num_threads) {
   const int64_t items = int64_t(chunks) * P.heads;
 #pragma omp parallel num_threads(int(std::min<int64_t>(num_threads, items)))
   {
+#ifdef MLASERVE_HAVE_AMX
     const int shape[1][2] = {{16, 64}};
     load_tile_config(shape, 1);  // every tile 16 x 64 bytes
+#endif
     Scratch w;
     w.qt.resize(size_t(P.D) * 16);
     w.kpad.resize(size_t(16) * P.D);
@@ -240,11 +285,13 @@ void run(const Problem& P, int chunks, int num_threads) {
     w.acc.resize(size_t(P.Dv) * 16);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) attend_chunk_head(P, int(it / P.heads), int(it % P.heads), w);
+#ifdef MLASERVE_HAVE_AMX
     _tile_release();
+#endif
   }
 }
 
-#endif  // MLASERVE_HAVE_AMX
+#endif  // MLASERVE_HAVE_AVX512_BF16
 
 }  // namespace
 
@@ -262,8 +309,11 @@ int prefill_attention(const uint16_t* q_nope, int64_t qn_row, int64_t qn_head, c
                       int64_t o_row, int64_t o_head, const int64_t* q_start, const int64_t* q_len,
                       const int64_t* k_start, const int64_t* k_len, int chunks, int heads, int Dn, int D, int Dv,
                       float scale, int num_threads) {
+#ifdef MLASERVE_HAVE_AVX512_BF16
 #ifdef MLASERVE_HAVE_AMX
-  if (!amx_permitted() || D % 32 || Dn % 32 || Dn > D || D > 1024 || Dv % 64 || heads <= 0) return -1;
+  if (!amx_permitted()) return -1;
+#endif
+  if (D % 32 || Dn % 32 || Dn > D || D > 1024 || Dv % 64 || heads <= 0) return -1;
   for (int c = 0; c < chunks; ++c)
     if (q_len[c] < 0 || k_len[c] < q_len[c] || k_len[c] > (int64_t(1) << 30)) return -1;
   if (chunks == 0) return 0;
