@@ -6,9 +6,10 @@ __all__ = ["LLM", "SamplingParams"]
 
 
 def __getattr__(name: str):
-    # LLM pulls in ZMQ and the process plumbing; import it only when asked for.
+    # LLM (a frontend, entrypoints/llm.py) pulls in ZMQ and the process plumbing; import it only
+    # when asked for.
     if name == "LLM":
-        from engine.llm import LLM
+        from entrypoints.llm import LLM
 
         return LLM
     raise AttributeError(name)

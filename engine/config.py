@@ -2,59 +2,69 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from scheduler.waiting_queue import POLICIES
+
+
+def option(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
+    """An engine option: its default and its help, the one declaration that LLM(**options) and
+    every command's flags (entrypoints/engine_args.py) derive from. `flag` overrides the flag's
+    name (`--no-x` for a bool that defaults to True)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model_dir: str
-    dtype: str = "bfloat16"  # CPU compute dtype; "float32" for exact checks
-    block_size: int = 64
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    # "fcfs", or "priority": requests' `priority` (lower sooner) orders admission and preemption.
-    scheduling_policy: str = "fcfs"
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    # Bytes for the latent cache. None: on a GPU, what gpu_memory_utilization of it leaves after the
-    # weights and a step's measured peak (vLLM's rule); on a host, kv_cache_memory_fraction of the
-    # available memory left after a step's peak.
-    kv_cache_memory: int | None = None
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory_fraction: float = 0.05
-    # "auto": entries in the model's dtype; "fp8": kernels/latent_fp8.py's layout, 57% of bf16's bytes.
-    kv_cache_dtype: str = "auto"
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    device: str = "auto"  # the worker picks cuda when torch sees a GPU, else cpu
-    num_speculative_tokens: int = 0  # MTP drafts per decode step (1-3); 0: no speculative decoding
-    # Plan step N+1 while the worker runs step N (off with speculative decoding, whose next plan
-    # needs this step's drafts).
-    async_scheduling: bool = True
-    # Decode steps replayed from CUDA graphs (engine/decode_graphs.py). Off by default until timed
-    # on a GPU; applies on the GPU kernel path without expert parallelism or speculative decoding,
-    # and is ignored elsewhere.
-    cuda_graphs: bool = False
-    # Every sequence's tokens the same whatever is batched beside it (kernels/batch_invariant.py;
-    # vLLM's VLLM_BATCH_INVARIANT, SGLang's --enable-deterministic-inference): on the kernel path,
-    # dense products in one fixed tiling and decode attention unsplit. Costs speed on a GPU.
-    batch_invariant: bool = False
-    # Expert parallelism: ep_size worker processes, each with its own block pool (data-parallel
-    # attention) and 1/ep_size of the routed experts. Budgets and max_num_seqs are per rank.
-    ep_size: int = 1
-    master_addr: str = "127.0.0.1"  # torch.distributed rendezvous (torchrun's names)
-    master_port: int = 0  # 0: the engine picks a free port (one host only)
-    # Several hosts: node 0 runs the frontend, the scheduler and its share of the workers; node n
-    # runs `mlaserve worker --node-rank n`, whose workers reach the scheduler over ZeroMQ tcp on
-    # master_addr, ports scheduler_port (results) and scheduler_port + 1 + rank (plans).
-    nnodes: int = 1
-    node_rank: int = 0
-    scheduler_port: int = 0
-    # The watchdog: a worker sends a heartbeat every half second from a thread of its own, also in
-    # the middle of a long step (torch's kernels release the interpreter); one that sends nothing for
-    # this long is stopped or hung, and the engine fails its requests naming that rank.
-    worker_heartbeat_timeout_s: float = 5.0
+    dtype: str = option("bfloat16", "the compute dtype (float32 for exact checks)",
+                        choices=("bfloat16", "float32", "float16"))
+    block_size: int = option(64, "tokens per block of the paged latent cache")
+    max_num_batched_tokens: int = option(2048, "tokens one step computes, prefill chunks and decodes together")
+    max_num_seqs: int = option(256, "sequences one step runs")
+    scheduling_policy: str = option("fcfs", "priority: requests' priority (lower sooner) orders admission and "
+                                    "preemption", choices=POLICIES)
+    max_model_len: int | None = option(None, "the longest sequence served, prompt and output (default: the "
+                                       "model's context)")
+    kv_cache_memory: int | None = option(None, "bytes for the latent cache (default: on a GPU what "
+                                         "gpu_memory_utilization of it leaves after the weights and a step's "
+                                         "measured peak, vLLM's rule; on a host kv_cache_memory_fraction of the "
+                                         "available memory left after a step's peak)")
+    gpu_memory_utilization: float = option(0.9, "the share of the GPU's memory the engine may hold (vLLM's)")
+    kv_cache_memory_fraction: float = option(0.05, "on a host without kv_cache_memory: the share of available "
+                                             "memory the latent cache takes")
+    kv_cache_dtype: str = option("auto", "latent cache entries: auto (the model's dtype) or fp8 (e4m3 latents "
+                                 "with a power-of-two scale per 128, bf16 rope keys: kernels/latent_fp8.py, 57% "
+                                 "of bf16's bytes)", choices=("auto", "fp8"))
+    enable_prefix_caching: bool = option(True, "reuse cached blocks of a shared prompt prefix",
+                                         flag="--no-prefix-caching")
+    seed: int = option(0, "the engine's seed (requests without a seed of their own sample from it)")
+    device: str = option("auto", "auto (cuda when torch sees a GPU), cpu or cuda[:N]")
+    num_speculative_tokens: int = option(0, "MTP draft tokens verified per decode step (1-3; 0: no speculative "
+                                         "decoding)")
+    async_scheduling: bool = option(True, "plan step N+1 while the worker runs step N (off with speculative "
+                                    "decoding, whose next plan needs this step's drafts)",
+                                    flag="--no-async-scheduling")
+    cuda_graphs: bool = option(False, "replay decode steps from CUDA graphs (engine/decode_graphs.py; the GPU "
+                               "kernel path without expert parallelism or speculative decoding; ignored "
+                               "elsewhere). Off by default until timed on a GPU")
+    batch_invariant: bool = option(False, "each sequence's tokens the same whatever is batched beside it "
+                                   "(kernels/batch_invariant.py; vLLM's VLLM_BATCH_INVARIANT): on the kernel "
+                                   "path, dense products in one fixed tiling and decode attention unsplit; "
+                                   "slower on a GPU")
+    ep_size: int = option(1, "expert parallelism: worker processes, each with its own block pool (data-parallel "
+                          "attention) and 1/ep_size of the routed experts; budgets and max_num_seqs are per rank")
+    master_addr: str = option("127.0.0.1", "torch.distributed rendezvous address (torchrun's name)")
+    master_port: int = option(0, "rendezvous port (0: the engine picks a free one, one host only)")
+    nnodes: int = option(1, "hosts taking part: node 0 runs the frontend, the scheduler and its share of the "
+                         "workers; node n runs `mlaserve worker --node-rank n`")
+    node_rank: int = option(0, "this host's index; 0 runs the scheduler")
+    scheduler_port: int = option(0, "with nnodes > 1: workers reach the scheduler over tcp on master_addr, ports "
+                                 "scheduler_port (results) and scheduler_port + 1 + rank (plans)")
+    worker_heartbeat_timeout_s: float = option(5.0, "seconds a worker may send no heartbeat (one every half "
+                                               "second, from a thread of its own) before the engine fails its "
+                                               "requests naming that rank", flag="--worker-heartbeat-timeout")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from entrypoints.engine_args import add_engine_args
+
 
 def _model_dir(args: argparse.Namespace) -> str:
     if args.model:
@@ -36,6 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
     import time
 
     from engine import LLM, SamplingParams
+    from entrypoints.engine_args import engine_config
 
     if args.prompts_file:
         with open(args.prompts_file) as f:
@@ -47,15 +50,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, n=args.n)
-    with LLM(_model_dir(args), dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
-             max_num_seqs=args.max_num_seqs, block_size=args.block_size, max_model_len=args.max_model_len,
-             kv_cache_memory=args.kv_cache_memory,
-             gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
-             device=args.device,
-             num_speculative_tokens=args.num_speculative_tokens, ep_size=args.ep_size,
-             async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
-             cuda_graphs=args.cuda_graphs, batch_invariant=args.batch_invariant,
-             scheduling_policy=args.scheduling_policy) as llm:
+    with LLM.from_config(engine_config(args, _model_dir(args))) as llm:
         ready = llm.engine.ready
         peak = f"; a step's activations peak at {ready.step_peak_bytes / (1 << 20):.0f} MiB" \
             if ready.step_peak_bytes else ""
@@ -104,13 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--n", type=int, default=1, help="completions per prompt (they share its cache blocks)")
-    _add_engine_args(gen)
+    add_engine_args(gen, exclude=("seed",))  # --seed is the requests' here
     gen.set_defaults(func=_generate)
 
-    srv = sub.add_parser("serve", help="serve the ZeroMQ endpoint (docs/protocol.md) and Prometheus metrics")
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (--http-port) or the ZeroMQ endpoint "
+                         "(docs/protocol.md), with Prometheus metrics")
     srv.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=5555, help="ZeroMQ ROUTER port (0: any free port)")
+    srv.add_argument("--port", type=int, default=None,
+                     help="ZeroMQ ROUTER port (0: any free port; default 5555 unless --http-port is given)")
+    srv.add_argument("--http-port", type=int, default=None,
+                     help="serve the OpenAI-compatible HTTP API on this port (0: any free port), /metrics with it")
+    srv.add_argument("--api-key", default=None,
+                     help="with --http-port: requests to /v1 need `Authorization: Bearer KEY` "
+                          "(default: $MLASERVE_API_KEY, if set)")
+    srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder)")
     srv.add_argument("--metrics-port", type=int, default=None, help="serve http://METRICS_HOST:PORT/metrics")
     srv.add_argument("--metrics-host", default="127.0.0.1",
                      help="where /metrics listens (loopback by default, whatever --host is)")
@@ -120,82 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt tokens of one connection's unfinished requests (default: the cache's tokens)")
     srv.add_argument("--shutdown-grace", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM")
-    srv.add_argument("--seed", type=int, default=0)
-    _add_engine_args(srv)
+    add_engine_args(srv)
     srv.set_defaults(func=_serve)
     wk = sub.add_parser("worker", help="the expert-parallel workers of one more host (--node-rank >= 1)")
     wk.add_argument("--model", default=None, help="checkpoint directory (the same on every host)")
-    wk.add_argument("--seed", type=int, default=0)
-    _add_engine_args(wk)
+    add_engine_args(wk)
     wk.set_defaults(func=_worker)
     return parser
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
-                   help="priority: requests' priority (lower sooner) orders admission and preemption")
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="the longest sequence served, prompt and output (default: the model's context)")
-    p.add_argument("--kv-cache-memory", type=int, default=None,
-                   help="bytes for the latent cache (default: what --gpu-memory-utilization of a GPU leaves after "
-                        "the weights and a step's measured peak; on a CPU 5%% of available memory)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="the share of the GPU's memory the engine may hold (vLLM's)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                   help="latent cache entries: auto (the model's dtype) or fp8 (e4m3 latents with a power-of-two "
-                        "scale per 128, bf16 rope keys: 656 bytes a token instead of 1152)")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu or cuda[:N]")
-    p.add_argument("--num-speculative-tokens", type=int, default=0, choices=range(4), metavar="{0..3}",
-                   help="MTP draft tokens verified per decode step (0: off)")
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="plan each step only after the previous one returns")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps from CUDA graphs (GPU; not with --ep-size > 1 or speculative decoding)")
-    p.add_argument("--batch-invariant", action="store_true",
-                   help="each sequence's tokens independent of what is batched with it (GPU kernel path; slower)")
-    p.add_argument("--ep-size", type=int, default=1,
-                   help="expert-parallel worker processes (each: 1/N of the routed experts, its own cache)")
-    p.add_argument("--master-addr", default="127.0.0.1", help="torch.distributed rendezvous address")
-    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (0: a free one, one host only)")
-    p.add_argument("--nnodes", type=int, default=1, help="hosts taking part (expert parallelism across hosts)")
-    p.add_argument("--node-rank", type=int, default=0, help="this host's index; 0 runs the scheduler")
-    p.add_argument("--worker-heartbeat-timeout", type=float, default=5.0,
-                   help="seconds a worker may send no heartbeat before it is declared stuck and the engine stops")
-    p.add_argument("--scheduler-port", type=int, default=0,
-                   help="with --nnodes > 1: tcp ports PORT (results) and PORT+1+rank (plans) on master-addr")
-
-
-def _engine_config(args: argparse.Namespace, model_dir: str):
-    from engine.config import EngineConfig
-
-    return EngineConfig(model_dir=model_dir, dtype=args.dtype, block_size=args.block_size,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                        max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-                        gpu_memory_utilization=args.gpu_memory_utilization,
-                        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, device=args.device,
-                        num_speculative_tokens=args.num_speculative_tokens,
-                        ep_size=args.ep_size, master_addr=args.master_addr, master_port=args.master_port,
-                        nnodes=args.nnodes, node_rank=args.node_rank, scheduler_port=args.scheduler_port,
-                        async_scheduling=not args.no_async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
-                        cuda_graphs=args.cuda_graphs, batch_invariant=args.batch_invariant,
-                        scheduling_policy=args.scheduling_policy,
-                        worker_heartbeat_timeout_s=args.worker_heartbeat_timeout)
-
-
 def _worker(args: argparse.Namespace) -> int:
     from engine.worker_process import run_node_workers
+    from entrypoints.engine_args import engine_config
 
-    return run_node_workers(_engine_config(args, _model_dir(args)))
+    return run_node_workers(engine_config(args, _model_dir(args)))
 
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
+    from entrypoints.engine_args import engine_config
     from entrypoints.server import Server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -203,7 +150,14 @@ def _serve(args: argparse.Namespace) -> int:
         if n is not None and n < 1:
             print(f"error: a per-client limit must be at least 1, got {n}", file=sys.stderr)
             return 2
-    config = _engine_config(args, _model_dir(args))
+    config = engine_config(args, _model_dir(args))
+    if args.http_port is not None:
+        if args.port is not None:
+            print("error: one server runs the HTTP API or the ZeroMQ endpoint, not both yet: start two",
+                  file=sys.stderr)
+            return 2
+        return _serve_http(args, config)
+    args.port = 5555 if args.port is None else args.port
     server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace,
                     metrics_host=args.metrics_host, max_completions_per_client=args.max_completions_per_client,
                     max_prompt_tokens_per_client=args.max_prompt_tokens_per_client)
@@ -211,6 +165,24 @@ def _serve(args: argparse.Namespace) -> int:
         if server.metrics_server else ""
     print(f"mlaserve serving {config.model_dir} on {server.address}{metrics}", file=sys.stderr, flush=True)
     return server.serve_forever()
+
+
+def _serve_http(args: argparse.Namespace, config) -> int:
+    import os
+    from pathlib import Path
+
+    from entrypoints.async_llm import AsyncLLM
+    from entrypoints.openai_server import run_http
+
+    name = args.served_model_name or Path(config.model_dir).name
+    api_key = args.api_key or os.environ.get("MLASERVE_API_KEY") or None
+    llm = AsyncLLM(config)
+
+    def ready(port: int) -> None:
+        print(f"mlaserve serving {config.model_dir} as {name!r} on http://{args.host}:{port}/v1 "
+              f"(metrics on /metrics)", file=sys.stderr, flush=True)
+
+    return run_http(llm, args.host, args.http_port, name, api_key, args.shutdown_grace, on_ready=ready)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -26,11 +26,8 @@ import zmq
 from tokenizers import Tokenizer
 
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.llm import EngineClient
 from engine.messages import (
     AbortRequests,
-    AddRequest,
     EngineDead,
     EngineStats,
     GetStats,
@@ -38,10 +35,13 @@ from engine.messages import (
     RequestOutputs,
     completion_ids,
 )
+from engine.outputs import RequestOutput
 from engine.request_input import RequestInputError
 from engine.sampling_params import SamplingParams
 from entrypoints.connections import ClientLimits, ClientState, Connections
+from entrypoints.engine_client import EngineClient
 from entrypoints.metrics import start_metrics_server
+from entrypoints.output_processor import OutputProcessor
 from entrypoints.protocol import (
     MAX_REQUEST_ID_CHARS,
     PROTOCOL_VERSION,
@@ -74,29 +74,13 @@ MAX_PREPARING = 64  # requests being prepared at once; past it the loop reads no
 
 
 @dataclass
-class ServedCompletion:
-    index: int
-    engine_id: str
-    detok: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    sent_text: int = 0  # characters of detok.text already streamed
-    finish_reason: str | None = None
-
-
-@dataclass
 class Served:
     client: ClientState
     request_id: str
     stream: bool
     arrival: float
-    want_logprobs: bool = False
-    completions: list[ServedCompletion] = field(default_factory=list)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    scheduled_time: float = 0.0
-    first_token_time: float = 0.0
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked for
+    engine_id: str = ""  # once started
+    output: RequestOutput | None = None  # filled by the OutputProcessor once started
     priority: int = 0
     preparing: bool = True  # in the Preparer; no engine id yet
     aborted: bool = False  # an Abort came while preparing
@@ -105,8 +89,13 @@ class Served:
     def identity(self) -> bytes:
         return self.client.identity
 
-    def unfinished_ids(self) -> list[str]:
-        return [c.engine_id for c in self.completions if c.finish_reason is None]
+    @property
+    def num_completions(self) -> int:
+        return len(self.output.outputs) if self.output is not None else 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.output.prompt_token_ids) if self.output is not None else 0
 
 
 class Server:
@@ -138,7 +127,8 @@ class Server:
         if port:
             self.router.bind(f"tcp://{host}:{port}")
         self.address = f"tcp://{host}:{self.port}"
-        self.requests: dict[str, tuple[Served, ServedCompletion]] = {}  # by engine request id
+        self.tracker = OutputProcessor(self.tokenizer)
+        self.requests: dict[str, Served] = {}  # started ones, by engine request id
         self.latest_stats: EngineStats | None = None
         self.stats_time = time.monotonic()
         self.engine_failure: str | None = None  # why the engine stopped, once it has
@@ -328,13 +318,10 @@ class Server:
         client.prompt_tokens += len(ids)
         engine_id = f"s{self._next_id}"
         self._next_id += 1
-        s.preparing, s.num_prompt_tokens = False, len(ids)
-        s.want_logprobs = params.logprobs is not None
-        s.prompt_logprobs = None if params.prompt_logprobs is None else []
-        for i, cid in enumerate(completion_ids(engine_id, params.n)):
-            s.completions.append(ServedCompletion(i, cid, IncrementalDetokenizer(self.tokenizer, params)))
-            self.requests[cid] = (s, s.completions[-1])
-        self.engine.send(AddRequest(engine_id, ids, params, s.arrival, s.priority))
+        s.preparing, s.engine_id = False, engine_id
+        s.output, add = self.tracker.add(engine_id, None, ids, params, s.arrival, s.priority, s.request_id)
+        self.requests[engine_id] = s
+        self.engine.send(add)
 
     def _on_abort(self, client: ClientState, msg: Abort) -> None:
         s = client.requests.get(msg.request_id)
@@ -344,7 +331,7 @@ class Server:
         elif s.preparing:
             s.aborted = True  # answered when its preparation is done
         else:
-            self.engine.send(AbortRequests(s.unfinished_ids()))  # the Final(abort) comes back through the engine
+            self.engine.send(AbortRequests(self.tracker.unfinished_ids(s.engine_id)))  # its Final comes back
 
     # ---- engine side --------------------------------------------------------------------------
 
@@ -362,83 +349,72 @@ class Server:
                 return
 
     def _on_delta(self, d: RequestDelta) -> None:
-        entry = self.requests.get(d.req_id)
-        if entry is None:
+        fold = self.tracker.process(d)
+        if fold is None:
             return  # already finished here (a stop string) and aborted in the engine
-        s, c = entry
-        c.token_ids.extend(d.new_token_ids)
-        new_logprobs = [_logprob(lp) for lp in d.logprobs] if s.want_logprobs else []
-        c.logprobs.extend(new_logprobs)
-        if s.prompt_logprobs is not None:  # (only the first completion computes them)
-            s.prompt_logprobs.extend(None if lp is None else _logprob(lp) for lp in d.prompt_logprobs)
-        if c.index == 0:
-            s.num_cached_tokens = d.num_cached_tokens or s.num_cached_tokens
-        s.scheduled_time = s.scheduled_time or d.scheduled_time
-        s.first_token_time = s.first_token_time or d.first_token_time
-        stopped = bool(d.new_token_ids) and c.detok.add(d.new_token_ids)
-        if d.finished and not stopped:
-            c.detok.flush()
-        if d.finished and d.finish_reason == "error":
+        s, c = self.requests[fold.engine_id], fold.completion
+        if c.finish_reason == "error":
             self._finish(s, Error("invalid_request", d.error or "rejected by the engine", s.request_id))
             return
-        if s.stream and (d.new_token_ids or len(c.detok.text) > c.sent_text):
-            text = c.detok.text[c.sent_text:]
-            c.sent_text = len(c.detok.text)
-            if not self._send(s.identity, Delta(s.request_id, text, d.new_token_ids, new_logprobs, c.index)):
+        if s.stream and (fold.new_token_ids or fold.new_text):
+            delta = Delta(s.request_id, fold.new_text, fold.new_token_ids, [_logprob(lp) for lp in fold.new_logprobs],
+                          c.index)
+            if not self._send(s.identity, delta):
                 self._served_gone(s)
                 return
-        if stopped or d.finished:
-            if stopped:
-                self.engine.send(AbortRequests([d.req_id]))
-            c.finish_reason = "stop" if stopped else (d.finish_reason or "stop")
-            self.requests.pop(d.req_id, None)
-            if all(x.finish_reason is not None for x in s.completions):
-                self._finish(s, self._final(s))
+        if fold.stopped:
+            self.engine.send(AbortRequests([d.req_id]))
+        if fold.output.finished:
+            self._finish(s, self._final(s))
 
     def _final(self, s: Served) -> Final:
-        now = time.time()
-        timing = Timing(max(0.0, (s.scheduled_time or now) - s.arrival),
-                        max(0.0, (s.first_token_time or now) - s.arrival), now - s.arrival)
-        usage = Usage(s.num_prompt_tokens, sum(len(c.token_ids) for c in s.completions), s.num_cached_tokens)
-        first = s.completions[0]
-        all_n = [Completion(c.index, c.finish_reason, c.detok.text, c.token_ids, [] if s.stream else c.logprobs)
-                 for c in s.completions] if len(s.completions) > 1 else []
-        return Final(s.request_id, first.finish_reason, first.detok.text, first.token_ids, usage, timing,
-                     [] if s.stream else first.logprobs, all_n, s.prompt_logprobs)
+        out, m, now = s.output, s.output.metrics, time.time()
+        timing = Timing(max(0.0, (m.scheduled_time or now) - s.arrival),
+                        max(0.0, (m.first_token_time or now) - s.arrival), now - s.arrival)
+        usage = Usage(s.num_prompt_tokens, sum(len(c.token_ids) for c in out.outputs), m.num_cached_tokens)
+
+        def logprobs(c) -> list[TokenLogprob]:
+            return [] if s.stream or c.logprobs is None else [_logprob(lp) for lp in c.logprobs]
+
+        first = out.outputs[0]
+        all_n = [Completion(c.index, c.finish_reason, c.text, c.token_ids, logprobs(c))
+                 for c in out.outputs] if len(out.outputs) > 1 else []
+        prompt_logprobs = None if out.prompt_logprobs is None else \
+            [None if lp is None else _logprob(lp) for lp in out.prompt_logprobs]
+        return Final(s.request_id, first.finish_reason, first.text, first.token_ids, usage, timing,
+                     logprobs(first), all_n, prompt_logprobs)
 
     def _finish(self, s: Served, msg) -> None:
         self._forget(s)
         self._send(s.identity, msg)
 
-    def _forget(self, s: Served) -> None:
-        for c in s.completions:
-            self.requests.pop(c.engine_id, None)
+    def _forget(self, s: Served) -> list[str]:
+        """Stops tracking s; returns its completions the engine still runs."""
+        unfinished = self.tracker.forget(s.engine_id) if s.engine_id else []
+        self.requests.pop(s.engine_id, None)
         client = s.client
         if client.requests.get(s.request_id) is s:
             del client.requests[s.request_id]
             if not s.preparing:
-                client.completions -= len(s.completions)
+                client.completions -= s.num_completions
                 client.prompt_tokens -= s.num_prompt_tokens
         self.connections.release_if_idle(client)
+        return unfinished
 
     def _served_gone(self, s: Served) -> None:
-        unfinished = s.unfinished_ids()
-        self._forget(s)
+        unfinished = self._forget(s)
         if unfinished and self.engine_failure is None:
             self.engine.send(AbortRequests(unfinished))
 
     def _client_gone(self, client: ClientState) -> None:
         """Every request of a client whose connection closed ends now (one abort for them all)."""
-        served = list(client.requests.values())
-        unfinished = [i for s in served for i in s.unfinished_ids()]
-        for s in served:
-            self._forget(s)
+        unfinished = [i for s in list(client.requests.values()) for i in self._forget(s)]
         if unfinished and self.engine_failure is None:
             self.engine.send(AbortRequests(unfinished))
 
     def _abort_all(self, why: str, code: str | None = None) -> None:
         served = [s for c in list(self.connections.clients.values()) for s in c.requests.values()]
-        ids = [i for s in served for i in s.unfinished_ids()]
+        ids = [i for s in served if s.engine_id for i in self.tracker.unfinished_ids(s.engine_id)]
         if ids and code is None:
             try:
                 self.engine.send(AbortRequests(ids))

@@ -29,25 +29,25 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-class RunningServer:
-    def __init__(self, checkpoint, *extra: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(checkpoint), "--port", "0",
-             "--metrics-port", "0", *ENGINE_ARGS, *extra],
-            stderr=subprocess.PIPE, text=True)
-        # Log lines (a warning, say) may come before the one that says where it listens. A server
-        # that never says it is stopped here, so a failed start leaves no process behind.
+class ServerProcess:
+    """`mlaserve serve ARGV`, started and read until its log says `ready` (a regex; `match` holds
+    it). A server that never says it is stopped here, so a failed start leaves no process behind."""
+
+    def __init__(self, argv: list[str], ready: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve", *argv],
+                                     stderr=subprocess.PIPE, text=True)
+        # Log lines (a warning, say) may come before the one that says where it listens.
         lines, m = [], None
         while m is None and len(lines) < 50:
             line = self.proc.stderr.readline()
             if not line:  # exited
                 break
             lines.append(line)
-            m = re.search(r"on (tcp://\S+), metrics on (http://\S+)", line)
+            m = re.search(ready, line)
         if m is None:
             self.stop()
             raise AssertionError(f"server did not start: {''.join(lines)}{self.proc.stderr.read()}")
-        self.address, self.metrics_url = m.group(1), m.group(2)
+        self.match = m
         self.children = children_of(self.proc.pid)
         # The log is read on from here, so that a server that logs much never blocks on a full pipe.
         self.log = lines
@@ -56,6 +56,8 @@ class RunningServer:
 
     def log_text(self) -> str:
         return "".join(self.log)
+
+    metrics_url = ""  # set by each kind of server
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
@@ -68,10 +70,10 @@ class RunningServer:
     def metric(self, name: str, **labels) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
-    def wait_metric(self, name: str, predicate, timeout_s: float = 10.0) -> float:
+    def wait_metric(self, name: str, predicate, timeout_s: float = 10.0, **labels) -> float:
         deadline = time.monotonic() + timeout_s
         while True:
-            v = self.metric(name)
+            v = self.metric(name, **labels)
             if predicate(v) or time.monotonic() > deadline:
                 return v
             time.sleep(0.1)
@@ -84,6 +86,15 @@ class RunningServer:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+
+
+class RunningServer(ServerProcess):
+    """The ZeroMQ endpoint with its metrics port."""
+
+    def __init__(self, checkpoint, *extra: str):
+        super().__init__(["--model", str(checkpoint), "--port", "0", "--metrics-port", "0", *ENGINE_ARGS, *extra],
+                         r"on (tcp://\S+), metrics on (http://\S+)")
+        self.address, self.metrics_url = self.match.group(1), self.match.group(2)
 
 
 def left_running(pids: list[int], wait_s: float = 10.0) -> list[int]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.llm import EngineDeadError
+from entrypoints.engine_client import EngineDeadError
 from model.hf_reference import load_hf_model
 from tests.process_util import gone
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.llm import EngineDeadError
 from engine.model_config import ModelConfig
+from entrypoints.engine_client import EngineDeadError
 from model.deepseek_v3 import DeepseekV3
 from model.expert_parallel import ExpertParallel, expert_range
 from model.loader import load_weights

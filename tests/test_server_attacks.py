@@ -14,8 +14,8 @@ import pytest
 import zmq
 
 from engine import LLM, SamplingParams
-from engine.llm import EngineDeadError
 from entrypoints.client import Client, ServerError
+from entrypoints.engine_client import EngineDeadError
 from entrypoints.protocol import PROTOCOL_VERSION, Delta, Error, Final
 from tests.server_util import RunningServer, left_running
 

@@ -1,0 +1,195 @@
+"""The asynchronous engine client (vLLM's AsyncLLM role): `generate()` submits a request and
+yields its folds (entrypoints/output_processor.py) as the engine produces them; leaving the
+iteration early (a client gone, a task cancelled) aborts what still runs. The HTTP server is a
+thin adapter over it.
+
+Threads: the event loop owns the request tracking and the socket to the scheduler; one reader
+thread owns the socket from it, notes heartbeats, watches the engine's processes, and hands every
+message to the loop. Prompts are tokenized on a small pool, off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from engine.config import EngineConfig
+from engine.messages import AbortRequests, EngineDead, EngineStats, GetStats, RequestOutputs
+from engine.request_input import check_priority, prepare_request
+from engine.sampling_params import SamplingParams
+from entrypoints.engine_client import EngineClient
+from entrypoints.output_processor import Fold, OutputProcessor
+
+log = logging.getLogger("mlaserve.async_llm")
+
+STATS_INTERVAL_S = 0.25
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine failed or is shutting down: no request can run."""
+
+
+@dataclass
+class Health:
+    status: str  # "ok", "shutting_down", "engine_dead"
+    reason: str = ""
+    stats_age_s: float = 0.0
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0):
+        """Starts the engine's processes (blocking until they are ready); call before serving."""
+        self.config = config
+        self.tokenizer = Tokenizer.from_file(str(Path(config.model_dir) / "tokenizer.json"))
+        self.engine = EngineClient(config, startup_timeout_s)
+        self.ready = self.engine.ready
+        self.tracker = OutputProcessor(self.tokenizer)
+        self._streams: dict[str, _Stream] = {}  # by engine request id
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="mlaserve-prepare")
+        self._next_id = 0
+        self.failure: str | None = None
+        self.stopping = False
+        self.latest_stats: EngineStats | None = None
+        self.stats_time = time.monotonic()
+        # The Prometheus collector's server counters (entrypoints/metrics.py), those this frontend has.
+        self.counters = {"requests_received": 0, "bad_messages": 0, "requests_refused_by_limits": 0,
+                         "clients_disconnected": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+        self._stop_reader = threading.Event()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Begins reading the engine's outputs into `loop` (the one serving requests)."""
+        self._loop = loop
+        self._reader = threading.Thread(target=self._read, name="mlaserve-engine-reader", daemon=True)
+        self._reader.start()
+
+    def shutdown(self, why: str = "the server stopped") -> None:
+        self.stopping = True
+        self._stop_reader.set()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+        self.engine.shutdown(why)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> Health:
+        age = round(time.monotonic() - self.stats_time, 3)
+        if self.failure is not None:
+            return Health("engine_dead", self.failure, age)
+        return Health("shutting_down" if self.stopping else "ok", "", age)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    async def prepare(self, prompt, params: SamplingParams | dict | None, priority: int = 0,
+                      ) -> tuple[list[int], SamplingParams]:
+        """Checks and tokenizes off the loop; raises RequestInputError naming the bad field."""
+        check_priority(priority)
+        r = self.ready
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, prepare_request, prompt, params, self.tokenizer, r.max_model_len, r.vocab_size)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       priority: int = 0, prompt: str | None = None) -> AsyncIterator[Fold]:
+        """The folds of a prepared request until all its completions are done."""
+        self._check_available()
+        engine_id = f"h{self._next_id}"
+        self._next_id += 1
+        self.counters["requests_received"] += 1
+        output, add = self.tracker.add(engine_id, prompt, prompt_ids, params, time.time(), priority, request_id)
+        stream = self._streams[engine_id] = _Stream()
+        self.engine.send(add)
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.output.finished:
+                    return
+        finally:
+            self._streams.pop(engine_id, None)
+            unfinished = self.tracker.forget(engine_id)
+            if unfinished and self.failure is None:  # the caller left early: the engine stops its work
+                self.counters["clients_disconnected"] += 1
+                self.engine.send(AbortRequests(unfinished))
+
+    def _check_available(self) -> None:
+        if self.failure is not None:
+            raise EngineUnavailable(f"the engine failed: {self.failure}")
+        if self.stopping:
+            raise EngineUnavailable("the server is stopping and takes no new requests")
+
+    # ---- the engine side (the loop's thread) --------------------------------------------------
+
+    def _on_message(self, msg) -> None:
+        if isinstance(msg, RequestOutputs):
+            for d in msg.deltas:
+                fold = self.tracker.process(d)
+                if fold is None:
+                    continue
+                if fold.stopped and self.failure is None:
+                    self.engine.send(AbortRequests([d.req_id]))
+                stream = self._streams.get(fold.engine_id)
+                if stream is not None:
+                    stream.queue.put_nowait(fold)
+        elif isinstance(msg, EngineStats):
+            self.latest_stats, self.stats_time = msg, time.monotonic()
+
+    def _on_failure(self, reason: str) -> None:
+        log.error("the engine failed; every request in flight fails with the reason:\n%s", reason)
+        self.failure = reason.strip().splitlines()[-1] if reason.strip() else "the engine failed"
+        for stream in self._streams.values():
+            stream.queue.put_nowait(EngineUnavailable(f"the engine failed: {self.failure}"))
+        self.engine.shutdown(f"it failed: {self.failure}")
+
+    def _send_stats_request(self) -> None:
+        if self.failure is None and not self.stopping:
+            self.engine.send(GetStats())
+
+    def _read(self) -> None:
+        loop = self._loop
+        due = 0.0
+        while not self._stop_reader.is_set():
+            try:
+                msg = self.engine.poll(timeout_ms=50)
+            except Exception as e:  # (the sockets closed under us at shutdown)
+                if not self._stop_reader.is_set():
+                    loop.call_soon_threadsafe(self._on_failure, f"the engine's output socket failed: {e}")
+                return
+            if isinstance(msg, EngineDead):
+                loop.call_soon_threadsafe(self._on_failure, msg.reason)
+                return
+            if msg is not None:
+                loop.call_soon_threadsafe(self._on_message, msg)
+            elif (failure := self.engine.failure()) is not None:
+                loop.call_soon_threadsafe(self._on_failure, failure)
+                return
+            now = time.monotonic()
+            if now >= due:
+                due = now + STATS_INTERVAL_S
+                loop.call_soon_threadsafe(self._send_stats_request)
+
+    def stats_snapshot(self):
+        """For the Prometheus collector (entrypoints/metrics.py)."""
+        h = self.health()
+        return self.latest_stats, dict(self.counters), h
