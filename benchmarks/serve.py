@@ -11,6 +11,13 @@ on one started with --scheduling-policy priority, where a random F of the reques
 priority 0 and the rest 1; it prints each class's latencies under both (the peer is the FCFS run).
 
     .venv/bin/python benchmarks/serve.py --rate 8 --num-requests 100 --max-num-seqs 16 --priority-fraction 0.1
+
+With --endpoint http the same arrivals go through the OpenAI-compatible HTTP server (`serve
+--http-port`) with the official `openai` streaming client, alternating with the ZeroMQ endpoint
+(--rounds times each, a fresh server per run): it prints the HTTP/ZeroMQ ratio of output
+throughput and the difference of median TTFT, what the HTTP layer costs.
+
+    .venv/bin/python benchmarks/serve.py --endpoint http --rate 8 --num-requests 100 --rounds 2
 """
 
 from __future__ import annotations
@@ -72,6 +79,41 @@ async def run(address: str, reqs, rate: float, seed: int, priorities=None, label
         return rec, time.perf_counter() - start
 
 
+async def one_http(client, model: str, prompt: list[int], out_len: int, delay: float, rec: list) -> None:
+    await asyncio.sleep(delay)
+    start = time.perf_counter()
+    times: list[float] = []
+    tokens = 0
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=out_len, temperature=0.0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.choices:
+            times.append(now)  # a chunk per step that made tokens (without speculation: one token)
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    rec.append({"start": start, "token_times": times, "end": time.perf_counter(), "tokens": tokens, "label": 0})
+
+
+async def run_http(url: str, model: str, reqs, rate: float, seed: int) -> tuple[list[dict], float]:
+    import openai
+
+    rng = random.Random(seed + 1)
+    delays, t = [], 0.0
+    for _ in reqs:
+        delays.append(t)
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+    rec: list[dict] = []
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(one_http(client, model, p, n, d, rec) for (p, n), d in zip(reqs, delays)))
+        return rec, time.perf_counter() - start
+    finally:
+        await client.close()
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -117,6 +159,9 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", action="store_true",
                     help="start the server planning each step after the last returns")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="the server's (default: its own default)")
+    ap.add_argument("--endpoint", choices=["zmq", "http"], default="zmq",
+                    help="http: compare the HTTP server with the ZeroMQ endpoint on the same arrivals")
+    ap.add_argument("--rounds", type=int, default=2, help="with --endpoint http: runs of each, alternating")
     ap.add_argument("--priority-fraction", type=float, default=0.0,
                     help="compare FCFS with the priority policy, this fraction of requests at priority 0")
     args = ap.parse_args()
@@ -124,6 +169,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # so `finally` stops the server we start
     if args.priority_fraction > 0:
         compare_policies(args, reqs)
+        return
+    if args.endpoint == "http":
+        compare_endpoints(args, reqs)
         return
     rec, elapsed = serve_once(args, reqs)
     s = summarize(rec, elapsed)
@@ -153,15 +201,46 @@ def serve_once(args, reqs, policy: str | None = None, priorities=None, labels=No
             server.wait(timeout=120)
 
 
-def start_server(args, flags: list[str]) -> tuple[subprocess.Popen, str]:
+def serve_http_once(args, reqs) -> tuple[list[dict], float]:
+    server, url, model = start_server(args, [], http=True)
+    try:
+        asyncio.run(run_http(url, model, reqs[:2], 0, args.seed))  # warm-up
+        return asyncio.run(run_http(url, model, reqs, args.rate, args.seed))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+
+
+def compare_endpoints(args, reqs) -> None:
+    if args.address is not None:
+        sys.exit("--endpoint http starts its own servers: leave out --address")
+    runs: dict[str, list[dict]] = {"zmq": [], "http": []}
+    for r in range(args.rounds):
+        for endpoint in ("zmq", "http"):
+            rec, elapsed = serve_once(args, reqs) if endpoint == "zmq" else serve_http_once(args, reqs)
+            s = summarize(rec, elapsed)
+            runs[endpoint].append(s)
+            print(f"round {r} {endpoint:4s}: {s['output_tok_per_s']:8.1f} output tok/s, TTFT p50 "
+                  f"{s['ttft_p50_ms']:8.1f} ms, ITL p50 {s['itl_p50_ms']:7.1f} ms, E2E p50 {s['e2e_p50_ms']:8.1f} ms",
+                  flush=True)
+    tput = {e: statistics.median(s["output_tok_per_s"] for s in v) for e, v in runs.items()}
+    ttft = {e: statistics.median(s["ttft_p50_ms"] for s in v) for e, v in runs.items()}
+    print(f"rate {args.rate}/s, {len(reqs)} requests, median of {args.rounds} runs each: HTTP/ZeroMQ output "
+          f"throughput {tput['http'] / tput['zmq']:.3f} ({tput['http']:.1f} vs {tput['zmq']:.1f} tok/s); median TTFT "
+          f"HTTP - ZeroMQ {ttft['http'] - ttft['zmq']:+.1f} ms ({ttft['http']:.1f} vs {ttft['zmq']:.1f} ms)")
+
+
+def start_server(args, flags: list[str], http: bool = False):
+    """(process, address) of a ZeroMQ server, or (process, url, model name) of an HTTP one."""
     from model.checkpoint_maker import ensure_checkpoint
 
     ckpt = ensure_checkpoint(args.checkpoint, "small" if "small" in Path(args.checkpoint).name else "tiny")
+    endpoint = ["--http-port", "0"] if http else [
+        "--port", "0", "--metrics-port", "0",
+        # one socket stands for every simulated user here
+        "--max-completions-per-client", "1000000", "--max-prompt-tokens-per-client", "1000000000"]
     server = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "serve", "--model", str(ckpt),
-                               "--port", "0", "--metrics-port", "0", "--kv-cache-memory", str(args.kv_cache_memory),
-                               # one socket stands for every simulated user here
-                               "--max-completions-per-client", "1000000",
-                               "--max-prompt-tokens-per-client", "1000000000"]
+                               "--kv-cache-memory", str(args.kv_cache_memory), *endpoint]
                               + ["--no-async-scheduling"] * args.no_async_scheduling + flags
                               + (["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []),
                               stderr=subprocess.PIPE, text=True)
@@ -171,12 +250,12 @@ def start_server(args, flags: list[str]) -> tuple[subprocess.Popen, str]:
         if not line:
             break
         seen.append(line)
-        m = re.search(r"on (tcp://[^\s,]+)", line)
+        m = re.search(r"as '([^']+)' on (http://\S+)/v1" if http else r"on (tcp://[^\s,]+)", line)
     if not m:
         server.send_signal(signal.SIGTERM)  # its own shutdown stops its engine processes
         server.wait(timeout=120)
         sys.exit("the server did not start: " + "".join(seen))
-    return server, m.group(1)
+    return (server, m.group(2), m.group(1)) if http else (server, m.group(1))
 
 
 def compare_policies(args, reqs) -> None:

@@ -27,7 +27,6 @@ from entrypoints.output_processor import Fold
 log = logging.getLogger("mlaserve.http")
 
 MAX_BODY_BYTES = 16 << 20
-DISCONNECT_POLL_S = 0.2
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str | None = None,
@@ -36,6 +35,22 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
                     503: "service_unavailable"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status)
+
+
+class _ApiKey:
+    """`Authorization: Bearer KEY` on every /v1 route. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware would pass every streamed chunk through a task and a memory stream more."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                await error_response(401, "missing or wrong API key (Authorization: Bearer ...)")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _Refused(Exception):
@@ -54,6 +69,12 @@ async def _body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise _Refused(error_response(400, "the body must be a JSON object"))
     return body
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body was read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _logprob_entry(tokenizer, lp) -> tuple[str, float, list[tuple[str, float]]]:
@@ -84,19 +105,10 @@ class OpenAIServer:
         app.add_api_route("/metrics", self.metrics, methods=["GET"])
         app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
         app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
-        app.middleware("http")(self._guard)
+        app.add_exception_handler(_Refused, lambda _request, refused: refused.response)
+        if self.api_key is not None:
+            app.add_middleware(_ApiKey, key=self.api_key)
         return app
-
-    async def _guard(self, request: Request, call_next):
-        """The API key (when set) on every /v1 route, and no request escaping without an answer."""
-        if self.api_key is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return error_response(401, "missing or wrong API key (Authorization: Bearer ...)")
-        try:
-            return await call_next(request)
-        except _Refused as r:
-            return r.response
 
     async def health(self) -> Response:
         h = self.llm.health()
@@ -238,15 +250,16 @@ class _Call:
 
     async def complete(self, request: Request) -> Response:
         task = asyncio.ensure_future(self._collect())
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not done and await request.is_disconnected():
-                task.cancel()  # its generators' finally blocks abort what still runs
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
-                return Response(status_code=499)
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not task.done():  # the client left before its answer
+            task.cancel()  # its generators' finally blocks abort what still runs
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+            return Response(status_code=499)
         try:
             outputs = task.result()
         except EngineUnavailable as e:
@@ -290,66 +303,80 @@ class _Call:
             obj["usage"] = usage
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def stream(self) -> AsyncIterator[str]:
+    async def _merged(self, streams: list) -> AsyncIterator[tuple[int, Fold]]:
+        """(prompt index, fold) of every stream as they come; one stream is read directly."""
+        if len(streams) == 1:
+            async for fold in streams[0]:
+                yield 0, fold
+            return
         queue: asyncio.Queue = asyncio.Queue()
-        streams = self._streams()
 
         async def pump(i, stream):
             try:
                 async for fold in stream:
                     await queue.put((i, fold))
-            except Exception as e:  # (the engine failed)
+            except Exception as e:  # (the engine failed): the merged stream raises it
                 await queue.put((i, e))
             finally:
                 await queue.put((i, None))
 
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            live = len(streams)
+            while live:
+                i, item = await queue.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def stream(self) -> AsyncIterator[str]:
+        streams = self._streams()
         outputs: dict[int, object] = {}
         try:
             if self.chat:
                 yield self._chunk([{"index": i * self.n + j, "delta": {"role": "assistant", "content": ""},
                                     "logprobs": None, "finish_reason": None}
                                    for i in range(len(streams)) for j in range(self.n)])
-            live = len(streams)
-            while live:
-                i, item = await queue.get()
-                if item is None:
-                    live -= 1
-                    continue
-                if isinstance(item, Exception):
-                    err = {"error": {"message": str(item), "type": "service_unavailable", "param": None,
-                                     "code": None}}
-                    yield f"data: {json.dumps(err)}\n\n"
-                    return
-                fold: Fold = item
-                outputs[i] = fold.output
-                if fold.completion.finish_reason == "error":
-                    err = {"error": {"message": fold.output.error or "rejected by the engine",
-                                     "type": "invalid_request_error", "param": param_of(fold.output.error or ""),
-                                     "code": None}}
-                    yield f"data: {json.dumps(err)}\n\n"
-                    return
-                if not (fold.new_text or fold.finished):
-                    continue
-                index = self._index(i, fold)
-                reason = self._finish_reason(fold.completion) if fold.finished else None
-                if self.chat:
-                    choice = {"index": index, "delta": {"content": fold.new_text} if fold.new_text else {},
-                              "logprobs": self._chat_logprobs(fold.new_logprobs)
-                              if self.parsed.logprobs is not None else None, "finish_reason": reason}
-                else:
-                    choice = {"index": index, "text": fold.new_text,
-                              "logprobs": self._completion_logprobs(fold.new_logprobs, 0)
-                              if self.parsed.logprobs is not None else None, "finish_reason": reason}
-                yield self._chunk([choice])
+            try:
+                async for i, fold in self._merged(streams):
+                    outputs[i] = fold.output
+                    if fold.completion.finish_reason == "error":
+                        message = fold.output.error or "rejected by the engine"
+                        yield _sse_error(message, "invalid_request_error", param_of(message))
+                        return
+                    if not (fold.new_token_ids or fold.new_text or fold.finished):
+                        continue  # (a chunk per step that made tokens, text or not, as vLLM streams)
+                    index = self._index(i, fold)
+                    reason = self._finish_reason(fold.completion) if fold.finished else None
+                    want = self.parsed.logprobs is not None
+                    if self.chat:
+                        choice = {"index": index, "delta": {"content": fold.new_text} if fold.new_text else {},
+                                  "logprobs": self._chat_logprobs(fold.new_logprobs) if want else None,
+                                  "finish_reason": reason}
+                    else:
+                        choice = {"index": index, "text": fold.new_text,
+                                  "logprobs": self._completion_logprobs(fold.new_logprobs, 0) if want else None,
+                                  "finish_reason": reason}
+                    yield self._chunk([choice])
+            except EngineUnavailable as e:
+                yield _sse_error(str(e), "service_unavailable")
+                return
             if self.parsed.include_usage:
                 yield self._chunk([], self._usage([outputs[i] for i in sorted(outputs)]))
             yield "data: [DONE]\n\n"
         finally:
-            for t in tasks:  # a client gone mid-stream: the generators' finally blocks abort their requests
-                t.cancel()
-            for s in streams:
+            for s in streams:  # a client gone mid-stream: the generators' finally blocks abort their requests
                 await s.aclose()
+
+
+def _sse_error(message: str, kind: str, param: str | None = None) -> str:
+    return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'param': param, 'code': None}})}\n\n"
 
 
 def run_http(llm: AsyncLLM, host: str, port: int, model_name: str, api_key: str | None = None,

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 
 import openai
 import pytest
@@ -197,6 +198,18 @@ def test_a_client_gone_mid_stream_has_its_request_aborted_and_its_blocks_freed(h
     assert http.wait_metric("mlaserve:request_success_total", lambda v: v > before, finished_reason="abort") > before
     assert http.wait_metric("mlaserve:kv_cache_usage_perc", lambda v: v == 0) == 0
     assert http.wait_metric("mlaserve:num_requests_running", lambda v: v == 0) == 0
+
+
+def test_a_client_gone_before_its_whole_answer_has_its_request_aborted(http):
+    before = http.metric("mlaserve:request_success_total", finished_reason="abort")
+    host, port = http.url.split("//")[1].split(":")
+    conn = HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPTS[1], "max_tokens": 2000, "temperature": 0,
+                                                        "ignore_eos": True}), {"Content-Type": "application/json"})
+    assert http.wait_metric("mlaserve:kv_cache_usage_perc", lambda v: v > 0) > 0
+    conn.sock.close()  # gone before the answer
+    assert http.wait_metric("mlaserve:request_success_total", lambda v: v > before, finished_reason="abort") > before
+    assert http.wait_metric("mlaserve:kv_cache_usage_perc", lambda v: v == 0) == 0
 
 
 def test_models_health_tokenize_detokenize(http):
