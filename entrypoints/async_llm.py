@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zmq
 from tokenizers import Tokenizer
 
 from engine.config import EngineConfig
 from engine.messages import AbortRequests, EngineDead, EngineStats, GetStats, RequestOutputs
+from engine.processes import Channel
 from engine.request_input import check_priority, prepare_request
 from engine.sampling_params import SamplingParams
-from entrypoints.engine_client import EngineClient
+from entrypoints.engine_client import EngineClient, EngineDeadError
 from entrypoints.output_processor import Fold, OutputProcessor
 
 log = logging.getLogger("mlaserve.async_llm")
@@ -50,6 +54,57 @@ class _Stream:
     done: bool = False
 
 
+class SharedEngine:
+    """The engine as a second frontend on a thread of its own (the ZeroMQ server beside the HTTP
+    one) sees it: EngineClient's interface, with its own socket to the scheduler and, handed over
+    by the reader thread through a queue and a pipe to poll, the messages for its requests (engine
+    ids starting with `prefix`), every stats answer and the engine's failure."""
+
+    def __init__(self, llm: AsyncLLM, prefix: str):
+        self.llm, self.prefix, self.ready = llm, prefix, llm.ready
+        self._queue: deque = deque()
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._push: Channel | None = None  # made by the first send, on the sending thread
+
+    @property
+    def pollable(self) -> int:
+        return self._read_fd
+
+    def deliver(self, msg) -> None:
+        self._queue.append(msg)
+        try:
+            os.write(self._write_fd, b"x")
+        except BlockingIOError:
+            pass  # wake-ups pending already
+
+    def poll(self, timeout_ms: int = 0):
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        return self._queue.popleft() if self._queue else None
+
+    def send(self, msg) -> None:
+        if self.llm.failure is not None or self.llm.engine.stopped is not None:
+            raise EngineDeadError(f"the engine is stopped ({self.llm.failure or self.llm.engine.stopped})")
+        if self._push is None:
+            self._push = Channel(self.llm.engine._ctx, zmq.PUSH, self.llm.engine.input_addr, bind=False,
+                                 decode_type=None)
+        self._push.send(msg)
+
+    def failure(self) -> str | None:
+        return self.llm.failure
+
+    def shutdown(self, why: str = "") -> None:
+        """Closes this frontend's side; the engine is its owner's to stop."""
+        if self._push is not None:
+            self._push.close()
+            self._push = None
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0):
         """Starts the engine's processes (blocking until they are ready); call before serving."""
@@ -71,6 +126,14 @@ class AsyncLLM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
         self._stop_reader = threading.Event()
+        self._shared: list[SharedEngine] = []
+
+    def share(self, prefix: str = "s") -> SharedEngine:
+        """The engine for a frontend whose engine request ids start with `prefix` (this one's start
+        with "h"); call before start()."""
+        shared = SharedEngine(self, prefix)
+        self._shared.append(shared)
+        return shared
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -177,17 +240,43 @@ class AsyncLLM:
                     loop.call_soon_threadsafe(self._on_failure, f"the engine's output socket failed: {e}")
                 return
             if isinstance(msg, EngineDead):
-                loop.call_soon_threadsafe(self._on_failure, msg.reason)
+                self._failed(loop, msg.reason)
                 return
             if msg is not None:
-                loop.call_soon_threadsafe(self._on_message, msg)
+                msg = self._hand_over(msg)
+                if msg is not None:
+                    loop.call_soon_threadsafe(self._on_message, msg)
             elif (failure := self.engine.failure()) is not None:
-                loop.call_soon_threadsafe(self._on_failure, failure)
+                self._failed(loop, failure)
                 return
             now = time.monotonic()
             if now >= due:
                 due = now + STATS_INTERVAL_S
                 loop.call_soon_threadsafe(self._send_stats_request)
+
+    def _hand_over(self, msg):
+        """Gives the shared frontends theirs (from the reader thread); returns what is left."""
+        if not self._shared:
+            return msg
+        if isinstance(msg, EngineStats):
+            for shared in self._shared:
+                shared.deliver(msg)
+            return msg
+        if isinstance(msg, RequestOutputs):
+            mine = []
+            theirs: dict[int, list] = {}
+            for d in msg.deltas:
+                owner = next((i for i, sh in enumerate(self._shared) if d.req_id.startswith(sh.prefix)), None)
+                (mine if owner is None else theirs.setdefault(owner, [])).append(d)
+            for i, deltas in theirs.items():
+                self._shared[i].deliver(RequestOutputs(deltas))
+            return RequestOutputs(mine) if mine else None
+        return msg
+
+    def _failed(self, loop, reason: str) -> None:
+        for shared in self._shared:
+            shared.deliver(EngineDead(reason))
+        loop.call_soon_threadsafe(self._on_failure, reason)
 
     def stats_snapshot(self):
         """For the Prometheus collector (entrypoints/metrics.py)."""

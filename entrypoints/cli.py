@@ -152,10 +152,6 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     config = engine_config(args, _model_dir(args))
     if args.http_port is not None:
-        if args.port is not None:
-            print("error: one server runs the HTTP API or the ZeroMQ endpoint, not both yet: start two",
-                  file=sys.stderr)
-            return 2
         return _serve_http(args, config)
     args.port = 5555 if args.port is None else args.port
     server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace,
@@ -168,21 +164,54 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_http(args: argparse.Namespace, config) -> int:
+    """The HTTP API; with --port too, the ZeroMQ endpoint beside it on a thread of its own, both
+    frontends over the one engine (SIGTERM drains both)."""
     import os
+    import threading
     from pathlib import Path
 
     from entrypoints.async_llm import AsyncLLM
     from entrypoints.openai_server import run_http
+    from entrypoints.server import Server
 
     name = args.served_model_name or Path(config.model_dir).name
     api_key = args.api_key or os.environ.get("MLASERVE_API_KEY") or None
     llm = AsyncLLM(config)
+    zmq_server = zmq_thread = None
+    try:
+        if args.port is not None:
+            zmq_server = Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace, name,
+                                args.metrics_host, args.max_completions_per_client,
+                                args.max_prompt_tokens_per_client, engine=llm.share("s"))
+            zmq_thread = threading.Thread(target=zmq_server.serve_forever, kwargs={"install_signals": False},
+                                          name="mlaserve-zmq")
+    except BaseException:
+        llm.shutdown("the ZeroMQ endpoint did not start")
+        raise
 
     def ready(port: int) -> None:
+        if zmq_server is not None:
+            zmq_thread.start()
+            metrics = f", metrics on http://{args.metrics_host}:{zmq_server.metrics_server.server_port}/metrics" \
+                if zmq_server.metrics_server else ""
+            print(f"mlaserve serving {config.model_dir} on {zmq_server.address}{metrics}", file=sys.stderr,
+                  flush=True)
         print(f"mlaserve serving {config.model_dir} as {name!r} on http://{args.host}:{port}/v1 "
               f"(metrics on /metrics)", file=sys.stderr, flush=True)
 
-    return run_http(llm, args.host, args.http_port, name, api_key, args.shutdown_grace, on_ready=ready)
+    def stopping() -> None:
+        if zmq_server is not None:
+            zmq_server.request_stop()
+
+    def drained() -> None:  # the ZeroMQ side is done before the engine stops
+        if zmq_thread is None:
+            return
+        if zmq_thread.ident is None:  # the HTTP side never started
+            zmq_server.close()
+        zmq_thread.join(args.shutdown_grace + 10)
+
+    return run_http(llm, args.host, args.http_port, name, api_key, args.shutdown_grace, on_ready=ready,
+                    on_stop=stopping, before_engine_stop=drained)
 
 
 def main(argv: list[str] | None = None) -> int:

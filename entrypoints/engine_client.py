@@ -59,6 +59,7 @@ class EngineClient:
         self.procs = [spawn(run_engine_core, config, {**addrs, **config.worker_links(bind=True, ipc_dir=self._dir)},
                             eos, startup_timeout_s)]
         self.procs += [spawn(run_worker, config, r, links[f"plans{r}"], links["results"]) for r in config.local_ranks]
+        self.input_addr = addrs["input"]  # another frontend thread connects its own PUSH here
         self.inputs = Channel(self._ctx, zmq.PUSH, addrs["input"], bind=False, decode_type=None)
         self.stopped: str | None = None  # why the engine no longer runs, once it does not
         self.heartbeat_timeout_s = config.worker_heartbeat_timeout_s
@@ -74,6 +75,11 @@ class EngineClient:
             raise
         self.ready: EngineReady = ready
         self._beating = True  # from here on the scheduler sends heartbeats
+
+    @property
+    def pollable(self):
+        """What a zmq.Poller waits on for this client's messages."""
+        return self.outputs.socket
 
     def send(self, msg) -> None:
         self._check_running()

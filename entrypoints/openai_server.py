@@ -380,7 +380,7 @@ def _sse_error(message: str, kind: str, param: str | None = None) -> str:
 
 
 def run_http(llm: AsyncLLM, host: str, port: int, model_name: str, api_key: str | None = None,
-             grace_s: float = 30.0, on_ready=None) -> int:
+             grace_s: float = 30.0, on_ready=None, on_stop=None, before_engine_stop=None) -> int:
     """Serves until SIGTERM/SIGINT (uvicorn drains in-flight requests for `grace_s`), then stops
     the engine. Returns 1 when the engine had failed."""
     import uvicorn
@@ -396,6 +396,8 @@ def run_http(llm: AsyncLLM, host: str, port: int, model_name: str, api_key: str 
 
         async def shutdown(self, sockets=None):
             llm.stopping = True
+            if on_stop is not None:
+                on_stop()
             await super().shutdown(sockets)
 
         def handle_exit(self, sig, frame):
@@ -409,5 +411,7 @@ def run_http(llm: AsyncLLM, host: str, port: int, model_name: str, api_key: str 
     try:
         _Server(config).run()
     finally:
+        if before_engine_stop is not None:
+            before_engine_stop()
         llm.shutdown("the HTTP server stopped")
     return 0 if llm.failure is None else 1

@@ -102,12 +102,14 @@ class Server:
     def __init__(self, config: EngineConfig, host: str = "127.0.0.1", port: int = 5555,
                  metrics_port: int | None = None, shutdown_grace_s: float = 30.0, model_name: str | None = None,
                  metrics_host: str = "127.0.0.1", max_completions_per_client: int | None = None,
-                 max_prompt_tokens_per_client: int | None = None):
+                 max_prompt_tokens_per_client: int | None = None, engine=None):
+        """`engine`: the engine's processes as another frontend shares them (AsyncLLM.share()),
+        instead of starting them here."""
         self.config = config
         self.grace_s = shutdown_grace_s
         self.model_name = model_name or Path(config.model_dir).name
         self.tokenizer = Tokenizer.from_file(str(Path(config.model_dir) / "tokenizer.json"))
-        self.engine = EngineClient(config)
+        self.engine = engine if engine is not None else EngineClient(config)
         ready = self.engine.ready
         # One connection may hold half the engine's batch and its whole cache's worth of prompt
         # by default: enough for a load generator on one socket, and never every slot.
@@ -155,7 +157,7 @@ class Server:
             signal.signal(signal.SIGINT, self.request_stop)
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
-        poller.register(self.engine.outputs.socket, zmq.POLLIN)
+        poller.register(self.engine.pollable, zmq.POLLIN)
         poller.register(self.connections.monitor, zmq.POLLIN)
         poller.register(self.preparer.fd, zmq.POLLIN)
         try:
@@ -172,7 +174,7 @@ class Server:
                     self._submit_prepared()
                 if self.router in events and self.preparer.pending < MAX_PREPARING:
                     self._drain_clients()
-                if self.engine.outputs.socket in events and self.engine_failure is None:
+                if self.engine.pollable in events and self.engine_failure is None:
                     self._drain_engine()
                 if self.engine_failure is None:
                     self._refresh_stats()

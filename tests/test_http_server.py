@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import threading
 import time
@@ -244,4 +245,21 @@ def test_the_api_key_is_required_when_set_and_health_fails_when_the_engine_dies(
         assert status == 503 and "engine failed" in body["error"]["message"]
     finally:
         assert s.stop() == 1  # the engine had failed
+        assert not left_running(s.children)
+
+
+def test_zeromq_and_http_together_share_the_engine_and_drain_on_sigterm(tiny_checkpoint, offline):
+    from entrypoints.client import Client
+
+    s = HttpServer(tiny_checkpoint, "--port", "0", "--metrics-port", "0")
+    try:
+        zmq_line = next(line for line in s.log if "tcp://" in line)
+        address = re.search(r"on (tcp://\S+),", zmq_line).group(1)
+        ref = offline["completion"][0]
+        with Client(address, timeout_s=60) as c:
+            final = c.complete(PROMPTS[0], {"max_tokens": MAX_TOKENS, "temperature": 0})
+        r = s.client().completions.create(model=s.model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+        assert final.text == r.choices[0].text == ref.text
+    finally:
+        assert s.stop() == 0, s.log_text()
         assert not left_running(s.children)
