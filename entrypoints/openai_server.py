@@ -59,9 +59,19 @@ class _Refused(Exception):
 
 
 async def _body(request: Request) -> dict:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise _Refused(error_response(413, f"the body is {len(raw)} bytes; at most {MAX_BODY_BYTES}"))
+    """The JSON object of the body, read only up to MAX_BODY_BYTES (a longer one is refused while
+    it comes, never held whole)."""
+    too_long = error_response(413, f"the body is longer than {MAX_BODY_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _Refused(too_long)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise _Refused(too_long)
+        parts.append(part)
+    raw = b"".join(parts)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:

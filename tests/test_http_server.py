@@ -174,6 +174,13 @@ def test_each_bad_parameter_is_a_400_naming_it_while_others_stream(http, offline
             assert body["error"]["param"] == param, (override, body)
     status, body = http.post("/v1/completions", b"[" * 100_000 + b"]" * 100_000)
     assert status == 400
+    host, port = http.url.split("//")[1].split(":")
+    conn = HTTPConnection(host, int(port), timeout=30)  # a body announced too long is refused before it comes
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(1 << 30))
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
     status, body = http.post("/v1/completions", b"{not json")
     assert status == 400 and "JSON" in body["error"]["message"]
     status, body = http.post("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]})
