@@ -192,9 +192,16 @@ class AsyncLLM:
         finally:
             self._streams.pop(engine_id, None)
             unfinished = self.tracker.forget(engine_id)
-            if unfinished and self.failure is None:  # the caller left early: the engine stops its work
+            if unfinished:  # the caller left early: the engine stops its work
                 self.counters["clients_disconnected"] += 1
-                self.engine.send(AbortRequests(unfinished))
+                self._abort(unfinished)
+
+    def _abort(self, ids: list[str]) -> None:
+        if self.failure is None and self.engine.stopped is None:  # (a stopped engine runs nothing)
+            try:
+                self.engine.send(AbortRequests(ids))
+            except EngineDeadError:
+                pass
 
     def _check_available(self) -> None:
         if self.failure is not None:
@@ -210,8 +217,8 @@ class AsyncLLM:
                 fold = self.tracker.process(d)
                 if fold is None:
                     continue
-                if fold.stopped and self.failure is None:
-                    self.engine.send(AbortRequests([d.req_id]))
+                if fold.stopped:
+                    self._abort([d.req_id])
                 stream = self._streams.get(fold.engine_id)
                 if stream is not None:
                     stream.queue.put_nowait(fold)
