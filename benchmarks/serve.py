@@ -62,13 +62,19 @@ async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float
                         "label": label})
 
 
-async def run(address: str, reqs, rate: float, seed: int, priorities=None, labels=None) -> tuple[list[dict], float]:
-    """labels: a class per request, recorded with its latencies."""
+def arrival_delays(n: int, rate: float, seed: int) -> list[float]:
+    """Seconds from the start at which each request arrives: Poisson at `rate` (0: all at once)."""
     rng = random.Random(seed + 1)
     delays, t = [], 0.0
-    for _ in reqs:
+    for _ in range(n):
         delays.append(t)
         t += rng.expovariate(rate) if rate > 0 else 0.0
+    return delays
+
+
+async def run(address: str, reqs, rate: float, seed: int, priorities=None, labels=None) -> tuple[list[dict], float]:
+    """labels: a class per request, recorded with its latencies."""
+    delays = arrival_delays(len(reqs), rate, seed)
     rec: list[dict] = []
     async with AsyncClient(address, timeout_s=600) as client:
         start = time.perf_counter()
@@ -99,11 +105,7 @@ async def one_http(client, model: str, prompt: list[int], out_len: int, delay: f
 async def run_http(url: str, model: str, reqs, rate: float, seed: int) -> tuple[list[dict], float]:
     import openai
 
-    rng = random.Random(seed + 1)
-    delays, t = [], 0.0
-    for _ in reqs:
-        delays.append(t)
-        t += rng.expovariate(rate) if rate > 0 else 0.0
+    delays = arrival_delays(len(reqs), rate, seed)
     rec: list[dict] = []
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
     try:
