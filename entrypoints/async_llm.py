@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -46,12 +46,6 @@ class Health:
     status: str  # "ok", "shutting_down", "engine_dead"
     reason: str = ""
     stats_age_s: float = 0.0
-
-
-@dataclass
-class _Stream:
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    done: bool = False
 
 
 class SharedEngine:
@@ -113,7 +107,7 @@ class AsyncLLM:
         self.engine = EngineClient(config, startup_timeout_s)
         self.ready = self.engine.ready
         self.tracker = OutputProcessor(self.tokenizer)
-        self._streams: dict[str, _Stream] = {}  # by engine request id
+        self._streams: dict[str, asyncio.Queue] = {}  # each request's folds, by engine request id
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="mlaserve-prepare")
         self._next_id = 0
         self.failure: str | None = None
@@ -157,10 +151,6 @@ class AsyncLLM:
             return Health("engine_dead", self.failure, age)
         return Health("shutting_down" if self.stopping else "ok", "", age)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._streams)
-
     # ---- requests -----------------------------------------------------------------------------
 
     async def prepare(self, prompt, params: SamplingParams | dict | None, priority: int = 0,
@@ -179,15 +169,15 @@ class AsyncLLM:
         self._next_id += 1
         self.counters["requests_received"] += 1
         output, add = self.tracker.add(engine_id, prompt, prompt_ids, params, time.time(), priority, request_id)
-        stream = self._streams[engine_id] = _Stream()
+        queue = self._streams[engine_id] = asyncio.Queue()
         self.engine.send(add)
         try:
             while True:
-                item = await stream.queue.get()
+                item = await queue.get()
                 if isinstance(item, Exception):
                     raise item
                 yield item
-                if item.output.finished:
+                if item.request_finished:
                     return
         finally:
             self._streams.pop(engine_id, None)
@@ -219,17 +209,17 @@ class AsyncLLM:
                     continue
                 if fold.stopped:
                     self._abort([d.req_id])
-                stream = self._streams.get(fold.engine_id)
-                if stream is not None:
-                    stream.queue.put_nowait(fold)
+                queue = self._streams.get(fold.engine_id)
+                if queue is not None:
+                    queue.put_nowait(fold)
         elif isinstance(msg, EngineStats):
             self.latest_stats, self.stats_time = msg, time.monotonic()
 
     def _on_failure(self, reason: str) -> None:
         log.error("the engine failed; every request in flight fails with the reason:\n%s", reason)
         self.failure = reason.strip().splitlines()[-1] if reason.strip() else "the engine failed"
-        for stream in self._streams.values():
-            stream.queue.put_nowait(EngineUnavailable(f"the engine failed: {self.failure}"))
+        for queue in self._streams.values():
+            queue.put_nowait(EngineUnavailable(f"the engine failed: {self.failure}"))
         self.engine.shutdown(f"it failed: {self.failure}")
 
     def _send_stats_request(self) -> None:

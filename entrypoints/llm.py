@@ -124,7 +124,7 @@ class LLM:
                     continue  # an abort we asked for after a stop string
                 if fold.stopped:
                     self.engine.send(AbortRequests([d.req_id]))
-                if bar and fold.output.finished:
+                if bar and fold.request_finished:
                     bar.update(1)
         if bar:
             bar.close()

@@ -232,9 +232,6 @@ class _Call:
         completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _finish_reason(self, c) -> str | None:
-        return None if c.finish_reason is None else "length" if c.finish_reason == "length" else \
-            "stop" if c.finish_reason in ("stop", "abort") else c.finish_reason
 
     def _completion_logprobs(self, lps, offset: int) -> dict:
         tokens, token_lps, tops, offsets = [], [], [], []
@@ -280,7 +277,7 @@ class _Call:
         choices = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
-                choice = {"index": i * self.n + c.index, "finish_reason": self._finish_reason(c)}
+                choice = {"index": i * self.n + c.index, "finish_reason": _openai_finish_reason(c.finish_reason)}
                 if self.chat:
                     choice["message"] = {"role": "assistant", "content": c.text}
                     choice["logprobs"] = self._chat_logprobs(c.logprobs) if c.logprobs is not None else None
@@ -356,14 +353,14 @@ class _Call:
             try:
                 async for i, fold in self._merged(streams):
                     outputs[i] = fold.output
-                    if fold.completion.finish_reason == "error":
+                    if fold.finish_reason == "error":
                         message = fold.output.error or "rejected by the engine"
                         yield _sse_error(message, "invalid_request_error", param_of(message))
                         return
                     if not (fold.new_token_ids or fold.new_text or fold.finished):
                         continue  # (a chunk per step that made tokens, text or not, as vLLM streams)
                     index = self._index(i, fold)
-                    reason = self._finish_reason(fold.completion) if fold.finished else None
+                    reason = _openai_finish_reason(fold.finish_reason)
                     want = self.parsed.logprobs is not None
                     if self.chat:
                         choice = {"index": index, "delta": {"content": fold.new_text} if fold.new_text else {},
@@ -383,6 +380,11 @@ class _Call:
         finally:
             for s in streams:  # a client gone mid-stream: the generators' finally blocks abort their requests
                 await s.aclose()
+
+
+def _openai_finish_reason(reason: str | None) -> str | None:
+    """OpenAI's names: an aborted completion (a stop string, or the server stopping) is "stop"."""
+    return "stop" if reason == "abort" else reason
 
 
 def _sse_error(message: str, kind: str, param: str | None = None) -> str:

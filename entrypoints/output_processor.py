@@ -26,10 +26,14 @@ class Fold:
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs]  # empty unless the request asked for logprobs
     stopped: bool  # a stop string ended it here: the engine still runs it until aborted
+    # As of this fold: a consumer that reads folds later (from a queue) sees the output as later
+    # folds left it, so these are what it must go by.
+    finish_reason: str | None  # the completion's
+    request_finished: bool  # all of the request's completions
 
     @property
     def finished(self) -> bool:
-        return self.completion.finished
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -109,7 +113,8 @@ class OutputProcessor:
             if out.finished:
                 m.finish_time = d.finish_time or time.time()
                 self._requests.pop(t.engine_id, None)
-        return Fold(t.engine_id, out, c, new_text, d.new_token_ids, new_logprobs, stopped)
+        return Fold(t.engine_id, out, c, new_text, d.new_token_ids, new_logprobs, stopped, c.finish_reason,
+                    out.finished)
 
     def unfinished_ids(self, engine_id: str) -> list[str]:
         """The engine completion ids of a request still running, for an abort."""

@@ -355,7 +355,7 @@ class Server:
         if fold is None:
             return  # already finished here (a stop string) and aborted in the engine
         s, c = self.requests[fold.engine_id], fold.completion
-        if c.finish_reason == "error":
+        if fold.finish_reason == "error":
             self._finish(s, Error("invalid_request", d.error or "rejected by the engine", s.request_id))
             return
         if s.stream and (fold.new_token_ids or fold.new_text):
@@ -366,7 +366,7 @@ class Server:
                 return
         if fold.stopped:
             self.engine.send(AbortRequests([d.req_id]))
-        if fold.output.finished:
+        if fold.request_finished:
             self._finish(s, self._final(s))
 
     def _final(self, s: Served) -> Final:
