@@ -29,7 +29,7 @@ from engine.messages import AbortRequests, EngineDead, EngineStats, GetStats, Re
 from engine.processes import Channel
 from engine.request_input import check_priority, prepare_request
 from engine.sampling_params import SamplingParams
-from entrypoints.engine_client import EngineClient, EngineDeadError
+from entrypoints.engine_client import EngineClient, EngineDeadError, failure_summary
 from entrypoints.output_processor import Fold, OutputProcessor
 
 log = logging.getLogger("mlaserve.async_llm")
@@ -216,8 +216,7 @@ class AsyncLLM:
             self.latest_stats, self.stats_time = msg, time.monotonic()
 
     def _on_failure(self, reason: str) -> None:
-        log.error("the engine failed; every request in flight fails with the reason:\n%s", reason)
-        self.failure = reason.strip().splitlines()[-1] if reason.strip() else "the engine failed"
+        self.failure = failure_summary(reason, log)
         for queue in self._streams.values():
             queue.put_nowait(EngineUnavailable(f"the engine failed: {self.failure}"))
         self.engine.shutdown(f"it failed: {self.failure}")

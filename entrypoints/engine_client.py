@@ -24,6 +24,13 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+def failure_summary(reason: str, log) -> str:
+    """Logs an engine failure whole (a child's traceback, say) and returns the line a frontend
+    tells its clients and its health check."""
+    log.error("the engine failed; every request in flight fails with the reason:\n%s", reason)
+    return reason.strip().splitlines()[-1] if reason.strip() else "the engine failed"
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))

@@ -39,7 +39,7 @@ from engine.outputs import RequestOutput
 from engine.request_input import RequestInputError
 from engine.sampling_params import SamplingParams
 from entrypoints.connections import ClientLimits, ClientState, Connections
-from entrypoints.engine_client import EngineClient
+from entrypoints.engine_client import EngineClient, failure_summary
 from entrypoints.metrics import start_metrics_server
 from entrypoints.output_processor import OutputProcessor
 from entrypoints.protocol import (
@@ -201,8 +201,7 @@ class Server:
     def _engine_failed(self, reason: str) -> None:
         """Every request in flight fails with the reason, the engine's processes are stopped, and
         the server stays up to say so (health: engine_dead) until it is stopped."""
-        log.error("the engine failed; every request in flight fails with the reason:\n%s", reason)
-        self.engine_failure = reason.strip().splitlines()[-1] if reason.strip() else "the engine failed"
+        self.engine_failure = failure_summary(reason, log)
         self._abort_all(f"the engine failed: {self.engine_failure}", code="engine_error")
         self.engine.shutdown(f"it failed: {self.engine_failure}")
 

@@ -7,8 +7,8 @@ a near tie of the router and the next token changes. vLLM (VLLM_BATCH_INVARIANT)
 (--enable-deterministic-inference) offer a mode without this; so does mlaserve, `batch_invariant`
 (kernels/backend.py), on the kernel path: the dense products below run one Triton kernel with
 one tile shape whatever the rows, reducing K in order without a split, and decode attention runs
-unsplit (kernels/mla_decode.py). The FP8 GEMM, the routed experts and the norms already reduce
-each row alone.
+unsplit (kernels/mla_decode.py); the FP8 GEMM and the fused routed experts, which reduce each row
+alone in K order, keep one tile too (on a GPU theirs follow M). The norms are per row already.
 
 Elsewhere, and with the mode off, these are torch's F.linear and bmm.
 """
