@@ -114,9 +114,8 @@ class AsyncLLM:
         self.stopping = False
         self.latest_stats: EngineStats | None = None
         self.stats_time = time.monotonic()
-        # The Prometheus collector's server counters (entrypoints/metrics.py), those this frontend has.
-        self.counters = {"requests_received": 0, "bad_messages": 0, "requests_refused_by_limits": 0,
-                         "clients_disconnected": 0}
+        # Of the Prometheus collector's server counters (entrypoints/metrics.py), those this frontend has.
+        self.counters = {"requests_received": 0, "clients_disconnected": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
         self._stop_reader = threading.Event()

@@ -28,18 +28,24 @@ HISTOGRAM_HELP = {
 }
 
 
+SERVER_COUNTERS = {
+    "requests_received": "Generate messages received.",
+    "bad_messages": "Frames refused as unreadable.",
+    "requests_refused_by_limits": "Requests refused by a per-connection limit.",
+    "clients_disconnected": "Clients whose connection closed with requests unfinished.",
+}
+
+
 class EngineCollector:
     def __init__(self, server):
         self.server = server
 
     def collect(self):
         stats, counters, health = self.server.stats_snapshot()
-        yield _counter("server_requests_received", "Generate messages received.", counters["requests_received"])
-        yield _counter("server_bad_messages", "Frames refused as unreadable.", counters["bad_messages"])
-        yield _counter("server_requests_refused_by_limits", "Requests refused by a per-connection limit.",
-                       counters["requests_refused_by_limits"])
-        yield _counter("server_clients_disconnected", "Clients whose connection closed with requests unfinished.",
-                       counters["clients_disconnected"])
+        # The counters the frontend keeps (the HTTP server has no frames or per-connection limits).
+        for key, doc in SERVER_COUNTERS.items():
+            if key in counters:
+                yield _counter(f"server_{key}", doc, counters[key])
         yield _gauge("engine_healthy", "1 while the engine runs; 0 once it failed (health says why).",
                      float(health.status != "engine_dead"))
         yield _gauge("stats_age_seconds", "Age of the engine numbers below (the scheduler answers between "
