@@ -3,9 +3,10 @@ yields its folds (entrypoints/output_processor.py) as the engine produces them; 
 iteration early (a client gone, a task cancelled) aborts what still runs. The HTTP server is a
 thin adapter over it.
 
-Threads: the event loop owns the request tracking and the socket to the scheduler; one reader
-thread owns the socket from it, notes heartbeats, watches the engine's processes, and hands every
-message to the loop. Prompts are tokenized on a small pool, off the loop.
+All of it runs on the serving event loop: the engine's output socket is read when the loop sees
+its file descriptor readable (no reader thread, so a first token does not wait for a thread to
+get the GIL from the loop), and a timer asks for stats and watches the engine's processes and
+heartbeats. Short prompts are tokenized on the loop (microseconds); long ones on a small pool.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from entrypoints.output_processor import Fold, OutputProcessor
 log = logging.getLogger("mlaserve.async_llm")
 
 STATS_INTERVAL_S = 0.25
+WATCH_INTERVAL_S = 0.05  # how often the engine's processes and heartbeats are checked
+INLINE_PROMPT_CHARS = 4096  # longer prompt strings are tokenized off the loop
 
 
 class EngineUnavailable(RuntimeError):
@@ -51,7 +54,7 @@ class Health:
 class SharedEngine:
     """The engine as a second frontend on a thread of its own (the ZeroMQ server beside the HTTP
     one) sees it: EngineClient's interface, with its own socket to the scheduler and, handed over
-    by the reader thread through a queue and a pipe to poll, the messages for its requests (engine
+    by the serving loop through a queue and a pipe to poll, the messages for its requests (engine
     ids starting with `prefix`), every stats answer and the engine's failure."""
 
     def __init__(self, llm: AsyncLLM, prefix: str):
@@ -117,8 +120,10 @@ class AsyncLLM:
         # Of the Prometheus collector's server counters (entrypoints/metrics.py), those this frontend has.
         self.counters = {"requests_received": 0, "clients_disconnected": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: threading.Thread | None = None
-        self._stop_reader = threading.Event()
+        self._reading = False
+        self._fd: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stats_due = 0.0
         self._shared: list[SharedEngine] = []
 
     def share(self, prefix: str = "s") -> SharedEngine:
@@ -131,18 +136,42 @@ class AsyncLLM:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Begins reading the engine's outputs into `loop` (the one serving requests)."""
+        """Begins reading the engine's outputs on `loop` (the one serving requests; call on it)."""
         self._loop = loop
-        self._reader = threading.Thread(target=self._read, name="mlaserve-engine-reader", daemon=True)
-        self._reader.start()
+        self._fd = self.engine.outputs.socket.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self._drain)
+        self._reading = True
+        self._timer = loop.call_soon(self._watch)
 
     def shutdown(self, why: str = "the server stopped") -> None:
         self.stopping = True
-        self._stop_reader.set()
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(timeout=5)
+        self._stop_reading()
         self.engine.shutdown(why)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _stop_reading(self) -> None:
+        """Unregisters the socket from the loop before it closes (from any thread)."""
+        loop = self._loop
+        if not self._reading or loop is None or loop.is_closed():
+            self._reading = False
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or not loop.is_running():
+            self._unregister()
+        else:
+            done = threading.Event()
+            loop.call_soon_threadsafe(lambda: (self._unregister(), done.set()))
+            done.wait(5)
+
+    def _unregister(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+            if self._timer is not None:
+                self._timer.cancel()
 
     def health(self) -> Health:
         age = round(time.monotonic() - self.stats_time, 3)
@@ -157,8 +186,10 @@ class AsyncLLM:
         """Checks and tokenizes off the loop; raises RequestInputError naming the bad field."""
         check_priority(priority)
         r = self.ready
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, prepare_request, prompt, params, self.tokenizer, r.max_model_len, r.vocab_size)
+        args = (prompt, params, self.tokenizer, r.max_model_len, r.vocab_size)
+        if isinstance(prompt, str) and len(prompt) > INLINE_PROMPT_CHARS:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, prepare_request, *args)
+        return prepare_request(*args)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        priority: int = 0, prompt: str | None = None) -> AsyncIterator[Fold]:
@@ -224,33 +255,41 @@ class AsyncLLM:
         if self.failure is None and not self.stopping:
             self.engine.send(GetStats())
 
-    def _read(self) -> None:
-        loop = self._loop
-        due = 0.0
-        while not self._stop_reader.is_set():
-            try:
-                msg = self.engine.poll(timeout_ms=50)
-            except Exception as e:  # (the sockets closed under us at shutdown)
-                if not self._stop_reader.is_set():
-                    loop.call_soon_threadsafe(self._on_failure, f"the engine's output socket failed: {e}")
-                return
-            if isinstance(msg, EngineDead):
-                self._failed(loop, msg.reason)
-                return
-            if msg is not None:
+    def _drain(self) -> None:
+        """Everything the output socket holds (its descriptor signals edges: read to empty)."""
+        if not self._reading:
+            return
+        try:
+            while (msg := self.engine.poll(timeout_ms=0)) is not None:
+                if isinstance(msg, EngineDead):
+                    self._failed(msg.reason)
+                    return
                 msg = self._hand_over(msg)
                 if msg is not None:
-                    loop.call_soon_threadsafe(self._on_message, msg)
-            elif (failure := self.engine.failure()) is not None:
-                self._failed(loop, failure)
-                return
-            now = time.monotonic()
-            if now >= due:
-                due = now + STATS_INTERVAL_S
-                loop.call_soon_threadsafe(self._send_stats_request)
+                    self._on_message(msg)
+        except zmq.ZMQError as e:
+            if self._reading:
+                self._failed(f"the engine's output socket failed: {e}")
+
+    def _watch(self) -> None:
+        """Every WATCH_INTERVAL_S: a dead process or a silent scheduler fails the engine; stats
+        are asked for every STATS_INTERVAL_S; and the socket is drained in case an edge was missed."""
+        if not self._reading:
+            return
+        self._drain()
+        if not self._reading:
+            return
+        if (failure := self.engine.failure()) is not None:
+            self._failed(failure)
+            return
+        now = time.monotonic()
+        if now >= self._stats_due:
+            self._stats_due = now + STATS_INTERVAL_S
+            self._send_stats_request()
+        self._timer = self._loop.call_later(WATCH_INTERVAL_S, self._watch)
 
     def _hand_over(self, msg):
-        """Gives the shared frontends theirs (from the reader thread); returns what is left."""
+        """Gives the shared frontends theirs; returns what is left."""
         if not self._shared:
             return msg
         if isinstance(msg, EngineStats):
@@ -268,10 +307,11 @@ class AsyncLLM:
             return RequestOutputs(mine) if mine else None
         return msg
 
-    def _failed(self, loop, reason: str) -> None:
+    def _failed(self, reason: str) -> None:
+        self._unregister()
         for shared in self._shared:
             shared.deliver(EngineDead(reason))
-        loop.call_soon_threadsafe(self._on_failure, reason)
+        self._on_failure(reason)
 
     def stats_snapshot(self):
         """For the Prometheus collector (entrypoints/metrics.py)."""
