@@ -15,7 +15,9 @@ priority 0 and the rest 1; it prints each class's latencies under both (the peer
 With --endpoint http the same arrivals go through the OpenAI-compatible HTTP server (`serve
 --http-port`) with the official `openai` streaming client, alternating with the ZeroMQ endpoint
 (--rounds times each, a fresh server per run): it prints the HTTP/ZeroMQ ratio of output
-throughput and the difference of median TTFT, what the HTTP layer costs.
+throughput and the difference of median TTFT. Each HTTP server is driven twice: by the `openai`
+client and by a light one (httpx streaming the SSE lines, json per chunk), so the print tells
+what the HTTP server costs apart from what the openai SDK costs its caller.
 
     .venv/bin/python benchmarks/serve.py --endpoint http --rate 8 --num-requests 100 --rounds 2
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import re
 import signal
@@ -116,6 +119,39 @@ async def run_http(url: str, model: str, reqs, rate: float, seed: int) -> tuple[
         await client.close()
 
 
+async def one_sse(client, url: str, model: str, prompt: list[int], out_len: int, delay: float, rec: list) -> None:
+    await asyncio.sleep(delay)
+    start = time.perf_counter()
+    times: list[float] = []
+    tokens = 0
+    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
+                times.append(now)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    rec.append({"start": start, "token_times": times, "end": time.perf_counter(), "tokens": tokens, "label": 0})
+
+
+async def run_sse(url: str, model: str, reqs, rate: float, seed: int) -> tuple[list[dict], float]:
+    try:  # the HTTP client the openai SDK is built on (renamed httpx2 in its 3.x line)
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    delays = arrival_delays(len(reqs), rate, seed)
+    rec: list[dict] = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one_sse(client, url, model, p, n, d, rec) for (p, n), d in zip(reqs, delays)))
+        return rec, time.perf_counter() - start
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -203,11 +239,13 @@ def serve_once(args, reqs, policy: str | None = None, priorities=None, labels=No
             server.wait(timeout=120)
 
 
-def serve_http_once(args, reqs) -> tuple[list[dict], float]:
+def serve_http_once(args, reqs) -> dict[str, tuple[list[dict], float]]:
+    """The workload through one HTTP server twice: with the openai client, then the light one."""
     server, url, model = start_server(args, [], http=True)
     try:
         asyncio.run(run_http(url, model, reqs[:2], 0, args.seed))  # warm-up
-        return asyncio.run(run_http(url, model, reqs, args.rate, args.seed))
+        return {client: asyncio.run(run(url, model, reqs, args.rate, args.seed))
+                for client, run in (("openai", run_http), ("sse", run_sse))}
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
@@ -216,20 +254,22 @@ def serve_http_once(args, reqs) -> tuple[list[dict], float]:
 def compare_endpoints(args, reqs) -> None:
     if args.address is not None:
         sys.exit("--endpoint http starts its own servers: leave out --address")
-    runs: dict[str, list[dict]] = {"zmq": [], "http": []}
+    runs: dict[str, list[dict]] = {"zmq": [], "openai": [], "sse": []}
     for r in range(args.rounds):
-        for endpoint in ("zmq", "http"):
-            rec, elapsed = serve_once(args, reqs) if endpoint == "zmq" else serve_http_once(args, reqs)
+        results = {"zmq": serve_once(args, reqs), **serve_http_once(args, reqs)}
+        for kind, (rec, elapsed) in results.items():
             s = summarize(rec, elapsed)
-            runs[endpoint].append(s)
-            print(f"round {r} {endpoint:4s}: {s['output_tok_per_s']:8.1f} output tok/s, TTFT p50 "
+            runs[kind].append(s)
+            print(f"round {r} {kind:6s}: {s['output_tok_per_s']:8.1f} output tok/s, TTFT p50 "
                   f"{s['ttft_p50_ms']:8.1f} ms, ITL p50 {s['itl_p50_ms']:7.1f} ms, E2E p50 {s['e2e_p50_ms']:8.1f} ms",
                   flush=True)
     tput = {e: statistics.median(s["output_tok_per_s"] for s in v) for e, v in runs.items()}
     ttft = {e: statistics.median(s["ttft_p50_ms"] for s in v) for e, v in runs.items()}
-    print(f"rate {args.rate}/s, {len(reqs)} requests, median of {args.rounds} runs each: HTTP/ZeroMQ output "
-          f"throughput {tput['http'] / tput['zmq']:.3f} ({tput['http']:.1f} vs {tput['zmq']:.1f} tok/s); median TTFT "
-          f"HTTP - ZeroMQ {ttft['http'] - ttft['zmq']:+.1f} ms ({ttft['http']:.1f} vs {ttft['zmq']:.1f} ms)")
+    print(f"rate {args.rate}/s, {len(reqs)} requests, median of {args.rounds} runs each, against the ZeroMQ endpoint "
+          f"({tput['zmq']:.1f} tok/s, TTFT p50 {ttft['zmq']:.1f} ms):")
+    for kind, label in (("openai", "HTTP, openai client"), ("sse", "HTTP, light SSE client")):
+        print(f"  {label:24s} output throughput {tput[kind] / tput['zmq']:.3f}x ({tput[kind]:.1f} tok/s), "
+              f"median TTFT {ttft[kind] - ttft['zmq']:+.1f} ms ({ttft[kind]:.1f} ms)")
 
 
 def start_server(args, flags: list[str], http: bool = False):

@@ -17,6 +17,15 @@ from engine.sampling_params import (
 # refused before tokenizing (which is linear, but on a megabyte it is time others wait).
 MAX_PROMPT_CHARS_PER_TOKEN = 64
 
+# A prompt up to this size (characters, or token ids) is prepared on a frontend's loop: that
+# takes tens of microseconds, and handing it to a thread and back costs a first token more
+# (the GIL changes hands twice, after the loop's turn). Larger ones go to a thread pool.
+INLINE_PROMPT_SIZE = 4096
+
+
+def prepare_inline(prompt) -> bool:
+    return prompt is None or len(prompt) <= INLINE_PROMPT_SIZE
+
 
 class RequestInputError(ValueError):
     """The request's own input is wrong; the message names what. `params` is set when the

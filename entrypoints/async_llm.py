@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from engine.config import EngineConfig
 from engine.messages import AbortRequests, EngineDead, EngineStats, GetStats, RequestOutputs
 from engine.processes import Channel
-from engine.request_input import check_priority, prepare_request
+from engine.request_input import check_priority, prepare_inline, prepare_request
 from engine.sampling_params import SamplingParams
 from entrypoints.engine_client import EngineClient, EngineDeadError, failure_summary
 from entrypoints.output_processor import Fold, OutputProcessor
@@ -37,7 +37,6 @@ log = logging.getLogger("mlaserve.async_llm")
 
 STATS_INTERVAL_S = 0.25
 WATCH_INTERVAL_S = 0.05  # how often the engine's processes and heartbeats are checked
-INLINE_PROMPT_CHARS = 4096  # longer prompt strings are tokenized off the loop
 
 
 class EngineUnavailable(RuntimeError):
@@ -187,7 +186,7 @@ class AsyncLLM:
         check_priority(priority)
         r = self.ready
         args = (prompt, params, self.tokenizer, r.max_model_len, r.vocab_size)
-        if isinstance(prompt, str) and len(prompt) > INLINE_PROMPT_CHARS:
+        if isinstance(prompt, (str, list)) and not prepare_inline(prompt):
             return await asyncio.get_running_loop().run_in_executor(self._pool, prepare_request, *args)
         return prepare_request(*args)
 

@@ -4,7 +4,9 @@ schema's limits, but a megabyte of prompt is still a tenth of a second that ever
 wait for on the loop. Tokenizing goes through `encode_batch`, which releases the interpreter, so
 the loop keeps running beside it.
 
-The loop polls `fd` (a pipe) with its sockets and takes finished preparations with `take()`."""
+A small request (engine/request_input.py: prepare_inline) is prepared at once on the loop instead.
+The loop polls `fd` (a pipe) with its sockets and takes finished preparations with `take()`;
+`ready` says some are waiting without a wake-up (the inline ones)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgspec
 
-from engine.request_input import RequestInputError, check_priority, prepare_request
+from engine.request_input import RequestInputError, check_priority, prepare_inline, prepare_request
 from engine.sampling_params import SamplingParams
 from entrypoints.protocol import Generate
 
 _params_decoder = msgspec.msgpack.Decoder(SamplingParams)
+PARAMS_INLINE = 16 << 10  # encoded parameters (bad words, logit bias) up to this are decoded inline
 
 
 class Preparer:
@@ -36,8 +39,20 @@ class Preparer:
     def fd(self) -> int:
         return self._read_fd
 
+    @property
+    def ready(self) -> bool:
+        return bool(self._done)
+
     def submit(self, key, msg: Generate) -> None:
         self.pending += 1
+        if prepare_inline(msg.prompt) and prepare_inline(msg.prompt_token_ids) and len(msg.params) <= PARAMS_INLINE:
+            fut: Future = Future()
+            try:
+                fut.set_result(self._prepare(msg))
+            except Exception as e:
+                fut.set_exception(e)
+            self._done.append((key, fut))
+            return
         fut = self.pool.submit(self._prepare, msg)
         fut.add_done_callback(lambda f: self._finished(key, f))
 

@@ -174,6 +174,8 @@ class Server:
                     self._submit_prepared()
                 if self.router in events and self.preparer.pending < MAX_PREPARING:
                     self._drain_clients()
+                if self.preparer.ready:  # (prepared on the loop just now)
+                    self._submit_prepared()
                 if self.engine.pollable in events and self.engine_failure is None:
                     self._drain_engine()
                 if self.engine_failure is None:
