@@ -48,7 +48,7 @@ def linear_rows(args) -> None:
 
 
 def experts(args) -> None:
-    from model.moe import RoutedExperts
+    from kernels.routed_experts import RoutedExperts
 
     hidden, inter, n, k = 7168 // args.scale, 2048 // args.scale, 32, 8
     hidden, inter = hidden // 64 * 64, inter // 32 * 32

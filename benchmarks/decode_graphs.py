@@ -22,8 +22,8 @@ from benchmarks.cpu_decode_attention import median_times
 from cache.latent_cache import LatentCache
 from engine.decode_graphs import CudaGraphReplay, DecodeGraphs
 from engine.model_config import ModelConfig
+from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.deepseek_v3 import DeepseekV3
-from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
 
 

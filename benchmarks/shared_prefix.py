@@ -29,9 +29,9 @@ import torch
 
 from engine.memory_profile import PeakMeter
 from engine.model_config import ModelConfig
+from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.checkpoint_maker import ensure_checkpoint
 from model.deepseek_v3 import DeepseekV3
-from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
 
 BLOCK = 64

@@ -21,7 +21,7 @@ from kernels import latent_fp8, native
 from kernels.backend import triton_wanted
 from kernels.quant import round_to_dtype_grid, round_to_e4m3_grid
 from kernels.rms_norm import rms_norm_ref
-from model.rope import rotate
+from kernels.rope import rotate
 
 
 def write_latent_entries_ref(c_kv: torch.Tensor, k_pe: torch.Tensor, q_pe: torch.Tensor, norm_weight: torch.Tensor,

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from kernels import latent_fp8, native
 from kernels.backend import triton_wanted
 from kernels.batch_invariant import dense_bmm, dense_linear
+from kernels.forward_batch import ForwardBatch
 from kernels.mla_decode import paged_mla_decode
-from model.forward_batch import ForwardBatch
 
 # Sequences with at most this many query tokens share one padded computation.
 SHORT_QUERY_MAX = 8
@@ -389,6 +389,16 @@ def _torch_chunk_attention(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Te
     return o[0, ..., :v_dim].transpose(0, 1)
 
 
+def absorbed_cpu_layout(w_uk: torch.Tensor, w_uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The absorbed products' weights per head (w_uk [H, nope, rank] transposed, w_uv [H, v, rank])
+    in the compiled linear's layout where it can take them (a second copy, ~2 x 0.5 MB a layer for
+    the small model), else None."""
+    uk_t = w_uk.transpose(1, 2)  # [H, rank, nope]: N = rank, K = nope
+    if native.linear_available(uk_t[0]) and native.linear_available(w_uv[0]):
+        return native.pack_strips(uk_t.contiguous()), native.pack_strips(w_uv)
+    return None
+
+
 def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,
                      w_uk: torch.Tensor, w_uv: torch.Tensor, softmax_scale: float,
                      head_strips: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -396,9 +406,10 @@ def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
     The absorbed products stay [heads, rows, ...]; the CPU kernel takes them (and writes its
     output) with any row and head strides, which saves copying every query and output.
     `head_strips` (CPU, bf16: w_uk and w_uv per head in the compiled linear's layout, see
-    model/mla.py) puts both absorbed products on the compiled linear, [rows, heads, ...] in and out."""
+    absorbed_cpu_layout) puts both absorbed products on the compiled linear, [rows, heads, ...] in and out."""
     rows = plan.rows
-    if head_strips is not None and q_nope.shape[0] <= native.linear_max_rows() and not triton_wanted(q_nope):
+    if (head_strips is not None and q_nope.shape[0] <= native.linear_max_rows() and not triton_wanted(q_nope)
+            and native.runs("linear", q_nope)):
         q_latent = native.linear_heads(q_nope, head_strips[0])  # [T, H, rank]
         o_latent = torch.empty_like(q_latent)
         native.paged_mla_decode_cpu(q_latent, q_pe, cache, plan.block_tables, rows.seq_of_row, rows.kv_lens,

@@ -6,18 +6,22 @@
     weights = the chosen experts' unbiased scores (normalized to sum 1 with `norm_topk_prob`)
               * routed_scaling_factor
 
-One entry point, `select_experts`: a Triton kernel where Triton runs (one program per token, the
-whole selection in registers), the torch reference elsewhere (15 launches on a GPU). The CPU
-runs the router's linear and this in one compiled pass (kernels/native.py: moe_gate) instead.
+`select_experts`: a Triton kernel where Triton runs (one program per token, the whole selection in
+registers), the torch reference elsewhere (15 launches on a GPU). `route`, the router's entry
+point, runs the router's linear and the selection: on a CPU that runs the compiled gate in one
+pass (kernels/native.py: moe_gate), elsewhere a float32 linear and `select_experts`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import native
 from kernels.backend import triton_wanted
+from kernels.batch_invariant import dense_linear
 
 
 def select_experts_ref(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
@@ -111,3 +115,19 @@ def select_experts(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_
             n_group, n_experts // n_group, topk_group, top_k, norm_topk_prob, *block_sizes(n_experts, n_group, top_k),
             num_warps=4)
     return weights, ids
+
+
+def route(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+          norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, hidden]; weight_t the router's weight transposed [hidden, E] (float32, as the compiled
+    gate reads it); bias [E] float32 -> (weights [T, k] float32, ids [T, k] int64)."""
+    if x.dim() == 2 and native.runs("gate", x):
+        return native.moe_gate(x, weight_t, bias, n_group, topk_group, top_k, norm_topk_prob, scaling)
+    return select_experts(dense_linear(x.float(), weight_t.t()), bias, n_group, topk_group, top_k, norm_topk_prob,
+                          scaling)
+
+
+def route_ref(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
+              top_k: int, norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return select_experts_ref(F.linear(x.float(), weight_t.t()), bias, n_group, topk_group, top_k, norm_topk_prob,
+                              scaling)

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
+from kernels.forward_batch import ForwardBatch
 from kernels.mla_attention import AttentionPlan, GatherBuffer, plan_attention
 from model.expert_parallel import ExpertParallel
-from model.forward_batch import ForwardBatch
 from model.layers import DenseMLP, Linear, RMSNorm
 from model.mla import MLA
 from model.moe import MoE

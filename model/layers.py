@@ -5,12 +5,11 @@ from __future__ import annotations
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import native
-from kernels.batch_invariant import dense_linear
-from kernels.fp8_gemm import fp8_gemm, fp8_linear
+from kernels.activation import silu_mul
+from kernels.fp8_gemm import fp8_gemm
+from kernels.linear import cpu_layout, linear
 from kernels.quant import QUANT_GROUP, silu_mul_quant
 from kernels.rms_norm import rms_norm, rms_norm_ref
 
@@ -45,19 +44,12 @@ class Linear(nn.Module):
 
     @cached_property
     def strips(self) -> torch.Tensor | None:
-        """A bf16 host weight in the CPU kernel's tile layout (kernels/native.py: pack_strips), made
-        on first use: a second copy of the weight, so only where the host runs the model."""
-        if self.scale_inv is None and native.linear_available(self.weight):
-            return native.pack_strips(self.weight)
-        return None
+        """The weight in the compiled CPU linear's layout (kernels/linear.py), made on the first
+        call that runs that kernel."""
+        return cpu_layout(self.weight) if self.scale_inv is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale_inv is None:
-            if (x.numel() <= native.linear_max_rows() * x.shape[-1] and native.runs("linear", x)
-                    and self.strips is not None):
-                return native.linear(x, self.strips)
-            return dense_linear(x, self.weight)
-        return fp8_linear(x, self.weight, self.scale_inv)
+        return linear(x, self)
 
 
 class StackedLinear(Linear):
@@ -136,8 +128,4 @@ class DenseMLP(nn.Module):
             q, s = silu_mul_quant(h)
             d = self.down_proj
             return fp8_gemm(q, s, d.weight, d.scale_inv, x.dtype).view(*shape[:-1], -1)
-        h = self.gate_up(x)
-        if native.runs("activation", h):
-            return self.down_proj(native.silu_mul(h))  # one compiled pass, the same roundings
-        gate, up = h.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up(x)))

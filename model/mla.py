@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from engine.model_config import ModelConfig
-from kernels import native
 from kernels.cache_write import write_latent_entries
-from kernels.mla_attention import AttentionPlan, mla_attention
+from kernels.mla_attention import AttentionPlan, absorbed_cpu_layout, mla_attention
 from model.layers import Linear, RMSNorm, StackedLinear
 from model.rope import RotaryEmbedding
 
@@ -45,13 +44,8 @@ class MLA(nn.Module):
 
     @cached_property
     def head_strips(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The absorbed products' weights per head (w_uk transposed, w_uv) in the compiled linear's
-        layout, made on the first call where the host can use them (a second copy, ~2 x 0.5 MB a
-        layer for the small model); None elsewhere."""
-        uk_t = self.w_uk.transpose(1, 2)  # [H, rank, nope]: N = rank, K = nope
-        if native.linear_available(uk_t[0]) and native.linear_available(self.w_uv[0]):
-            return native.pack_strips(uk_t.contiguous()), native.pack_strips(self.w_uv)
-        return None
+        """kernels/mla_attention.py: absorbed_cpu_layout, made on the first call."""
+        return absorbed_cpu_layout(self.w_uk, self.w_uv)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 cache: torch.Tensor, plan: AttentionPlan, rope: RotaryEmbedding) -> torch.Tensor:
@@ -69,6 +63,6 @@ class MLA(nn.Module):
         q_pe = write_latent_entries(c_kv, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
                                     rope.rotations, positions, slot_mapping, cache)
 
-        strips = self.head_strips if native.runs("linear", q) else None
-        o = mla_attention(q_nope, q_pe, cache, plan, self.w_uk, self.w_uv, cfg.softmax_scale, strips)  # [T, H, v]
+        o = mla_attention(q_nope, q_pe, cache, plan, self.w_uk, self.w_uv, cfg.softmax_scale,
+                          self.head_strips)  # [T, H, v]
         return self.o_proj(o.reshape(t, -1))

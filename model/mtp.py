@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
+from kernels.forward_batch import ForwardBatch
 from kernels.mla_attention import plan_attention
 from model.deepseek_v3 import DecoderLayer, DeepseekV3
-from model.forward_batch import ForwardBatch
 from model.layers import Linear, RMSNorm
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from engine.model_config import ModelConfig
+from kernels.rope import rotate
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -63,11 +64,3 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, ..., rope_dim]; rotates each interleaved pair by its position's angle."""
         return rotate(x, self.rotations, positions)
-
-
-def rotate(x: torch.Tensor, rotations: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x [T, ..., rope_dim] with each interleaved pair times rotations[positions[t]] (complex)."""
-    shape = [x.shape[0]] + [1] * (x.dim() - 2) + [x.shape[-1] // 2]
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    rotated = pairs * rotations[positions].view(shape)
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)

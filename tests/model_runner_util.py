@@ -8,8 +8,8 @@ import torch
 
 from cache.latent_cache import LatentCache
 from engine.model_config import ModelConfig
+from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.deepseek_v3 import DeepseekV3
-from model.forward_batch import ForwardBatch, SequenceChunk
 
 
 class PagedRunner:

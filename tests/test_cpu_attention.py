@@ -10,8 +10,8 @@ import torch
 import kernels.mla_attention as attention
 from kernels import cpu_build, latent_fp8, native
 from kernels.backend import use_triton_kernels
+from kernels.forward_batch import ForwardBatch, SequenceChunk
 from kernels.mla_decode import paged_mla_decode_ref
-from model.forward_batch import ForwardBatch, SequenceChunk
 from tests.cpu_variants import compiled_kernels, each_variant, use_variant, why_not_runnable
 
 HEADS, NOPE, ROPE, RANK, V, PAGE = 4, 16, 8, 32, 16, 8

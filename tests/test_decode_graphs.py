@@ -11,8 +11,8 @@ from engine import LLM, SamplingParams
 from engine.decode_graphs import DecodeGraphs, RerunReplay, capture_sizes
 from engine.model_config import ModelConfig
 from kernels.backend import use_triton_kernels
+from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.deepseek_v3 import DeepseekV3
-from model.forward_batch import ForwardBatch, SequenceChunk
 from model.loader import load_weights
 from model.moe import MoE
 from tests.model_runner_util import PagedRunner

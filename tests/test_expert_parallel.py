@@ -11,10 +11,10 @@ import torch
 from engine import LLM, SamplingParams
 from engine.model_config import ModelConfig
 from entrypoints.engine_client import EngineDeadError
+from kernels.routed_experts import RoutedExperts
 from model.deepseek_v3 import DeepseekV3
 from model.expert_parallel import ExpertParallel, expert_range
 from model.loader import load_weights
-from model.moe import RoutedExperts
 from tests.process_util import gone
 
 BLOCK = 16

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import native
-from model.moe import RoutedExperts
+from kernels.routed_experts import RoutedExperts
 from tests.cpu_variants import each_variant, use_variant
 
 E, HIDDEN, INTER, K = 8, 32, 24, 3

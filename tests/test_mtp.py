@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine.model_config import ModelConfig
+from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.deepseek_v3 import DeepseekV3
-from model.forward_batch import ForwardBatch, SequenceChunk
 from model.hf_reference import load_hf_model_with_mtp
 from model.loader import load_weights
 from model.mtp import MTPModule

@@ -5,7 +5,7 @@ each tensor-core product was spread over the warps.
 CI and most development machines have no GPU, and the interpreter that tests the kernels there
 checks their arithmetic, not whether a configuration compiles for the GPU, fits its shared memory
 or spills registers. Triton compiles to sm_90 and runs ptxas without a device, so those can be
-checked on every change. `python -m kernels.hopper_build` prints the table.
+checked on every change. `python scripts/hopper_build.py` prints the table.
 
 A build is made from the values a launch passes, in the kernel's argument order (small host tensors
 stand for the device ones), through Triton's own launch-time specialization: aligned pointers and
@@ -22,13 +22,17 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import triton
 
-from kernels.backend import cdiv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from kernels.backend import cdiv  # noqa: E402
 
 # The most shared memory one H100 block may opt into (227 KB).
 HOPPER_SHARED_LIMIT = 232448
@@ -152,7 +156,7 @@ def build_for_hopper(label: str, kernel, args: list, num_warps: int, num_stages:
 
     if not hasattr(kernel, "params"):
         raise RuntimeError(f"{label}: the kernel was defined under TRITON_INTERPRET=1; build in a process "
-                           "without it (python -m kernels.hopper_build does that)")
+                           "without it (python scripts/hopper_build.py does that)")
     signature, constexprs, attrs = _specialize(kernel, args)
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
