@@ -29,9 +29,9 @@ from collections.abc import Callable
 import torch
 
 from kernels.backend import cdiv
+from kernels.forward_batch import ForwardBatch, SequenceChunk
 from kernels.mla_attention import AttentionPlan, DecodeRows
 from model.deepseek_v3 import DeepseekV3
-from model.forward_batch import ForwardBatch, SequenceChunk
 
 # Batch sizes with a graph: doubling up to 16, then steps of at most 1.5x (so that from 16 up the
 # padding is under a third of a step), capped at max_num_seqs; bigger steps run eagerly.

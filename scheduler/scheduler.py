@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from cache.block_manager import BlockManager
 from engine.messages import NewRequestPlan, RequestDelta, StepPlan, StepResult
 from engine.request import Request, Status
+from scheduler.stop_rules import stop_reason, tokens_left
 from scheduler.waiting_queue import waiting_queue
 
 
@@ -203,14 +204,10 @@ class Scheduler:
         return step
 
     def _schedule_running(self, step: ScheduledStep, budget: int) -> int:
-        # Runs once per running request every step: the usual case (a request already on the
-        # worker, blocks to spare) is inlined; the rest goes through _grow and _add_to_plan.
+        # Runs once per running request every step: a request with blocks to spare skips _grow.
         bs = self.blocks.block_size
         lookahead = self._lookahead
         running = self.running
-        plan = step.plan
-        ids, nums, new_blocks = plan.running_ids, plan.running_num_scheduled, plan.running_new_blocks
-        scheduled = step.scheduled
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -230,14 +227,7 @@ class Scheduler:
             if n > missing:
                 step.drafts[req.req_id] = n - missing
                 known = missing
-            if req.on_worker:
-                ids.append(req.req_id)
-                nums.append(n)
-                new_blocks.append(req.new_blocks)
-                req.new_blocks = []
-                scheduled.append((req, n))
-            else:
-                self._add_to_plan(step, req, n)
+            self._add_to_plan(step, req, n)
             self._account(req, known)
             budget -= n
             i += 1
@@ -245,8 +235,8 @@ class Scheduler:
 
     def _done_when_pending_arrive(self, req: Request) -> bool:
         """Whether the tokens already on their way end the request by length."""
-        total = len(req.token_ids) + req.num_pending
-        return total - req.num_prompt_tokens >= req.params.max_tokens or total >= self.config.max_model_len
+        return tokens_left(req.params.max_tokens, req.num_prompt_tokens, len(req.token_ids) + req.num_pending,
+                           self.config.max_model_len) <= 0
 
     def _account(self, req: Request, known: int) -> None:
         """The step's known tokens (not its drafts) count as computed from now; a step that
@@ -422,24 +412,17 @@ class Scheduler:
             if first:
                 req.first_token_time = now
             reason = None
-            if len(token_ids) == 1:  # the usual decode: _stop_reason's checks inline (-0.1 ms a step at 256)
-                t = token_ids[0]
-                out = req.token_ids
-                out.append(t)
+            out = req.token_ids
+            if len(token_ids) == 1:  # the usual decode
+                out.append(token_ids[0])
                 accepted = token_ids
-                p = req.params
-                n_out = len(out) - req.num_prompt_tokens
-                if n_out >= p.min_tokens and ((t == eos and not p.ignore_eos) or (p.stop_token_ids and
-                                                                                  t in p.stop_token_ids)):
-                    reason = "stop"
-                elif n_out >= p.max_tokens or len(out) >= max_len:
-                    reason = "length"
+                reason = stop_reason(token_ids[0], len(out), req.num_prompt_tokens, req.params, eos, max_len)
             else:
                 accepted = []
                 for t in token_ids:
-                    req.token_ids.append(t)
+                    out.append(t)
                     accepted.append(t)
-                    reason = self._stop_reason(req, t)
+                    reason = stop_reason(t, len(out), req.num_prompt_tokens, req.params, eos, max_len)
                     if reason:
                         break  # a stop inside accepted drafts truncates there
             if drafts and req_id in drafts:
@@ -470,18 +453,6 @@ class Scheduler:
         c.spec_accepted_tokens += num_accepted
         for j in range(num_accepted):
             c.spec_accepted_per_pos[j] += 1
-
-    def _stop_reason(self, req: Request, token: int) -> str | None:
-        p = req.params
-        n_out = len(req.token_ids) - req.num_prompt_tokens
-        if n_out >= p.min_tokens:
-            if token == self.config.eos_token_id and not p.ignore_eos:
-                return "stop"
-            if p.stop_token_ids and token in p.stop_token_ids:
-                return "stop"
-        if n_out >= p.max_tokens or len(req.token_ids) >= self.config.max_model_len:
-            return "length"
-        return None
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.followers:

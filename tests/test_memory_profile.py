@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.memory_profile import PeakMeter, cuda_cache_budget, host_cache_budget, worst_step_chunks
+from engine.memory_profile import PeakMeter, cuda_cache_budget, host_cache_budget, measure_step_peak, worst_step_chunks
 from kernels.mla_attention import SHORT_QUERY_MAX
 
 GIB = 1 << 30
@@ -77,10 +77,10 @@ def test_the_worker_measures_a_step_before_sizing_its_cache_and_leaves_no_trace(
     assert runner.step_peak_bytes >= expansion + logits, (runner.step_peak_bytes, expansion, logits)
     assert runner.step_peak_bytes < 2 * GIB
     assert len(runner.history) == 0 and runner.history.seen.shape[0] == max_seqs
-    assert all(int(m.routed_tokens.sum()) == 0 for m in runner._moes)
+    assert all(int(m.routed_tokens.sum()) == 0 for m in runner.moes)
     state = torch.random.get_rng_state()
     shape = (cfg.num_cache_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
-    assert runner._measure_step_peak(shape, False) > 0
+    assert measure_step_peak(runner, shape, False) > 0
     assert torch.equal(torch.random.get_rng_state(), state)
     assert len(runner.history) == 0
 

@@ -1,0 +1,27 @@
+"""When a request stops: the rules the scheduler applies to every sampled token and the worker to
+the drafts it proposes, written once. Plain functions of plain values: the scheduler calls them
+for every running request every step."""
+
+from __future__ import annotations
+
+from engine.sampling_params import SamplingParams
+
+
+def tokens_left(max_tokens: int, num_prompt_tokens: int, num_tokens: int, max_model_len: int) -> int:
+    """Tokens a request of `num_tokens` (prompt and output) may still produce: by max_tokens or
+    the context, whichever ends it first."""
+    return min(max_tokens - (num_tokens - num_prompt_tokens), max_model_len - num_tokens)
+
+
+def stop_reason(token: int, num_tokens: int, num_prompt_tokens: int, params: SamplingParams, eos: int,
+                max_model_len: int) -> str | None:
+    """Why a request whose last token (of `num_tokens` in all) is `token` ends, or None: "stop"
+    for the end-of-sequence token (unless ignore_eos) or a stop token id, once min_tokens are
+    out; "length" at max_tokens or the context's end."""
+    n_out = num_tokens - num_prompt_tokens
+    if n_out >= params.min_tokens and ((token == eos and not params.ignore_eos)
+                                       or (params.stop_token_ids and token in params.stop_token_ids)):
+        return "stop"
+    if n_out >= params.max_tokens or num_tokens >= max_model_len:
+        return "length"
+    return None
