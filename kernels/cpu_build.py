@@ -37,9 +37,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "mla_decode_cpu.cpp", CSRC / "moe_cpu.cpp", CSRC / "norm_cpu.cpp", CSRC / "prefill_attention_cpu.cpp",
-           CSRC / "moe_gate_cpu.cpp", CSRC / "activation_cpu.cpp", CSRC / "linear_cpu.cpp"]
-HEADERS = [CSRC / "cpu_common.h"]
+SOURCES = [CSRC / name for name in ("mla_decode_cpu.cpp", "prefill_attention_cpu.cpp", "moe_cpu.cpp",
+                                    "moe_gate_cpu.cpp", "rms_norm_cpu.cpp", "cache_write_cpu.cpp", "activation_cpu.cpp",
+                                    "linear_cpu.cpp")]
+HEADERS = [CSRC / "cpu_common.h", CSRC / "rms_norm_row.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 VARIANTS = ("generic", "avx512", "amx")  # lowest first
@@ -133,7 +134,7 @@ _binders: list[Callable[[ctypes.CDLL], None]] = []
 
 
 def on_load(bind: Callable[[ctypes.CDLL], None]) -> Callable[[ctypes.CDLL], None]:
-    """Registers the function that declares the library's signatures (kernels/native.py)."""
+    """Registers the function that declares the library's signatures (kernels/cpu/__init__.py)."""
     _binders.append(bind)
     return bind
 

@@ -3,7 +3,7 @@
 - FP8 block-scaled weights (the checkpoint's e4m3 with scale_inv): kernels/fp8_gemm.py over
   activations quantized on the fly;
 - bf16 weights on a host whose CPU runs the compiled linear (AMX or AVX-512), up to its row
-  limit: the weight in the kernel's strip layout, packed once on first use (kernels/native.py);
+  limit: the weight in the kernel's strip layout, packed once on first use (kernels/cpu/linear.py);
 - otherwise torch's matmul (kernels/batch_invariant.py: a fixed-tile product in that mode).
 
 The layer (model/layers.py: Linear) holds `weight`, `scale_inv` and a lazily made `strips`.

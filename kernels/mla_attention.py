@@ -6,7 +6,7 @@ all heads. score = q_latent·c + q_pe·k_pe; output = softmax · c (in latent sp
 
 `mla_attention` is what the model calls. Sequences with few query tokens (decode, speculative
 verification) attend in the absorbed form: on CUDA (or with the kernels forced on) through the
-Triton paged decode kernel; on the CPU through the compiled kernel of kernels/native.py, which
+Triton paged decode kernel; on the CPU through the compiled kernel of kernels/cpu/decode.py, which
 reads the cache blocks where they lie. Where that cannot be built, the plain-torch path here pads
 sequences that need the same number of cache blocks into one batched computation (so padding
 stays under a block per sequence, instead of growing to the longest context of the step) and runs

@@ -9,7 +9,7 @@
 `select_experts`: a Triton kernel where Triton runs (one program per token, the whole selection in
 registers), the torch reference elsewhere (15 launches on a GPU). `route`, the router's entry
 point, runs the router's linear and the selection: on a CPU that runs the compiled gate in one
-pass (kernels/native.py: moe_gate), elsewhere a float32 linear and `select_experts`.
+pass (kernels/cpu/gate.py), elsewhere a float32 linear and `select_experts`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // What the CPU kernels of this folder share: which instruction sets the build has, a vector
-// exp2, and the AMX tile setup. Built with -march=native by kernels/native.py.
+// exp2, and the AMX tile setup. Built with -march=native by kernels/cpu_build.py.
 #pragma once
 
 #include <cstdint>

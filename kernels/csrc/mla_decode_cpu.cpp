@@ -12,12 +12,15 @@
 // which writes and re-reads every cache entry once more per layer; here each entry is read once,
 // while it is in cache for both of its products.
 //
-// Two implementations with one contract:
-//   mla_decode_bf16_avx512: bf16 cache and queries, AVX-512 with the BF16 dot-product instruction
-//                           (scores) and fp32 FMAs (values); needs heads % 4 == 0, rank % 64 == 0
-//                           and rope % 32 == 0 (every DeepSeek-V3 shape);
-//   mla_decode_generic:     float32 or bf16, any shape, plain loops the compiler vectorizes.
-// Both keep the softmax and the accumulation in float32.
+// Three implementations with one contract, chosen per call (kernels/cpu/decode.py: choose_impl):
+//   AMX:         bf16, the scores and values as tile products; heads % 8 == 0, block size % 16 == 0;
+//   AVX-512 BF16: bf16, the BF16 dot-product instruction for the scores and fp32 FMAs for the
+//                values; heads % 4 == 0, rank % 64 == 0, rope % 32 == 0;
+//   generic:     float32 or bf16, any shape, plain loops the compiler vectorizes.
+// Each keeps the softmax and the accumulation in float32 (every DeepSeek-V3 shape takes all three).
+//
+// Also here: latent_fp8_gather_bf16, FP8 cache rows dequantized to bf16 for the prefill path,
+// with the decode path's dequantizing code.
 //
 // The cache may also be in the FP8 layout of kernels/latent_fp8.py (raw bytes per token: rank
 // e4m3 values, rank / 128 float32 power-of-two scales, rope bf16 values). Each implementation then

@@ -1,15 +1,6 @@
-// RMSNorm over bf16 rows in one pass, with the residual add before it fused in: the contract of
-// model/layers.py's RMSNorm (and DecoderLayer's `h = x + y; norm(h)`), on the CPU.
-//
-// Per row:  s = bf16(x + y)                       (only with y; written to `sum`)
-//           r = 1 / sqrt(mean(float(s)^2) + eps)
-//           out = bf16(float(w) * float(bf16(s * r)))
-// The two roundings are the reference's: it normalizes in float32, casts back, then multiplies by
-// the bf16 weight. Only the sum of squares is ordered differently from torch's reduction.
-//
-// Why not torch: the reference is six elementwise passes with float32 temporaries; over a
-// 2048-token prefill step that is ~1-2 ms per norm on this kind of machine, 25 norms per step.
-// Plain loops, vectorized by the compiler for whatever -march=native offers.
+// The MLA layer's cache write on the CPU, in one pass per token: the contract of
+// kernels/cache_write.py (RMSNorm of the latent, rope of the key and of the queries, the store,
+// quantized for an FP8 cache as kernels/latent_fp8.py quantizes).
 
 #include <algorithm>
 #include <cmath>
@@ -19,38 +10,11 @@
 #include <omp.h>
 
 #include "cpu_common.h"
+#include "rms_norm_row.h"
 
 using namespace mlaserve;
 
 namespace {
-
-constexpr int kMaxCols = 16384;
-
-void norm_row(const uint16_t* x, const uint16_t* y, uint16_t* sum, const uint16_t* w, uint16_t* out, int cols,
-              float eps, float* scratch) {
-  float squares = 0.f;
-  if (y != nullptr) {
-#pragma omp simd reduction(+ : squares)
-    for (int c = 0; c < cols; ++c) {
-      const uint16_t s = float_to_bf16(bf16_to_float(x[c]) + bf16_to_float(y[c]));
-      sum[c] = s;
-      const float f = bf16_to_float(s);
-      scratch[c] = f;
-      squares += f * f;
-    }
-  } else {
-#pragma omp simd reduction(+ : squares)
-    for (int c = 0; c < cols; ++c) {
-      const float f = bf16_to_float(x[c]);
-      scratch[c] = f;
-      squares += f * f;
-    }
-  }
-  const float r = 1.f / std::sqrt(squares / float(cols) + eps);
-#pragma omp simd
-  for (int c = 0; c < cols; ++c)
-    out[c] = float_to_bf16(bf16_to_float(w[c]) * bf16_to_float(float_to_bf16(scratch[c] * r)));
-}
 
 // ---- Writing the FP8 layout (kernels/latent_fp8.py): torch's quantize_entries, bit for bit ------
 
@@ -94,27 +58,6 @@ void quantize_latent_fp8(const uint16_t* latent, int rank, uint8_t* out) {
 }  // namespace
 
 extern "C" {
-
-// x, y: [rows, cols] with row strides (y may be null); sum: [rows, cols] (row stride sum_stride;
-// written only with y); w: [cols]; out: [rows, cols] (row stride out_stride). All bf16 bits.
-// Returns 0, or -1 for a shape it does not take.
-int rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* y, int64_t y_stride, uint16_t* sum,
-                  int64_t sum_stride, const uint16_t* w, uint16_t* out, int64_t out_stride, int64_t rows, int cols,
-                  float eps, int num_threads) {
-  if (rows < 0 || cols <= 0 || cols > kMaxCols) return -1;
-  // A thread per ~32K elements at most: below that the parallel region costs more than it saves.
-  const int64_t useful = std::max<int64_t>(1, rows * cols / 32768);
-  const int threads = int(std::min<int64_t>(num_threads, useful));
-#pragma omp parallel num_threads(threads)
-  {
-    float scratch[kMaxCols];
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r)
-      norm_row(x + r * x_stride, y ? y + r * y_stride : nullptr, y ? sum + r * sum_stride : nullptr, w,
-               out + r * out_stride, cols, eps, scratch);
-  }
-  return 0;
-}
 
 // One step's new latent cache entries for one MLA layer, and its queries' rope, in one pass:
 //   cache[slot[t]] = [rms_norm(c_kv[t]) (rank) | rope(k_pe[t], pos[t]) (rope)]
