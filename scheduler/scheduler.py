@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from cache.block_manager import BlockManager
 from engine.messages import NewRequestPlan, RequestDelta, StepPlan, StepResult
 from engine.request import Request, Status
+from scheduler.completion_groups import CompletionGroups
 from scheduler.stop_rules import stop_reason, tokens_left
 from scheduler.waiting_queue import waiting_queue
 
@@ -101,8 +102,7 @@ class Scheduler:
         self._lookahead = config.num_speculative_tokens
         self._dropped: list[str] = []  # ids the worker must forget at the next step
         self._unreported: list[Request] = []  # finished inside schedule(), reported by update()
-        self._num_held = 0  # completions waiting for their first sibling's prompt blocks
-        self._pinning: dict[Request, None] = {}  # waiting completions holding a reference on a tail block
+        self.groups = CompletionGroups(blocks, self._lookahead)
         self._step_id = 0
 
     # ---- intake ---------------------------------------------------------------------------
@@ -121,58 +121,13 @@ class Scheduler:
             self.requests[req.req_id] = req
             req.arrival_order = next(self._arrivals)
         self.waiting.append(leader)
-        if followers and self.blocks.enable_prefix_caching and self._shareable_blocks(leader) > 0:
-            leader.followers = followers
-            for f in followers:
-                f.leader = leader
-            self._num_held += len(followers)
-        else:
+        if not (followers and self.groups.hold(leader, followers)):
             self.waiting.extend(followers)
-
-    def _shareable_blocks(self, req: Request) -> int:
-        """Full prompt blocks a prefix hit can give another request with this prompt."""
-        return (req.num_prompt_tokens - 1) // self.blocks.block_size - (1 if self._lookahead else 0)
-
-    def _prompt_shareable(self, req: Request) -> bool:
-        """Whether req has computed its prompt (but for the last token; in steps already planned)
-        and its full prompt blocks, all a prefix hit can use, are in the prefix cache."""
-        last = req.num_prompt_tokens - 1
-        return req.num_computed >= last and len(req.block_hashes) >= last // self.blocks.block_size
-
-    def _release_followers(self, leader: Request) -> None:
-        """Queues the held completions first. When the leader's prompt is shareable, each also
-        takes a reference on the leader's block with the prompt's tail, for its admission to copy:
-        the worker runs plans in order, so the step that computed that tail runs before the copy."""
-        followers, leader.followers = leader.followers, []
-        last = leader.num_prompt_tokens - 1
-        tail = None
-        if not self._lookahead and last % self.blocks.block_size and self._prompt_shareable(leader):
-            tail = leader.block_table[last // self.blocks.block_size]
-        for f in reversed(followers):
-            f.leader = None
-            if tail is not None:
-                self.blocks.acquire([tail])
-                f.tail_source = tail
-                self._pinning[f] = None
-            self.waiting.appendleft(f)
-        self._num_held -= len(followers)
-
-    def _drop_tail_source(self, req: Request) -> None:
-        if req.tail_source is not None:
-            self.blocks.release([req.tail_source])
-            req.tail_source = None
-            self._pinning.pop(req, None)
-
-    def _unpin_tails(self) -> None:
-        """Blocks are short: the tails kept for waiting completions go back (they will compute
-        their prompt's tail instead), so that they never hold the pool hostage."""
-        for req in list(self._pinning):
-            self._drop_tail_source(req)
 
     @property
     def num_waiting(self) -> int:
         """Queued requests, those held for a shared prompt included."""
-        return len(self.waiting) + self._num_held
+        return len(self.waiting) + self.groups.num_held
 
     def abort(self, req_id: str) -> Request | None:
         """Ends a request at once, wherever it is (a client abort, or a stop string the frontend saw)."""
@@ -261,8 +216,8 @@ class Scheduler:
     def _grow(self, req: Request, n: int) -> bool:
         """Makes req's table hold num_computed + n tokens, preempting from the back if needed."""
         need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
-        if need > self.blocks.num_free and self._pinning:
-            self._unpin_tails()
+        if need > self.blocks.num_free and self.groups.pinning:
+            self.groups.unpin_tails()
         while need > self.blocks.num_free:
             victim = self.running[-1]
             self._preempt(victim)
@@ -284,13 +239,13 @@ class Scheduler:
                     if len(req.block_table) == (req.num_prompt_tokens - 1) // self.blocks.block_size:
                         req.num_computed = req.num_prompt_tokens - 1  # the rest comes with the copied tail
                     else:  # some of the shared blocks were evicted: compute from the hit
-                        self._drop_tail_source(req)
+                        self.groups.drop_tail_source(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if self._end_if_unservable(req, n):
                 continue
             need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
-            if need > self.blocks.num_free and self._pinning:
-                self._unpin_tails()
+            if need > self.blocks.num_free and self.groups.pinning:
+                self.groups.unpin_tails()
                 # Without its tail (if it had one) req computes from its hit: look again.
                 req.num_computed = min(req.num_computed, len(req.block_table) * self.blocks.block_size)
                 continue
@@ -303,7 +258,7 @@ class Scheduler:
             if req.tail_source is not None:
                 step.plan.copy_src.append(req.tail_source)
                 step.plan.copy_dst.append(req.block_table[-1])
-                self._drop_tail_source(req)  # (copies run before the step: the block may be reused in it)
+                self.groups.drop_tail_source(req)  # (copies run before the step: the block may be reused in it)
             if not req.scheduled_time:
                 req.scheduled_time = time.time()
                 self._count_prompt(req)
@@ -353,7 +308,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         if req.followers:
-            self._release_followers(req)
+            self.groups.release(req, self.waiting)
         self.running.remove(req)
         self._release(req)
         req.status = Status.WAITING
@@ -388,8 +343,8 @@ class Scheduler:
             in_step[req.req_id] = req
             if req.status is running:
                 self._cache_filled_blocks(req)
-                if req.followers and self._prompt_shareable(req):
-                    self._release_followers(req)
+                if req.followers and self.groups.prompt_shareable(req):
+                    self.groups.release(req, self.waiting)
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
         self._unreported = []
         now = time.time()
@@ -456,16 +411,14 @@ class Scheduler:
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.followers:
-            self._release_followers(req)
+            self.groups.release(req, self.waiting)
         if req.status is Status.RUNNING:
             self.running.remove(req)
         elif req.leader is not None:  # held for its leader's prompt: in no queue
-            req.leader.followers.remove(req)
-            req.leader = None
-            self._num_held -= 1
+            self.groups.leave(req)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
-        self._drop_tail_source(req)
+        self.groups.drop_tail_source(req)
         self._release(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
@@ -486,15 +439,10 @@ class Scheduler:
     def check_integrity(self) -> None:
         tables = [r.block_table for r in self.running] + [r.block_table for r in self.waiting]
         tables += [[r.tail_source] for r in self.waiting if r.tail_source is not None]
-        assert set(self._pinning) == {r for r in self.waiting if r.tail_source is not None}, "tail pins miscounted"
         self.blocks.check_integrity(tables)
         assert len(self.running) <= self.config.max_num_seqs
         assert all(r.status is Status.RUNNING for r in self.running)
         if self._by_priority:
             assert self.running == sorted(self.running, key=_priority_order), "running out of priority order"
         assert all(not r.block_table for r in self.waiting), "a waiting request holds blocks"
-        held = [f for r in itertools.chain(self.running, self.waiting) for f in r.followers]
-        assert len(held) == self._num_held, "held completions miscounted"
-        assert all(f.leader is not None and not f.block_table and f.status is Status.WAITING for f in held)
-        queued = {id(r) for r in itertools.chain(self.running, self.waiting)}
-        assert not any(id(f) in queued for f in held), "a held completion is also queued"
+        self.groups.check_integrity(self.running, self.waiting)
