@@ -1,0 +1,71 @@
+"""DeepSeek-R1's reasoning span (`--reasoning-parser deepseek_r1`, as vLLM's and SGLang's): the text
+before `</think>` is the reasoning, the rest the answer. R1's chat template opens the span itself
+(the prompt ends with `<think>\\n`), so the output may or may not repeat the opening tag; an output
+without `</think>` is all reasoning (it stopped while thinking).
+
+One incremental parser serves both whole answers and streams: a whole answer is the stream of one
+chunk, so the concatenated stream deltas equal the whole answer's fields however the text was cut
+(a tag split across chunks is held back until it is known)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+def held_prefix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `tag` (which the next
+    chunk may complete)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+@dataclass
+class ReasoningStream:
+    buffer: str = ""
+    opened: bool = False  # whether the start was looked at for a repeated <think>
+    thinking: bool = True
+    reasoning_chars: int = 0
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) that `text` adds."""
+        self.buffer += text
+        buf = self.buffer
+        if not self.opened:
+            if len(buf) < len(THINK_START) and THINK_START.startswith(buf):
+                return "", ""
+            if buf.startswith(THINK_START):
+                buf = buf[len(THINK_START):]
+            self.opened = True
+        reasoning = ""
+        if self.thinking:
+            end = buf.find(THINK_END)
+            if end < 0:
+                keep = held_prefix(buf, THINK_END)
+                reasoning, self.buffer = buf[: len(buf) - keep], buf[len(buf) - keep:]
+                self.reasoning_chars += len(reasoning)
+                return reasoning, ""
+            reasoning, buf = buf[:end], buf[end + len(THINK_END):]
+            self.reasoning_chars += len(reasoning)
+            self.thinking = False
+        self.buffer = ""
+        return reasoning, buf
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back, once the output ended: a partial tag is text after all."""
+        held, self.buffer, self.opened = self.buffer, "", True
+        if self.thinking:
+            self.reasoning_chars += len(held)
+            return held, ""
+        return "", held
+
+
+def split_reasoning(text: str) -> tuple[str, str | None]:
+    """(reasoning, content) of a whole output; content None while it never left the span."""
+    stream = ReasoningStream()
+    r1, c1 = stream.feed(text)
+    r2, c2 = stream.finish()
+    return r1 + r2, (None if stream.thinking else c1 + c2)

@@ -1,0 +1,108 @@
+"""The DeepSeek-R1 reasoning parser and the DeepSeek-V3 tool-call parser: whole answers, and every
+way of cutting them into stream chunks giving the same fields."""
+
+import json
+
+import pytest
+
+from entrypoints.reasoning_parser import ReasoningStream, split_reasoning
+from entrypoints.tool_parser import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, ToolCallStream, split_tool_calls
+
+
+def call_text(name: str, args: dict | str) -> str:
+    body = args if isinstance(args, str) else json.dumps(args)
+    return f"{CALL_BEGIN}function{SEP}{name}\n```json\n{body}\n```{CALL_END}"
+
+
+REASONING_CASES = [
+    ("<think>\ncount: 4 digits\n</think>\n\n1,1,4,5", ("\ncount: 4 digits\n", "\n\n1,1,4,5")),
+    ("count: 4 digits</think>1,1,4,5", ("count: 4 digits", "1,1,4,5")),  # the template opened the span
+    ("</think>1,1,4,5", ("", "1,1,4,5")),  # a lone end tag: empty reasoning
+    ("still thinking <thi", ("still thinking <thi", None)),  # no end: all reasoning
+    ("", ("", None)),
+    ("<think>a</think>b</think>c", ("a", "b</think>c")),  # only the first end tag ends the span
+    ("<thinking>x</think>y", ("<thinking>x", "y")),
+]
+
+
+@pytest.mark.parametrize("text,expected", REASONING_CASES)
+def test_reasoning_split_of_whole_answers(text, expected):
+    assert split_reasoning(text) == expected
+
+
+def stream_reasoning(pieces):
+    s = ReasoningStream()
+    reasoning, content = "", ""
+    for p in pieces:
+        r, c = s.feed(p)
+        reasoning, content = reasoning + r, content + c
+    r, c = s.finish()
+    return reasoning + r, (None if s.thinking else content + c)
+
+
+@pytest.mark.parametrize("text,expected", REASONING_CASES)
+def test_reasoning_stream_gives_the_whole_answers_fields_at_every_cut(text, expected):
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            assert stream_reasoning([text[:i], text[i:j], text[j:]]) == expected, (i, j)
+    assert stream_reasoning(list(text)) == expected  # a character per chunk
+
+
+TOOL_CASES = [
+    ("plain answer", "plain answer", []),
+    (f"Let me sort.{CALLS_BEGIN}{call_text('sort_digits', {'digits': [5, 1, 4]})}{CALLS_END}",
+     "Let me sort.", [("sort_digits", {"digits": [5, 1, 4]})]),
+    (f"{CALLS_BEGIN}{call_text('a', {'x': 1})}\n{call_text('b', {})}{CALLS_END}",
+     "", [("a", {"x": 1}), ("b", {})]),
+    # malformed arguments stay content; the good call is kept
+    (f"{CALLS_BEGIN}{call_text('bad', '{not json')}{call_text('good', {'k': 'v'})}{CALLS_END}",
+     call_text("bad", "{not json"), [("good", {"k": "v"})]),
+    # unterminated: everything the model wrote comes back as content
+    (f"answer{CALLS_BEGIN}{CALL_BEGIN}function{SEP}sort_digits\n```json\n{{\"digits\": [1",
+     f"answer{CALLS_BEGIN}{CALL_BEGIN}function{SEP}sort_digits\n```json\n{{\"digits\": [1", []),
+    (f"{CALLS_BEGIN}{call_text('a', {'x': 1})}{CALLS_END} trailing", " trailing", [("a", {"x": 1})]),
+    (f"{CALLS_BEGIN}garbage", f"{CALLS_BEGIN}garbage", []),
+]
+
+
+def _calls(calls):
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize("text,content,calls", TOOL_CASES)
+def test_tool_calls_of_whole_answers(text, content, calls):
+    got_content, got_calls = split_tool_calls(text)
+    assert (got_content, _calls(got_calls)) == (content, calls)
+    assert all(c.id.startswith("call_") and c.openai()["type"] == "function" for c in got_calls)
+
+
+def stream_tools(pieces):
+    s = ToolCallStream()
+    content, calls = "", []
+    for p in pieces:
+        c, new = s.feed(p)
+        content += c
+        calls += new
+    c, new = s.finish()
+    return content + c, _calls(calls + new)
+
+
+@pytest.mark.parametrize("text,content,calls", TOOL_CASES)
+def test_tool_call_stream_gives_the_whole_answers_fields_at_every_cut(text, content, calls):
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1, 3):
+            assert stream_tools([text[:i], text[i:j], text[j:]]) == (content, calls), (i, j)
+    assert stream_tools(list(text)) == (content, calls)
+
+
+def test_a_call_is_streamed_as_soon_as_it_is_complete():
+    s = ToolCallStream()
+    first = f"{CALLS_BEGIN}{call_text('a', {'x': 1})}"
+    assert _calls(s.feed(first)[1]) == [("a", {"x": 1})]
+    assert s.feed(call_text("b", {}))[1][0].name == "b"
+
+
+def test_hostile_arguments_do_not_break_the_parser():
+    deep = "[" * 100000 + "]" * 100000
+    content, calls = split_tool_calls(f"{CALLS_BEGIN}{call_text('x', deep)}{CALLS_END}")
+    assert calls == [] and deep in content
