@@ -39,6 +39,27 @@ def message_text(content, where: str) -> str:
     raise ChatFormatError(f"{where}.content must be a string or a list of text parts")
 
 
+def tools_text(tools: list | None) -> str:
+    """The tools as the plain format (no template) tells the model of them, after the system prompt:
+
+        ## Tools
+        ### NAME
+        DESCRIPTION
+        Parameters: {JSON schema}
+        Call tools as: <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ...
+    """
+    if not tools:
+        return ""
+    lines = ["", "", "## Tools"]
+    for t in tools:
+        fn = t["function"]
+        lines += [f"### {fn['name']}", fn.get("description", ""),
+                  f"Parameters: {json.dumps(fn.get('parameters', {}), ensure_ascii=False)}"]
+    lines.append("Call tools as: <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n"
+                 "ARGUMENTS\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>")
+    return "\n".join(lines)
+
+
 class ChatFormatter:
     def __init__(self, model_dir: str | Path):
         config = Path(model_dir) / "tokenizer_config.json"
@@ -51,7 +72,8 @@ class ChatFormatter:
 
             self._hf = AutoTokenizer.from_pretrained(str(model_dir))
 
-    def render(self, messages) -> str:
+    def render(self, messages, tools: list | None = None) -> str:
+        """`tools`: OpenAI function tools (checked by entrypoints/openai_requests.py)."""
         if not isinstance(messages, list) or not messages:
             raise ChatFormatError("messages must be a non-empty list")
         if len(messages) > MAX_MESSAGES:
@@ -66,8 +88,8 @@ class ChatFormatter:
                 raise ChatFormatError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
             turns.append({"role": role, "content": message_text(m.get("content"), where)})
         if self._hf is not None:
-            return self._hf.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        system = "".join(t["content"] for t in turns if t["role"] == "system")
+            return self._hf.apply_chat_template(turns, tools=tools, tokenize=False, add_generation_prompt=True)
+        system = "".join(t["content"] for t in turns if t["role"] == "system") + tools_text(tools)
         out = [BOS, system]
         for t in turns:
             if t["role"] == "user":

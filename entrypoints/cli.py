@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from entrypoints.chat_output import REASONING_PARSERS, TOOL_CALL_PARSERS
 from entrypoints.engine_args import add_engine_args
 
 
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --http-port: requests to /v1 need `Authorization: Bearer KEY` "
                           "(default: $MLASERVE_API_KEY, if set)")
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder)")
+    srv.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                     help="with --http-port: return the reasoning span apart, as message.reasoning_content")
+    srv.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                     help="with --http-port and --enable-auto-tool-choice: return the model's tool calls as tool_calls")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help="let the model call the request's tools (tool_choice auto); needs --tool-call-parser")
     srv.add_argument("--metrics-port", type=int, default=None, help="serve http://METRICS_HOST:PORT/metrics")
     srv.add_argument("--metrics-host", default="127.0.0.1",
                      help="where /metrics listens (loopback by default, whatever --host is)")
@@ -150,6 +157,9 @@ def _serve(args: argparse.Namespace) -> int:
         if n is not None and n < 1:
             print(f"error: a per-client limit must be at least 1, got {n}", file=sys.stderr)
             return 2
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        print("error: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
+        return 2
     config = engine_config(args, _model_dir(args))
     if args.http_port is not None:
         return _serve_http(args, config)
@@ -211,7 +221,8 @@ def _serve_http(args: argparse.Namespace, config) -> int:
         zmq_thread.join(args.shutdown_grace + 10)
 
     return run_http(llm, args.host, args.http_port, name, api_key, args.shutdown_grace, on_ready=ready,
-                    on_stop=stopping, before_engine_stop=drained)
+                    on_stop=stopping, before_engine_stop=drained,
+                    parsers=(args.reasoning_parser, args.tool_call_parser if args.enable_auto_tool_choice else None))
 
 
 def main(argv: list[str] | None = None) -> int:

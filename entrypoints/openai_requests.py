@@ -20,7 +20,7 @@ SAMPLING_FIELDS = {"n", "max_tokens", "min_tokens", "temperature", "top_k", "top
 assert SAMPLING_FIELDS <= set(SamplingParams.__struct_fields__)
 # Accepted and ignored: OpenAI fields with no meaning here.
 IGNORED = {"model", "user", "suffix", "best_of", "parallel_tool_calls", "service_tier", "store", "metadata",
-           "response_format", "tools", "tool_choice", "functions", "function_call", "modalities", "audio",
+           "response_format", "functions", "function_call", "modalities", "audio",
            "prediction", "reasoning_effort", "web_search_options"}
 
 
@@ -39,6 +39,8 @@ class Parsed:
     logprobs: int | None  # top-n per token asked for (0: the sampled token's only)
     echo: bool
     priority: int
+    tools: list | None = None  # chat: OpenAI's function tools, checked
+    tool_choice: str = "auto"
 
 
 def _check_type(body: dict, name: str, types: tuple, what: str) -> None:
@@ -121,7 +123,7 @@ def completion_request(body: dict) -> Parsed:
 def chat_request(body: dict) -> tuple[list, Parsed]:
     """(the messages, to render; the rest parsed)."""
     _unknown(body, {"messages", "stream", "stream_options", "logprobs", "top_logprobs", "logit_bias", "priority",
-                    "max_completion_tokens"})
+                    "max_completion_tokens", "tools", "tool_choice"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParameter("messages must be a non-empty list of messages", "messages")
@@ -137,7 +139,39 @@ def chat_request(body: dict) -> tuple[list, Parsed]:
     logprobs = (top or 0) if want else None
     if logprobs is not None:
         params["logprobs"] = logprobs
-    return messages, Parsed([], params, stream, _stream_options(body, stream), logprobs, False, _priority(body))
+    return messages, Parsed([], params, stream, _stream_options(body, stream), logprobs, False, _priority(body),
+                            _tools(body), _tool_choice(body))
+
+
+MAX_TOOLS = 128
+
+
+def _tools(body: dict) -> list | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise InvalidParameter(f"tools must be a list of at most {MAX_TOOLS} tools", "tools")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise InvalidParameter(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", "tools")
+        if not isinstance(fn.get("name"), str) or not fn["name"] or len(fn["name"]) > 256:
+            raise InvalidParameter(f"tools[{i}].function.name must be a non-empty string of at most 256 characters",
+                                   "tools")
+        if not isinstance(fn.get("description", ""), str) or not isinstance(fn.get("parameters", {}), dict):
+            raise InvalidParameter(f"tools[{i}].function: description must be a string and parameters an object",
+                                   "tools")
+    return tools
+
+
+def _tool_choice(body: dict) -> str:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto"
+    if choice not in ("none", "auto"):
+        raise InvalidParameter(f"tool_choice {choice!r} is not supported: use 'auto' or 'none'", "tool_choice")
+    return choice
 
 
 def param_of(message: str) -> str | None:

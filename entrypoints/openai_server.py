@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from engine.request_input import RequestInputError
 from entrypoints.async_llm import AsyncLLM, EngineUnavailable
 from entrypoints.chat_format import ChatFormatError, ChatFormatter
+from entrypoints.chat_output import ChoiceOutput
 from entrypoints.metrics import EngineCollector
 from entrypoints.openai_requests import InvalidParameter, Parsed, chat_request, completion_request, param_of
 from entrypoints.output_processor import Fold
@@ -95,8 +96,12 @@ def _logprob_entry(tokenizer, lp) -> tuple[str, float, list[tuple[str, float]]]:
 
 
 class OpenAIServer:
-    def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None = None):
+    def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None = None,
+                 parsers: tuple[str | None, str | None] = (None, None)):
+        """parsers: the reasoning parser and the tool-call parser (None: off; the tool-call one is
+        given only with --enable-auto-tool-choice)."""
         self.llm = llm
+        self.reasoning_parser, self.tool_call_parser = parsers
         self.model_name = model_name
         self.api_key = api_key
         self.chat = ChatFormatter(llm.config.model_dir)
@@ -188,7 +193,7 @@ class OpenAIServer:
             return refusal
         try:
             messages, parsed = chat_request(body)
-            parsed.prompts = [self.chat.render(messages)]
+            parsed.prompts = [self.chat.render(messages, parsed.tools)]
         except InvalidParameter as e:
             return error_response(400, str(e), e.param)
         except ChatFormatError as e:
@@ -217,6 +222,15 @@ class _Call:
         self.created = int(time.time())
         self.n = prepared[0][1].n if prepared else 1
         self.tok = server.llm.tokenizer
+        self.reasoning = chat and server.reasoning_parser is not None
+        self.tools = (chat and server.tool_call_parser is not None and bool(parsed.tools)
+                      and parsed.tool_choice != "none")
+        self.outputs: dict[int, ChoiceOutput] = {}  # chat choices by index
+
+    def _output(self, index: int) -> ChoiceOutput:
+        if index not in self.outputs:
+            self.outputs[index] = ChoiceOutput(self.reasoning, self.tools)
+        return self.outputs[index]
 
     def _streams(self) -> list[AsyncIterator[Fold]]:
         llm = self.server.llm
@@ -230,7 +244,12 @@ class _Call:
     def _usage(self, outputs) -> dict:
         prompt = sum(len(o.prompt_token_ids) for o in outputs)
         completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self.reasoning:  # the reasoning span's tokens, as they tokenize alone
+            texts = [o.reasoning_text for o in self.outputs.values() if o.reasoning_text]
+            reasoning = sum(len(e.ids) for e in self.tok.encode_batch(texts, add_special_tokens=False)) if texts else 0
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        return usage
 
 
     def _completion_logprobs(self, lps, offset: int) -> dict:
@@ -277,9 +296,12 @@ class _Call:
         choices = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
-                choice = {"index": i * self.n + c.index, "finish_reason": _openai_finish_reason(c.finish_reason)}
+                index = i * self.n + c.index
+                choice = {"index": index, "finish_reason": _openai_finish_reason(c.finish_reason)}
                 if self.chat:
-                    choice["message"] = {"role": "assistant", "content": c.text}
+                    parsed = self._output(index)
+                    choice["message"] = parsed.message(c.text)
+                    choice["finish_reason"] = parsed.finish_reason(choice["finish_reason"])
                     choice["logprobs"] = self._chat_logprobs(c.logprobs) if c.logprobs is not None else None
                 else:
                     prefix = self.parsed.prompts[i] if self.parsed.echo and isinstance(self.parsed.prompts[i], str) \
@@ -363,9 +385,10 @@ class _Call:
                     reason = _openai_finish_reason(fold.finish_reason)
                     want = self.parsed.logprobs is not None
                     if self.chat:
-                        choice = {"index": index, "delta": {"content": fold.new_text} if fold.new_text else {},
+                        parsed = self._output(index)
+                        choice = {"index": index, "delta": parsed.delta(fold.new_text, fold.finished),
                                   "logprobs": self._chat_logprobs(fold.new_logprobs) if want else None,
-                                  "finish_reason": reason}
+                                  "finish_reason": parsed.finish_reason(reason)}
                     else:
                         choice = {"index": index, "text": fold.new_text,
                                   "logprobs": self._completion_logprobs(fold.new_logprobs, 0) if want else None,
@@ -392,12 +415,13 @@ def _sse_error(message: str, kind: str, param: str | None = None) -> str:
 
 
 def run_http(llm: AsyncLLM, host: str, port: int, model_name: str, api_key: str | None = None,
-             grace_s: float = 30.0, on_ready=None, on_stop=None, before_engine_stop=None) -> int:
+             grace_s: float = 30.0, on_ready=None, on_stop=None, before_engine_stop=None,
+             parsers: tuple[str | None, str | None] = (None, None)) -> int:
     """Serves until SIGTERM/SIGINT (uvicorn drains in-flight requests for `grace_s`), then stops
     the engine. Returns 1 when the engine had failed."""
     import uvicorn
 
-    server = OpenAIServer(llm, model_name, api_key)
+    server = OpenAIServer(llm, model_name, api_key, parsers)
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):

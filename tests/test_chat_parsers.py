@@ -106,3 +106,31 @@ def test_hostile_arguments_do_not_break_the_parser():
     deep = "[" * 100000 + "]" * 100000
     content, calls = split_tool_calls(f"{CALLS_BEGIN}{call_text('x', deep)}{CALLS_END}")
     assert calls == [] and deep in content
+
+
+def test_a_choice_with_reasoning_and_a_tool_call_whole_and_streamed():
+    from entrypoints.chat_output import ChoiceOutput
+
+    text = f"the digits are 5,1,4</think>I will sort.{CALLS_BEGIN}{call_text('sort_digits', {'digits': [5, 1, 4]})}" \
+           f"{CALLS_END}"
+    whole = ChoiceOutput(reasoning=True, tools=True)
+    msg = whole.message(text)
+    assert msg["reasoning_content"] == msg["reasoning"] == "the digits are 5,1,4"
+    assert msg["content"] == "I will sort."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg["tool_calls"]] == \
+        [("sort_digits", {"digits": [5, 1, 4]})]
+    assert whole.finish_reason("stop") == "tool_calls" and whole.finish_reason("length") == "length"
+    for cut in range(0, len(text) + 1, 2):
+        streamed = ChoiceOutput(reasoning=True, tools=True)
+        deltas = [streamed.delta(text[:cut], False), streamed.delta(text[cut:], True)]
+        joined = {k: "".join(d.get(k, "") for d in deltas) for k in ("reasoning_content", "content")}
+        calls = [c for d in deltas for c in d.get("tool_calls", [])]
+        assert joined == {"reasoning_content": msg["reasoning_content"], "content": msg["content"]}, cut
+        assert [c["index"] for c in calls] == [0] and calls[0]["function"]["name"] == "sort_digits"
+
+
+def test_without_parsers_the_text_is_the_content():
+    from entrypoints.chat_output import ChoiceOutput
+
+    out = ChoiceOutput(reasoning=False, tools=False)
+    assert out.message("a</think>b") == {"role": "assistant", "content": "a</think>b"}
