@@ -6,6 +6,12 @@ the system prompts, then each turn after its role tag, an assistant turn closed 
 end-of-sentence token, and the assistant tag that opens the answer:
 
     <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{answer}<｜end▁of▁sentence｜><｜User｜>...<｜Assistant｜>
+
+An earlier answer's reasoning (up to `</think>`) is left out, as R1's template leaves it out. An
+assistant turn's tool calls follow its content in DeepSeek-V3's call format (entrypoints/
+tool_parser.py), and the outputs of `tool` messages that follow it come as one block:
+
+    <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{output}<｜tool▁output▁end｜>...<｜tool▁outputs▁end｜>
 """
 
 from __future__ import annotations
@@ -13,10 +19,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from entrypoints.reasoning_parser import THINK_END
+from entrypoints.tool_parser import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
+
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-ROLES = ("system", "user", "assistant")
+OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+ROLES = ("system", "user", "assistant", "tool")
 MAX_MESSAGES = 4096
+MAX_TOOL_CALLS = 128
 
 
 class ChatFormatError(ValueError):
@@ -86,15 +98,46 @@ class ChatFormatter:
             role = m.get("role")
             if role not in ROLES:
                 raise ChatFormatError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
-            turns.append({"role": role, "content": message_text(m.get("content"), where)})
+            turn = {"role": role, "content": message_text(m.get("content"), where)}
+            if role == "assistant" and m.get("tool_calls"):
+                turn["tool_calls"] = _tool_calls(m["tool_calls"], where)
+            if role == "tool" and m.get("tool_call_id") is not None:
+                turn["tool_call_id"] = str(m["tool_call_id"])
+            turns.append(turn)
         if self._hf is not None:
             return self._hf.apply_chat_template(turns, tools=tools, tokenize=False, add_generation_prompt=True)
         system = "".join(t["content"] for t in turns if t["role"] == "system") + tools_text(tools)
         out = [BOS, system]
-        for t in turns:
-            if t["role"] == "user":
+        for i, t in enumerate(turns):
+            role = t["role"]
+            if role == "user":
                 out += [USER, t["content"]]
-            elif t["role"] == "assistant":
-                out += [ASSISTANT, t["content"], EOS]
+            elif role == "assistant":
+                out += [ASSISTANT, t["content"].split(THINK_END, 1)[-1]]
+                if t.get("tool_calls"):
+                    out += [CALLS_BEGIN, *(_call_text(c["function"]) for c in t["tool_calls"]), CALLS_END]
+                out.append(EOS)
+            elif role == "tool":
+                first = i == 0 or turns[i - 1]["role"] != "tool"
+                last = i == len(turns) - 1 or turns[i + 1]["role"] != "tool"
+                out += [OUTPUTS_BEGIN] * first + [OUTPUT_BEGIN, t["content"], OUTPUT_END] + [OUTPUTS_END] * last
         out.append(ASSISTANT)
         return "".join(out)
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's OpenAI tool calls, checked, in OpenAI's shape (templates read it)."""
+    if not isinstance(calls, list) or len(calls) > MAX_TOOL_CALLS:
+        raise ChatFormatError(f"{where}.tool_calls must be a list of at most {MAX_TOOL_CALLS} calls")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise ChatFormatError(f"{where}.tool_calls[{j}] must have a function with a name and arguments (strings)")
+        out.append({"type": "function", "id": str(c.get("id", f"call_{j}")),
+                    "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return out
+
+
+def _call_text(call: dict) -> str:
+    return f"{CALL_BEGIN}function{SEP}{call['name']}\n```json\n{call['arguments']}\n```{CALL_END}"

@@ -134,3 +134,30 @@ def test_without_parsers_the_text_is_the_content():
 
     out = ChoiceOutput(reasoning=False, tools=False)
     assert out.message("a</think>b") == {"role": "assistant", "content": "a</think>b"}
+
+
+def test_a_multi_turn_tool_conversation_renders_in_the_format(tmp_path):
+    from entrypoints.chat_format import ChatFormatter
+
+    args = '{"digits": [3, 1, 2]}'
+    messages = [
+        {"role": "system", "content": "You sort."},
+        {"role": "user", "content": "sort 3,1,2"},
+        {"role": "assistant", "content": "<think>three digits</think>Calling the tool.",
+         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "sort_digits", "arguments": args}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "[1, 2, 3]"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "ok"},
+        {"role": "assistant", "content": "1,2,3"},
+        {"role": "user", "content": "again"},
+    ]
+    expected = ("<｜begin▁of▁sentence｜>You sort.<｜User｜>sort 3,1,2<｜Assistant｜>Calling the tool."
+                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>sort_digits\n```json\n"
+                '{"digits": [3, 1, 2]}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>'
+                "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>[1, 2, 3]<｜tool▁output▁end｜>"
+                "<｜tool▁output▁begin｜>ok<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
+                "<｜Assistant｜>1,2,3<｜end▁of▁sentence｜><｜User｜>again<｜Assistant｜>")
+    assert ChatFormatter(tmp_path).render(messages) == expected
+    # The assistant's call, parsed back, is the call it was rendered from.
+    calls_part = expected.split("Calling the tool.", 1)[1].split("<｜end▁of▁sentence｜>", 1)[0]
+    content, calls = split_tool_calls(calls_part)
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("sort_digits", args)]
