@@ -73,10 +73,11 @@ def tools_text(tools: list | None) -> str:
 
 
 class ChatFormatter:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, template: str | None = None):
+        """template: a Jinja chat template that replaces the checkpoint's (`--chat-template FILE`)."""
         config = Path(model_dir) / "tokenizer_config.json"
-        template = None
-        if config.exists():
+        self._template = template
+        if template is None and config.exists():
             template = json.loads(config.read_text()).get("chat_template")
         self._hf = None
         if template:
@@ -84,8 +85,9 @@ class ChatFormatter:
 
             self._hf = AutoTokenizer.from_pretrained(str(model_dir))
 
-    def render(self, messages, tools: list | None = None) -> str:
-        """`tools`: OpenAI function tools (checked by entrypoints/openai_requests.py)."""
+    def render(self, messages, tools: list | None = None, template_kwargs: dict | None = None) -> str:
+        """`tools`: OpenAI function tools; `template_kwargs`: variables for the template (both
+        checked by entrypoints/openai_requests.py; the plain format has no variables)."""
         if not isinstance(messages, list) or not messages:
             raise ChatFormatError("messages must be a non-empty list")
         if len(messages) > MAX_MESSAGES:
@@ -105,7 +107,11 @@ class ChatFormatter:
                 turn["tool_call_id"] = str(m["tool_call_id"])
             turns.append(turn)
         if self._hf is not None:
-            return self._hf.apply_chat_template(turns, tools=tools, tokenize=False, add_generation_prompt=True)
+            try:
+                return self._hf.apply_chat_template(turns, tools=tools, chat_template=self._template, tokenize=False,
+                                                    add_generation_prompt=True, **(template_kwargs or {}))
+            except Exception as e:  # the template's own error (raise_exception, a bad variable): this request's
+                raise ChatFormatError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
         system = "".join(t["content"] for t in turns if t["role"] == "system") + tools_text(tools)
         out = [BOS, system]
         for i, t in enumerate(turns):

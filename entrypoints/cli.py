@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from entrypoints.chat_output import REASONING_PARSERS, TOOL_CALL_PARSERS
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --http-port: requests to /v1 need `Authorization: Bearer KEY` "
                           "(default: $MLASERVE_API_KEY, if set)")
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder)")
+    srv.add_argument("--chat-template", default=None, metavar="FILE",
+                     help="with --http-port: a Jinja chat template that replaces the checkpoint's")
     srv.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                      help="with --http-port: return the reasoning span apart, as message.reasoning_content")
     srv.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
@@ -157,6 +160,9 @@ def _serve(args: argparse.Namespace) -> int:
         if n is not None and n < 1:
             print(f"error: a per-client limit must be at least 1, got {n}", file=sys.stderr)
             return 2
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        print(f"error: --chat-template {args.chat_template}: no such file", file=sys.stderr)
+        return 2
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         print("error: --enable-auto-tool-choice needs --tool-call-parser", file=sys.stderr)
         return 2
@@ -185,6 +191,7 @@ def _serve_http(args: argparse.Namespace, config) -> int:
     from entrypoints.server import Server
 
     name = args.served_model_name or Path(config.model_dir).name
+    template = Path(args.chat_template).read_text() if args.chat_template else None  # (fails before the engine starts)
     api_key = args.api_key or os.environ.get("MLASERVE_API_KEY") or None
     llm = AsyncLLM(config)
     zmq_server = zmq_thread = None
@@ -222,7 +229,8 @@ def _serve_http(args: argparse.Namespace, config) -> int:
 
     return run_http(llm, args.host, args.http_port, name, api_key, args.shutdown_grace, on_ready=ready,
                     on_stop=stopping, before_engine_stop=drained,
-                    parsers=(args.reasoning_parser, args.tool_call_parser if args.enable_auto_tool_choice else None))
+                    parsers=(args.reasoning_parser, args.tool_call_parser if args.enable_auto_tool_choice else None),
+                    chat_template=template)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ class Parsed:
     priority: int
     tools: list | None = None  # chat: OpenAI's function tools, checked
     tool_choice: str = "auto"
+    template_kwargs: dict | None = None  # chat: vLLM's chat_template_kwargs
 
 
 def _check_type(body: dict, name: str, types: tuple, what: str) -> None:
@@ -123,7 +124,7 @@ def completion_request(body: dict) -> Parsed:
 def chat_request(body: dict) -> tuple[list, Parsed]:
     """(the messages, to render; the rest parsed)."""
     _unknown(body, {"messages", "stream", "stream_options", "logprobs", "top_logprobs", "logit_bias", "priority",
-                    "max_completion_tokens", "tools", "tool_choice"})
+                    "max_completion_tokens", "tools", "tool_choice", "chat_template_kwargs"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParameter("messages must be a non-empty list of messages", "messages")
@@ -140,7 +141,27 @@ def chat_request(body: dict) -> tuple[list, Parsed]:
     if logprobs is not None:
         params["logprobs"] = logprobs
     return messages, Parsed([], params, stream, _stream_options(body, stream), logprobs, False, _priority(body),
-                            _tools(body), _tool_choice(body))
+                            _tools(body), _tool_choice(body), _template_kwargs(body))
+
+
+MAX_TEMPLATE_KWARGS = 32
+# What the server itself passes to the template.
+RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tools", "chat_template", "tokenize",
+                            "add_generation_prompt", "return_dict", "documents", "continue_final_message"}
+
+
+def _template_kwargs(body: dict) -> dict | None:
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict) or len(kwargs) > MAX_TEMPLATE_KWARGS:
+        raise InvalidParameter(f"chat_template_kwargs must be an object of at most {MAX_TEMPLATE_KWARGS} variables",
+                               "chat_template_kwargs")
+    reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS)
+    if reserved or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise InvalidParameter(f"chat_template_kwargs may not set {reserved or 'names that are not identifiers'}",
+                               "chat_template_kwargs")
+    return kwargs
 
 
 MAX_TOOLS = 128

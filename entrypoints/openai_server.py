@@ -97,14 +97,14 @@ def _logprob_entry(tokenizer, lp) -> tuple[str, float, list[tuple[str, float]]]:
 
 class OpenAIServer:
     def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None = None,
-                 parsers: tuple[str | None, str | None] = (None, None)):
+                 parsers: tuple[str | None, str | None] = (None, None), chat_template: str | None = None):
         """parsers: the reasoning parser and the tool-call parser (None: off; the tool-call one is
-        given only with --enable-auto-tool-choice)."""
+        given only with --enable-auto-tool-choice); chat_template: replaces the checkpoint's."""
         self.llm = llm
         self.reasoning_parser, self.tool_call_parser = parsers
         self.model_name = model_name
         self.api_key = api_key
-        self.chat = ChatFormatter(llm.config.model_dir)
+        self.chat = ChatFormatter(llm.config.model_dir, chat_template)
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(llm))
         self.app = self._build()
@@ -193,7 +193,7 @@ class OpenAIServer:
             return refusal
         try:
             messages, parsed = chat_request(body)
-            parsed.prompts = [self.chat.render(messages, parsed.tools)]
+            parsed.prompts = [self.chat.render(messages, parsed.tools, parsed.template_kwargs)]
         except InvalidParameter as e:
             return error_response(400, str(e), e.param)
         except ChatFormatError as e:
@@ -416,12 +416,12 @@ def _sse_error(message: str, kind: str, param: str | None = None) -> str:
 
 def run_http(llm: AsyncLLM, host: str, port: int, model_name: str, api_key: str | None = None,
              grace_s: float = 30.0, on_ready=None, on_stop=None, before_engine_stop=None,
-             parsers: tuple[str | None, str | None] = (None, None)) -> int:
+             parsers: tuple[str | None, str | None] = (None, None), chat_template: str | None = None) -> int:
     """Serves until SIGTERM/SIGINT (uvicorn drains in-flight requests for `grace_s`), then stops
     the engine. Returns 1 when the engine had failed."""
     import uvicorn
 
-    server = OpenAIServer(llm, model_name, api_key, parsers)
+    server = OpenAIServer(llm, model_name, api_key, parsers, chat_template)
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):

@@ -161,3 +161,25 @@ def test_a_multi_turn_tool_conversation_renders_in_the_format(tmp_path):
     calls_part = expected.split("Calling the tool.", 1)[1].split("<｜end▁of▁sentence｜>", 1)[0]
     content, calls = split_tool_calls(calls_part)
     assert content == "" and [(c.name, c.arguments) for c in calls] == [("sort_digits", args)]
+
+
+def test_a_chat_template_file_and_its_kwargs(tiny_checkpoint):
+    from entrypoints.chat_format import ChatFormatError, ChatFormatter
+    from entrypoints.openai_requests import InvalidParameter, chat_request
+
+    template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                "{% if tools %}<tools:{{ tools | length }}>{% endif %}{% if thinking %}<think>{% endif %}"
+                "{% if fail %}{{ raise_exception('no') }}{% endif %}")
+    chat = ChatFormatter(tiny_checkpoint, template)
+    messages = [{"role": "user", "content": "hi"}]
+    assert chat.render(messages) == "[user]hi"
+    assert chat.render(messages, [{"type": "function", "function": {"name": "f"}}], {"thinking": True}) == \
+        "[user]hi<tools:1><think>"
+    with pytest.raises(ChatFormatError, match="template failed"):
+        chat.render(messages, None, {"fail": True})
+    _, parsed = chat_request({"messages": messages, "chat_template_kwargs": {"thinking": True}})
+    assert parsed.template_kwargs == {"thinking": True}
+    for bad in ({"tokenize": True}, {"not an identifier": 1}, "thinking", {f"k{i}": 1 for i in range(33)}):
+        with pytest.raises(InvalidParameter) as e:
+            chat_request({"messages": messages, "chat_template_kwargs": bad})
+        assert e.value.param == "chat_template_kwargs"
