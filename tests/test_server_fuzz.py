@@ -96,17 +96,21 @@ def test_every_frame_gets_a_typed_answer_and_the_server_keeps_serving(server):
     with Client(server.address, timeout_s=60) as c:
         before = c.complete("fuzz", {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}).token_ids
     seen: dict[str, int] = {}
+    recent: list[bytes] = []  # the frames before a failure, for its report
 
     @settings(max_examples=800, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(frames)
     def one(frame):
+        recent[:] = [*recent[-4:], frame]
         msg = answer(server, frame)
         key = type(msg).__name__ + (f":{msg.code}" if isinstance(msg, Error) else "")
         seen[key] = seen.get(key, 0) + 1
         assert server.proc.poll() is None, "the server exited"
         if isinstance(msg, Error):
-            assert msg.code in ("bad_message", "invalid_request", "unknown_request", "limit_exceeded"), msg
+            # An engine failure shows its traceback (the server's log) and the frames that led to it.
+            assert msg.code in ("bad_message", "invalid_request", "unknown_request", "limit_exceeded"), \
+                f"{msg}\nlast frames: {recent}\nserver log:\n{server.log_text()[-6000:]}"
             assert msg.message
         if isinstance(msg, Final):
             assert msg.finish_reason in ("length", "stop", "abort")
