@@ -32,8 +32,7 @@ class ChoiceOutput:
         if self.tools is not None:
             content, calls = self.tools.feed(content)
             if last:
-                more, _ = self.tools.finish()
-                content += more
+                content += self.tools.finish()
         out: dict = {}
         if reasoning:
             self.reasoning_text += reasoning

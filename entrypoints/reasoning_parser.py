@@ -28,7 +28,6 @@ class ReasoningStream:
     buffer: str = ""
     opened: bool = False  # whether the start was looked at for a repeated <think>
     thinking: bool = True
-    reasoning_chars: int = 0
 
     def feed(self, text: str) -> tuple[str, str]:
         """(reasoning, content) that `text` adds."""
@@ -46,10 +45,8 @@ class ReasoningStream:
             if end < 0:
                 keep = held_prefix(buf, THINK_END)
                 reasoning, self.buffer = buf[: len(buf) - keep], buf[len(buf) - keep:]
-                self.reasoning_chars += len(reasoning)
                 return reasoning, ""
             reasoning, buf = buf[:end], buf[end + len(THINK_END):]
-            self.reasoning_chars += len(reasoning)
             self.thinking = False
         self.buffer = ""
         return reasoning, buf
@@ -58,7 +55,6 @@ class ReasoningStream:
         """What was held back, once the output ended: a partial tag is text after all."""
         held, self.buffer, self.opened = self.buffer, "", True
         if self.thinking:
-            self.reasoning_chars += len(held)
             return held, ""
         return "", held
 

@@ -100,18 +100,18 @@ class ToolCallStream:
         self.calls += new
         return "".join(content), new
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
+    def finish(self) -> str:
         """What was held back, once the output ended: an unterminated section is content (with
         its opening token when no call came before it)."""
         held, self.buffer = self.buffer, ""
         if self.in_calls and not self.done and not self.calls:
             held = CALLS_BEGIN + held
         self.done = True
-        return held, []
+        return held
 
 
 def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     stream = ToolCallStream()
     c1, calls = stream.feed(text)
-    c2, _ = stream.finish()
+    c2 = stream.finish()
     return c1 + c2, calls
