@@ -182,7 +182,8 @@ class AsyncLLM:
 
     async def prepare(self, prompt, params: SamplingParams | dict | None, priority: int = 0,
                       ) -> tuple[list[int], SamplingParams]:
-        """Checks and tokenizes off the loop; raises RequestInputError naming the bad field."""
+        """Checks and tokenizes (a long prompt on the pool, off the loop); raises RequestInputError
+        naming the bad field."""
         check_priority(priority)
         r = self.ready
         args = (prompt, params, self.tokenizer, r.max_model_len, r.vocab_size)
