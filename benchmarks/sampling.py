@@ -36,7 +36,8 @@ from transformers.generation.logits_process import (
 
 from benchmarks.cpu_decode_attention import median_times
 from engine.sampling_params import SamplingParams
-from model.sampler import SampleRow, TokenHistory, sample
+from model.logit_edits import TokenHistory
+from model.sampler import SampleRow, sample
 
 VOCAB = 129280  # DeepSeek-V3
 

@@ -21,9 +21,10 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import zmq
 
 from engine.config import EngineConfig
-from engine.engine_core import EngineCore, RemoteWorkers
+from engine.engine_core import EngineCore
 from engine.messages import AddRequest, SchedulerToWorker, Shutdown, StepResult, WorkerReady
 from engine.processes import Channel, become_child_process, spawn
+from engine.remote_workers import RemoteWorkers
 from engine.sampling_params import SamplingParams
 from engine.worker_state import WorkerState
 

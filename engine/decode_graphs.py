@@ -28,9 +28,9 @@ from collections.abc import Callable
 
 import torch
 
+from kernels.attention_plan import AttentionPlan, DecodeRows
 from kernels.backend import cdiv
 from kernels.forward_batch import ForwardBatch, SequenceChunk
-from kernels.mla_attention import AttentionPlan, DecodeRows
 from model.deepseek_v3 import DeepseekV3
 
 # Batch sizes with a graph: doubling up to 16, then steps of at most 1.5x (so that from 16 up the

@@ -25,8 +25,8 @@ import torch
 from cache.latent_cache import LatentCache
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
+from kernels.attention_plan import SHORT_QUERY_MAX
 from kernels.forward_batch import ForwardBatch, SequenceChunk
-from kernels.mla_attention import SHORT_QUERY_MAX
 from model.sampler import SampleRow, speculative_sample
 
 if TYPE_CHECKING:

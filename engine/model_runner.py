@@ -23,9 +23,10 @@ from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.deepseek_v3 import DeepseekV3
 from model.expert_parallel import ExpertParallel, init_distributed, leave_distributed
 from model.loader import load_weights
+from model.logit_edits import TokenHistory
 from model.moe import MoE
 from model.mtp import MTPModule
-from model.sampler import SampleRow, TokenHistory, draft_rows, prompt_logprob_entries, speculative_sample
+from model.sampler import SampleRow, draft_rows, prompt_logprob_entries, speculative_sample
 
 log = logging.getLogger("mlaserve.worker")
 

@@ -26,6 +26,25 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+MAX_FRAME_BYTES = 16 << 20  # a bigger frame is refused before decoding
+# A peer that answers no ZMTP ping for this long (a host gone, a cable pulled: no FIN ever comes)
+# is disconnected by ZeroMQ, and its requests end as any departed client's do.
+PEER_HEARTBEAT_IVL_MS, PEER_HEARTBEAT_TIMEOUT_MS = 5_000, 15_000
+
+
+def open_router(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, int]:
+    """The server's ROUTER, bound to host:port (port 0: a free one), and the port it took."""
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises: we abort its work
+    router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    router.setsockopt(zmq.HEARTBEAT_IVL, PEER_HEARTBEAT_IVL_MS)
+    router.setsockopt(zmq.HEARTBEAT_TIMEOUT, PEER_HEARTBEAT_TIMEOUT_MS)
+    if port == 0:
+        return router, router.bind_to_random_port(f"tcp://{host}")
+    router.bind(f"tcp://{host}:{port}")
+    return router, port
+
 
 @dataclass(frozen=True)
 class ClientLimits:

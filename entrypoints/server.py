@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -31,23 +30,18 @@ from engine.messages import (
     EngineDead,
     EngineStats,
     GetStats,
-    RequestDelta,
     RequestOutputs,
     completion_ids,
 )
-from engine.outputs import RequestOutput
 from engine.request_input import RequestInputError
 from engine.sampling_params import SamplingParams
-from entrypoints.connections import ClientLimits, ClientState, Connections
+from entrypoints.connections import ClientLimits, ClientState, Connections, open_router
 from entrypoints.engine_client import EngineClient, failure_summary
 from entrypoints.metrics import start_metrics_server
 from entrypoints.output_processor import OutputProcessor
 from entrypoints.protocol import (
-    MAX_REQUEST_ID_CHARS,
     PROTOCOL_VERSION,
     Abort,
-    Completion,
-    Delta,
     Error,
     Final,
     Generate,
@@ -56,46 +50,17 @@ from entrypoints.protocol import (
     HealthReply,
     ModelInfo,
     Timing,
-    TokenLogprob,
     Usage,
     server_decoder,
     server_encoder,
 )
 from entrypoints.request_prep import Preparer
+from entrypoints.served import Served, ServedRequests, request_id_of
 
 log = logging.getLogger("mlaserve.server")
 
 STATS_INTERVAL_S = 0.25
-MAX_FRAME_BYTES = 16 << 20  # a bigger frame is refused before decoding
-# A peer that answers no ZMTP ping for this long (a host gone, a cable pulled: no FIN ever comes)
-# is disconnected by ZeroMQ, and its requests end as any departed client's do.
-PEER_HEARTBEAT_IVL_MS, PEER_HEARTBEAT_TIMEOUT_MS = 5_000, 15_000
 MAX_PREPARING = 64  # requests being prepared at once; past it the loop reads no more frames until some finish
-
-
-@dataclass
-class Served:
-    client: ClientState
-    request_id: str
-    stream: bool
-    arrival: float
-    engine_id: str = ""  # once started
-    output: RequestOutput | None = None  # filled by the OutputProcessor once started
-    priority: int = 0
-    preparing: bool = True  # in the Preparer; no engine id yet
-    aborted: bool = False  # an Abort came while preparing
-
-    @property
-    def identity(self) -> bytes:
-        return self.client.identity
-
-    @property
-    def num_completions(self) -> int:
-        return len(self.output.outputs) if self.output is not None else 0
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.output.prompt_token_ids) if self.output is not None else 0
 
 
 class Server:
@@ -118,25 +83,16 @@ class Server:
             max_prompt_tokens_per_client or ready.kv_cache_tokens)
         self.preparer = Preparer(self.tokenizer, ready.max_model_len, ready.vocab_size)
         self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone client raises: we abort its work
-        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        self.router.setsockopt(zmq.HEARTBEAT_IVL, PEER_HEARTBEAT_IVL_MS)
-        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, PEER_HEARTBEAT_TIMEOUT_MS)
+        self.router, self.port = open_router(self.ctx, host, port)
         self.connections = Connections(self.router)
-        self.port = self.router.bind_to_random_port(f"tcp://{host}") if port == 0 else port
-        if port:
-            self.router.bind(f"tcp://{host}:{port}")
         self.address = f"tcp://{host}:{self.port}"
-        self.tracker = OutputProcessor(self.tokenizer)
-        self.requests: dict[str, Served] = {}  # started ones, by engine request id
+        self.requests = ServedRequests(OutputProcessor(self.tokenizer), self.connections, self._send,
+                                       self._abort)
         self.latest_stats: EngineStats | None = None
         self.stats_time = time.monotonic()
         self.engine_failure: str | None = None  # why the engine stopped, once it has
         self.counters = {"requests_received": 0, "bad_messages": 0, "requests_refused_by_limits": 0,
                          "clients_disconnected": 0}
-        self._next_id = 0
         self._stop_at: float | None = None
         self._stats_due = 0.0
         self._lock = threading.Lock()
@@ -166,7 +122,7 @@ class Server:
                     if not self.requests and not self.preparer.pending:
                         break
                     if time.monotonic() >= self._stop_at:
-                        self._abort_all("the server is stopping and its grace period has ended")
+                        self.requests.end_all("the server is stopping and its grace period has ended")
                         break
                 events = dict(poller.poll(50))
                 self._drop_gone_clients()
@@ -204,8 +160,16 @@ class Server:
         """Every request in flight fails with the reason, the engine's processes are stopped, and
         the server stays up to say so (health: engine_dead) until it is stopped."""
         self.engine_failure = failure_summary(reason, log)
-        self._abort_all(f"the engine failed: {self.engine_failure}", code="engine_error")
+        self.requests.end_all(f"the engine failed: {self.engine_failure}", code="engine_error")
         self.engine.shutdown(f"it failed: {self.engine_failure}")
+
+    def _abort(self, engine_ids: list[str]) -> None:
+        """Asks the engine to stop these completions (none once it failed; it may be stopping)."""
+        if engine_ids and self.engine_failure is None:
+            try:
+                self.engine.send(AbortRequests(engine_ids))
+            except Exception:  # (the engine is stopping too)
+                pass
 
     # ---- client side --------------------------------------------------------------------------
 
@@ -219,7 +183,7 @@ class Server:
     def _drop_gone_clients(self) -> None:
         for c in self.connections.gone():
             self.counters["clients_disconnected"] += 1
-            self._client_gone(c)
+            self.requests.client_gone(c)
 
     def _drain_clients(self) -> None:
         while self.preparer.pending < MAX_PREPARING:
@@ -230,7 +194,7 @@ class Server:
             identity, payload = frames[0].bytes, frames[-1]
             client, departed = self.connections.client(identity, payload.get(zmq.SRCFD))
             if departed is not None:  # the identity's earlier connection is gone: its requests end first
-                self._client_gone(departed)
+                self.requests.client_gone(departed)
             try:
                 self._on_frame(client, payload.bytes)
             except Exception:  # a defect of ours, not the client's: that frame fails, the loop serves on
@@ -246,7 +210,7 @@ class Server:
             # (RecursionError: msgspec stops at the interpreter's depth limit in a value it skips)
             self.counters["bad_messages"] += 1
             self._send(client.identity, Error("bad_message", f"cannot read the message: {e}",
-                                              _request_id_of(payload)))
+                                              request_id_of(payload)))
             return
         if isinstance(msg, Generate):
             self._on_generate(client, msg)
@@ -301,11 +265,12 @@ class Server:
             if isinstance(result, Exception):
                 message = str(result) if isinstance(result, RequestInputError) else \
                     f"the request could not be prepared ({type(result).__name__}: {result})"
-                self._finish(s, Error("invalid_request", message, s.request_id))
+                self.requests.finish(s, Error("invalid_request", message, s.request_id))
             elif self.engine_failure is not None:
-                self._finish(s, Error("engine_error", f"the engine failed: {self.engine_failure}", s.request_id))
+                why = f"the engine failed: {self.engine_failure}"
+                self.requests.finish(s, Error("engine_error", why, s.request_id))
             elif s.aborted:
-                self._finish(s, Final(s.request_id, "abort", "", [], Usage(0, 0), Timing(0.0, 0.0, 0.0)))
+                self.requests.finish(s, Final(s.request_id, "abort", "", [], Usage(0, 0), Timing(0.0, 0.0, 0.0)))
             else:
                 self._start(s, *result)
             self.connections.release_if_idle(client)
@@ -317,14 +282,7 @@ class Server:
             client.requests.pop(s.request_id, None)
             self._refuse(client, s.request_id, refusal)
             return
-        client.completions += n
-        client.prompt_tokens += len(ids)
-        engine_id = f"s{self._next_id}"
-        self._next_id += 1
-        s.preparing, s.engine_id = False, engine_id
-        s.output, add = self.tracker.add(engine_id, None, ids, params, s.arrival, s.priority, s.request_id)
-        self.requests[engine_id] = s
-        self.engine.send(add)
+        self.engine.send(self.requests.start(s, ids, params))
 
     def _on_abort(self, client: ClientState, msg: Abort) -> None:
         s = client.requests.get(msg.request_id)
@@ -334,7 +292,7 @@ class Server:
         elif s.preparing:
             s.aborted = True  # answered when its preparation is done
         else:
-            self.engine.send(AbortRequests(self.tracker.unfinished_ids(s.engine_id)))  # its Final comes back
+            self.engine.send(AbortRequests(self.requests.unfinished_ids(s)))  # its Final comes back
 
     # ---- engine side --------------------------------------------------------------------------
 
@@ -343,88 +301,13 @@ class Server:
             if isinstance(msg, RequestOutputs):
                 self._drop_gone_clients()  # no output goes to an identity whose connection is gone
                 for d in msg.deltas:
-                    self._on_delta(d)
+                    self.requests.on_delta(d)
             elif isinstance(msg, EngineStats):
                 with self._lock:
                     self.latest_stats, self.stats_time = msg, time.monotonic()
             elif isinstance(msg, EngineDead):
                 self._engine_failed(msg.reason)
                 return
-
-    def _on_delta(self, d: RequestDelta) -> None:
-        fold = self.tracker.process(d)
-        if fold is None:
-            return  # already finished here (a stop string) and aborted in the engine
-        s, c = self.requests[fold.engine_id], fold.completion
-        if fold.finish_reason == "error":
-            self._finish(s, Error("invalid_request", d.error or "rejected by the engine", s.request_id))
-            return
-        if s.stream and (fold.new_token_ids or fold.new_text):
-            delta = Delta(s.request_id, fold.new_text, fold.new_token_ids, [_logprob(lp) for lp in fold.new_logprobs],
-                          c.index)
-            if not self._send(s.identity, delta):
-                self._served_gone(s)
-                return
-        if fold.stopped:
-            self.engine.send(AbortRequests([d.req_id]))
-        if fold.request_finished:
-            self._finish(s, self._final(s))
-
-    def _final(self, s: Served) -> Final:
-        out, m, now = s.output, s.output.metrics, time.time()
-        timing = Timing(max(0.0, (m.scheduled_time or now) - s.arrival),
-                        max(0.0, (m.first_token_time or now) - s.arrival), now - s.arrival)
-        usage = Usage(s.num_prompt_tokens, sum(len(c.token_ids) for c in out.outputs), m.num_cached_tokens)
-
-        def logprobs(c) -> list[TokenLogprob]:
-            return [] if s.stream or c.logprobs is None else [_logprob(lp) for lp in c.logprobs]
-
-        first = out.outputs[0]
-        all_n = [Completion(c.index, c.finish_reason, c.text, c.token_ids, logprobs(c))
-                 for c in out.outputs] if len(out.outputs) > 1 else []
-        prompt_logprobs = None if out.prompt_logprobs is None else \
-            [None if lp is None else _logprob(lp) for lp in out.prompt_logprobs]
-        return Final(s.request_id, first.finish_reason, first.text, first.token_ids, usage, timing,
-                     logprobs(first), all_n, prompt_logprobs)
-
-    def _finish(self, s: Served, msg) -> None:
-        self._forget(s)
-        self._send(s.identity, msg)
-
-    def _forget(self, s: Served) -> list[str]:
-        """Stops tracking s; returns its completions the engine still runs."""
-        unfinished = self.tracker.forget(s.engine_id) if s.engine_id else []
-        self.requests.pop(s.engine_id, None)
-        client = s.client
-        if client.requests.get(s.request_id) is s:
-            del client.requests[s.request_id]
-            if not s.preparing:
-                client.completions -= s.num_completions
-                client.prompt_tokens -= s.num_prompt_tokens
-        self.connections.release_if_idle(client)
-        return unfinished
-
-    def _served_gone(self, s: Served) -> None:
-        unfinished = self._forget(s)
-        if unfinished and self.engine_failure is None:
-            self.engine.send(AbortRequests(unfinished))
-
-    def _client_gone(self, client: ClientState) -> None:
-        """Every request of a client whose connection closed ends now (one abort for them all)."""
-        unfinished = [i for s in list(client.requests.values()) for i in self._forget(s)]
-        if unfinished and self.engine_failure is None:
-            self.engine.send(AbortRequests(unfinished))
-
-    def _abort_all(self, why: str, code: str | None = None) -> None:
-        served = [s for c in list(self.connections.clients.values()) for s in c.requests.values()]
-        ids = [i for s in served if s.engine_id for i in self.tracker.unfinished_ids(s.engine_id)]
-        if ids and code is None:
-            try:
-                self.engine.send(AbortRequests(ids))
-            except Exception:  # (the engine is stopping too)
-                pass
-        for s in served:
-            self._finish(s, Error(code or "shutting_down", why, s.request_id))
 
     def _refresh_stats(self) -> None:
         now = time.monotonic()
@@ -435,24 +318,3 @@ class Server:
     def stats_snapshot(self) -> tuple[EngineStats | None, dict[str, int], HealthReply]:
         with self._lock:
             return self.latest_stats, dict(self.counters), self._health()
-
-
-def _logprob(lp) -> TokenLogprob:
-    return TokenLogprob(lp.token_id, lp.logprob, lp.rank, list(lp.top_ids), list(lp.top_logprobs))
-
-
-class _RequestIdOnly(msgspec.Struct):
-    request_id: str | None = None
-
-
-_request_id_decoder = msgspec.msgpack.Decoder(_RequestIdOnly)
-
-
-def _request_id_of(payload: bytes) -> str | None:
-    """Best effort, for the Error of a message that failed validation: its request_id if readable
-    (every other field is skipped unread)."""
-    try:
-        rid = _request_id_decoder.decode(payload).request_id
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return None
-    return rid[:MAX_REQUEST_ID_CHARS] if rid is not None else None

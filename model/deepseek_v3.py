@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
+from kernels.attention_plan import AttentionPlan, GatherBuffer, plan_attention
 from kernels.forward_batch import ForwardBatch
-from kernels.mla_attention import AttentionPlan, GatherBuffer, plan_attention
 from model.expert_parallel import ExpertParallel
 from model.layers import DenseMLP, Linear, RMSNorm
 from model.mla import MLA

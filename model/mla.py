@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from engine.model_config import ModelConfig
+from kernels.attention_plan import AttentionPlan
 from kernels.cache_write import write_latent_entries
-from kernels.mla_attention import AttentionPlan, absorbed_cpu_layout, mla_attention
+from kernels.mla_attention import absorbed_cpu_layout, mla_attention
 from model.layers import Linear, RMSNorm, StackedLinear
 from model.rope import RotaryEmbedding
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
+from kernels.attention_plan import plan_attention
 from kernels.forward_batch import ForwardBatch
-from kernels.mla_attention import plan_attention
 from model.deepseek_v3 import DecoderLayer, DeepseekV3
 from model.layers import Linear, RMSNorm
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.messages import TokenLogprobs
-from engine.sampling_params import BadWordsIndex, SamplingParams
+from engine.sampling_params import SamplingParams
+from model.logit_edits import LogitEdits, TokenHistory, on_device
 
 _MASK64 = (1 << 64) - 1
 
@@ -67,176 +68,6 @@ def row_uniforms(seed: int) -> tuple[float, float]:
     return (x >> 40) * 2.0**-24, ((x >> 16) & 0xFFFFFF) * 2.0**-24 * (1 - 2.0**-22)
 
 
-class TokenHistory:
-    """What the penalties read, kept on the device across steps: per request, which tokens its
-    prompt and output hold (repetition penalty) and how often each came in its output (frequency
-    and presence), as a row of two [slots, vocab] tensors. Each step folds in only the tokens
-    appended since the last, in one indexed update for the whole batch, so the cost follows what
-    changed, not the length of the histories. The worker forgets a request when the scheduler
-    drops it; a request seen again with another token list (readmitted) starts over."""
-
-    def __init__(self, vocab_size: int, device: torch.device | str = "cpu"):
-        self.vocab_size = vocab_size
-        self.seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
-        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
-        self._entries: dict[str, list] = {}  # req id -> [slot, its token list, tokens folded in]
-        self._free: list[int] = []
-
-    def forget(self, req_ids: list[str]) -> None:
-        for rid in req_ids:
-            entry = self._entries.pop(rid, None)
-            if entry is not None:
-                self._free.append(entry[0])
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def slots(self, rows: list[SampleRow]) -> list[int]:
-        """Each row's slot, holding its request's accepted tokens (not its drafts) once this returns."""
-        out: list[int] = []
-        reset: list[int] = []
-        seen_at: tuple[list[int], list[int]] = ([], [])
-        count_at: tuple[list[int], list[int]] = ([], [])
-        for r in rows:
-            entry = self._entries.get(r.req_id)
-            if entry is None or entry[1] is not r.token_ids or entry[2] > len(r.token_ids):
-                if entry is None:
-                    entry = self._entries[r.req_id] = [self._take_slot(), r.token_ids, 0]
-                entry[1], entry[2] = r.token_ids, 0
-                reset.append(entry[0])
-            slot, tokens, folded = entry
-            if folded < len(tokens):
-                new = tokens[folded:]
-                seen_at[0].extend([slot] * len(new))
-                seen_at[1].extend(new)
-                outputs = tokens[max(folded, r.num_prompt):]
-                count_at[0].extend([slot] * len(outputs))
-                count_at[1].extend(outputs)
-                entry[2] = len(tokens)
-            out.append(slot)
-        if reset:
-            at = _on(reset, self.seen.device)
-            self.seen[at] = False
-            self.counts[at] = 0
-        if seen_at[0]:
-            self.seen[_index(seen_at, self.seen.device)] = True
-        if count_at[0]:
-            ones = torch.ones(len(count_at[0]), dtype=torch.int32, device=self.counts.device)
-            self.counts.index_put_(_index(count_at, self.counts.device), ones, accumulate=True)
-        return out
-
-    def _take_slot(self) -> int:
-        if not self._free:
-            old = self.seen.shape[0]
-            grown = max(8, 2 * old)
-            self.seen = torch.cat([self.seen, self.seen.new_zeros(grown - old, self.vocab_size)])
-            self.counts = torch.cat([self.counts, self.counts.new_zeros(grown - old, self.vocab_size)])
-            self._free = list(range(grown - 1, old - 1, -1))
-        return self._free.pop()
-
-
-def _on(values: list, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A small host list as a tensor on the device (the step's parameters, indices, edits)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
-def _index(rows_tokens: tuple[list[int], list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    return _on(rows_tokens[0], device), _on(rows_tokens[1], device)
-
-
-class _Edits:
-    """Logit edits gathered over the rows as flat (row, token) lists, applied as one indexed
-    operation per kind, in vLLM's order: allowed tokens, bad words, logit bias, min_tokens,
-    then the penalties (dense over the penalized rows, from the TokenHistory)."""
-
-    def __init__(self) -> None:
-        self.allowed_rows: list[int] = []
-        self.allowed_at: tuple[list[int], list[int]] = ([], [])  # (index into allowed_rows, token)
-        self.banned: tuple[list[int], list[int]] = ([], [])
-        self.bias: tuple[list[int], list[int], list[float]] = ([], [], [])
-        self.penalized: list[int] = []  # rows with a penalty
-        self.penalties: list[tuple[float, float, float]] = []  # (repetition, frequency, presence)
-        self.draft_at: tuple[list[int], list[int]] = ([], [])  # (index into penalized, draft token)
-
-    def add(self, i: int, r: SampleRow, eos: int | None) -> None:
-        p = r.params
-        if p.allowed_token_ids is not None:
-            self.allowed_at[0].extend([len(self.allowed_rows)] * len(p.allowed_token_ids))
-            self.allowed_at[1].extend(p.allowed_token_ids)
-            self.allowed_rows.append(i)
-        if p.bad_words_token_ids:
-            self._ban(i, _banned_by_bad_words(p.bad_words_index, r.token_ids, r.num_prompt, r.drafts))
-        if p.logit_bias:
-            self.bias[0].extend([i] * len(p.logit_bias))
-            self.bias[1].extend(p.logit_bias)
-            self.bias[2].extend(p.logit_bias.values())
-        if r.num_output < p.min_tokens:
-            self._ban(i, list(p.stop_token_ids) + ([eos] if eos is not None else []))
-        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            self.draft_at[0].extend([len(self.penalized)] * len(r.drafts))
-            self.draft_at[1].extend(r.drafts)
-            self.penalized.append(i)
-            self.penalties.append((p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
-
-    def _ban(self, i: int, tokens: list[int]) -> None:
-        self.banned[0].extend([i] * len(tokens))
-        self.banned[1].extend(tokens)
-
-    def masks_tokens(self) -> bool:
-        """Whether some row may have lost every token (the bias and penalties leave logits finite)."""
-        return bool(self.allowed_rows or self.banned[0])
-
-    def any(self) -> bool:
-        return bool(self.allowed_rows or self.banned[0] or self.bias[0] or self.penalized)
-
-    def apply(self, logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None) -> None:
-        dev, dtype = logits.device, logits.dtype
-        if self.allowed_rows:
-            at = _on(self.allowed_rows, dev)
-            keep = torch.zeros(len(self.allowed_rows), logits.shape[1], dtype=torch.bool, device=dev)
-            keep[_index(self.allowed_at, dev)] = True
-            logits[at] = logits[at].masked_fill_(~keep, float("-inf"))
-        if self.banned[0]:
-            logits[_index(self.banned, dev)] = float("-inf")
-        if self.bias[0]:
-            bias = _on(self.bias[2], dev, dtype)
-            logits.index_put_(_index(self.bias[:2], dev), bias, accumulate=True)
-        if self.penalized:
-            if history is None:  # a one-off call (tests, tools): a history for these rows alone
-                history = TokenHistory(logits.shape[1], dev)
-            slots = _on(history.slots([rows[i] for i in self.penalized]), dev)
-            seen = history.seen[slots]
-            counts = history.counts[slots].to(dtype)
-            if self.draft_at[0]:  # the drafts before a verification row count as its output
-                at = _index(self.draft_at, dev)
-                seen[at] = True
-                counts.index_put_(at, torch.ones(len(self.draft_at[0]), dtype=counts.dtype, device=dev),
-                                  accumulate=True)
-            at = _on(self.penalized, dev)
-            vals = logits[at]
-            rep, freq, pres = zip(*self.penalties)
-            if any(x != 1.0 for x in rep):
-                rep_t = _on(rep, dev, dtype)[:, None]
-                vals.mul_(torch.where(seen, torch.where(vals > 0, 1 / rep_t, rep_t), 1.0))
-            if any(freq):
-                vals.sub_(counts * _on(freq, dev, dtype)[:, None])
-            if any(pres):
-                vals.sub_((counts > 0) * _on(pres, dev, dtype)[:, None])
-            logits[at] = vals
-
-
-def _banned_by_bad_words(index: BadWordsIndex, token_ids: list[int], num_prompt: int,
-                         drafts: list[int]) -> list[int]:
-    """The last token of each sequence whose other tokens end the output (never the prompt)."""
-    num_output = len(token_ids) - num_prompt + len(drafts)
-    k = min(index.longest, num_output)
-    # The output's last k tokens, drafts last, without copying the whole history.
-    from_drafts = drafts[-k:] if k else []
-    need = k - len(from_drafts)
-    tail = (token_ids[len(token_ids) - need:] if need else []) + from_drafts
-    return index.banned(tuple(tail))
-
-
 # Top-p looks at each row's _HEAD largest logits first (a partial selection, ~15x cheaper than
 # sorting DeepSeek-V3's 129280 entries on a CPU): a row is settled there when its nucleus ends
 # inside the head, as it does for the peaked distributions a language model mostly gives; only
@@ -250,20 +81,20 @@ def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     dev = logits.device
     vocab = logits.shape[1]
     temps = [max(r.params.temperature, 1e-6) for r in rows]
-    logits = logits / _on(temps, dev, torch.float32)[:, None]
+    logits = logits / on_device(temps, dev, torch.float32)[:, None]
     top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
     top_p = [r.params.top_p for r in rows]
     filtered = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k < vocab or p < 1.0]
     if filtered:  # only those rows pay for the selection
         every = len(filtered) == len(rows)
-        at = None if every else _on(filtered, dev)
+        at = None if every else on_device(filtered, dev)
         sub = logits if every else logits[at]
         cutoffs = _top_k_top_p_cutoffs(sub, [top_k[i] for i in filtered], [top_p[i] for i in filtered])
         sub = sub.masked_fill(sub < cutoffs[:, None], float("-inf"))
         logits = sub if every else logits.index_copy(0, at, sub)
     min_p = [r.params.min_p for r in rows]
     if max(min_p) > 0:  # p < min_p * p_max, without the softmax (log 0 = -inf drops nothing)
-        floor = logits.amax(-1) + _on(min_p, dev, torch.float32).log()
+        floor = logits.amax(-1) + on_device(min_p, dev, torch.float32).log()
         logits = logits.masked_fill(logits < floor[:, None], float("-inf"))
     return logits
 
@@ -276,7 +107,7 @@ def _top_k_top_p_cutoffs(logits: torch.Tensor, top_k: list[int], top_p: list[flo
     vocab = logits.shape[1]
     selectable = [k for k in top_k if k <= _LARGEST_SELECTED_TOP_K]
     size = min(vocab, max(selectable + [_HEAD if min(top_p) < 1.0 else 1]))
-    ks, ps = _on(top_k, dev), _on(top_p, dev, torch.float32)
+    ks, ps = on_device(top_k, dev), on_device(top_p, dev, torch.float32)
     head = logits.topk(size, dim=-1).values
     whole_row_norm = None
     if size < vocab and any(k == vocab and p < 1.0 for k, p in zip(top_k, top_p)):
@@ -314,7 +145,7 @@ def _logprob_entries(raw: torch.Tensor, tokens: torch.Tensor, rows: list[SampleR
     need = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not need:
         return [[] for _ in rows]
-    at = _on(need, raw.device)
+    at = on_device(need, raw.device)
     lp = raw[at].log_softmax(-1)
     chosen = tokens[at]
     vals = lp.gather(1, chosen[:, None])
@@ -377,7 +208,7 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
     assert logits.shape[0] == len(rows) == len(drafts) == sum(group_sizes), "one logits row per sampled row"
     dev = logits.device
     raw = logits
-    edits = _Edits()
+    edits = LogitEdits()
     random_rows: list[int] = []
     for i, r in enumerate(rows):
         edits.add(i, r, eos_token_id)
@@ -392,18 +223,18 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
             dead = logits.amax(-1, keepdim=True) == float("-inf")
             if bool(dead.any()):
                 logits = torch.where(dead, raw, logits)
-    draft = _on(drafts, dev)
+    draft = on_device(drafts, dev)
     everyone = bool(random_rows) and len(random_rows) == len(rows)
     if not everyone:  # greedy rows take their argmax
         choice = logits.argmax(-1)
         accept = (draft >= 0) & (choice == draft)
     if random_rows:  # the others draw (without gathering their rows when that is every row)
         sub = rows if everyone else [rows[i] for i in random_rows]
-        uniforms = _on([row_uniforms(_row_seed(r, engine_seed)) for r in sub], dev, torch.float32)
+        uniforms = on_device([row_uniforms(_row_seed(r, engine_seed)) for r in sub], dev, torch.float32)
         if everyone:
             accept, choice = _draw(_filter(logits, rows).softmax(-1), draft, uniforms)
         else:
-            idx = _on(random_rows, dev)
+            idx = on_device(random_rows, dev)
             accept[idx], choice[idx] = _draw(_filter(logits[idx], sub).softmax(-1), draft[idx], uniforms)
     emitted_by_row = torch.where(accept, draft, choice)
     entries = _logprob_entries(raw, emitted_by_row, rows)
@@ -426,7 +257,7 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
 def prompt_logprob_entries(logits: torch.Tensor, next_tokens: list[int], n: int) -> list[TokenLogprobs]:
     """logits [L, V] at positions predicting next_tokens [L]."""
     lp = logits.log_softmax(-1)
-    idx = _on(next_tokens, lp.device)
+    idx = on_device(next_tokens, lp.device)
     vals = lp[torch.arange(len(next_tokens), device=lp.device), idx]
     ranks = (lp > vals[:, None]).sum(-1) + 1
     top_v, top_i = lp.topk(max(n, 1), dim=-1)

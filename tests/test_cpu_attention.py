@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+import kernels.attention_plan as attention_plan
 import kernels.mla_attention as attention
 from kernels import cpu_build, latent_fp8, native
 from kernels.backend import use_triton_kernels
@@ -75,7 +76,7 @@ def test_cpu_attention_matches_the_definition(monkeypatch, path, fp8):
     q_nope, q_pe = torch.randn(t, HEADS, NOPE), torch.randn(t, HEADS, ROPE)
     w_uk, w_uv = torch.randn(HEADS, NOPE, rank) / 4, torch.randn(HEADS, V, rank) / 4
     with use_triton_kernels(False):
-        plan = attention.plan_attention(batch, q_nope, attention.GatherBuffer())
+        plan = attention_plan.plan_attention(batch, q_nope, attention_plan.GatherBuffer())
         assert len(plan.prefills) == 3
         if path == "compiled":
             assert not plan.groups and plan.rows is not None and len(plan.rows.kv_lens) == 30 + 4 * 3
@@ -118,7 +119,7 @@ def test_prefill_chunks_behind_one_prefix_expand_in_bounded_groups_and_each_row_
                 1: ([[50]] * 8 + [[20], [70]], [False] * 10)}
     outs = {}
     for limit, (contexts, shared) in expected.items():
-        plan = attention.plan_attention(batch, q_nope, attention.GatherBuffer(), limit)
+        plan = attention_plan.plan_attention(batch, q_nope, attention_plan.GatherBuffer(), limit)
         assert [[p.context_len for p in g.chunks] for g in plan.prefill_groups] == contexts
         assert [g.rows is not None for g in plan.prefill_groups] == shared
         for g in plan.prefill_groups:
@@ -136,7 +137,7 @@ def test_groups_pad_little():
     of its smallest."""
     chunks = [SequenceChunk([1], n * PAGE - 1, list(range(n))) for n in [1, 2, 2, 3, 8, 9, 10, 40, 44, 45, 50]]
     batch = ForwardBatch.build(chunks, PAGE)
-    groups = attention._similar_lengths(batch, list(range(len(chunks))))
+    groups = attention_plan._similar_lengths(batch, list(range(len(chunks))))
     counts = [sorted({-(-batch.context_lens[i] // PAGE) for i in g}) for g in groups]
     assert counts == [[1], [2], [3], [8, 9], [10], [40, 44, 45], [50]]
 
@@ -302,7 +303,7 @@ def test_compiled_decode_kernel_is_never_handed_device_memory():
     path, and the compiled kernel refuses non-host tensors instead of reading their pointers as
     host memory (it crashed the process on the H100 before this check). `meta` stands in for CUDA."""
     batch = ForwardBatch.build([SequenceChunk([1], 5, [0])], PAGE)
-    plan = attention.plan_attention(batch, torch.zeros(1, device="meta"))
+    plan = attention_plan.plan_attention(batch, torch.zeros(1, device="meta"))
     assert plan.rows is None and len(plan.groups) == 1
     if not compiled_kernels():
         pytest.skip("no C++ compiler")
@@ -323,7 +324,7 @@ def test_a_failed_build_falls_back_to_the_torch_path(monkeypatch, tmp_path, capl
         assert native.library() is None
         assert "building the CPU kernels (generic) failed" in caplog.text
         batch = ForwardBatch.build([SequenceChunk([1], 5, [0])], PAGE)
-        plan = attention.plan_attention(batch, torch.zeros(1))
+        plan = attention_plan.plan_attention(batch, torch.zeros(1))
         assert plan.rows is None and len(plan.groups) == 1
         monkeypatch.delenv("CXX")
         monkeypatch.setenv("MLASERVE_NATIVE", "0")

@@ -9,7 +9,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.memory_profile import PeakMeter, cuda_cache_budget, host_cache_budget, measure_step_peak, worst_step_chunks
-from kernels.mla_attention import SHORT_QUERY_MAX
+from kernels.attention_plan import SHORT_QUERY_MAX
 
 GIB = 1 << 30
 

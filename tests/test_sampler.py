@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine.sampling_params import BadWordsIndex, SamplingParams
-from model.sampler import SampleRow, TokenHistory, _banned_by_bad_words, draft_rows, sample, speculative_sample
+from model.logit_edits import TokenHistory, _banned_by_bad_words
+from model.sampler import SampleRow, draft_rows, sample, speculative_sample
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
 
