@@ -19,18 +19,9 @@ worker already knows. A request whose pending tokens will reach its max_tokens i
 again; one that stops on EOS runs one step more, whose result is dropped. Cached prefix blocks
 are hashed only when their tokens are known.
 
-Parallel sampling (n completions of one prompt): the first completion is queued, the others are
-held until it has computed the prompt and its full blocks are in the prefix cache, then queued at
-the front. There they hit those blocks, and each gets a copy of the first one's block holding the
-rest of the prompt (the worker copies it before the step that admits them), so each computes
-only the last prompt token. If the first one ends or is preempted before then, they are queued
-as they are.
+Parallel sampling (n completions of one prompt) shares the prompt's blocks: scheduler/completion_groups.py.
 
-Speculative decoding: the worker returns up to k draft tokens with each sampled token; the next
-decode of that request computes its missing token plus those drafts (verification) and keeps
-the accepted ones. `num_computed` only ever counts verified tokens, so a rejected draft leaves
-nothing behind: its cache slots lie beyond `num_computed` and are overwritten, no block holding
-one is hashed into the prefix cache, and tables keep k slots of lookahead for the next drafts.
+Speculative decoding: `num_computed` only ever counts verified tokens (scheduler/results.py).
 """
 
 from __future__ import annotations
@@ -38,57 +29,22 @@ from __future__ import annotations
 import bisect
 import itertools
 import time
-from dataclasses import dataclass, field
 
 from cache.block_manager import BlockManager
-from engine.messages import NewRequestPlan, RequestDelta, StepPlan, StepResult
+from engine.messages import NewRequestPlan, StepPlan
 from engine.request import Request, Status
 from scheduler.completion_groups import CompletionGroups
-from scheduler.stop_rules import stop_reason, tokens_left
+from scheduler.results import SchedulerResults
+from scheduler.step import ScheduledStep, SchedulerConfig, SchedulerCounters
+from scheduler.stop_rules import tokens_left
 from scheduler.waiting_queue import waiting_queue
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    max_model_len: int
-    eos_token_id: int | None
-    num_speculative_tokens: int = 0
-    policy: str = "fcfs"  # or "priority" (scheduler/waiting_queue.py)
-
-
-@dataclass
-class SchedulerCounters:
-    num_steps: int = 0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    computed_prompt_tokens: int = 0
-    generation_tokens: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    spec_num_drafts: int = 0  # verifications that had at least one draft
-    spec_draft_tokens: int = 0
-    spec_accepted_tokens: int = 0
-    spec_accepted_per_pos: list[int] = field(default_factory=list)  # [k]: accepted at draft position j
-
-
-@dataclass
-class ScheduledStep:
-    plan: StepPlan
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
-    drafts: dict[str, int] = field(default_factory=dict)  # req id -> draft tokens verified this step
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
 
 
 def _priority_order(req: Request) -> tuple[int, int]:
     return req.priority, req.arrival_order
 
 
-class Scheduler:
+class Scheduler(SchedulerResults):
     def __init__(self, config: SchedulerConfig, blocks: BlockManager):
         self.config = config
         self.blocks = blocks
@@ -234,12 +190,7 @@ class Scheduler:
             if req.num_pending:
                 break  # preempted while its last step ran: back once that step's token is in
             if not req.block_table:
-                self._apply_prefix_hit(req)
-                if req.tail_source is not None:
-                    if len(req.block_table) == (req.num_prompt_tokens - 1) // self.blocks.block_size:
-                        req.num_computed = req.num_prompt_tokens - 1  # the rest comes with the copied tail
-                    else:  # some of the shared blocks were evicted: compute from the hit
-                        self.groups.drop_tail_source(req)
+                self._place_cached(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if self._end_if_unservable(req, n):
                 continue
@@ -262,13 +213,25 @@ class Scheduler:
             if not req.scheduled_time:
                 req.scheduled_time = time.time()
                 self._count_prompt(req)
-            if self._by_priority:
-                bisect.insort(self.running, req, key=_priority_order)
-            else:
-                self.running.append(req)
+            self._run(req)
             self._add_to_plan(step, req, n)
             self._account(req, n)
             budget -= n
+
+    def _run(self, req: Request) -> None:
+        if self._by_priority:
+            bisect.insort(self.running, req, key=_priority_order)
+        else:
+            self.running.append(req)
+
+    def _place_cached(self, req: Request) -> None:
+        """Gives an admitted request its prefix-cache hit and, if it has one, its leader's tail."""
+        self._apply_prefix_hit(req)
+        if req.tail_source is not None:
+            if len(req.block_table) == (req.num_prompt_tokens - 1) // self.blocks.block_size:
+                req.num_computed = req.num_prompt_tokens - 1  # the rest comes with the copied tail
+            else:  # some of the shared blocks were evicted: compute from the hit
+                self.groups.drop_tail_source(req)
 
     def _apply_prefix_hit(self, req: Request) -> None:
         if req.params.prompt_logprobs is not None:
@@ -327,88 +290,6 @@ class Scheduler:
             self._dropped.append(req.req_id)
             req.on_worker = False
 
-    # ---- results --------------------------------------------------------------------------
-
-    def update(self, step: ScheduledStep, result: StepResult) -> list[RequestDelta]:
-        """Folds a step's sampled tokens back in; returns a delta per request that produced
-        tokens or finished."""
-        # Runs once per scheduled request every step: locals and inlined checks, not calls.
-        drafts = step.drafts
-        counters = self.counters
-        running = Status.RUNNING
-        # Results are matched to the requests this step scheduled, not looked up by id: with a
-        # step in flight, a finished request's id may already belong to a new request.
-        in_step: dict[str, Request] = {}
-        for req, _ in step.scheduled:
-            in_step[req.req_id] = req
-            if req.status is running:
-                self._cache_filled_blocks(req)
-                if req.followers and self.groups.prompt_shareable(req):
-                    self.groups.release(req, self.waiting)
-        deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
-        self._unreported = []
-        now = time.time()
-        drafts_out = result.draft_ids or itertools.repeat([])
-        with_logprobs = bool(result.logprobs or result.prompt_logprobs)
-        eos = self.config.eos_token_id
-        max_len = self.config.max_model_len
-        finished = Status.FINISHED
-        for req_id, token_ids, new_drafts in zip(result.req_ids, result.token_ids, drafts_out):
-            req = in_step.get(req_id)
-            if req is None or req.status is finished:
-                continue  # aborted, or ended while a step already sent ran
-            if token_ids:
-                # (A request preempted while its step ran is waiting now: its tokens count all
-                # the same, and it is readmitted once they are in.)
-                req.num_pending -= 1
-            elif req.status is not running:
-                continue
-            first = not req.first_token_time and bool(token_ids)
-            if first:
-                req.first_token_time = now
-            reason = None
-            out = req.token_ids
-            if len(token_ids) == 1:  # the usual decode
-                out.append(token_ids[0])
-                accepted = token_ids
-                reason = stop_reason(token_ids[0], len(out), req.num_prompt_tokens, req.params, eos, max_len)
-            else:
-                accepted = []
-                for t in token_ids:
-                    out.append(t)
-                    accepted.append(t)
-                    reason = stop_reason(t, len(out), req.num_prompt_tokens, req.params, eos, max_len)
-                    if reason:
-                        break  # a stop inside accepted drafts truncates there
-            if drafts and req_id in drafts:
-                self._count_verified(req, drafts[req_id], len(token_ids) - 1)
-            req.spec_token_ids = new_drafts
-            if reason:
-                self._finish(req, reason)
-            counters.generation_tokens += len(accepted)
-            delta = RequestDelta(req_id, accepted)
-            if with_logprobs:
-                delta.logprobs = result.logprobs.get(req_id, [])[: len(accepted)]
-                delta.prompt_logprobs = result.prompt_logprobs.get(req_id, [])
-            deltas.append(self._fill_delta(delta, req) if first or reason else delta)
-        return deltas
-
-    def _cache_filled_blocks(self, req: Request) -> None:
-        known = min(req.num_computed, len(req.token_ids))  # (tokens still pending are not hashable)
-        if known // self.blocks.block_size > len(req.block_hashes):  # a block just filled up
-            self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, known)
-
-    def _count_verified(self, req: Request, num_drafts: int, num_accepted: int) -> None:
-        # The accepted drafts' cache entries are verified ones (those past a stop token are moot).
-        req.num_computed = min(req.num_computed + num_accepted, len(req.token_ids))
-        self._cache_filled_blocks(req)
-        c = self.counters
-        c.spec_num_drafts += 1
-        c.spec_draft_tokens += num_drafts
-        c.spec_accepted_tokens += num_accepted
-        for j in range(num_accepted):
-            c.spec_accepted_per_pos[j] += 1
-
     def _finish(self, req: Request, reason: str) -> None:
         if req.followers:
             self.groups.release(req, self.waiting)
@@ -424,17 +305,6 @@ class Scheduler:
         req.finish_reason = reason
         req.finish_time = time.time()
         del self.requests[req.req_id]
-
-    def _fill_delta(self, delta: RequestDelta, req: Request) -> RequestDelta:
-        delta.num_prompt_tokens = req.num_prompt_tokens
-        delta.num_cached_tokens = req.num_cached_tokens
-        delta.first_token_time = req.first_token_time
-        delta.scheduled_time = req.scheduled_time
-        if req.status is Status.FINISHED:
-            delta.finished = True
-            delta.finish_reason = req.finish_reason
-            delta.finish_time = req.finish_time
-        return delta
 
     def check_integrity(self) -> None:
         tables = [r.block_table for r in self.running] + [r.block_table for r in self.waiting]

@@ -25,3 +25,17 @@ def stop_reason(token: int, num_tokens: int, num_prompt_tokens: int, params: Sam
     if n_out >= params.max_tokens or num_tokens >= max_model_len:
         return "length"
     return None
+
+
+def append_until_stop(out: list[int], token_ids: list[int], num_prompt_tokens: int, params: SamplingParams,
+                      eos: int, max_model_len: int) -> tuple[list[int], str | None]:
+    """Appends a step's tokens (one sampled, or accepted drafts then one) to `out`, the request's
+    tokens, up to the first that stops it; returns those appended and the stop's reason or None."""
+    if len(token_ids) == 1:  # the usual decode
+        out.append(token_ids[0])
+        return token_ids, stop_reason(token_ids[0], len(out), num_prompt_tokens, params, eos, max_model_len)
+    for i, t in enumerate(token_ids):
+        out.append(t)
+        if reason := stop_reason(t, len(out), num_prompt_tokens, params, eos, max_model_len):
+            return token_ids[: i + 1], reason  # a stop inside accepted drafts truncates there
+    return token_ids, None
