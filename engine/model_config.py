@@ -87,29 +87,8 @@ class ModelConfig:
                 raise CheckpointError(f"{source}: missing field '{key}'")
             return raw[key]
 
-        rope_raw = raw.get("rope_scaling") or raw.get("rope_parameters")
-        rope_theta = float(raw.get("rope_theta", (rope_raw or {}).get("rope_theta", 10000.0)))
-        rope = None
-        if rope_raw and (rope_raw.get("type") or rope_raw.get("rope_type")) == "yarn":
-            rope = YarnRope(
-                theta=rope_theta,
-                factor=float(rope_raw["factor"]),
-                original_max_position_embeddings=int(rope_raw["original_max_position_embeddings"]),
-                beta_fast=float(rope_raw.get("beta_fast", 32)),
-                beta_slow=float(rope_raw.get("beta_slow", 1)),
-                mscale=float(rope_raw.get("mscale", 1.0)),
-                mscale_all_dim=float(rope_raw.get("mscale_all_dim", 0.0)),
-            )
-        elif rope_raw and (rope_raw.get("type") or rope_raw.get("rope_type")) not in (None, "default"):
-            raise CheckpointError(f"{source}: rope_scaling type {rope_raw} is not supported (yarn only)")
-
-        quant = raw.get("quantization_config")
-        fp8_block = None
-        if quant:
-            if quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3":
-                raise CheckpointError(f"{source}: quantization_config {quant} is not fp8 e4m3")
-            fp8_block = tuple(quant.get("weight_block_size", [128, 128]))
-
+        rope, rope_theta = _rope_of(raw, source)
+        fp8_block = _fp8_block_of(raw, source)
         eos = raw.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -155,3 +134,34 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from e
         return cls.from_dict(raw, source=str(path))
+
+
+def _rope_of(raw: dict[str, Any], source: str) -> tuple[YarnRope | None, float]:
+    """The rope scaling (YaRN, or None for plain rope) and theta, from either config spelling."""
+    rope_raw = raw.get("rope_scaling") or raw.get("rope_parameters")
+    rope_theta = float(raw.get("rope_theta", (rope_raw or {}).get("rope_theta", 10000.0)))
+    rope = None
+    if rope_raw and (rope_raw.get("type") or rope_raw.get("rope_type")) == "yarn":
+        rope = YarnRope(
+            theta=rope_theta,
+            factor=float(rope_raw["factor"]),
+            original_max_position_embeddings=int(rope_raw["original_max_position_embeddings"]),
+            beta_fast=float(rope_raw.get("beta_fast", 32)),
+            beta_slow=float(rope_raw.get("beta_slow", 1)),
+            mscale=float(rope_raw.get("mscale", 1.0)),
+            mscale_all_dim=float(rope_raw.get("mscale_all_dim", 0.0)),
+        )
+    elif rope_raw and (rope_raw.get("type") or rope_raw.get("rope_type")) not in (None, "default"):
+        raise CheckpointError(f"{source}: rope_scaling type {rope_raw} is not supported (yarn only)")
+    return rope, rope_theta
+
+
+def _fp8_block_of(raw: dict[str, Any], source: str) -> tuple[int, int] | None:
+    """The weights' FP8 block shape, or None for an unquantized checkpoint."""
+    quant = raw.get("quantization_config")
+    fp8_block = None
+    if quant:
+        if quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3":
+            raise CheckpointError(f"{source}: quantization_config {quant} is not fp8 e4m3")
+        fp8_block = tuple(quant.get("weight_block_size", [128, 128]))
+    return fp8_block

@@ -11,6 +11,9 @@ import msgspec
 MAX_PARALLEL_SAMPLES = 256  # n above this is refused: each completion is a sequence the engine tracks
 INT64 = (-(1 << 63), (1 << 63) - 1)  # every integer that crosses a process boundary fits msgpack's int64
 MAX_TOKENS_LIMIT = (1 << 31) - 1  # max_tokens, min_tokens, top_k, truncate_prompt_tokens
+# A penalty scales logits by 1/penalty or penalty: past these bounds float32 logits reach
+# infinity (0 or inf in float32 for 1e-300), whose softmax is NaN.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # What one request may carry in its lists. Each is work per request (tokenizing bad words) or per
 # generated token (looking for stop strings, banning bad words), done where others wait, so each
 # is bounded; the schema checks the lengths before their elements are read.
@@ -104,6 +107,10 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
                 p.append(f"{name} must be a finite number, got {v}")
         if p:
             return p  # the range checks below assume finite values
+        return self._range_problems() + self._list_problems(vocab_size)
+
+    def _range_problems(self) -> list[str]:
+        p: list[str] = []
         for name, lo, hi in (("n", 1, MAX_PARALLEL_SAMPLES), ("max_tokens", 1, MAX_TOKENS_LIMIT),
                              ("min_tokens", 0, min(self.max_tokens, MAX_TOKENS_LIMIT)),
                              ("top_k", -1, MAX_TOKENS_LIMIT)):
@@ -122,8 +129,9 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
             p.append(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             p.append(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0:
-            p.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1]:
+            lo, hi = REPETITION_PENALTY_RANGE
+            p.append(f"repetition_penalty must be in [{lo:g}, {hi:g}], got {self.repetition_penalty}")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if n is not None and not 0 <= n <= 20:
@@ -132,6 +140,10 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
         if k is not None and k != -1 and not 1 <= k <= MAX_TOKENS_LIMIT:
             p.append(f"truncate_prompt_tokens must be -1 (the context) or at least 1, got {k}"
                      if k < 1 else f"truncate_prompt_tokens must be at most {MAX_TOKENS_LIMIT}, got {k}")
+        return p
+
+    def _list_problems(self, vocab_size: int) -> list[str]:
+        p: list[str] = []
         if any(not s for s in self.stop):
             p.append("stop strings must not be empty")
         bad = [b for b in self.logit_bias.values() if not -100.0 <= b <= 100.0]  # (NaN fails too)

@@ -46,3 +46,12 @@ def engine_config(args: argparse.Namespace, model_dir: str, **overrides) -> Engi
     """The EngineConfig the parsed flags give (an option a command left out keeps its default)."""
     values = {name: getattr(args, name) for name in args.engine_options}
     return EngineConfig(model_dir=model_dir, **{**values, **overrides})
+
+
+def model_dir_of(args: argparse.Namespace) -> str:
+    """--model, or the embedded demo model (trained on first use)."""
+    if args.model:
+        return args.model
+    from model.demo_checkpoint import default_model_dir
+
+    return str(default_model_dir())

@@ -130,10 +130,6 @@ class LogitEdits:
         self.banned[0].extend([i] * len(tokens))
         self.banned[1].extend(tokens)
 
-    def masks_tokens(self) -> bool:
-        """Whether some row may have lost every token (the bias and penalties leave logits finite)."""
-        return bool(self.allowed_rows or self.banned[0])
-
     def any(self) -> bool:
         return bool(self.allowed_rows or self.banned[0] or self.bias[0] or self.penalized)
 

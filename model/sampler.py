@@ -208,21 +208,8 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
     assert logits.shape[0] == len(rows) == len(drafts) == sum(group_sizes), "one logits row per sampled row"
     dev = logits.device
     raw = logits
-    edits = LogitEdits()
-    random_rows: list[int] = []
-    for i, r in enumerate(rows):
-        edits.add(i, r, eos_token_id)
-        if not r.params.greedy:
-            random_rows.append(i)
-    if edits.any():
-        logits = logits.clone()
-        edits.apply(logits, rows, history)
-        # Constraints that leave a row no token at all (every allowed token banned, say) contradict
-        # each other: that row samples as if it had none, rather than emit a token out of the vocabulary.
-        if edits.masks_tokens():
-            dead = logits.amax(-1, keepdim=True) == float("-inf")
-            if bool(dead.any()):
-                logits = torch.where(dead, raw, logits)
+    logits = _edited(logits, rows, eos_token_id, history)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     draft = on_device(drafts, dev)
     everyone = bool(random_rows) and len(random_rows) == len(rows)
     if not everyone:  # greedy rows take their argmax
@@ -241,6 +228,29 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
     if len(group_sizes) == len(rows):  # no drafts: one row, one token per request
         return [[t] for t in emitted_by_row.tolist()], entries  # (the step's one wait on the device)
     acc, tok = torch.stack([accept.long(), emitted_by_row]).tolist()  # the step's one wait on the device
+    return _emitted_by_group(acc, tok, entries, group_sizes)
+
+
+def _edited(logits: torch.Tensor, rows: list[SampleRow], eos_token_id: int | None,
+            history: TokenHistory | None) -> torch.Tensor:
+    """The logits with every row's edits applied (a copy; the logits themselves when none has any)."""
+    edits = LogitEdits()
+    for i, r in enumerate(rows):
+        edits.add(i, r, eos_token_id)
+    if not edits.any():
+        return logits
+    edited = logits.clone()
+    edits.apply(edited, rows, history)
+    # A row whose edits leave no token at all (every allowed token banned, say: constraints that
+    # contradict each other), or a logit at +inf or NaN (whose softmax is NaN everywhere), samples
+    # as if it had no edits, rather than emit a token out of the vocabulary.
+    # (No test of whether any row is: that would wait on the device.)
+    return torch.where(torch.isfinite(edited.amax(-1, keepdim=True)), edited, logits)
+
+
+def _emitted_by_group(acc: list[int], tok: list[int], entries: list[list[TokenLogprobs]], group_sizes: list[int]
+                      ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
+    """Each group's accepted drafts and then its one sampled token, with their logprobs entries."""
     tokens: list[list[int]] = []
     logprobs: list[list[TokenLogprobs]] = []
     start = 0

@@ -226,6 +226,30 @@ def test_constraints_that_leave_no_token_are_dropped_for_that_row():
     assert sample(logits[:1], [SampleRow("a", SamplingParams(temperature=0, **contradiction), [1], 1)], None)[0] == [1]
 
 
+def test_every_penalty_in_range_draws_a_token_in_the_vocabulary():
+    """A repetition penalty of 1e-300 once made every logit the prompt held +inf (1/penalty in
+    float32), the softmax NaN and the draw the vocabulary's size: the next step's embedding
+    raised and the engine failed for everyone. Such values are refused by name, every value in
+    range draws an in-vocabulary token, and a row whose edits still overflow samples unedited."""
+    assert "repetition_penalty must be in [0.01, 100], got 1e-300" in " ".join(
+        SamplingParams(repetition_penalty=1e-300).problems(5))
+    assert SamplingParams(repetition_penalty=1e300).problems(5)
+    logits = torch.randn(4, 300) * 20
+    for penalty in (0.01, 0.5, 1.0, 2.0, 100.0):
+        for temperature in (0.0, 1e-6, 1.0, 1e30):
+            kw = dict(repetition_penalty=penalty, frequency_penalty=2.0, presence_penalty=-2.0,
+                      logit_bias={5: 100.0}, temperature=temperature, seed=3)
+            assert not SamplingParams(**kw).problems(300)
+            rows = [SampleRow(f"r{i}", SamplingParams(**kw), list(range(0, 300, 3)), 50) for i in range(4)]
+            tokens, _ = sample(logits, rows, None)
+            assert all(0 <= t < 300 for t in tokens), (penalty, temperature, tokens)
+    # Past the bounds (as a direct caller could ask): the overflowing rows sample unedited, the others edited.
+    rows = [SampleRow("inf", SamplingParams(repetition_penalty=1e-300, seed=1), [0, 1, 2], 1),
+            SampleRow("ok", SamplingParams(temperature=0, allowed_token_ids=[7]), [0], 1)]
+    tokens, _ = sample(logits[:2], rows, None)
+    assert 0 <= tokens[0] < 300 and tokens[1] == 7
+
+
 def reference_kept(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
     """The definition, by sorting the whole row: top-k, then top-p over the top-k tokens'
     renormalized distribution (keeping at least one), then min-p against the top probability."""
