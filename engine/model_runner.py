@@ -163,32 +163,44 @@ class ModelRunner:
         if plan.copy_src:
             self.cache.copy_blocks(plan.copy_src, plan.copy_dst)
         if not work:
-            if self.model.ep is not None:  # the other ranks' tokens still need this rank's experts
-                self.model.idle_forward()
-                for _ in range(self.num_spec):
-                    self.mtp.idle_forward()
-            result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
-            if publish is not None:
-                publish(result)
-            return result
-        chunks = [SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table) for w in work]
-        size = self.graphs.size_for(chunks) if self.graphs is not None else None
-        if size is not None:  # a decode step: replayed from its graph
-            query_start = list(range(len(chunks) + 1))
-            hidden = self.graphs.run(chunks, size)
-        else:
-            batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
-            query_start = batch.query_start
-            hidden = self.model(batch, self._cache_layers)
-
+            return self._idle_step(plan, publish)
+        query_start, hidden = self._forward(work)
         due = [i for i, w in enumerate(work) if w.samples]
         emitted, logprobs = self._sample(work, due, query_start, hidden)
         sampled = {work[i].req.req_id: toks for i, toks in zip(due, emitted)}
         drafts = self.proposer.propose(work, query_start, hidden, sampled) if self.proposer is not None else {}
-        result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
+        result = self._result(plan, work, query_start, hidden, sampled, drafts)
         for i, lp in zip(due, logprobs):
             if lp:
                 result.logprobs[work[i].req.req_id] = lp
+        if publish is not None:
+            publish(result)
+        WorkerState.advance(work, sampled, drafts)
+        return result
+
+    def _idle_step(self, plan: StepPlan, publish: Callable[[StepResult], None] | None) -> StepResult:
+        if self.model.ep is not None:  # the other ranks' tokens still need this rank's experts
+            self.model.idle_forward()
+            for _ in range(self.num_spec):
+                self.mtp.idle_forward()
+        result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
+        if publish is not None:
+            publish(result)
+        return result
+
+    def _forward(self, work: list[ScheduledWork]) -> tuple[list[int], torch.Tensor]:
+        """The step's hidden states and where each request's tokens start among them."""
+        chunks = [SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table) for w in work]
+        size = self.graphs.size_for(chunks) if self.graphs is not None else None
+        if size is not None:  # a decode step: replayed from its graph
+            return list(range(len(chunks) + 1)), self.graphs.run(chunks, size)
+        batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
+        return batch.query_start, self.model(batch, self._cache_layers)
+
+    def _result(self, plan: StepPlan, work: list[ScheduledWork], query_start: list[int], hidden: torch.Tensor,
+                sampled: dict[str, list[int]], drafts: dict[str, list[int]]) -> StepResult:
+        """The step's tokens, drafts and prompt logprobs for each request that has any."""
+        result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
         for i, w in enumerate(work):
             rid = w.req.req_id
             plp = self._prompt_logprobs(w, hidden[query_start[i] : query_start[i + 1]])
@@ -199,9 +211,6 @@ class ModelRunner:
                 result.token_ids.append(sampled.get(rid, []))
                 if self.mtp is not None:
                     result.draft_ids.append(drafts.get(rid, []))
-        if publish is not None:
-            publish(result)
-        WorkerState.advance(work, sampled, drafts)
         return result
 
     def _sample(self, work: list[ScheduledWork], due: list[int], query_start: list[int], hidden: torch.Tensor

@@ -29,24 +29,7 @@ class MTPProposer:
     def propose(self, work: list[ScheduledWork], query_start: list[int], hidden: torch.Tensor,
                 sampled: dict[str, list[int]]) -> dict[str, list[int]]:
         """Drafts per request that sampled this step; `hidden` the main model's step output."""
-        chunks, rows = [], []
-        last: list[tuple[str, int]] = []  # (req id, row of its last MTP input) for requests that sampled
-        verified_end: dict[str, int] = {}  # cached tokens once this step is folded in
-        for i, w in enumerate(work):
-            r = w.req
-            emitted = sampled.get(r.req_id, [])
-            valid = w.num_known + (len(emitted) - 1 if w.num_drafts else 0)
-            start = r.num_computed
-            # position p's input is the token at p + 1: the next known one, or what was just emitted
-            nxt = r.token_ids[start + 1 : start + valid + 1]
-            nxt += emitted[: valid - len(nxt)]
-            chunks.append(SequenceChunk(nxt, start, r.block_table))
-            rows += range(query_start[i], query_start[i] + valid)
-            if emitted:
-                last.append((r.req_id, len(rows) - 1))
-                verified_end[r.req_id] = start + valid
-        batch = ForwardBatch.build(chunks, self.block_size, self.device)
-        h = self.mtp(batch, hidden[torch.tensor(rows, device=hidden.device)], self.cache_layer)
+        h, last, verified_end = self._first_pass(work, query_start, hidden, sampled)
         by_id = {w.req.req_id: w for w in work}
         wanted = {rid: self.num_drafts(by_id[rid], sampled[rid]) for rid, _ in last}
         ids = [rid for rid, _ in last]
@@ -72,3 +55,27 @@ class MTPProposer:
             else:
                 break
         return {rid: d[: wanted[rid]] for rid, d in drafts.items()}
+
+    def _first_pass(self, work: list[ScheduledWork], query_start: list[int], hidden: torch.Tensor,
+                    sampled: dict[str, list[int]]) -> tuple[torch.Tensor, list[tuple[str, int]], dict[str, int]]:
+        """The MTP layer over every verified position of the step; returns its output, the
+        (req id, row) of each sampling request's last input and where its verified tokens end."""
+        chunks, rows = [], []
+        last: list[tuple[str, int]] = []  # (req id, row of its last MTP input) for requests that sampled
+        verified_end: dict[str, int] = {}  # cached tokens once this step is folded in
+        for i, w in enumerate(work):
+            r = w.req
+            emitted = sampled.get(r.req_id, [])
+            valid = w.num_known + (len(emitted) - 1 if w.num_drafts else 0)
+            start = r.num_computed
+            # position p's input is the token at p + 1: the next known one, or what was just emitted
+            nxt = r.token_ids[start + 1 : start + valid + 1]
+            nxt += emitted[: valid - len(nxt)]
+            chunks.append(SequenceChunk(nxt, start, r.block_table))
+            rows += range(query_start[i], query_start[i] + valid)
+            if emitted:
+                last.append((r.req_id, len(rows) - 1))
+                verified_end[r.req_id] = start + valid
+        batch = ForwardBatch.build(chunks, self.block_size, self.device)
+        h = self.mtp(batch, hidden[torch.tensor(rows, device=hidden.device)], self.cache_layer)
+        return h, last, verified_end

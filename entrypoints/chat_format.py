@@ -92,43 +92,50 @@ class ChatFormatter:
             raise ChatFormatError("messages must be a non-empty list")
         if len(messages) > MAX_MESSAGES:
             raise ChatFormatError(f"messages holds {len(messages)} messages; at most {MAX_MESSAGES}")
-        turns = []
-        for i, m in enumerate(messages):
-            where = f"messages[{i}]"
-            if not isinstance(m, dict):
-                raise ChatFormatError(f"{where} must be an object with a role and a content")
-            role = m.get("role")
-            if role not in ROLES:
-                raise ChatFormatError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
-            turn = {"role": role, "content": message_text(m.get("content"), where)}
-            if role == "assistant" and m.get("tool_calls"):
-                turn["tool_calls"] = _tool_calls(m["tool_calls"], where)
-            if role == "tool" and m.get("tool_call_id") is not None:
-                turn["tool_call_id"] = str(m["tool_call_id"])
-            turns.append(turn)
+        turns = [_turn(m, f"messages[{i}]") for i, m in enumerate(messages)]
         if self._hf is not None:
             try:
                 return self._hf.apply_chat_template(turns, tools=tools, chat_template=self._template, tokenize=False,
                                                     add_generation_prompt=True, **(template_kwargs or {}))
             except Exception as e:  # the template's own error (raise_exception, a bad variable): this request's
                 raise ChatFormatError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
-        system = "".join(t["content"] for t in turns if t["role"] == "system") + tools_text(tools)
-        out = [BOS, system]
-        for i, t in enumerate(turns):
-            role = t["role"]
-            if role == "user":
-                out += [USER, t["content"]]
-            elif role == "assistant":
-                out += [ASSISTANT, t["content"].split(THINK_END, 1)[-1]]
-                if t.get("tool_calls"):
-                    out += [CALLS_BEGIN, *(_call_text(c["function"]) for c in t["tool_calls"]), CALLS_END]
-                out.append(EOS)
-            elif role == "tool":
-                first = i == 0 or turns[i - 1]["role"] != "tool"
-                last = i == len(turns) - 1 or turns[i + 1]["role"] != "tool"
-                out += [OUTPUTS_BEGIN] * first + [OUTPUT_BEGIN, t["content"], OUTPUT_END] + [OUTPUTS_END] * last
-        out.append(ASSISTANT)
-        return "".join(out)
+        return _plain_prompt(turns, tools)
+
+
+def _turn(m, where: str) -> dict:
+    """One message, checked, as the template reads it."""
+    if not isinstance(m, dict):
+        raise ChatFormatError(f"{where} must be an object with a role and a content")
+    role = m.get("role")
+    if role not in ROLES:
+        raise ChatFormatError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+    turn = {"role": role, "content": message_text(m.get("content"), where)}
+    if role == "assistant" and m.get("tool_calls"):
+        turn["tool_calls"] = _tool_calls(m["tool_calls"], where)
+    if role == "tool" and m.get("tool_call_id") is not None:
+        turn["tool_call_id"] = str(m["tool_call_id"])
+    return turn
+
+
+def _plain_prompt(turns: list[dict], tools: list | None) -> str:
+    """DeepSeek-V3's format, for a checkpoint without a chat template."""
+    system = "".join(t["content"] for t in turns if t["role"] == "system") + tools_text(tools)
+    out = [BOS, system]
+    for i, t in enumerate(turns):
+        role = t["role"]
+        if role == "user":
+            out += [USER, t["content"]]
+        elif role == "assistant":
+            out += [ASSISTANT, t["content"].split(THINK_END, 1)[-1]]
+            if t.get("tool_calls"):
+                out += [CALLS_BEGIN, *(_call_text(c["function"]) for c in t["tool_calls"]), CALLS_END]
+            out.append(EOS)
+        elif role == "tool":
+            first = i == 0 or turns[i - 1]["role"] != "tool"
+            last = i == len(turns) - 1 or turns[i + 1]["role"] != "tool"
+            out += [OUTPUTS_BEGIN] * first + [OUTPUT_BEGIN, t["content"], OUTPUT_END] + [OUTPUTS_END] * last
+    out.append(ASSISTANT)
+    return "".join(out)
 
 
 def _tool_calls(calls, where: str) -> list[dict]:

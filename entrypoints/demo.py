@@ -68,6 +68,46 @@ def _run(model_dir: Path, probs: list[Problem], k: int, args, batch1: int):
     return outs, elapsed, stats, single
 
 
+def _print_accuracy(model_dir: Path, probs, base, spec, show: int) -> None:
+    """The completions shown, accuracy by length, against transformers, and with vs without speculation."""
+    print(f"\n{len(probs)} held-out prompts, greedy; first {show} completions (with speculation):")
+    for p, o in list(zip(probs, spec))[: show]:
+        mark = "ok " if is_correct(p, o.text) else "BAD"
+        print(f"  {mark} {p.prompt}{o.text}")
+
+    right = sum(is_correct(p, o.text) for p, o in zip(probs, spec))
+    by_len: dict[int, list[bool]] = {}
+    for p, o in zip(probs, spec):
+        by_len.setdefault(p.prompt.count(",") + 1, []).append(is_correct(p, o.text))
+    lengths = ", ".join(f"{n} digits {sum(v)}/{len(v)}" for n, v in sorted(by_len.items()))
+    same = sum(a.token_ids == b.token_ids for a, b in zip(base, spec))
+    print(f"\naccuracy: {right}/{len(probs)} ({100 * right / len(probs):.1f}%): {lengths}")
+    ref = reference_correct(model_dir, probs)
+    agree = sum(r == is_correct(p, o.text) for r, p, o in zip(ref, probs, spec))
+    print(f"transformers reference (fp32, same checkpoint, greedy): {sum(ref)}/{len(probs)} "
+          f"({100 * sum(ref) / len(probs):.1f}%); right/wrong agrees with the engine on {agree}/{len(probs)}")
+    print(f"greedy with speculation vs without: {same}/{len(probs)} outputs identical")
+
+
+def _print_speed(probs, k: int, without, with_spec) -> None:
+    base, base_s, base_single = without
+    spec, spec_s, st, spec_single = with_spec
+    first = st.spec_accepted_per_pos[0] / st.spec_num_drafts if st.spec_num_drafts else 0.0
+    per_pos = ", ".join(f"{n / st.spec_num_drafts:.2f}" for n in st.spec_accepted_per_pos) if st.spec_num_drafts \
+        else "-"
+    mean_tokens = 1 + st.spec_accepted_tokens / st.spec_num_drafts if st.spec_num_drafts else 1.0
+    print(f"MTP drafts (k={k}): first-draft acceptance {100 * first:.1f}%, per position [{per_pos}], "
+          f"{mean_tokens:.2f} tokens per verification step")
+    n_out = sum(len(o.token_ids) for o in spec)
+    print(f"throughput (batch of {len(probs)}): {n_out / spec_s:.1f} output tokens/s with speculation, "
+          f"{sum(len(o.token_ids) for o in base) / base_s:.1f} without "
+          f"({base_s / spec_s:.2f}x); per request, decode {_decode_rate(spec):.1f} vs "
+          f"{_decode_rate(base):.1f} tokens/s")
+    b1_spec, b1_base = _decode_rate(spec_single), _decode_rate(base_single)
+    print(f"batch 1 ({len(spec_single)} prompts one at a time): decode {b1_spec:.1f} tokens/s with speculation, "
+          f"{b1_base:.1f} without ({b1_spec / b1_base if b1_base else 0:.2f}x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mlaserve demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
@@ -91,37 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     base, base_s, _, base_single = _run(model_dir, probs, 0, args, args.batch1_prompts)
     spec, spec_s, st, spec_single = _run(model_dir, probs, k, args, args.batch1_prompts)
 
-    print(f"\n{len(probs)} held-out prompts, greedy; first {args.show} completions (with speculation):")
-    for p, o in list(zip(probs, spec))[: args.show]:
-        mark = "ok " if is_correct(p, o.text) else "BAD"
-        print(f"  {mark} {p.prompt}{o.text}")
-
-    right = sum(is_correct(p, o.text) for p, o in zip(probs, spec))
-    by_len: dict[int, list[bool]] = {}
-    for p, o in zip(probs, spec):
-        by_len.setdefault(p.prompt.count(",") + 1, []).append(is_correct(p, o.text))
-    lengths = ", ".join(f"{n} digits {sum(v)}/{len(v)}" for n, v in sorted(by_len.items()))
-    same = sum(a.token_ids == b.token_ids for a, b in zip(base, spec))
-    print(f"\naccuracy: {right}/{len(probs)} ({100 * right / len(probs):.1f}%): {lengths}")
-    ref = reference_correct(model_dir, probs)
-    agree = sum(r == is_correct(p, o.text) for r, p, o in zip(ref, probs, spec))
-    print(f"transformers reference (fp32, same checkpoint, greedy): {sum(ref)}/{len(probs)} "
-          f"({100 * sum(ref) / len(probs):.1f}%); right/wrong agrees with the engine on {agree}/{len(probs)}")
-    print(f"greedy with speculation vs without: {same}/{len(probs)} outputs identical")
-    first = st.spec_accepted_per_pos[0] / st.spec_num_drafts if st.spec_num_drafts else 0.0
-    per_pos = ", ".join(f"{n / st.spec_num_drafts:.2f}" for n in st.spec_accepted_per_pos) if st.spec_num_drafts \
-        else "-"
-    mean_tokens = 1 + st.spec_accepted_tokens / st.spec_num_drafts if st.spec_num_drafts else 1.0
-    print(f"MTP drafts (k={k}): first-draft acceptance {100 * first:.1f}%, per position [{per_pos}], "
-          f"{mean_tokens:.2f} tokens per verification step")
-    n_out = sum(len(o.token_ids) for o in spec)
-    print(f"throughput (batch of {len(probs)}): {n_out / spec_s:.1f} output tokens/s with speculation, "
-          f"{sum(len(o.token_ids) for o in base) / base_s:.1f} without "
-          f"({base_s / spec_s:.2f}x); per request, decode {_decode_rate(spec):.1f} vs "
-          f"{_decode_rate(base):.1f} tokens/s")
-    b1_spec, b1_base = _decode_rate(spec_single), _decode_rate(base_single)
-    print(f"batch 1 ({len(spec_single)} prompts one at a time): decode {b1_spec:.1f} tokens/s with speculation, "
-          f"{b1_base:.1f} without ({b1_spec / b1_base if b1_base else 0:.2f}x)")
+    _print_accuracy(model_dir, probs, base, spec, args.show)
+    _print_speed(probs, k, (base, base_s, base_single), (spec, spec_s, st, spec_single))
     return 0
 
 

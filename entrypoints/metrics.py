@@ -52,38 +52,45 @@ class EngineCollector:
                      "steps; a value growing past a step's length means it is stuck).", health.stats_age_s)
         if stats is None:
             return
-        yield _gauge("num_requests_running", "Requests in the running batch.", stats.num_running)
-        yield _gauge("num_requests_waiting", "Requests waiting to be admitted (preempted ones included).",
-                     stats.num_waiting)
-        yield _counter("num_preemptions", "Requests preempted for lack of cache blocks.", stats.num_preemptions)
-        used = 1.0 - stats.num_free_blocks / stats.num_blocks if stats.num_blocks else 0.0
-        yield _gauge("kv_cache_usage_perc", "Fraction of latent-cache blocks in use (0-1).", used)
-        yield _gauge("kv_cache_num_blocks", "Latent-cache blocks in the pool.", stats.num_blocks)
-        yield _gauge("kv_cache_free_blocks", "Latent-cache blocks free (cached-but-unused ones included).",
-                     stats.num_free_blocks)
-        yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                       stats.prefix_cache_queries)
-        yield _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
-        yield _counter("prompt_tokens", "Prompt tokens of admitted requests.", stats.prompt_tokens)
-        yield _counter("generation_tokens", "Generated tokens.", stats.generation_tokens)
-        yield _counter("engine_steps", "Engine steps run.", stats.num_steps)
+        yield from _engine_numbers(stats)
         yield from _spec_decode(stats)
         yield from _expert_load(stats)
-        snap = stats.metrics
-        if snap is None:
-            return
-        finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by reason.",
-                                       labels=["finished_reason"])
-        for reason, n in sorted(snap.finished.items()):
-            finished.add_metric([reason], n)
-        yield finished
-        for name, h in snap.histograms.items():
-            buckets, cumulative = [], 0
-            for bound, count in zip(h.bounds + [float("inf")], h.counts):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
-            yield HistogramMetricFamily(PREFIX + name, HISTOGRAM_HELP.get(name, name), buckets=buckets,
-                                        sum_value=h.total)
+        if stats.metrics is not None:
+            yield from _request_metrics(stats.metrics)
+
+
+def _engine_numbers(stats):
+    yield _gauge("num_requests_running", "Requests in the running batch.", stats.num_running)
+    yield _gauge("num_requests_waiting", "Requests waiting to be admitted (preempted ones included).",
+                 stats.num_waiting)
+    yield _counter("num_preemptions", "Requests preempted for lack of cache blocks.", stats.num_preemptions)
+    used = 1.0 - stats.num_free_blocks / stats.num_blocks if stats.num_blocks else 0.0
+    yield _gauge("kv_cache_usage_perc", "Fraction of latent-cache blocks in use (0-1).", used)
+    yield _gauge("kv_cache_num_blocks", "Latent-cache blocks in the pool.", stats.num_blocks)
+    yield _gauge("kv_cache_free_blocks", "Latent-cache blocks free (cached-but-unused ones included).",
+                 stats.num_free_blocks)
+    yield _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                   stats.prefix_cache_queries)
+    yield _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+    yield _counter("prompt_tokens", "Prompt tokens of admitted requests.", stats.prompt_tokens)
+    yield _counter("generation_tokens", "Generated tokens.", stats.generation_tokens)
+    yield _counter("engine_steps", "Engine steps run.", stats.num_steps)
+
+
+def _request_metrics(snap):
+    """Finished requests by reason and the latency histograms."""
+    finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by reason.",
+                                   labels=["finished_reason"])
+    for reason, n in sorted(snap.finished.items()):
+        finished.add_metric([reason], n)
+    yield finished
+    for name, h in snap.histograms.items():
+        buckets, cumulative = [], 0
+        for bound, count in zip(h.bounds + [float("inf")], h.counts):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        yield HistogramMetricFamily(PREFIX + name, HISTOGRAM_HELP.get(name, name), buckets=buckets,
+                                    sum_value=h.total)
 
 
 def _spec_decode(stats):

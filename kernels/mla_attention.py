@@ -51,41 +51,51 @@ def paged_mla_attention_ref(
     buffer: GatherBuffer | None = None,
 ) -> None:
     heads, _, kv_lora_rank = w_uk.shape
-    num_blocks, block_size, row_width = cache.shape
+    block_size = cache.shape[1]
     entry = kv_lora_rank + q_pe.shape[-1]
-    fp8 = latent_fp8.is_fp8(cache)
-    flat_blocks = cache.view(num_blocks, block_size * row_width)
     buffer = buffer or GatherBuffer()
     for g in groups:
         b, lq = g.token_index.shape
         tokens = g.token_index.flatten()
         q_latent = torch.einsum("thd,hdc->thc", q_nope[tokens], w_uk)
         q = torch.cat([q_latent, q_pe[tokens]], dim=-1).view(b, 1, lq * heads, entry)
-        n_blocks = g.block_index.shape[1]
-        lk = n_blocks * block_size
+        lk = g.block_index.shape[1] * block_size
         if lq == 1:  # every query row of a sequence (its heads) shares the sequence's mask
             mask = g.mask.view(b, 1, 1, lk)
         else:
             mask = g.mask.expand(b, lq, heads, lk).reshape(b, 1, lq * heads, lk)
-        # Sequences go through in slices whose gathered blocks fit in the core caches, so the
-        # attention reads what the gather just wrote from cache, not from memory.
-        per_slice = max(1, GATHER_SLICE_BYTES // (n_blocks * flat_blocks.shape[1] * cache.element_size()))
-        o = torch.empty(b, 1, lq * heads, entry, dtype=q.dtype, device=q.device)
-        for s0 in range(0, b, per_slice):
-            s1 = min(b, s0 + per_slice)
-            blocks = g.block_index[s0:s1].flatten()
-            kv = buffer.get(blocks.numel(), flat_blocks.shape[1], cache.dtype, cache.device)
-            torch.index_select(flat_blocks, 0, blocks, out=kv)
-            if fp8:
-                kv = latent_fp8.dequantize_entries(kv.view(-1, row_width), kv_lora_rank, q.dtype)
-            kv = kv.view(s1 - s0, 1, lk, entry)  # one key/value head shared by every query row
-            # The values are the latents, the keys' first kv_lora_rank columns: passing the whole
-            # 576-wide rows as values (and dropping the rope columns after) keeps the key and
-            # value widths equal, which the fused CPU kernel requires.
-            o[s0:s1] = F.scaled_dot_product_attention(q[s0:s1], kv, kv, attn_mask=mask[s0:s1], scale=softmax_scale)
+        o = _attend_in_slices(q, mask, cache, g.block_index, kv_lora_rank, softmax_scale, buffer)
         o_latent = o.view(b, lq, heads, entry)[..., :kv_lora_rank]
         og = torch.einsum("blhc,hvc->blhv", o_latent, w_uv)
         out[g.token_index[g.query_valid]] = og[g.query_valid]
+
+
+
+def _attend_in_slices(q: torch.Tensor, mask: torch.Tensor, cache: torch.Tensor, block_index: torch.Tensor,
+                      kv_lora_rank: int, softmax_scale: float, buffer: GatherBuffer) -> torch.Tensor:
+    """Absorbed attention of q [B, 1, rows, entry] over each sequence's gathered blocks
+    (block_index [B, n_blocks]), one shared key/value head, in slices of sequences whose
+    gathered blocks fit in the core caches (so the attention reads what the gather just wrote
+    from cache, not from memory)."""
+    num_blocks, block_size, row_width = cache.shape
+    b, _, _, entry = q.shape
+    n_blocks = block_index.shape[1]
+    flat_blocks = cache.view(num_blocks, block_size * row_width)
+    per_slice = max(1, GATHER_SLICE_BYTES // (n_blocks * flat_blocks.shape[1] * cache.element_size()))
+    o = torch.empty_like(q)
+    for s0 in range(0, b, per_slice):
+        s1 = min(b, s0 + per_slice)
+        blocks = block_index[s0:s1].flatten()
+        kv = buffer.get(blocks.numel(), flat_blocks.shape[1], cache.dtype, cache.device)
+        torch.index_select(flat_blocks, 0, blocks, out=kv)
+        if latent_fp8.is_fp8(cache):
+            kv = latent_fp8.dequantize_entries(kv.view(-1, row_width), kv_lora_rank, q.dtype)
+        kv = kv.view(s1 - s0, 1, n_blocks * block_size, entry)
+        # The values are the latents, the keys' first kv_lora_rank columns: passing the whole
+        # 576-wide rows as values (and dropping the rope columns after) keeps the key and
+        # value widths equal, which the fused CPU kernel requires.
+        o[s0:s1] = F.scaled_dot_product_attention(q[s0:s1], kv, kv, attn_mask=mask[s0:s1], scale=softmax_scale)
+    return o
 
 
 def mla_prefill_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, plan: AttentionPlan,

@@ -51,17 +51,10 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
         raise RuntimeError("the CPU decode kernel is not built or is turned off (see kernels/cpu_build.py)")
     require_host("paged_mla_decode_cpu", q_latent, q_pe, cache, block_tables, seq_of_row, kv_lens,
                   *([out] if out is not None else []))
-    dtype = q_latent.dtype
-    fp8 = latent_fp8.is_fp8(cache)
-    if dtype not in (torch.float32, torch.bfloat16) or (cache.dtype != dtype and not fp8) or q_pe.dtype != dtype:
-        raise TypeError(f"paged_mla_decode_cpu wants float32 or bfloat16 queries and a cache of their dtype "
-                        f"(or uint8, FP8 entries), got {q_latent.dtype}, {q_pe.dtype} and {cache.dtype}")
+    _check_decode_operands(q_latent, q_pe, cache)
+    dtype, fp8 = q_latent.dtype, latent_fp8.is_fp8(cache)
     rows, heads, rank = q_latent.shape
-    rope = q_pe.shape[-1]
-    page = cache.shape[1]
-    width = latent_fp8.entry_bytes(rank, rope) if fp8 else rank + rope
-    if cache.shape[-1] != width:
-        raise ValueError(f"cache entries are {cache.shape[-1]} wide, queries {rank} + {rope} want {width}")
+    rope, page = q_pe.shape[-1], cache.shape[1]
     q_latent, q_pe, cache = last_dim_contiguous(q_latent), last_dim_contiguous(q_pe), cache.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     seq_of_row = seq_of_row.to(torch.int32).contiguous()
@@ -83,6 +76,18 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
         raise RuntimeError(f"mla_decode ({impl}) refused rows={rows} heads={heads} rank={rank} rope={rope} "
                            f"page={page} dtype={dtype}")
     return out
+
+
+def _check_decode_operands(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> None:
+    dtype = q_latent.dtype
+    fp8 = latent_fp8.is_fp8(cache)
+    if dtype not in (torch.float32, torch.bfloat16) or (cache.dtype != dtype and not fp8) or q_pe.dtype != dtype:
+        raise TypeError(f"paged_mla_decode_cpu wants float32 or bfloat16 queries and a cache of their dtype "
+                        f"(or uint8, FP8 entries), got {q_latent.dtype}, {q_pe.dtype} and {cache.dtype}")
+    rank, rope = q_latent.shape[-1], q_pe.shape[-1]
+    width = latent_fp8.entry_bytes(rank, rope) if fp8 else rank + rope
+    if cache.shape[-1] != width:
+        raise ValueError(f"cache entries are {cache.shape[-1]} wide, queries {rank} + {rope} want {width}")
 
 
 def latent_fp8_gather(cache: torch.Tensor, slots: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
