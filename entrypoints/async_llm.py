@@ -1,7 +1,8 @@
-"""The asynchronous engine client (vLLM's AsyncLLM role): `generate()` submits a request and
-yields its folds (entrypoints/output_processor.py) as the engine produces them; leaving the
-iteration early (a client gone, a task cancelled) aborts what still runs. The HTTP server is a
-thin adapter over it.
+"""The asynchronous engine client (vLLM's AsyncLLM role), the one frontend every interface adapts:
+`generate()` submits a request and yields its folds (entrypoints/output_processor.py) as the
+engine produces them, and leaving the iteration early (a client gone, a task cancelled) aborts
+what still runs (the HTTP server); `submit()` hands each fold to a callback instead (the ZeroMQ
+server, the offline LLM on a loop of its own), `release()` and `abort()` end such a request.
 
 All of it runs on the serving event loop: the engine's output socket is read when the loop sees
 its file descriptor readable (no reader thread, so a first token does not wait for a thread to
@@ -15,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,11 @@ from tokenizers import Tokenizer
 
 from engine.config import EngineConfig
 from engine.messages import AbortRequests, EngineDead, EngineStats, GetStats, RequestOutputs
+from engine.outputs import RequestOutput
 from engine.request_input import check_priority, prepare_inline, prepare_request
 from engine.sampling_params import SamplingParams
 from entrypoints.engine_client import EngineClient, EngineDeadError, failure_summary
 from entrypoints.output_processor import Fold, OutputProcessor
-from entrypoints.shared_engine import SharedEngine
 
 log = logging.getLogger("mlaserve.async_llm")
 
@@ -56,7 +57,7 @@ class AsyncLLM:
         self.engine = EngineClient(config, startup_timeout_s)
         self.ready = self.engine.ready
         self.tracker = OutputProcessor(self.tokenizer)
-        self._streams: dict[str, asyncio.Queue] = {}  # each request's folds, by engine request id
+        self._sinks: dict[str, Callable] = {}  # each request's fold callback, by engine request id
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="mlaserve-prepare")
         self._next_id = 0
         self.failure: str | None = None
@@ -70,14 +71,12 @@ class AsyncLLM:
         self._fd: int | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stats_due = 0.0
-        self._shared: list[SharedEngine] = []
-
-    def share(self, prefix: str = "s") -> SharedEngine:
-        """The engine for a frontend whose engine request ids start with `prefix` (this one's start
-        with "h"); call before start()."""
-        shared = SharedEngine(self, prefix)
-        self._shared.append(shared)
-        return shared
+        self._stats_asked = self._stats_answered = 0
+        self._stats_waiters: list[tuple[int, asyncio.Future]] = []
+        # Called before and after each batch of outputs is handed to the callbacks (the ZeroMQ
+        # server drops departed clients before, and reads frames a send may have left unsignalled after).
+        self.before_outputs: list[Callable[[], None]] = []
+        self.after_outputs: list[Callable[[], None]] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -138,16 +137,40 @@ class AsyncLLM:
             return await asyncio.get_running_loop().run_in_executor(self._pool, prepare_request, *args)
         return prepare_request(*args)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0, prompt: str | None = None) -> AsyncIterator[Fold]:
-        """The folds of a prepared request until all its completions are done."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sink: Callable,
+               priority: int = 0, prompt: str | None = None, arrival: float | None = None
+               ) -> tuple[str, RequestOutput]:
+        """Sends a prepared request (on the loop's thread); `sink` gets each of its folds, then,
+        if the engine fails first, an EngineUnavailable. Returns its engine id and its output (the
+        folds fill it in). End it early with release()."""
         self._check_available()
         engine_id = f"h{self._next_id}"
         self._next_id += 1
-        self.counters["requests_received"] += 1
-        output, add = self.tracker.add(engine_id, prompt, prompt_ids, params, time.time(), priority, request_id)
-        queue = self._streams[engine_id] = asyncio.Queue()
+        output, add = self.tracker.add(engine_id, prompt, prompt_ids, params, arrival or time.time(), priority,
+                                       request_id)
+        self._sinks[engine_id] = sink
         self.engine.send(add)
+        return engine_id, output
+
+    def release(self, engine_id: str, abort: bool = True) -> list[str]:
+        """Stops tracking a request; returns its completions the engine still runs, which are
+        aborted unless `abort` is False (the caller aborts many at once with abort_ids)."""
+        self._sinks.pop(engine_id, None)
+        unfinished = self.tracker.forget(engine_id)
+        if unfinished and abort:
+            self.abort_ids(unfinished)
+        return unfinished
+
+    def abort(self, engine_id: str) -> None:
+        """Asks the engine to stop the request's completions; its last fold still comes."""
+        self.abort_ids(self.tracker.unfinished_ids(engine_id))
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       priority: int = 0, prompt: str | None = None) -> AsyncIterator[Fold]:
+        """The folds of a prepared request until all its completions are done."""
+        queue: asyncio.Queue = asyncio.Queue()
+        engine_id, _ = self.submit(prompt_ids, params, request_id, queue.put_nowait, priority, prompt)
+        self.counters["requests_received"] += 1
         try:
             while True:
                 item = await queue.get()
@@ -157,14 +180,20 @@ class AsyncLLM:
                 if item.request_finished:
                     return
         finally:
-            self._streams.pop(engine_id, None)
-            unfinished = self.tracker.forget(engine_id)
-            if unfinished:  # the caller left early: the engine stops its work
+            if self.release(engine_id):  # the caller left early: the engine stops its work
                 self.counters["clients_disconnected"] += 1
-                self._abort(unfinished)
 
-    def _abort(self, ids: list[str]) -> None:
-        if self.failure is None and self.engine.stopped is None:  # (a stopped engine runs nothing)
+    async def fresh_stats(self) -> EngineStats:
+        """The scheduler's numbers as of now (everything sent before this call counted)."""
+        self._check_available()
+        future = asyncio.get_running_loop().create_future()
+        self._stats_asked += 1
+        self._stats_waiters.append((self._stats_asked, future))
+        self.engine.send(GetStats())
+        return await future
+
+    def abort_ids(self, ids: list[str]) -> None:
+        if ids and self.failure is None and self.engine.stopped is None:  # (a stopped engine runs nothing)
             try:
                 self.engine.send(AbortRequests(ids))
             except EngineDeadError:
@@ -180,26 +209,44 @@ class AsyncLLM:
 
     def _on_message(self, msg) -> None:
         if isinstance(msg, RequestOutputs):
+            for hook in self.before_outputs:
+                hook()
             for d in msg.deltas:
                 fold = self.tracker.process(d)
                 if fold is None:
                     continue
                 if fold.stopped:
-                    self._abort([d.req_id])
-                queue = self._streams.get(fold.engine_id)
-                if queue is not None:
-                    queue.put_nowait(fold)
+                    self.abort_ids([d.req_id])
+                sink = self._sinks.get(fold.engine_id)
+                if sink is not None:
+                    if fold.request_finished:
+                        del self._sinks[fold.engine_id]
+                    sink(fold)
+            for hook in self.after_outputs:
+                hook()
         elif isinstance(msg, EngineStats):
             self.latest_stats, self.stats_time = msg, time.monotonic()
+            self._stats_answered += 1
+            while self._stats_waiters and self._stats_waiters[0][0] <= self._stats_answered:
+                _, future = self._stats_waiters.pop(0)
+                if not future.done():
+                    future.set_result(msg)
 
     def _on_failure(self, reason: str) -> None:
         self.failure = failure_summary(reason, log)
-        for queue in self._streams.values():
-            queue.put_nowait(EngineUnavailable(f"the engine failed: {self.failure}"))
+        error = EngineUnavailable(f"the engine failed: {self.failure}")
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            sink(error)
+        for _, future in self._stats_waiters:
+            if not future.done():
+                future.set_exception(error)
+        self._stats_waiters = []
         self.engine.shutdown(f"it failed: {self.failure}")
 
     def _send_stats_request(self) -> None:
         if self.failure is None and not self.stopping:
+            self._stats_asked += 1
             self.engine.send(GetStats())
 
     def _drain(self) -> None:
@@ -211,9 +258,7 @@ class AsyncLLM:
                 if isinstance(msg, EngineDead):
                     self._failed(msg.reason)
                     return
-                msg = self._hand_over(msg)
-                if msg is not None:
-                    self._on_message(msg)
+                self._on_message(msg)
         except zmq.ZMQError as e:
             if self._reading:
                 self._failed(f"the engine's output socket failed: {e}")
@@ -235,29 +280,8 @@ class AsyncLLM:
             self._send_stats_request()
         self._timer = self._loop.call_later(WATCH_INTERVAL_S, self._watch)
 
-    def _hand_over(self, msg):
-        """Gives the shared frontends theirs; returns what is left."""
-        if not self._shared:
-            return msg
-        if isinstance(msg, EngineStats):
-            for shared in self._shared:
-                shared.deliver(msg)
-            return msg
-        if isinstance(msg, RequestOutputs):
-            mine = []
-            theirs: dict[int, list] = {}
-            for d in msg.deltas:
-                owner = next((i for i, sh in enumerate(self._shared) if d.req_id.startswith(sh.prefix)), None)
-                (mine if owner is None else theirs.setdefault(owner, [])).append(d)
-            for i, deltas in theirs.items():
-                self._shared[i].deliver(RequestOutputs(deltas))
-            return RequestOutputs(mine) if mine else None
-        return msg
-
     def _failed(self, reason: str) -> None:
         self._unregister()
-        for shared in self._shared:
-            shared.deliver(EngineDead(reason))
         self._on_failure(reason)
 
     def stats_snapshot(self):

@@ -89,17 +89,17 @@ class EngineClient:
         return self.outputs.socket
 
     def send(self, msg) -> None:
-        self._check_running()
+        self.check_running()
         self.inputs.send(msg)
 
-    def _check_running(self) -> None:
+    def check_running(self) -> None:
         if self.stopped is not None:
             raise EngineDeadError(f"the engine is stopped ({self.stopped}); start a new one")
 
     def recv(self, timeout_s: float | None = None):
         """The next message from the scheduler; raises EngineDeadError if a process died or the
         scheduler went silent (it beats every half second once ready)."""
-        self._check_running()
+        self.check_running()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while deadline is None or time.monotonic() < deadline:
             msg = self.poll(timeout_ms=200)

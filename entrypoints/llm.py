@@ -1,21 +1,63 @@
-"""The offline batch API: LLM(model_dir, **engine_options).generate(prompts, params)."""
+"""The offline batch API: LLM(model_dir, **engine_options).generate(prompts, params).
+
+An adapter over the asynchronous engine client (entrypoints/async_llm.py), which runs on an event
+loop of this object's own thread: generate() prepares the prompts on the caller's thread, submits
+them to the loop in batches, and waits for each to finish. So it works wherever it is called from,
+a script, a thread, or a notebook whose own loop is running.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
+import queue
+import threading
 import time
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from engine.config import EngineConfig
-from engine.messages import AbortRequests, EngineStats, GetStats, RequestOutputs, completion_ids
+from engine.messages import EngineStats, completion_ids
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.request_input import RequestInputError, check_priority, prepare_request
-from entrypoints.engine_client import EngineClient
-from entrypoints.output_processor import OutputProcessor
+from entrypoints.async_llm import AsyncLLM, EngineUnavailable
+from entrypoints.engine_client import EngineDeadError
 
 _OPTIONS = {f.name for f in dataclasses.fields(EngineConfig)} - {"model_dir"}
+SUBMIT_BATCH = 256  # prompts prepared before they go to the loop in one call (the engine starts on the first)
+
+
+class _LoopThread:
+    """An event loop running on a daemon thread, called into from others."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="mlaserve-llm-loop", daemon=True)
+        self.thread.start()
+
+    def call(self, fn, *args):
+        """fn(*args) on the loop's thread; its result or its exception here."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                done.set_result(fn(*args))
+            except BaseException as e:  # noqa: B036 - handed back to the caller
+                done.set_exception(e)
+
+        self.loop.call_soon_threadsafe(run)
+        return done.result()
+
+    def run(self, coro, timeout_s: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class LLM:
@@ -41,8 +83,14 @@ class LLM:
 
     def _start(self, config: EngineConfig, startup_timeout_s: float) -> None:
         self.config = config
-        self.tokenizer = Tokenizer.from_file(str(Path(config.model_dir) / "tokenizer.json"))
-        self.engine = EngineClient(config, startup_timeout_s)
+        self._client = AsyncLLM(config, startup_timeout_s)
+        self.tokenizer, self.engine = self._client.tokenizer, self._client.engine
+        try:
+            self._loop = _LoopThread()
+            self._loop.call(self._client.start, self._loop.loop)
+        except BaseException:
+            self._client.shutdown("the offline API did not start")
+            raise
         self._next_id = 0
 
     @property
@@ -56,14 +104,16 @@ class LLM:
         self.shutdown()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        self._client.shutdown("shutdown() was called")
+        self._loop.stop()
 
     def stats(self) -> EngineStats:
-        self.engine.send(GetStats())
-        while True:
-            msg = self.engine.recv(timeout_s=60)
-            if isinstance(msg, EngineStats):
-                return msg
+        """The scheduler's counters, counting everything generate() has done."""
+        self.engine.check_running()
+        try:
+            return self._loop.run(self._client.fresh_stats(), timeout_s=60)
+        except EngineUnavailable as e:
+            raise EngineDeadError(str(e)) from None
 
     def generate(self, prompts, params=None, use_tqdm: bool = True,
                  priority: list[int] | None = None) -> list[RequestOutput]:
@@ -72,59 +122,80 @@ class LLM:
         (an engine started with scheduling_policy="priority"). A request with bad input comes back
         with finish_reason "error" and `error` naming the problem; the others run normally."""
         if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # one prompt (a string, token ids, or something _submit refuses by name)
+            prompts = [prompts]  # one prompt (a string, token ids, or something _prepare refuses by name)
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling parameters for {len(prompts)} prompts")
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(priorities)} priorities for {len(prompts)} prompts")
-        tracker = OutputProcessor(self.tokenizer)
-        outs: list[RequestOutput] = []
+        self.engine.check_running()
+        outs: list[RequestOutput | None] = [None] * len(prompts)
+        finished: queue.SimpleQueue = queue.SimpleQueue()  # indices of finished requests, or the engine's failure
         try:
-            for prompt, p, rank in zip(prompts, plist, priorities):
-                outs.append(self._submit(prompt, p, tracker, rank))
-            self._collect(tracker, outs, use_tqdm and len(prompts) > 1)
+            submitted = 0
+            for start in range(0, len(prompts), SUBMIT_BATCH):
+                batch = [self._prepare(i, prompts[i], plist[i], priorities[i], outs)
+                         for i in range(start, min(start + SUBMIT_BATCH, len(prompts)))]
+                batch = [b for b in batch if b is not None]
+                self._loop.call(self._submit, batch, outs, finished)
+                submitted += len(batch)
+            self._wait(submitted, finished, use_tqdm and len(prompts) > 1)
+        except EngineUnavailable as e:
+            self._client.shutdown(f"a generate() call ended with {type(e).__name__}")
+            raise EngineDeadError(str(e)) from None
         except BaseException as e:
             # Ctrl-C or a dead engine: stop every process before the exception leaves.
-            self.engine.shutdown(f"a generate() call ended with {type(e).__name__}")
+            self._client.shutdown(f"a generate() call ended with {type(e).__name__}")
             raise
         return outs
 
-    def _submit(self, prompt, raw_params, tracker: OutputProcessor, priority: int = 0) -> RequestOutput:
+    def _prepare(self, i: int, prompt, raw_params, priority: int, outs: list) -> tuple | None:
+        """(index, request id, ids, params, priority, text), or None after filling in outs[i] with
+        the error of a prompt that fails alone (one output per completion asked for)."""
         req_id = str(self._next_id)
         self._next_id += 1
         text = prompt if isinstance(prompt, str) else None
-        arrival = time.time()
         ready = self.engine.ready
         try:
             priority = check_priority(priority)
             ids, params = prepare_request(prompt, raw_params, self.tokenizer, ready.max_model_len, ready.vocab_size)
-        except RequestInputError as e:  # that prompt alone fails, with one output per completion asked for
+        except RequestInputError as e:
             n = len(completion_ids(req_id, e.params.n)) if e.params is not None else 1
-            return RequestOutput(req_id, text, [], [CompletionOutput(i, finish_reason="error") for i in range(n)],
-                                 error=str(e), metrics=RequestMetrics(arrival_time=arrival))
-        out, add = tracker.add(req_id, text, ids, params, arrival, priority)
-        self.engine.send(add)
-        return out
+            outs[i] = RequestOutput(req_id, text, [], [CompletionOutput(j, finish_reason="error") for j in range(n)],
+                                    error=str(e), metrics=RequestMetrics(arrival_time=time.time()))
+            return None
+        return i, req_id, ids, params, priority, text
 
-    def _collect(self, tracker: OutputProcessor, outs: list[RequestOutput], progress: bool) -> None:
+    def _submit(self, batch: list[tuple], outs: list, finished: queue.SimpleQueue) -> None:
+        """On the loop: each prepared request to the engine, its output filled in as it runs."""
+        for i, req_id, ids, params, priority, text in batch:
+            def sink(fold, i=i):
+                if isinstance(fold, Exception):
+                    finished.put(fold)
+                elif fold.request_finished:
+                    finished.put(i)
+
+            _, outs[i] = self._client.submit(ids, params, req_id, sink, priority, text)
+
+    def _wait(self, count: int, finished: queue.SimpleQueue, progress: bool) -> None:
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(outs), desc="generate", unit="req", initial=sum(o.finished for o in outs))
-        while len(tracker):
-            msg = self.engine.recv()
-            if not isinstance(msg, RequestOutputs):
-                continue
-            for d in msg.deltas:
-                fold = tracker.process(d)
-                if fold is None:
-                    continue  # an abort we asked for after a stop string
-                if fold.stopped:
-                    self.engine.send(AbortRequests([d.req_id]))
-                if bar and fold.request_finished:
+            bar = tqdm(total=count, desc="generate", unit="req")
+        try:
+            for _ in range(count):
+                while True:
+                    try:
+                        item = finished.get(timeout=0.5)  # (a timeout, so that Ctrl-C is seen)
+                        break
+                    except queue.Empty:
+                        continue
+                if isinstance(item, Exception):
+                    raise item
+                if bar:
                     bar.update(1)
-        if bar:
-            bar.close()
+        finally:
+            if bar:
+                bar.close()

@@ -192,10 +192,11 @@ class OpenAIServer:
 
 
 def run_http(llm: AsyncLLM, host: str, port: int, model_name: str, api_key: str | None = None,
-             grace_s: float = 30.0, on_ready=None, on_stop=None, before_engine_stop=None,
+             grace_s: float = 30.0, on_ready=None, beside=None,
              parsers: tuple[str | None, str | None] = (None, None), chat_template: str | None = None) -> int:
     """Serves until SIGTERM/SIGINT (uvicorn drains in-flight requests for `grace_s`), then stops
-    the engine. Returns 1 when the engine had failed."""
+    the engine. `beside`: the ZeroMQ server (entrypoints/server.py) to run on the same loop over
+    the same engine, stopped and drained with the HTTP side. Returns 1 when the engine had failed."""
     import uvicorn
 
     server = OpenAIServer(llm, model_name, api_key, parsers, chat_template)
@@ -203,15 +204,19 @@ def run_http(llm: AsyncLLM, host: str, port: int, model_name: str, api_key: str 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):
             llm.start(asyncio.get_running_loop())
+            if beside is not None:
+                beside.start(asyncio.get_running_loop())
             await super().startup(sockets)
             if on_ready is not None and self.servers:
                 on_ready(self.servers[0].sockets[0].getsockname()[1])
 
         async def shutdown(self, sockets=None):
             llm.stopping = True
-            if on_stop is not None:
-                on_stop()
+            if beside is not None:
+                beside.request_stop()
             await super().shutdown(sockets)
+            if beside is not None:
+                await beside.stopped()
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
@@ -224,7 +229,7 @@ def run_http(llm: AsyncLLM, host: str, port: int, model_name: str, api_key: str 
     try:
         _Server(config).run()
     finally:
-        if before_engine_stop is not None:
-            before_engine_stop()
+        if beside is not None:
+            beside.close()
         llm.shutdown("the HTTP server stopped")
     return 0 if llm.failure is None else 1

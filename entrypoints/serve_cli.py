@@ -7,7 +7,6 @@ import argparse
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
 from entrypoints.chat_output import REASONING_PARSERS, TOOL_CALL_PARSERS
@@ -81,12 +80,13 @@ def serve(args: argparse.Namespace) -> int:
     return server.serve_forever()
 
 
-def _zmq_server(args: argparse.Namespace, config, engine):
+def _zmq_server(args: argparse.Namespace, config, llm):
+    """The ZeroMQ endpoint; over `llm` (the HTTP API's engine) when given, else its own."""
     from entrypoints.server import Server
 
     return Server(config, args.host, args.port, args.metrics_port, args.shutdown_grace,
                   args.served_model_name, args.metrics_host, args.max_completions_per_client,
-                  args.max_prompt_tokens_per_client, engine=engine)
+                  args.max_prompt_tokens_per_client, llm=llm)
 
 
 def _announce_zmq(server, args: argparse.Namespace, config) -> None:
@@ -95,31 +95,9 @@ def _announce_zmq(server, args: argparse.Namespace, config) -> None:
     print(f"mlaserve serving {config.model_dir} on {server.address}{metrics}", file=sys.stderr, flush=True)
 
 
-class _ZmqBeside:
-    """The ZeroMQ endpoint on a thread of its own beside the HTTP API, over the same engine:
-    started once HTTP listens, asked to stop with it, joined before the engine stops."""
-
-    def __init__(self, args: argparse.Namespace, config, llm):
-        self.args, self.config = args, config
-        self.server = _zmq_server(args, config, llm.share("s"))
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"install_signals": False},
-                                       name="mlaserve-zmq")
-
-    def start(self) -> None:
-        self.thread.start()
-        _announce_zmq(self.server, self.args, self.config)
-
-    def stop(self) -> None:
-        self.server.request_stop()
-
-    def join(self) -> None:
-        if self.thread.ident is None:  # the HTTP side never started
-            self.server.close()
-        self.thread.join(self.args.shutdown_grace + 10)
-
-
 def _serve_http(args: argparse.Namespace, config) -> int:
-    """The HTTP API; with --port too, the ZeroMQ endpoint beside it (SIGTERM drains both)."""
+    """The HTTP API; with --port too, the ZeroMQ endpoint beside it on the same loop over the same
+    engine (SIGTERM drains both)."""
     from entrypoints.async_llm import AsyncLLM
     from entrypoints.openai_server import run_http
 
@@ -128,18 +106,18 @@ def _serve_http(args: argparse.Namespace, config) -> int:
     api_key = args.api_key or os.environ.get("MLASERVE_API_KEY") or None
     llm = AsyncLLM(config)
     try:
-        beside = _ZmqBeside(args, config, llm) if args.port is not None else None
+        beside = _zmq_server(args, config, llm) if args.port is not None else None
     except BaseException:
         llm.shutdown("the ZeroMQ endpoint did not start")
         raise
 
     def ready(port: int) -> None:
         if beside is not None:
-            beside.start()
+            _announce_zmq(beside, args, config)
         print(f"mlaserve serving {config.model_dir} as {name!r} on http://{args.host}:{port}/v1 "
               f"(metrics on /metrics)", file=sys.stderr, flush=True)
 
     return run_http(llm, args.host, args.http_port, name, api_key, args.shutdown_grace, on_ready=ready,
-                    on_stop=beside.stop if beside else None, before_engine_stop=beside.join if beside else None,
+                    beside=beside,
                     parsers=(args.reasoning_parser, args.tool_call_parser if args.enable_auto_tool_choice else None),
                     chat_template=template)

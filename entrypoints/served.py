@@ -1,5 +1,5 @@
 """What the ZeroMQ server keeps of the requests it serves: each one's record (Served), the table of
-those started (by engine request id, folded by the OutputProcessor) with what each client holds
+those started (by engine request id, over the asynchronous client) with what each client holds
 against its limits, and the messages made of them: the Final of a finished request, a token's
 logprobs, the request id of a frame that cannot be read.
 """
@@ -9,15 +9,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from engine.messages import AddRequest, RequestDelta, completion_ids
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from entrypoints.connections import ClientState, Connections
-from entrypoints.output_processor import Fold, OutputProcessor
+from entrypoints.output_processor import Fold
 from entrypoints.protocol import MAX_REQUEST_ID_CHARS, Completion, Delta, Error, Final, Timing, TokenLogprob, Usage
+
+if TYPE_CHECKING:
+    from entrypoints.async_llm import AsyncLLM
 
 
 @dataclass
@@ -47,44 +50,52 @@ class Served:
 
 
 class ServedRequests:
-    """The started requests by engine id (ids "s0", "s1", ...) from their start to their end: the
-    engine's deltas folded into each client's Delta and Final messages, the counts each client
-    holds (unfinished completions, prompt tokens) while they run, and their ends (finished, client
-    gone, the server stopping or the engine failed)."""
+    """The started requests by engine id from their start to their end: each one's folds (from
+    the asynchronous client) made into its client's Delta and Final messages, the counts each
+    client holds (unfinished completions, prompt tokens) while they run, and their ends
+    (finished, client gone, the server stopping, the engine failed)."""
 
-    def __init__(self, tracker: OutputProcessor, connections: Connections,
-                 send: Callable[[bytes, object], bool], abort: Callable[[list[str]], None]):
-        """`send(identity, msg)` sends to a client (False: it is gone); `abort(ids)` stops engine requests."""
-        self.tracker, self.connections = tracker, connections
-        self._send, self._abort = send, abort
+    def __init__(self, llm: AsyncLLM, connections: Connections, send: Callable[[bytes, object], bool]):
+        """`send(identity, msg)` sends to a client (False: it is gone)."""
+        self.llm, self.connections, self._send = llm, connections, send
         self.by_engine_id: dict[str, Served] = {}
-        self._next_id = 0
 
     def __len__(self) -> int:
         return len(self.by_engine_id)
 
-    def start(self, s: Served, ids: list[int], params: SamplingParams) -> AddRequest:
-        """Counts s against its client and tracks it; returns what to send the engine."""
-        s.client.completions += len(completion_ids("x", params.n))
+    def start(self, s: Served, ids: list[int], params: SamplingParams) -> None:
+        """Counts s against its client and sends it to the engine."""
+        s.engine_id, s.output = self.llm.submit(ids, params, s.request_id, lambda fold: self._on_fold(s, fold),
+                                                s.priority, None, s.arrival)
+        s.preparing = False
+        s.client.completions += len(s.output.outputs)
         s.client.prompt_tokens += len(ids)
-        engine_id = f"s{self._next_id}"
-        self._next_id += 1
-        s.preparing, s.engine_id = False, engine_id
-        s.output, add = self.tracker.add(engine_id, None, ids, params, s.arrival, s.priority, s.request_id)
-        self.by_engine_id[engine_id] = s
-        return add
+        self.by_engine_id[s.engine_id] = s
 
-    def fold(self, d: RequestDelta) -> tuple[Served, Fold] | None:
-        """None when the request finished here already (a stop string) and is aborted in the engine."""
-        fold = self.tracker.process(d)
-        return None if fold is None else (self.by_engine_id[fold.engine_id], fold)
+    def _on_fold(self, s: Served, fold: Fold | Exception) -> None:
+        if isinstance(fold, Exception):  # the engine failed
+            self.finish(s, Error("engine_error", str(fold), s.request_id))
+            return
+        if fold.finish_reason == "error":
+            self.finish(s, Error("invalid_request", fold.output.error or "rejected by the engine", s.request_id))
+            return
+        if s.stream and (fold.new_token_ids or fold.new_text):
+            delta = Delta(s.request_id, fold.new_text, fold.new_token_ids,
+                          [logprob_message(lp) for lp in fold.new_logprobs], fold.completion.index)
+            if not self._send(s.identity, delta):
+                self.forget(s)
+                return
+        if fold.request_finished:
+            self.finish(s, final_message(s))
 
-    def unfinished_ids(self, s: Served) -> list[str]:
-        return self.tracker.unfinished_ids(s.engine_id) if s.engine_id else []
+    def abort(self, s: Served) -> None:
+        """Stops s in the engine; its Final (finish reason "abort") still comes."""
+        self.llm.abort(s.engine_id)
 
-    def forget(self, s: Served) -> list[str]:
-        """Stops tracking s and releases what its client held; returns its completions the engine still runs."""
-        unfinished = self.tracker.forget(s.engine_id) if s.engine_id else []
+    def forget(self, s: Served, abort: bool = True) -> list[str]:
+        """Stops tracking s and releases what its client held; returns its completions the engine
+        still ran (aborted unless `abort` is False)."""
+        unfinished = self.llm.release(s.engine_id, abort) if s.engine_id else []
         self.by_engine_id.pop(s.engine_id, None)
         client = s.client
         if client.requests.get(s.request_id) is s:
@@ -95,41 +106,20 @@ class ServedRequests:
         self.connections.release_if_idle(client)
         return unfinished
 
-    def on_delta(self, d: RequestDelta) -> None:
-        if (folded := self.fold(d)) is None:
-            return
-        s, fold = folded
-        if fold.finish_reason == "error":
-            self.finish(s, Error("invalid_request", d.error or "rejected by the engine", s.request_id))
-            return
-        if s.stream and (fold.new_token_ids or fold.new_text):
-            delta = Delta(s.request_id, fold.new_text, fold.new_token_ids,
-                          [logprob_message(lp) for lp in fold.new_logprobs], fold.completion.index)
-            if not self._send(s.identity, delta):
-                self._abort(self.forget(s))
-                return
-        if fold.stopped:
-            self._abort([d.req_id])
-        if fold.request_finished:
-            self.finish(s, final_message(s))
-
     def finish(self, s: Served, msg) -> None:
         self.forget(s)
         self._send(s.identity, msg)
 
     def client_gone(self, client: ClientState) -> None:
         """Every request of a client whose connection closed ends now (one abort for them all)."""
-        self._abort([i for s in list(client.requests.values()) for i in self.forget(s)])
+        self.llm.abort_ids([i for s in list(client.requests.values()) for i in self.forget(s, abort=False)])
 
-    def end_all(self, why: str, code: str | None = None) -> None:
-        """Ends every request with an Error of `code` (default "shutting_down"), aborting what the
-        engine runs unless it failed (code "engine_error")."""
+    def end_all(self, why: str, code: str = "shutting_down") -> None:
+        """Ends every request with an Error of `code`, the engine's work aborted."""
         served = [s for c in list(self.connections.clients.values()) for s in c.requests.values()]
-        if code is None:
-            self._abort([i for s in served for i in self.unfinished_ids(s)])
+        self.llm.abort_ids([i for s in served for i in self.forget(s, abort=False)])
         for s in served:
-            self.finish(s, Error(code or "shutting_down", why, s.request_id))
-
+            self._send(s.identity, Error(code, why, s.request_id))
 
 def final_message(s: Served) -> Final:
     """The Final of a finished request: its first completion, the others when n > 1, usage and timing."""

@@ -306,7 +306,7 @@ def test_interrupt_during_generate_stops_every_process(fresh_llm, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(llm, "_collect", interrupted)
+    monkeypatch.setattr(llm, "_wait", interrupted)
     with pytest.raises(KeyboardInterrupt):
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5), use_tqdm=False)
     assert all(gone(p) for p in pids)
