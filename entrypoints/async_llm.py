@@ -50,8 +50,10 @@ class Health:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0):
-        """Starts the engine's processes (blocking until they are ready); call before serving."""
+    def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0, poll_stats: bool = True):
+        """Starts the engine's processes (blocking until they are ready); call before serving.
+        `poll_stats`: ask the scheduler for its numbers every STATS_INTERVAL_S (for health and
+        /metrics; the offline API asks only when it wants them, the scheduler's time being the batch's)."""
         self.config = config
         self.tokenizer = Tokenizer.from_file(str(Path(config.model_dir) / "tokenizer.json"))
         self.engine = EngineClient(config, startup_timeout_s)
@@ -70,7 +72,7 @@ class AsyncLLM:
         self._reading = False
         self._fd: int | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._stats_due = 0.0
+        self._stats_due = 0.0 if poll_stats else float("inf")
         self._stats_asked = self._stats_answered = 0
         self._stats_waiters: list[tuple[int, asyncio.Future]] = []
         # Called before and after each batch of outputs is handed to the callbacks (the ZeroMQ

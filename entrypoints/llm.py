@@ -83,7 +83,7 @@ class LLM:
 
     def _start(self, config: EngineConfig, startup_timeout_s: float) -> None:
         self.config = config
-        self._client = AsyncLLM(config, startup_timeout_s)
+        self._client = AsyncLLM(config, startup_timeout_s, poll_stats=False)
         self.tokenizer, self.engine = self._client.tokenizer, self._client.engine
         try:
             self._loop = _LoopThread()
