@@ -8,6 +8,7 @@ import dataclasses
 import shutil
 import socket
 import tempfile
+import threading
 import time
 
 import zmq
@@ -51,6 +52,9 @@ class EngineClient:
     """Starts the scheduler and worker processes and talks to the scheduler; stops them all."""
 
     def __init__(self, config: EngineConfig, startup_timeout_s: float = 600.0):
+        # Shutdown may come from two threads at once (the offline API's loop seeing a failure, its
+        # caller seeing the exception): one closes the sockets, the other waits for it.
+        self._shutdown_lock = threading.Lock()
         self._dir = tempfile.mkdtemp(prefix="mlaserve-")
         if config.node_rank != 0:
             raise ValueError("the frontend and scheduler run on node 0; other nodes run `mlaserve worker`")
@@ -66,7 +70,6 @@ class EngineClient:
         self.procs = [spawn(run_engine_core, config, {**addrs, **config.worker_links(bind=True, ipc_dir=self._dir)},
                             eos, startup_timeout_s)]
         self.procs += [spawn(run_worker, config, r, links[f"plans{r}"], links["results"]) for r in config.local_ranks]
-        self.input_addr = addrs["input"]  # another frontend thread connects its own PUSH here
         self.inputs = Channel(self._ctx, zmq.PUSH, addrs["input"], bind=False, decode_type=None)
         self.stopped: str | None = None  # why the engine no longer runs, once it does not
         self.heartbeat_timeout_s = config.worker_heartbeat_timeout_s
@@ -133,6 +136,10 @@ class EngineClient:
         return None
 
     def shutdown(self, why: str = "shutdown() was called") -> None:
+        with self._shutdown_lock:
+            self._shutdown(why)
+
+    def _shutdown(self, why: str) -> None:
         if self.stopped is None:
             self.stopped = why
         if not self.procs:
