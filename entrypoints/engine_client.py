@@ -86,11 +86,6 @@ class EngineClient:
         self.ready: EngineReady = ready
         self._beating = True  # from here on the scheduler sends heartbeats
 
-    @property
-    def pollable(self):
-        """What a zmq.Poller waits on for this client's messages."""
-        return self.outputs.socket
-
     def send(self, msg) -> None:
         self.check_running()
         self.inputs.send(msg)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -91,7 +90,6 @@ class Server:
         self._stopped: asyncio.Future | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._throttled = False  # frames were left unread for want of room to prepare them
-        self._lock = threading.Lock()
         self.metrics_server = start_metrics_server(self, metrics_host, metrics_port) \
             if metrics_port is not None else None
 
@@ -315,5 +313,5 @@ class Server:
             self.requests.abort(s)  # its Final comes back
 
     def stats_snapshot(self) -> tuple[EngineStats | None, dict[str, int], HealthReply]:
-        with self._lock:
-            return self.llm.latest_stats, dict(self.counters), self._health()
+        # (from the metrics thread: the values it reads are replaced whole, never half-written)
+        return self.llm.latest_stats, dict(self.counters), self._health()
