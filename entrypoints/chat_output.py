@@ -6,7 +6,7 @@ deltas add up to the whole answer's fields."""
 
 from __future__ import annotations
 
-from entrypoints.reasoning_parser import ReasoningStream
+from entrypoints.reasoning_parser import ReasoningStream, prompt_opens_reasoning
 from entrypoints.tool_parser import ToolCall, ToolCallStream
 
 REASONING_PARSERS = ("deepseek_r1",)
@@ -14,8 +14,9 @@ TOOL_CALL_PARSERS = ("deepseek_v3",)
 
 
 class ChoiceOutput:
-    def __init__(self, reasoning: bool, tools: bool):
-        self.reasoning = ReasoningStream() if reasoning else None
+    def __init__(self, reasoning: bool, tools: bool, prompt: str | None = None):
+        """prompt: the rendered prompt, which tells whether the output starts inside the reasoning span."""
+        self.reasoning = ReasoningStream(thinking=prompt_opens_reasoning(prompt)) if reasoning else None
         self.tools = ToolCallStream() if tools else None
         self.reasoning_text = ""
         self.calls: list[ToolCall] = []

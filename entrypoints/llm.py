@@ -92,6 +92,7 @@ class LLM:
             self._client.shutdown("the offline API did not start")
             raise
         self._next_id = 0
+        self._chat: tuple = (None, None)  # (template key, ChatFormatter), made on the first chat()
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -149,6 +150,38 @@ class LLM:
             self._client.shutdown(f"a generate() call ended with {type(e).__name__}")
             raise
         return outs
+
+    def chat(self, messages, params=None, use_tqdm: bool = True, tools: list | None = None,
+             chat_template: str | None = None, chat_template_kwargs: dict | None = None,
+             priority: list[int] | None = None) -> list[RequestOutput]:
+        """vLLM's LLM.chat: one conversation (a list of OpenAI-style messages) or a list of them,
+        rendered with the checkpoint's chat template (entrypoints/chat_format.py; `chat_template`,
+        a Jinja string, replaces it), then generated as generate() does. A conversation that does
+        not render comes back with finish_reason "error" and `error` naming the message."""
+        from entrypoints.chat_format import ChatFormatError, ChatFormatter
+
+        convs = [messages] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else messages
+        if not isinstance(convs, list):
+            raise TypeError("messages is a conversation (a list of messages) or a list of conversations")
+        key = chat_template or ""
+        if self._chat[0] != key:  # (a formatter loads the checkpoint's tokenizer: once per template)
+            self._chat = key, ChatFormatter(self.config.model_dir, chat_template)
+        plist = params if isinstance(params, list) else [params] * len(convs)
+        if len(plist) != len(convs) or (priority is not None and len(priority) != len(convs)):
+            raise ValueError(f"sampling parameters and priorities: one per conversation ({len(convs)})")
+        results: list[RequestOutput | None] = [None] * len(convs)
+        rendered: list[tuple[int, str]] = []
+        for i, conv in enumerate(convs):
+            try:
+                rendered.append((i, self._chat[1].render(conv, tools, chat_template_kwargs)))
+            except ChatFormatError as e:
+                results[i] = RequestOutput(f"chat-{i}", None, [], [CompletionOutput(0, finish_reason="error")],
+                                           error=str(e), metrics=RequestMetrics(arrival_time=time.time()))
+        outs = self.generate([p for _, p in rendered], [plist[i] for i, _ in rendered], use_tqdm,
+                             [priority[i] for i, _ in rendered] if priority is not None else None)
+        for (i, _), out in zip(rendered, outs):
+            results[i] = out
+        return results
 
     def _prepare(self, i: int, prompt, raw_params, priority: int, outs: list) -> tuple | None:
         """(index, request id, ids, params, priority, text), or None after filling in outs[i] with

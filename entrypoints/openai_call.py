@@ -59,7 +59,8 @@ class OpenAICall:
 
     def _output(self, index: int) -> ChoiceOutput:
         if index not in self.outputs:
-            self.outputs[index] = ChoiceOutput(self.reasoning, self.tools)
+            prompt = self.parsed.prompts[0]  # (a chat has one, rendered)
+            self.outputs[index] = ChoiceOutput(self.reasoning, self.tools, prompt if isinstance(prompt, str) else None)
         return self.outputs[index]
 
     def _streams(self) -> list[AsyncIterator[Fold]]:

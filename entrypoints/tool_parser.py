@@ -19,9 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from entrypoints.reasoning_parser import held_prefix
+from model.chat_tokens import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
 
-CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
-CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 _CALL = re.compile(r"(?P<type>[^\n]*?)" + re.escape(SEP) + r"(?P<name>[^\n]+)\n```(?:json)?\n(?P<args>.*)\n```\s*\Z",
                    re.DOTALL)
 

@@ -122,10 +122,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 2,
         "n_group": 4,
         "topk_group": 2,
-        "max_position_embeddings": 256,
+        "max_position_embeddings": 512,  # the tool conversations are ~300 tokens
         "rope_scaling": {
             "type": "yarn",
-            "factor": 4,
+            "factor": 8,
             "original_max_position_embeddings": 64,
             "beta_fast": 32,
             "beta_slow": 1,

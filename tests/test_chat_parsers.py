@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from entrypoints.reasoning_parser import ReasoningStream, split_reasoning
+from entrypoints.reasoning_parser import ReasoningStream, prompt_opens_reasoning, split_reasoning
 from entrypoints.tool_parser import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, ToolCallStream, split_tool_calls
+from model.chat_tokens import tool_calls_text
 
 
 def call_text(name: str, args: dict | str) -> str:
@@ -23,15 +24,31 @@ REASONING_CASES = [
     ("<think>a</think>b</think>c", ("a", "b</think>c")),  # only the first end tag ends the span
     ("<thinking>x</think>y", ("<thinking>x", "y")),
 ]
+# After a prompt that did not open the span (thinking off): the answer, unless the output opens one.
+ANSWER_FIRST_CASES = [
+    ("1,1,4,5", ("", "1,1,4,5")),
+    ("<think>x</think>y", ("x", "y")),
+    ("<think>unterminated", ("unterminated", None)),
+    ("a</think>b", ("", "a</think>b")),
+    ("<thi", ("", "<thi")),
+    ("", ("", "")),
+]
+CASES = [(t, True, e) for t, e in REASONING_CASES] + [(t, False, e) for t, e in ANSWER_FIRST_CASES]
 
 
-@pytest.mark.parametrize("text,expected", REASONING_CASES)
-def test_reasoning_split_of_whole_answers(text, expected):
-    assert split_reasoning(text) == expected
+@pytest.mark.parametrize("text,thinking,expected", CASES)
+def test_reasoning_split_of_whole_answers(text, thinking, expected):
+    assert split_reasoning(text, thinking) == expected
 
 
-def stream_reasoning(pieces):
-    s = ReasoningStream()
+def test_the_prompt_tells_where_the_output_starts():
+    assert prompt_opens_reasoning("<｜User｜>hi<｜Assistant｜><think>\n") and prompt_opens_reasoning(None)
+    assert not prompt_opens_reasoning("<｜User｜>hi<｜Assistant｜>")
+    assert not prompt_opens_reasoning("<｜User｜>hi<｜Assistant｜><think>\n</think>")  # V3.1's non-thinking prompt
+
+
+def stream_reasoning(pieces, thinking=True):
+    s = ReasoningStream(thinking=thinking)
     reasoning, content = "", ""
     for p in pieces:
         r, c = s.feed(p)
@@ -40,12 +57,12 @@ def stream_reasoning(pieces):
     return reasoning + r, (None if s.thinking else content + c)
 
 
-@pytest.mark.parametrize("text,expected", REASONING_CASES)
-def test_reasoning_stream_gives_the_whole_answers_fields_at_every_cut(text, expected):
+@pytest.mark.parametrize("text,thinking,expected", CASES)
+def test_reasoning_stream_gives_the_whole_answers_fields_at_every_cut(text, thinking, expected):
     for i in range(len(text) + 1):
         for j in range(i, len(text) + 1):
-            assert stream_reasoning([text[:i], text[i:j], text[j:]]) == expected, (i, j)
-    assert stream_reasoning(list(text)) == expected  # a character per chunk
+            assert stream_reasoning([text[:i], text[i:j], text[j:]], thinking) == expected, (i, j)
+    assert stream_reasoning(list(text), thinking) == expected  # a character per chunk
 
 
 TOOL_CASES = [
@@ -135,31 +152,89 @@ def test_without_parsers_the_text_is_the_content():
     assert out.message("a</think>b") == {"role": "assistant", "content": "a</think>b"}
 
 
+CONVERSATION = [
+    {"role": "system", "content": "You sort."},
+    {"role": "user", "content": "sort 3,1,2"},
+    {"role": "assistant", "content": "<think>three digits</think>Calling the tool.",
+     "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "sort_digits",
+                                                                      "arguments": '{"digits": [3, 1, 2]}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "[1, 2, 3]"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "ok"},
+    {"role": "assistant", "content": "1,2,3"},
+    {"role": "user", "content": "again"},
+]
+RENDERED = ("<｜begin▁of▁sentence｜>You sort.<｜User｜>sort 3,1,2<｜Assistant｜>Calling the tool."
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>sort_digits\n```json\n"
+            '{"digits": [3, 1, 2]}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>'
+            "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>[1, 2, 3]<｜tool▁output▁end｜>"
+            "<｜tool▁output▁begin｜>ok<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
+            "<｜Assistant｜>1,2,3<｜end▁of▁sentence｜><｜User｜>again<｜Assistant｜>")
+
+
+def _checkpoint_tokenizer(path, with_template: bool = True):
+    from model.tokenizer_maker import write_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(path)
+    if not with_template:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        del config["chat_template"]
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
 def test_a_multi_turn_tool_conversation_renders_in_the_format(tmp_path):
     from entrypoints.chat_format import ChatFormatter
 
-    args = '{"digits": [3, 1, 2]}'
-    messages = [
-        {"role": "system", "content": "You sort."},
-        {"role": "user", "content": "sort 3,1,2"},
-        {"role": "assistant", "content": "<think>three digits</think>Calling the tool.",
-         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "sort_digits", "arguments": args}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "[1, 2, 3]"},
-        {"role": "tool", "tool_call_id": "call_2", "content": "ok"},
-        {"role": "assistant", "content": "1,2,3"},
-        {"role": "user", "content": "again"},
-    ]
-    expected = ("<｜begin▁of▁sentence｜>You sort.<｜User｜>sort 3,1,2<｜Assistant｜>Calling the tool."
-                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>sort_digits\n```json\n"
-                '{"digits": [3, 1, 2]}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>'
-                "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>[1, 2, 3]<｜tool▁output▁end｜>"
-                "<｜tool▁output▁begin｜>ok<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
-                "<｜Assistant｜>1,2,3<｜end▁of▁sentence｜><｜User｜>again<｜Assistant｜>")
-    assert ChatFormatter(tmp_path).render(messages) == expected
+    ours = ChatFormatter(_checkpoint_tokenizer(tmp_path / "ours"))
+    assert ours.render(CONVERSATION) == RENDERED + "<think>\n"  # R1 style: the answer opens its reasoning
+    assert ours.render(CONVERSATION, template_kwargs={"thinking": False}) == RENDERED
+    # A checkpoint without a template: the same format, V3 style (thinking off unless asked).
+    plain = ChatFormatter(_checkpoint_tokenizer(tmp_path / "plain", with_template=False))
+    assert plain.render(CONVERSATION) == RENDERED
+    assert plain.render(CONVERSATION, template_kwargs={"thinking": True}) == RENDERED + "<think>\n"
     # The assistant's call, parsed back, is the call it was rendered from.
-    calls_part = expected.split("Calling the tool.", 1)[1].split("<｜end▁of▁sentence｜>", 1)[0]
+    calls_part = RENDERED.split("Calling the tool.", 1)[1].split("<｜end▁of▁sentence｜>", 1)[0]
     content, calls = split_tool_calls(calls_part)
-    assert content == "" and [(c.name, c.arguments) for c in calls] == [("sort_digits", args)]
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("sort_digits", '{"digits": [3, 1, 2]}')]
+    assert calls_part == tool_calls_text([("sort_digits", '{"digits": [3, 1, 2]}')])
+
+
+def test_tools_are_described_after_the_system_prompt(tmp_path):
+    from entrypoints.chat_format import ChatFormatter
+    from model.demo_task import SORT_TOOL
+
+    text = ChatFormatter(_checkpoint_tokenizer(tmp_path)).render(CONVERSATION[:2], [SORT_TOOL])
+    assert text == ("<｜begin▁of▁sentence｜>You sort.\n\n## Tools\n### sort_digits\nSorts a list of digits.\n"
+                    'Parameters: {"type": "object", "properties": {"digits": {"type": "string"}}, '
+                    '"required": ["digits"]}\nCall tools as: <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function'
+                    "<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+                    "<｜User｜>sort 3,1,2<｜Assistant｜><think>\n")
+
+
+def test_the_rendered_conversation_is_the_token_ids_the_format_defines(tmp_path):
+    """Against ids written out by hand: BOS 0, EOS 1, byte b is 2 + b, and the format's tokens
+    258-270 (each one id, never spelled out in bytes)."""
+    from entrypoints.chat_format import ChatFormatter
+    from model.tokenizer_maker import build_tokenizer
+
+    def b(text: str) -> list[int]:
+        return [2 + byte for byte in text.encode()]
+
+    user, assistant, think = 258, 259, 260
+    calls_begin, call_begin, sep, call_end, calls_end = 262, 263, 264, 265, 266
+    outputs_begin, output_begin, output_end, outputs_end = 267, 268, 269, 270
+    expected = ([0] + b("You sort.") + [user] + b("sort 3,1,2") + [assistant] + b("Calling the tool.")
+                + [calls_begin, call_begin] + b("function") + [sep] + b('sort_digits\n```json\n{"digits": [3, 1, 2]}'
+                                                                          "\n```") + [call_end, calls_end, 1]
+                + [outputs_begin, output_begin] + b("[1, 2, 3]") + [output_end, output_begin] + b("ok")
+                + [output_end, outputs_end] + [assistant] + b("1,2,3") + [1] + [user] + b("again")
+                + [assistant, think] + b("\n"))
+    text = ChatFormatter(_checkpoint_tokenizer(tmp_path)).render(CONVERSATION)
+    tok = build_tokenizer()
+    assert tok.encode(text, add_special_tokens=False).ids == expected
+    assert tok.decode(expected, skip_special_tokens=False) == text
+    assert tok.token_to_id("</think>") == 261 and tok.get_vocab_size() == 271
 
 
 def test_a_chat_template_file_and_its_kwargs(tiny_checkpoint):
