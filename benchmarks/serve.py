@@ -17,7 +17,8 @@ With --endpoint http the same arrivals go through the OpenAI-compatible HTTP ser
 (--rounds times each, a fresh server per run): it prints the HTTP/ZeroMQ ratio of output
 throughput and the difference of median TTFT. Each HTTP server is driven twice: by the `openai`
 client and by a light one (httpx streaming the SSE lines, json per chunk), so the print tells
-what the HTTP server costs apart from what the openai SDK costs its caller.
+what the HTTP server costs apart from what the openai SDK costs its caller; beside each, the
+client's own time to a first chunk from an instant in-process server (no network, no engine).
 
     .venv/bin/python benchmarks/serve.py --endpoint http --rate 8 --num-requests 100 --rounds 2
 """
@@ -140,16 +141,61 @@ async def one_sse(client, url: str, model: str, prompt: list[int], out_len: int,
 
 
 async def run_sse(url: str, model: str, reqs, rate: float, seed: int) -> tuple[list[dict], float]:
-    try:  # the HTTP client the openai SDK is built on (renamed httpx2 in its 3.x line)
-        import httpx2 as httpx
-    except ImportError:
-        import httpx
+    httpx = _httpx()
     delays = arrival_delays(len(reqs), rate, seed)
     rec: list[dict] = []
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
         start = time.perf_counter()
         await asyncio.gather(*(one_sse(client, url, model, p, n, d, rec) for (p, n), d in zip(reqs, delays)))
         return rec, time.perf_counter() - start
+
+
+def _httpx():
+    try:  # the HTTP client the openai SDK is built on (renamed httpx2 in its 3.x line)
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx
+
+
+async def client_self_cost(rounds: int = 300) -> dict[str, float]:
+    """Median ms from the call to the first chunk of each client against an instant in-process
+    server (httpx's MockTransport, one canned SSE chunk): what the client itself spends per
+    request, with no network, server or engine in it."""
+    import openai
+
+    httpx = _httpx()
+    chunk = {"id": "cmpl-0", "object": "text_completion", "created": 0, "model": "m",
+             "choices": [{"index": 0, "text": "a", "logprobs": None, "finish_reason": None}]}
+    body = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+
+    def transport():
+        return httpx.MockTransport(lambda _: httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                                            content=body))
+
+    prompt = list(range(2, 130))
+    sdk = openai.AsyncOpenAI(base_url="http://bench/v1", api_key="none", http_client=httpx.AsyncClient(
+        transport=transport()))
+    light = httpx.AsyncClient(transport=transport())
+    times: dict[str, list[float]] = {"openai": [], "sse": []}
+    for _ in range(rounds):
+        start = time.perf_counter()
+        stream = await sdk.completions.create(model="m", prompt=prompt, max_tokens=8, stream=True,
+                                              stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for _chunk in stream:
+            times["openai"].append(time.perf_counter() - start)
+            break
+        await stream.close()
+        start = time.perf_counter()
+        async with light.stream("POST", "http://bench/v1/completions", json={"model": "m", "prompt": prompt}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    json.loads(line[6:])
+                    times["sse"].append(time.perf_counter() - start)
+                    break
+    await sdk.close()
+    await light.aclose()
+    return {k: 1000 * statistics.median(v[rounds // 5:]) for k, v in times.items()}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -267,9 +313,11 @@ def compare_endpoints(args, reqs) -> None:
     ttft = {e: statistics.median(s["ttft_p50_ms"] for s in v) for e, v in runs.items()}
     print(f"rate {args.rate}/s, {len(reqs)} requests, median of {args.rounds} runs each, against the ZeroMQ endpoint "
           f"({tput['zmq']:.1f} tok/s, TTFT p50 {ttft['zmq']:.1f} ms):")
+    own = asyncio.run(client_self_cost())
     for kind, label in (("openai", "HTTP, openai client"), ("sse", "HTTP, light SSE client")):
         print(f"  {label:24s} output throughput {tput[kind] / tput['zmq']:.3f}x ({tput[kind]:.1f} tok/s), "
-              f"median TTFT {ttft[kind] - ttft['zmq']:+.1f} ms ({ttft[kind]:.1f} ms)")
+              f"median TTFT {ttft[kind] - ttft['zmq']:+.1f} ms ({ttft[kind]:.1f} ms); the client's own time "
+              f"to a first chunk from an instant in-process server: {own[kind]:.2f} ms")
 
 
 def start_server(args, flags: list[str], http: bool = False):
