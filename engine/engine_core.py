@@ -88,6 +88,10 @@ class EngineCore:
             return "; ".join(problems)
         if (problem := prompt_problem(prompt, self.max_model_len, self.vocab_size)) is not None:
             return problem
+        if (msg.params.structured_outputs is None) != (msg.grammar is None):
+            return ("structured_outputs came without its compiled grammar (AddRequest.grammar; mlaserve's "
+                    "frontends compile it)" if msg.grammar is None else
+                    "a compiled grammar came without structured_outputs in the parameters")
         if msg.priority and self.schedulers[0].config.policy != "priority":
             return (f"priority is {msg.priority}, but the engine schedules first come first served: "
                     f"start it with scheduling_policy 'priority' (--scheduling-policy priority)")
@@ -122,6 +126,8 @@ class EngineCore:
         arrival = msg.arrival_time or None
         group = [Request(i, msg.prompt_ids, msg.params if n == 1 else completion_params(msg.params, k), arrival,
                          msg.priority) for k, i in enumerate(ids)]
+        for req in group:
+            req.grammar = msg.grammar
         # A group stays on one rank: its completions share the prompt's blocks there.
         rank = self._place()
         self.schedulers[rank].add_group(group)

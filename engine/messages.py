@@ -20,6 +20,20 @@ class Message(msgspec.Struct, tag=True, omit_defaults=True):
 
 # ---- frontend <-> scheduler -------------------------------------------------------------------
 
+class GrammarPlan(msgspec.Struct, omit_defaults=True):
+    """A request's compiled grammar (params.structured_outputs), from the frontend that compiled
+    it to the worker that matches it: `key` the constraint's (StructuredOutputsParams.key), `blob`
+    xgrammar's serialized CompiledGrammar. A worker keeps the last WORKER_GRAMMARS keys it was
+    sent; the scheduler mirrors that cache and sends a key's blob only when the worker lacks it
+    (blob "" otherwise), so n completions, or many requests, of one schema carry it once."""
+    key: str
+    blob: str
+    start_after: int = -1  # a token id: the grammar applies to what follows its first occurrence (R1's </think>)
+
+
+WORKER_GRAMMARS = 64
+
+
 class AddRequest(Message):
     """With params.n > 1 the scheduler runs n completions, reported and aborted by the ids
     completion_ids(req_id, n) gives."""
@@ -28,6 +42,7 @@ class AddRequest(Message):
     params: SamplingParams
     arrival_time: float = 0.0
     priority: int = 0  # lower runs sooner; only with the "priority" scheduling policy
+    grammar: GrammarPlan | None = None  # set exactly when params.structured_outputs is
 
 
 def completion_ids(req_id: str, n: int) -> list[str]:
@@ -130,6 +145,7 @@ class NewRequestPlan(Message):
     block_ids: list[int]
     num_computed: int
     num_scheduled: int
+    grammar: GrammarPlan | None = None
 
 
 class StepPlan(Message):
@@ -160,6 +176,7 @@ class StepResult(Message):
     routed_tokens: list[int] = []  # expert choices routed per expert (global ids) by this rank's tokens
     logprobs: dict[str, list[TokenLogprobs]] = {}
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
+    failed: dict[str, str] = {}  # requests the worker gave up on (a grammar too slow to match): the error
 
 
 class WorkerReady(Message):

@@ -22,6 +22,7 @@ from kernels.backend import set_batch_invariant, triton_wanted
 from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.deepseek_v3 import DeepseekV3
 from model.expert_parallel import ExpertParallel, init_distributed, leave_distributed
+from model.grammar_mask import GrammarMasks
 from model.loader import load_weights
 from model.logit_edits import TokenHistory
 from model.moe import MoE
@@ -64,6 +65,9 @@ class ModelRunner:
                              "has none (num_nextn_predict_layers is 0)")
         self._load_model()
         self.history = TokenHistory(self.cfg.vocab_size, self.device)  # the penalties' token counts
+        self.grammars = GrammarMasks(config.model_dir, self.cfg.vocab_size, self.cfg.eos_token_id)
+        self._constrained: list[tuple] = []  # this step's (grammar, req id) pairs, set by _sample
+        self._grammar_failures: dict[str, str] = {}
         self._make_cache()
         self.state = WorkerState()
         self.proposer = None if self.mtp is None else MTPProposer(
@@ -160,6 +164,9 @@ class ModelRunner:
         this worker's own bookkeeping for the next step, so the scheduler's work overlaps it."""
         work = self.state.apply(plan)
         self.history.forget(plan.finished_ids)
+        for n in plan.new:
+            if n.grammar is not None:
+                self.state.requests[n.req_id].grammar = self.grammars.request(n.grammar, n.output_ids)
         if plan.copy_src:
             self.cache.copy_blocks(plan.copy_src, plan.copy_dst)
         if not work:
@@ -175,6 +182,10 @@ class ModelRunner:
                 result.logprobs[work[i].req.req_id] = lp
         if publish is not None:
             publish(result)
+        for g, rid in self._constrained:  # the grammars take what was emitted
+            g.accept(sampled[rid])
+            if (error := g.end_step()) is not None:
+                self._grammar_failures[rid] = error  # (reported with the next step's result)
         WorkerState.advance(work, sampled, drafts)
         return result
 
@@ -201,6 +212,8 @@ class ModelRunner:
                 sampled: dict[str, list[int]], drafts: dict[str, list[int]]) -> StepResult:
         """The step's tokens, drafts and prompt logprobs for each request that has any."""
         result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
+        if self._grammar_failures:
+            result.failed, self._grammar_failures = self._grammar_failures, {}
         for i, w in enumerate(work):
             rid = w.req.req_id
             plp = self._prompt_logprobs(w, hidden[query_start[i] : query_start[i + 1]])
@@ -216,24 +229,30 @@ class ModelRunner:
     def _sample(self, work: list[ScheduledWork], due: list[int], query_start: list[int], hidden: torch.Tensor
                 ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
         """Per due request: the last known token's row, then one row per draft it verifies."""
+        self._constrained = []
         if not due:
             return [], []
         rows: list[SampleRow] = []
         row_drafts: list[int] = []
         sizes: list[int] = []
         positions: list[int] = []
+        constrained: list[tuple] = []  # (first row, grammar, drafts) of the requests under a grammar
         for i in due:
             w = work[i]
             r = w.req
             drafts = r.draft_ids[: w.num_drafts]
+            if r.grammar is not None:
+                constrained.append((len(rows), r.grammar, drafts))
+                self._constrained.append((r.grammar, r.req_id))
             rows += draft_rows(SampleRow(r.req_id, r.params, r.token_ids, r.num_prompt_tokens), drafts)
             row_drafts += drafts + [-1]
             sizes.append(len(drafts) + 1)
             first = query_start[i] + w.num_known - 1
             positions += range(first, first + len(drafts) + 1)
         index = torch.tensor(positions, device=hidden.device)
+        masks = self.grammars.bitmask(constrained) if constrained else None
         return speculative_sample(self.model.logits(hidden[index]), rows, row_drafts, sizes,
-                                  self.cfg.eos_token_id, self.config.seed, self.history)
+                                  self.cfg.eos_token_id, self.config.seed, self.history, masks)
 
     def _routed_tokens(self) -> list[int]:
         """Expert choices routed since the last step, per expert, summed over MoE layers."""

@@ -38,6 +38,7 @@ class Request:
         self.first_token_time = 0.0
         self.finish_time = 0.0
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why, when finish_reason is "error"
         # Completions of one prompt (SamplingParams.n): the first computes the prompt, the others
         # wait (held, in no queue) until its blocks are in the prefix cache, then start from them.
         self.followers: list[Request] = []
@@ -45,6 +46,7 @@ class Request:
         # The leader's block holding the prompt's tail, referenced for this completion until its
         # admission copies it (so it computes only the last prompt token).
         self.tail_source: int | None = None
+        self.grammar = None  # the compiled constraint (messages.GrammarPlan) of params.structured_outputs
 
     @property
     def num_tokens(self) -> int:

@@ -83,6 +83,11 @@ def prepare_request(prompt, raw_params, tokenizer, max_model_len: int,
     problems = params.problems(vocab_size)
     if problems:
         raise RequestInputError("; ".join(problems), params)
+    if params.structured_outputs is not None:
+        try:
+            params.structured_outputs = params.structured_outputs.with_schema_text()
+        except ValueError as e:
+            raise RequestInputError(str(e), params) from None
     try:
         ids = truncate_prompt(prompt_token_ids(prompt, tokenizer, max_model_len), params, max_model_len)
     except RequestInputError as e:

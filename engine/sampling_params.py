@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -26,6 +27,67 @@ MAX_TOKEN_LIST = 1 << 17  # stop_token_ids, allowed_token_ids, logit_bias entrie
 
 def _at_most(n: int):
     return msgspec.Meta(max_length=n)
+
+
+# A grammar is compiled on a frontend's thread pool, in time about linear in its text: these keep
+# one request's compile to a fraction of a second.
+MAX_GRAMMAR_CHARS = 1 << 18  # a schema (as JSON text), a regex or an EBNF grammar
+MAX_CHOICES = 4096
+MAX_CHOICE_CHARS = 1024
+
+
+class StructuredOutputsParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Constrains a completion to a grammar (vLLM's StructuredOutputsParams): exactly one of a JSON
+    schema (an object, or its JSON text), a regex the whole output matches, a list of choices, an
+    EBNF grammar (xgrammar's dialect, GBNF-like), or any JSON object."""
+    json: str | dict[str, Any] | None = None
+    regex: Annotated[str, _at_most(MAX_GRAMMAR_CHARS)] | None = None
+    choice: Annotated[list[Annotated[str, _at_most(MAX_CHOICE_CHARS)]], _at_most(MAX_CHOICES)] | None = None
+    grammar: Annotated[str, _at_most(MAX_GRAMMAR_CHARS)] | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None] + (
+            ["json_object"] if self.json_object else [])
+
+    def problems(self) -> list[str]:
+        kinds = self.kinds
+        if len(kinds) != 1:
+            return [f"structured_outputs takes exactly one of json, regex, choice, grammar and json_object, "
+                    f"got {', '.join(kinds) if kinds else 'none'}"]
+        if self.choice is not None and not self.choice:
+            return ["structured_outputs.choice must not be empty"]
+        if isinstance(self.json, str) and len(self.json) > MAX_GRAMMAR_CHARS:
+            return [f"structured_outputs.json is {len(self.json)} characters, more than {MAX_GRAMMAR_CHARS}"]
+        return []
+
+    def with_schema_text(self) -> StructuredOutputsParams:
+        """These parameters with a schema object written as JSON text, keys sorted (so equal schemas
+        are one cache entry, and the engine's processes pass a string on). Raises ValueError for a
+        schema that JSON cannot write (NaN, nesting past the interpreter's depth) or an overlong one."""
+        if self.json is None or isinstance(self.json, str):
+            return self
+        try:
+            text = json.dumps(self.json, sort_keys=True, allow_nan=False)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ValueError(f"structured_outputs.json is not a JSON schema: {e}") from None
+        if len(text) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"structured_outputs.json is {len(text)} characters, more than {MAX_GRAMMAR_CHARS}")
+        return msgspec.structs.replace(self, json=text)
+
+    def key(self) -> str:
+        """The constraint as one string, the same for equal constraints (the grammar caches' key)."""
+        kind = self.kinds[0]
+        value = getattr(self, kind)
+        if kind == "json" and not isinstance(value, str):
+            value = self.with_schema_text().json
+        elif kind == "choice":
+            value = json.dumps(value)
+        elif kind == "json_object":
+            value = ""
+        return json.dumps([kind, value, self.disable_any_whitespace])
 
 
 class BadWordsIndex:
@@ -86,6 +148,8 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     # Keep only the prompt's last k tokens (vLLM's left truncation); -1: as many as the context
     # holds with room for one generated token. Applied by the frontend (truncate_prompt).
     truncate_prompt_tokens: int | None = None
+    # Output only what a grammar allows (a frontend compiles it: entrypoints/grammars.py).
+    structured_outputs: StructuredOutputsParams | None = None
 
     @property
     def greedy(self) -> bool:
@@ -161,6 +225,8 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 p.append(f"{name} {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        if self.structured_outputs is not None:
+            p += self.structured_outputs.problems()
         return p
 
 
@@ -217,7 +283,7 @@ def parse_sampling_params(raw: SamplingParams | dict | None) -> SamplingParams:
         if isinstance(raw, SamplingParams):
             return _params_decoder.decode(msgspec.msgpack.encode(raw))
         return msgspec.convert(raw, SamplingParams)
-    except (msgspec.ValidationError, msgspec.EncodeError, TypeError, OverflowError) as e:
+    except (msgspec.ValidationError, msgspec.EncodeError, TypeError, OverflowError, RecursionError) as e:
         raise ValueError(f"invalid sampling parameters: {e}") from None
 
 

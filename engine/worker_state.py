@@ -19,6 +19,7 @@ class WorkerRequest:
     block_table: list[int]
     num_computed: int
     draft_ids: list[int] = field(default_factory=list)  # proposed last step, verified at the next
+    grammar: object = None  # the model worker's matcher (model/grammar_mask.py) for structured outputs
 
     @property
     def output_ids(self) -> list[int]:

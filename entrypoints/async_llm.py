@@ -25,11 +25,12 @@ import zmq
 from tokenizers import Tokenizer
 
 from engine.config import EngineConfig
-from engine.messages import AbortRequests, EngineDead, EngineStats, GetStats, RequestOutputs
+from engine.messages import AbortRequests, EngineDead, EngineStats, GetStats, GrammarPlan, RequestOutputs
 from engine.outputs import RequestOutput
 from engine.request_input import check_priority, prepare_inline, prepare_request
 from engine.sampling_params import SamplingParams
 from entrypoints.engine_client import EngineClient, EngineDeadError, failure_summary
+from entrypoints.grammars import GrammarPending, Grammars
 from entrypoints.output_processor import Fold, OutputProcessor
 
 log = logging.getLogger("mlaserve.async_llm")
@@ -59,6 +60,7 @@ class AsyncLLM:
         self.engine = EngineClient(config, startup_timeout_s)
         self.ready = self.engine.ready
         self.tracker = OutputProcessor(self.tokenizer)
+        self.grammars = Grammars(config.model_dir, self.ready.vocab_size, self.engine.model_cfg.eos_token_id)
         self._sinks: dict[str, Callable] = {}  # each request's fold callback, by engine request id
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="mlaserve-prepare")
         self._next_id = 0
@@ -130,26 +132,38 @@ class AsyncLLM:
 
     async def prepare(self, prompt, params: SamplingParams | dict | None, priority: int = 0,
                       ) -> tuple[list[int], SamplingParams]:
-        """Checks and tokenizes (a long prompt on the pool, off the loop); raises RequestInputError
-        naming the bad field."""
+        """Checks and tokenizes (a long prompt on the pool, off the loop), and compiles the
+        request's grammar (on the pool unless cached); raises RequestInputError naming the bad field."""
         check_priority(priority)
         r = self.ready
         args = (prompt, params, self.tokenizer, r.max_model_len, r.vocab_size)
+        loop = asyncio.get_running_loop()
         if isinstance(prompt, (str, list)) and not prepare_inline(prompt):
-            return await asyncio.get_running_loop().run_in_executor(self._pool, prepare_request, *args)
-        return prepare_request(*args)
+            ids, params = await loop.run_in_executor(self._pool, prepare_request, *args)
+        else:
+            ids, params = prepare_request(*args)
+        try:
+            self.grammars.prepare(params, compile=False)
+        except GrammarPending:
+            await loop.run_in_executor(self._pool, self.grammars.prepare, params)
+        return ids, params
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sink: Callable,
-               priority: int = 0, prompt: str | None = None, arrival: float | None = None
-               ) -> tuple[str, RequestOutput]:
+               priority: int = 0, prompt: str | None = None, arrival: float | None = None,
+               grammar: GrammarPlan | None = None, grammar_after: int = -1) -> tuple[str, RequestOutput]:
         """Sends a prepared request (on the loop's thread); `sink` gets each of its folds, then,
         if the engine fails first, an EngineUnavailable. Returns its engine id and its output (the
-        folds fill it in). End it early with release()."""
+        folds fill it in). End it early with release(). `grammar`: the compiled constraint
+        (looked up, normally cached by prepare(), when not given); `grammar_after`: a token
+        id the constraint starts after (the reasoning's end)."""
         self._check_available()
+        if grammar is None and params.structured_outputs is not None:
+            grammar = self.grammars.prepare(params, grammar_after)
         engine_id = f"h{self._next_id}"
         self._next_id += 1
         output, add = self.tracker.add(engine_id, prompt, prompt_ids, params, arrival or time.time(), priority,
                                        request_id)
+        add.grammar = grammar
         self._sinks[engine_id] = sink
         self.engine.send(add)
         return engine_id, output
@@ -168,10 +182,12 @@ class AsyncLLM:
         self.abort_ids(self.tracker.unfinished_ids(engine_id))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0, prompt: str | None = None) -> AsyncIterator[Fold]:
+                       priority: int = 0, prompt: str | None = None, grammar_after: int = -1
+                       ) -> AsyncIterator[Fold]:
         """The folds of a prepared request until all its completions are done."""
         queue: asyncio.Queue = asyncio.Queue()
-        engine_id, _ = self.submit(prompt_ids, params, request_id, queue.put_nowait, priority, prompt)
+        engine_id, _ = self.submit(prompt_ids, params, request_id, queue.put_nowait, priority, prompt,
+                                   grammar_after=grammar_after)
         self.counters["requests_received"] += 1
         try:
             while True:

@@ -61,7 +61,7 @@ class EngineClient:
         addrs = {k: f"ipc://{self._dir}/{k}" for k in ("input", "output")}
         self._ctx = zmq.Context()
         self.outputs = Channel(self._ctx, zmq.PULL, addrs["output"], bind=True, decode_type=SchedulerToFrontend)
-        model_cfg = ModelConfig.from_checkpoint(config.model_dir)
+        self.model_cfg = model_cfg = ModelConfig.from_checkpoint(config.model_dir)
         _check_fits_model(config, model_cfg)
         eos = model_cfg.eos_token_id
         if config.ep_size > 1 and config.master_port == 0:

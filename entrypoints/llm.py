@@ -193,23 +193,24 @@ class LLM:
         try:
             priority = check_priority(priority)
             ids, params = prepare_request(prompt, raw_params, self.tokenizer, ready.max_model_len, ready.vocab_size)
+            grammar = self._client.grammars.prepare(params)  # (compiled here, off the loop)
         except RequestInputError as e:
             n = len(completion_ids(req_id, e.params.n)) if e.params is not None else 1
             outs[i] = RequestOutput(req_id, text, [], [CompletionOutput(j, finish_reason="error") for j in range(n)],
                                     error=str(e), metrics=RequestMetrics(arrival_time=time.time()))
             return None
-        return i, req_id, ids, params, priority, text
+        return i, req_id, ids, params, priority, text, grammar
 
     def _submit(self, batch: list[tuple], outs: list, finished: queue.SimpleQueue) -> None:
         """On the loop: each prepared request to the engine, its output filled in as it runs."""
-        for i, req_id, ids, params, priority, text in batch:
+        for i, req_id, ids, params, priority, text, grammar in batch:
             def sink(fold, i=i):
                 if isinstance(fold, Exception):
                     finished.put(fold)
                 elif fold.request_finished:
                     finished.put(i)
 
-            _, outs[i] = self._client.submit(ids, params, req_id, sink, priority, text)
+            _, outs[i] = self._client.submit(ids, params, req_id, sink, priority, text, grammar=grammar)
 
     def _wait(self, count: int, finished: queue.SimpleQueue, progress: bool) -> None:
         bar = None

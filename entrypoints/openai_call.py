@@ -18,6 +18,8 @@ from entrypoints.async_llm import EngineUnavailable
 from entrypoints.chat_output import ChoiceOutput
 from entrypoints.openai_requests import Parsed, param_of
 from entrypoints.output_processor import Fold
+from entrypoints.reasoning_parser import prompt_opens_reasoning
+from model.chat_tokens import THINK_END
 
 if TYPE_CHECKING:
     from entrypoints.openai_server import OpenAIServer
@@ -66,8 +68,18 @@ class OpenAICall:
     def _streams(self) -> list[AsyncIterator[Fold]]:
         llm = self.server.llm
         return [llm.generate(ids, params, f"{self.rid}-{i}", self.parsed.priority,
-                             prompt=self.parsed.prompts[i] if isinstance(self.parsed.prompts[i], str) else None)
+                             prompt=self.parsed.prompts[i] if isinstance(self.parsed.prompts[i], str) else None,
+                             grammar_after=self._grammar_after(params))
                 for i, (ids, params) in enumerate(self.prepared)]
+
+    def _grammar_after(self, params) -> int:
+        """With the reasoning parser on and the prompt opening the reasoning span, structured
+        outputs constrain what follows the span's end token (-1: the whole output)."""
+        if not (self.reasoning and params.structured_outputs is not None
+                and prompt_opens_reasoning(self.parsed.prompts[0])):
+            return -1
+        end = self.tok.token_to_id(THINK_END)
+        return -1 if end is None else end
 
     def _index(self, prompt_index: int, fold: Fold) -> int:
         return prompt_index * self.n + fold.completion.index

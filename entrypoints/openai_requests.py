@@ -20,7 +20,7 @@ SAMPLING_FIELDS = {"n", "max_tokens", "min_tokens", "temperature", "top_k", "top
 assert SAMPLING_FIELDS <= set(SamplingParams.__struct_fields__)
 # Accepted and ignored: OpenAI fields with no meaning here.
 IGNORED = {"model", "user", "suffix", "best_of", "parallel_tool_calls", "service_tier", "store", "metadata",
-           "response_format", "functions", "function_call", "modalities", "audio",
+           "functions", "function_call", "modalities", "audio",
            "prediction", "reasoning_effort", "web_search_options"}
 
 
@@ -62,6 +62,9 @@ def _sampling(body: dict, chat: bool) -> dict:
         params["max_tokens"] = body["max_completion_tokens"]
     if "stop" in params and isinstance(params["stop"], str):
         params["stop"] = [params["stop"]]
+    structured = _structured_outputs(body)
+    if structured is not None:
+        params["structured_outputs"] = structured
     if body.get("logit_bias") is not None:
         bias = body["logit_bias"]
         if not isinstance(bias, dict):
@@ -71,6 +74,37 @@ def _sampling(body: dict, chat: bool) -> dict:
         except (TypeError, ValueError):
             raise InvalidParameter("logit_bias keys must be token ids", "logit_bias") from None
     return params
+
+
+def _structured_outputs(body: dict) -> dict | None:
+    """OpenAI's response_format, or vLLM's structured_outputs (SamplingParams checks its fields)."""
+    fmt, extra = body.get("response_format"), body.get("structured_outputs")
+    if fmt is None or fmt == {"type": "text"}:
+        return extra
+    if extra is not None:  # options only (disable_any_whitespace), for response_format's constraint
+        if not isinstance(extra, dict) or set(extra) & CONSTRAINT_KINDS:
+            raise InvalidParameter("give the constraint in one of response_format and structured_outputs",
+                                   "structured_outputs")
+        return {**extra, **_response_format(fmt)}
+    return _response_format(fmt)
+
+
+CONSTRAINT_KINDS = {"json", "regex", "choice", "grammar", "json_object"}
+
+
+def _response_format(fmt) -> dict | None:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise InvalidParameter("response_format json_schema must be {'name': ..., 'schema': {...}}",
+                                   "response_format")
+        return {"json": spec["schema"]}
+    raise InvalidParameter("response_format type must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
 def _priority(body: dict) -> int:
@@ -97,7 +131,8 @@ def _unknown(body: dict, known: set) -> None:
 
 
 def completion_request(body: dict) -> Parsed:
-    _unknown(body, {"prompt", "stream", "stream_options", "logprobs", "echo", "logit_bias", "priority"})
+    _unknown(body, {"prompt", "stream", "stream_options", "logprobs", "echo", "logit_bias", "priority",
+                    "response_format", "structured_outputs"})
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
@@ -124,7 +159,8 @@ def completion_request(body: dict) -> Parsed:
 def chat_request(body: dict) -> tuple[list, Parsed]:
     """(the messages, to render; the rest parsed)."""
     _unknown(body, {"messages", "stream", "stream_options", "logprobs", "top_logprobs", "logit_bias", "priority",
-                    "max_completion_tokens", "tools", "tool_choice", "chat_template_kwargs"})
+                    "max_completion_tokens", "tools", "tool_choice", "chat_template_kwargs", "response_format",
+                    "structured_outputs"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParameter("messages must be a non-empty list of messages", "messages")

@@ -1,8 +1,9 @@
 """Request preparation off the server's loop: decoding the parameters, checking them, tokenizing
-the prompt and the bad words. Each is linear in what the request carries and bounded by the
-schema's limits, but a megabyte of prompt is still a tenth of a second that every stream would
-wait for on the loop. Tokenizing goes through `encode_batch`, which releases the interpreter, so
-the loop keeps running beside it.
+the prompt and the bad words, compiling the grammar of structured outputs. Each is linear in what
+the request carries and bounded by the schema's limits, but a megabyte of prompt is still a tenth
+of a second that every stream would wait for on the loop (and a new grammar can take longer).
+Tokenizing goes through `encode_batch`, which releases the interpreter, so the loop keeps running
+beside it.
 
 A small request (engine/request_input.py: prepare_inline) is prepared at once on the loop instead.
 The loop polls `fd` (a pipe) with its sockets and takes finished preparations with `take()`;
@@ -18,6 +19,7 @@ import msgspec
 
 from engine.request_input import RequestInputError, check_priority, prepare_inline, prepare_request
 from engine.sampling_params import SamplingParams
+from entrypoints.grammars import GrammarPending, Grammars
 from entrypoints.protocol import Generate
 
 _params_decoder = msgspec.msgpack.Decoder(SamplingParams)
@@ -25,8 +27,9 @@ PARAMS_INLINE = 16 << 10  # encoded parameters (bad words, logit bias) up to thi
 
 
 class Preparer:
-    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, threads: int = 4):
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, grammars: Grammars, threads: int = 4):
         self.tokenizer = tokenizer
+        self.grammars = grammars
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="mlaserve-prepare")
         self._done: deque[tuple[object, Future]] = deque()
@@ -48,11 +51,14 @@ class Preparer:
         if prepare_inline(msg.prompt) and prepare_inline(msg.prompt_token_ids) and len(msg.params) <= PARAMS_INLINE:
             fut: Future = Future()
             try:
-                fut.set_result(self._prepare(msg))
+                fut.set_result(self._prepare(msg, compile=False))
+            except GrammarPending:  # a grammar to compile: on the pool after all
+                fut = None
             except Exception as e:
                 fut.set_exception(e)
-            self._done.append((key, fut))
-            return
+            if fut is not None:
+                self._done.append((key, fut))
+                return
         fut = self.pool.submit(self._prepare, msg)
         fut.add_done_callback(lambda f: self._finished(key, f))
 
@@ -78,7 +84,7 @@ class Preparer:
             out.append((key, exc if exc is not None else fut.result()))
         return out
 
-    def _prepare(self, msg: Generate) -> tuple[list[int], SamplingParams]:
+    def _prepare(self, msg: Generate, compile: bool = True) -> tuple[list[int], SamplingParams]:
         if (msg.prompt is None) == (msg.prompt_token_ids is None):
             raise RequestInputError("give exactly one of prompt and prompt_token_ids")
         check_priority(msg.priority)
@@ -87,7 +93,9 @@ class Preparer:
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
             raise RequestInputError(f"invalid sampling parameters: {e}") from None
         prompt = msg.prompt if msg.prompt is not None else msg.prompt_token_ids
-        return prepare_request(prompt, params, self.tokenizer, self.max_model_len, self.vocab_size)
+        ids, params = prepare_request(prompt, params, self.tokenizer, self.max_model_len, self.vocab_size)
+        self.grammars.prepare(params, compile=compile)  # (the server's submit finds it cached)
+        return ids, params
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

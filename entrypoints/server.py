@@ -77,7 +77,7 @@ class Server:
         self.limits = ClientLimits(
             max_completions_per_client or max(1, config.max_num_seqs * config.ep_size // 2),
             max_prompt_tokens_per_client or ready.kv_cache_tokens)
-        self.preparer = Preparer(self.llm.tokenizer, ready.max_model_len, ready.vocab_size)
+        self.preparer = Preparer(self.llm.tokenizer, ready.max_model_len, ready.vocab_size, self.llm.grammars)
         self.ctx = zmq.Context()
         self.router, self.port = open_router(self.ctx, host, port)
         self.connections = Connections(self.router)

@@ -19,6 +19,7 @@ import torch
 
 from engine.messages import TokenLogprobs
 from engine.sampling_params import SamplingParams
+from model.grammar_mask import apply_bitmask
 from model.logit_edits import LogitEdits, TokenHistory, on_device
 
 _MASK64 = (1 << 64) - 1
@@ -196,7 +197,8 @@ def _draw(probs: torch.Tensor, drafts: torch.Tensor, uniforms: torch.Tensor) -> 
 
 
 def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list[int], group_sizes: list[int],
-                       eos_token_id: int | None, engine_seed: int = 0, history: TokenHistory | None = None
+                       eos_token_id: int | None, engine_seed: int = 0, history: TokenHistory | None = None,
+                       grammar: tuple[list[int], torch.Tensor] | None = None
                        ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
     """Verifies drafts and samples, for groups of consecutive rows (one group per request, built
     by draft_rows): row i carries drafts[i], the draft proposed for the token it predicts (-1 on a
@@ -204,11 +206,12 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
 
     Greedy rows accept a draft equal to their argmax; sampling rows use rejection sampling (_draw).
     `history` keeps the penalties' token counts across calls (a worker's; without one they are
-    counted afresh). Returns, per group, the emitted tokens and their logprobs entries (when asked for)."""
+    counted afresh). `grammar`: structured outputs' rows and token bitmask (model/grammar_mask.py).
+    Returns, per group, the emitted tokens and their logprobs entries (when asked for)."""
     assert logits.shape[0] == len(rows) == len(drafts) == sum(group_sizes), "one logits row per sampled row"
     dev = logits.device
     raw = logits
-    logits = _edited(logits, rows, eos_token_id, history)
+    logits = _edited(logits, rows, eos_token_id, history, grammar)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     draft = on_device(drafts, dev)
     everyone = bool(random_rows) and len(random_rows) == len(rows)
@@ -232,8 +235,12 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
 
 
 def _edited(logits: torch.Tensor, rows: list[SampleRow], eos_token_id: int | None,
-            history: TokenHistory | None) -> torch.Tensor:
-    """The logits with every row's edits applied (a copy; the logits themselves when none has any)."""
+            history: TokenHistory | None, grammar: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """The logits with every row's edits applied (a copy; the logits themselves when none has any).
+    A grammar's mask comes first and stays: the other edits fall back to it."""
+    if grammar is not None:
+        logits = logits.clone()
+        apply_bitmask(logits, *grammar)
     edits = LogitEdits()
     for i, r in enumerate(rows):
         edits.add(i, r, eos_token_id)
@@ -243,7 +250,7 @@ def _edited(logits: torch.Tensor, rows: list[SampleRow], eos_token_id: int | Non
     edits.apply(edited, rows, history)
     # A row whose edits leave no token at all (every allowed token banned, say: constraints that
     # contradict each other), or a logit at +inf or NaN (whose softmax is NaN everywhere), samples
-    # as if it had no edits, rather than emit a token out of the vocabulary.
+    # as if it had no edits (but its grammar's), rather than emit a token out of the vocabulary.
     # (No test of whether any row is: that would wait on the device.)
     return torch.where(torch.isfinite(edited.amax(-1, keepdim=True)), edited, logits)
 

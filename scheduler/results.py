@@ -34,6 +34,8 @@ class SchedulerResults:
         in_step = self._scheduled_requests(step)
         deltas = [self._fill_delta(RequestDelta(r.req_id), r) for r in self._unreported]
         self._unreported = []
+        if result.failed:
+            deltas += self._fail(result.failed)
         now = time.time()
         drafts_out = result.draft_ids or itertools.repeat([])
         with_logprobs = bool(result.logprobs or result.prompt_logprobs)
@@ -64,6 +66,18 @@ class SchedulerResults:
                 delta.logprobs = result.logprobs.get(req_id, [])[: len(accepted)]
                 delta.prompt_logprobs = result.prompt_logprobs.get(req_id, [])
             deltas.append(self._fill_delta(delta, req) if first or reason else delta)
+        return deltas
+
+    def _fail(self, failed: dict[str, str]) -> list[RequestDelta]:
+        """Ends the requests the worker gave up on (before their tokens of the step are read:
+        the worker no longer constrained them)."""
+        deltas = []
+        for req_id, error in failed.items():
+            req = self.requests.get(req_id)
+            if req is not None:
+                self._finish(req, "error")
+                req.error = error
+                deltas.append(self._fill_delta(RequestDelta(req_id), req))
         return deltas
 
     def _scheduled_requests(self, step: ScheduledStep) -> dict[str, Request]:
@@ -103,4 +117,5 @@ class SchedulerResults:
             delta.finished = True
             delta.finish_reason = req.finish_reason
             delta.finish_time = req.finish_time
+            delta.error = req.error
         return delta
