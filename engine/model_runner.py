@@ -65,9 +65,6 @@ class ModelRunner:
                              "has none (num_nextn_predict_layers is 0)")
         self._load_model()
         self.history = TokenHistory(self.cfg.vocab_size, self.device)  # the penalties' token counts
-        self.grammars = GrammarMasks(config.model_dir, self.cfg.vocab_size, self.cfg.eos_token_id)
-        self._constrained: list[tuple] = []  # this step's (grammar, req id) pairs, set by _sample
-        self._grammar_failures: dict[str, str] = {}
         self._make_cache()
         self.state = WorkerState()
         self.proposer = None if self.mtp is None else MTPProposer(
@@ -77,6 +74,11 @@ class ModelRunner:
             compile_kernels(self.model, self._cache_layers, self.moes, config.block_size, self.num_blocks,
                             config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, self.device)
         self._make_graphs()
+        # Structured outputs' vocabulary loads on a thread of its own from here: after the
+        # cache is sized, so the measured step does not count it.
+        self.grammars = GrammarMasks(config.model_dir, self.cfg.vocab_size, self.cfg.eos_token_id)
+        self._constrained: list[tuple] = []  # this step's (grammar, req id) pairs, set by _sample
+        self._grammar_failures: dict[str, str] = {}
 
     def _load_model(self) -> None:
         config, rank = self.config, self.rank

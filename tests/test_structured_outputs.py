@@ -305,8 +305,9 @@ def test_every_completion_obeys_its_constraint_through_the_zeromq_endpoint(http_
         for seed in (1, 2):
             final = c.complete("hello", {"n": 8, "temperature": 1.0, "seed": seed, "max_tokens": MAX_TOKENS,
                                          "structured_outputs": spec})
-            for choice in final.outputs:
-                check(spec, choice.text)
+            assert len(final.completions) == 8
+            for completion in final.completions:
+                check(spec, completion.text)
         with pytest.raises(ServerError, match="structured_outputs.regex could not be compiled"):
             c.complete("hello", {"structured_outputs": {"regex": "(?P<x>a)"}})
         assert c.complete("still there?", {"max_tokens": 3}).usage.completion_tokens == 3
