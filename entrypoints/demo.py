@@ -1,5 +1,6 @@
-"""`mlaserve demo`: the main job. Runs held-out task prompts (sorting digit lists) through the engine on the embedded
-demo model and prints completions, accuracy, throughput, and what MTP speculation buys.
+"""`mlaserve demo`: the main job. Runs held-out chats (sorting digit lists, in DeepSeek's chat format; with its
+tool too) through the engine on the embedded demo model and prints completions, accuracy, throughput, and what
+MTP speculation buys.
 
 The speculation figures come from the same engine settings run twice, once with
 `num_speculative_tokens=k` and once without, on the same prompts: the first draft's acceptance
@@ -14,37 +15,43 @@ import sys
 import time
 from pathlib import Path
 
+from model.chat_tokens import THINK_END
 from model.demo_checkpoint import default_model_dir, training_meta
-from model.demo_task import Problem, held_out, is_correct, problems
+from model.demo_task import TOOL_NAME, Problem, held_out, is_correct, problems
 
 HELD_OUT_SEED = 1_000_003
+MAX_TOKENS = 96  # a tool call's completion is ~80 tokens
 
 
-def demo_prompts(model_dir: Path, n: int) -> list[Problem]:
+def demo_prompts(model_dir: Path, n: int, kinds: tuple[str, ...] = ("plain",)) -> list[Problem]:
     """n problems none of which the model was trained on (its training stream is regenerated
     from the seed and size recorded in the checkpoint)."""
     meta = training_meta(model_dir)
     seen: set[str] = set()
     if meta is not None:
-        seen = {p.prompt for p in problems(meta["seed"], meta["steps"] * meta["batch_size"])}
-    return held_out(HELD_OUT_SEED, n, seen)
+        seen = {p.digits for p in problems(meta["seed"], meta["steps"] * meta["batch_size"])}
+    return held_out(HELD_OUT_SEED, n, seen, kinds)
 
 
 def reference_correct(model_dir: Path, probs: list[Problem]) -> list[bool]:
-    """Per problem, whether transformers' greedy decoding answers it: greedy emits the answer and
-    EOS exactly when every answer position is the argmax under teacher forcing, so one batched
-    forward decides it."""
+    """Per problem, whether transformers' greedy decoding answers it: greedy emits the completion
+    and EOS exactly when every completion position is the argmax under teacher forcing, so one
+    batched forward per kind of problem decides it."""
     import torch
 
     from model.demo_trainer import IGNORE, make_batch
     from model.hf_reference import load_hf_model
 
     hf = load_hf_model(model_dir, torch.float32)
-    ids, labels = make_batch(probs)
-    with torch.inference_mode():
-        logits = hf(ids).logits
-    target = labels[:, 1:]
-    return ((logits[:, :-1].argmax(-1) == target) | (target == IGNORE)).all(-1).tolist()
+    right: dict[int, bool] = {}
+    for kind in dict.fromkeys(p.kind for p in probs):
+        where = [i for i, p in enumerate(probs) if p.kind == kind]
+        ids, labels = make_batch([probs[i] for i in where])
+        with torch.inference_mode():
+            logits = hf(ids).logits
+        target = labels[:, 1:]
+        right.update(zip(where, ((logits[:, :-1].argmax(-1) == target) | (target == IGNORE)).all(-1).tolist()))
+    return [right[i] for i in range(len(probs))]
 
 
 def _decode_rate(outs) -> float:
@@ -54,10 +61,11 @@ def _decode_rate(outs) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
-def _run(model_dir: Path, probs: list[Problem], k: int, args, batch1: int):
+def _run(model_dir: Path, probs: list[Problem], k: int, args, batch1: int, tool_probs: list[Problem] = ()):
+    """Outputs, seconds, stats and batch-1 outputs of `probs`; the tool chats' outputs run after."""
     from engine import LLM, SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=32)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     with LLM(model_dir, dtype=args.dtype, num_speculative_tokens=k, max_num_seqs=args.max_num_seqs,
              device=args.device, kv_cache_dtype=args.kv_cache_dtype) as llm:
         start = time.perf_counter()
@@ -65,20 +73,29 @@ def _run(model_dir: Path, probs: list[Problem], k: int, args, batch1: int):
         elapsed = time.perf_counter() - start
         stats = llm.stats()
         single = [llm.generate(p.prompt, params, use_tqdm=False)[0] for p in probs[:batch1]]
-    return outs, elapsed, stats, single
+        tools = llm.generate([p.prompt for p in tool_probs], params, use_tqdm=False) if tool_probs else []
+    return outs, elapsed, stats, single, tools
+
+
+def _print_tool_accuracy(probs: list[Problem], outs) -> None:
+    print(f"\nwith the {TOOL_NAME} tool offered (held-out chats, greedy, with speculation):")
+    for kind, what in (("call", "answered by a call of the tool"), ("answer", "answered from the tool's output")):
+        right = [is_correct(p, o.text) for p, o in zip(probs, outs) if p.kind == kind]
+        print(f"  {sum(right)}/{len(right)} {what}")
 
 
 def _print_accuracy(model_dir: Path, probs, base, spec, show: int) -> None:
     """The completions shown, accuracy by length, against transformers, and with vs without speculation."""
-    print(f"\n{len(probs)} held-out prompts, greedy; first {show} completions (with speculation):")
+    print(f"\n{len(probs)} held-out chats, greedy; first {show} (with speculation):")
     for p, o in list(zip(probs, spec))[: show]:
         mark = "ok " if is_correct(p, o.text) else "BAD"
-        print(f"  {mark} {p.prompt}{o.text}")
+        reasoning, _, content = o.text.rpartition(THINK_END)
+        print(f"  {mark} user {p.question!r:24} reasoning {reasoning!r:20} content {content!r}")
 
     right = sum(is_correct(p, o.text) for p, o in zip(probs, spec))
     by_len: dict[int, list[bool]] = {}
     for p, o in zip(probs, spec):
-        by_len.setdefault(p.prompt.count(",") + 1, []).append(is_correct(p, o.text))
+        by_len.setdefault(p.digits.count(",") + 1, []).append(is_correct(p, o.text))
     lengths = ", ".join(f"{n} digits {sum(v)}/{len(v)}" for n, v in sorted(by_len.items()))
     same = sum(a.token_ids == b.token_ids for a, b in zip(base, spec))
     print(f"\naccuracy: {right}/{len(probs)} ({100 * right / len(probs):.1f}%): {lengths}")
@@ -114,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--num-speculative-tokens", type=int, default=2, choices=range(1, 4))
     ap.add_argument("--batch1-prompts", type=int, default=16, help="prompts run one at a time for batch-1 speed")
+    ap.add_argument("--tool-prompts", type=int, default=64, help="chats with the tool offered, half of them after "
+                    "its call (accuracy only)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--device", default="auto")
@@ -128,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     probs = demo_prompts(model_dir, args.num_prompts)
     k = args.num_speculative_tokens
 
-    base, base_s, _, base_single = _run(model_dir, probs, 0, args, args.batch1_prompts)
-    spec, spec_s, st, spec_single = _run(model_dir, probs, k, args, args.batch1_prompts)
+    tool_probs = demo_prompts(model_dir, args.tool_prompts, ("call", "answer"))
+
+    base, base_s, _, base_single, _ = _run(model_dir, probs, 0, args, args.batch1_prompts)
+    spec, spec_s, st, spec_single, tool_outs = _run(model_dir, probs, k, args, args.batch1_prompts, tool_probs)
 
     _print_accuracy(model_dir, probs, base, spec, args.show)
+    _print_tool_accuracy(tool_probs, tool_outs)
     _print_speed(probs, k, (base, base_s, base_single), (spec, spec_s, st, spec_single))
     return 0
 

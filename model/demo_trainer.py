@@ -22,22 +22,24 @@ from engine.model_config import ModelConfig
 from model.checkpoint_maker import encode_for_checkpoint, preset_config, write_sharded
 from model.demo_task import Problem, problems
 from model.hf_reference import ReferenceMTP
-from model.tokenizer_maker import NUM_SPECIAL, write_tokenizer
+from model.tokenizer_maker import build_tokenizer, write_tokenizer
 
 EOS = 1
 IGNORE = -100
-DEFAULT_STEPS = 600
-
-
-def encode(text: str) -> list[int]:
-    """The byte-level tokenizer's ids (model/tokenizer_maker.py): byte b is id NUM_SPECIAL + b."""
-    return [NUM_SPECIAL + b for b in text.encode()]
+DEFAULT_STEPS = 700
+# Per 16 problems: 8 plain sorts, 5 tool calls, 3 answers from the tool's output (the tool
+# conversations are six times longer). The calls copy the question's digits into the arguments,
+# which a model this size learns last: 3 in 16 gave 28% of held-out calls right.
+MIXTURE = ("plain",) * 8 + ("call",) * 5 + ("answer",) * 3
 
 
 def make_batch(problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, T] (prompt, answer, EOS, EOS padding) and labels [B, T]: the answer and its EOS,
-    IGNORE elsewhere."""
-    seqs = [(encode(p.prompt), encode(p.answer) + [EOS]) for p in problems]
+    """ids [B, T] (prompt, completion, EOS, EOS padding) and labels [B, T]: the completion and its
+    EOS, IGNORE elsewhere."""
+    tok = build_tokenizer()
+    prompts = tok.encode_batch([p.prompt for p in problems], add_special_tokens=False)
+    completions = tok.encode_batch([p.completion for p in problems], add_special_tokens=False)
+    seqs = [(q.ids, a.ids + [EOS]) for q, a in zip(prompts, completions)]
     length = max(len(q) + len(a) for q, a in seqs)
     ids = torch.full((len(seqs), length), EOS, dtype=torch.long)
     labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
@@ -60,14 +62,20 @@ def build_twin(raw_config: dict, seed: int):
     return main, mtp
 
 
-def losses(main, mtp: ReferenceMTP, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, mtp_logits = mtp(main, ids)
-    vocab = logits.shape[-1]
-    main_loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-    # MTP position t predicts token t + 2
-    mtp_loss = F.cross_entropy(mtp_logits[:, :-1].reshape(-1, vocab), labels[:, 2:].reshape(-1),
-                               ignore_index=IGNORE)
-    return main_loss, mtp_loss
+def losses(main, mtp: ReferenceMTP, batch: list[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token and MTP losses over the batch's completion tokens; each kind of problem is
+    its own forward, so the short ones are not padded to the long ones' length."""
+    sums, counts = [0.0, 0.0], [0, 0]
+    for kind in dict.fromkeys(p.kind for p in batch):
+        ids, labels = make_batch([p for p in batch if p.kind == kind])
+        logits, mtp_logits = mtp(main, ids)
+        vocab = logits.shape[-1]
+        # the main head at position t predicts token t + 1, the MTP module's token t + 2
+        for i, (lg, lb) in enumerate(((logits[:, :-1], labels[:, 1:]), (mtp_logits[:, :-1], labels[:, 2:]))):
+            sums[i] = sums[i] + F.cross_entropy(lg.reshape(-1, vocab), lb.reshape(-1), ignore_index=IGNORE,
+                                                reduction="sum")
+            counts[i] += int((lb != IGNORE).sum())
+    return sums[0] / counts[0], sums[1] / counts[1]
 
 
 def published_weights(cfg: ModelConfig, main, mtp: ReferenceMTP) -> dict[str, torch.Tensor]:
@@ -107,14 +115,13 @@ def train(seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int = 64, lr: f
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    data = problems(seed, steps * batch_size)
+    data = problems(seed, steps * batch_size, MIXTURE)
     log = []
     main.train()
     mtp.train()
     start = time.time()
     for step in range(steps):
-        ids, labels = make_batch(data[step * batch_size : (step + 1) * batch_size])
-        main_loss, mtp_loss = losses(main, mtp, ids, labels)
+        main_loss, mtp_loss = losses(main, mtp, data[step * batch_size : (step + 1) * batch_size])
         opt.zero_grad(set_to_none=True)
         (main_loss + mtp_weight * mtp_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -128,6 +135,7 @@ def train(seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int = 64, lr: f
     main.eval()
     mtp.eval()
     meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "mtp_weight": mtp_weight,
+            "mixture": list(MIXTURE),
             "train_seconds": round(time.time() - start, 1), "log": log}
     return raw, main, mtp, meta
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv if needed, then runs held-out task prompts (sorting digit lists)
+# The main job: sets up .venv if needed, then runs held-out chats (sorting digit lists)
 # through the engine (scheduler + worker processes) on the embedded demo model (assets/demo,
 # trained by `mlaserve train-demo`), printing completions, accuracy, throughput and what MTP
 # speculative decoding buys. Arguments go to `mlaserve demo` (see --help).

@@ -12,20 +12,29 @@ from model.demo_trainer import published_weights, teacher_forced_scores, train, 
 from model.loader import load_weights
 
 N_HELD_OUT = 400
+N_TOOL_CHATS = 64
 
 
 def test_engine_accuracy_on_held_out_problems_equals_transformers_and_mtp_drafts_are_accepted():
     model_dir = default_model_dir()
     assert model_dir == ASSET_DIR, "the trained demo checkpoint is committed under assets/demo"
-    held = demo_prompts(model_dir, N_HELD_OUT)
+    held = demo_prompts(model_dir, N_HELD_OUT) + demo_prompts(model_dir, N_TOOL_CHATS, ("call", "answer"))
     with LLM(model_dir, dtype="float32", num_speculative_tokens=1) as llm:
-        outs = llm.generate([p.prompt for p in held], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+        outs = llm.generate([p.prompt for p in held], SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
         stats = llm.stats()
+        # LLM.chat renders with the checkpoint's template, as the training did; a bad conversation fails alone
+        chats = llm.chat([held[0].messages, [{"role": "wizard", "content": "x"}]],
+                         SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
     engine_right = [is_correct(p, o.text) for p, o in zip(held, outs)]
+    assert chats[1].finish_reason == "error" and "messages[0].role" in chats[1].error
+    assert chats[0].text == outs[0].text and chats[0].prompt_token_ids == outs[0].prompt_token_ids
     assert all(o.finish_reason == "stop" for o, right in zip(outs, engine_right) if right)  # answer, then EOS
-    accuracy = sum(engine_right) / len(held)
-    assert accuracy >= 0.95, accuracy
-    assert len({p.prompt.count(",") for p in held}) >= 3  # lists of several lengths
+    # What training reaches (docs/chat.md): sorting and answering from the tool's output nearly
+    # always, copying the question's digits into a call about a third of the time.
+    for kind, floor in (("plain", 0.95), ("answer", 0.85), ("call", 0.2)):
+        right = [r for p, r in zip(held, engine_right) if p.kind == kind]
+        assert sum(right) / len(right) >= floor, (kind, sum(right), len(right))
+    assert len({p.digits.count(",") for p in held}) >= 3  # lists of several lengths
 
     # transformers' greedy right/wrong per prompt (teacher-forced argmax: see reference_correct)
     assert reference_correct(model_dir, held) == engine_right

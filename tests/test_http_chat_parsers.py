@@ -25,7 +25,7 @@ def http(tiny_checkpoint):
 
 def test_reasoning_content_whole_and_streamed_and_counted(http):
     client = http.client()
-    messages = [{"role": "user", "content": "sort 5,1,4,2"}]
+    messages = [{"role": "user", "content": "sort 5,1,4,1"}]
     whole = client.chat.completions.create(model=http.model, messages=messages, max_tokens=12, temperature=0, n=2)
     plain = client.completions.create(model=http.model, prompt=http.post("/tokenize", {"messages": messages})[1]
                                       ["tokens"], max_tokens=12, temperature=0)

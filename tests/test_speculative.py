@@ -6,8 +6,9 @@ import random
 import pytest
 
 from engine import LLM, SamplingParams
+from model.chat_tokens import ASSISTANT
 from model.demo_checkpoint import default_model_dir
-from model.demo_task import held_out
+from model.demo_task import REASONING, Problem, held_out
 
 BLOCK = 16
 # 576 values x fp32 x (2 layers + MTP) x tokens
@@ -71,9 +72,9 @@ def test_greedy_speculation_is_lossless_with_chunking_and_preemption(demo, plain
 def _sample_counts(demo, k, n, seed0, temperature=1.0):
     """Counts of the completions' tokens 2-4 (the first never follows a draft), each request an
     independent draw: a prompt picked at random, then seeded sampling."""
-    # Unfinished problems (no "="): the model is unsure what follows, so drafts are often
-    # rejected and the residual distribution is sampled.
-    prompts = [p.prompt.rstrip("=") for p in held_out(99, 40, set())]
+    # Unfinished questions (the chat cut before the assistant's turn): the model is unsure what
+    # follows, so drafts are often rejected and the residual distribution is sampled.
+    prompts = [p.prompt[: p.prompt.index(ASSISTANT)] for p in held_out(99, 40, set())]
     rng = random.Random(seed0)
     reqs = [rng.choice(prompts) for _ in range(n)]
     params = [SamplingParams(temperature=temperature, max_tokens=4, seed=seed0 + i, ignore_eos=True)
@@ -120,13 +121,13 @@ def test_speculation_with_prefix_caching_stop_tokens_and_logprobs(demo):
     """A stop token inside accepted drafts truncates there; logprobs come one per returned token;
     a prefix-cache hit (its last block recomputed for the MTP layer) changes nothing."""
     comma = 2 + ord(",")
-    shared = "sort " + ",".join(str(d) for d in [7, 3, 9, 1, 4, 4, 0, 2, 8, 6, 5] * 2) + ","  # 49 tokens
-    prompts = [shared + "1=", shared + "3=", "sort 9,8,7,1=", "sort 5,5,2,0=", "sort 5,5,2,0="]
-    params = [SamplingParams(temperature=0, max_tokens=20, logprobs=2),
-              SamplingParams(n=3, temperature=0, max_tokens=20),  # two of them start from the first's blocks
-              SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[comma]),
-              SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[comma], logprobs=1),
-              SamplingParams(temperature=0, max_tokens=12, bad_words=["0,2"])]  # the drafts propose it
+    shared = ",".join(str(d) for d in [7, 3, 9, 1, 4, 4, 0, 2, 8, 6, 5] * 2) + ","  # 46 tokens, in chats sharing more
+    prompts = [Problem(d).prompt for d in (shared + "1", shared + "3", "9,8,7,1", "5,5,2,0", "5,5,2,0")]
+    params = [SamplingParams(temperature=0, max_tokens=40, logprobs=2),
+              SamplingParams(n=3, temperature=0, max_tokens=40),  # two of them start from the first's blocks
+              SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[comma]),
+              SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[comma], logprobs=1),
+              SamplingParams(temperature=0, max_tokens=32, bad_words=["0,2"])]  # the drafts propose it
     runs = {}
     for k in (0, 2):
         with LLM(demo, dtype="float32", block_size=BLOCK, num_speculative_tokens=k,
@@ -139,8 +140,10 @@ def test_speculation_with_prefix_caching_stop_tokens_and_logprobs(demo):
     for a, b in zip(plain, spec):
         assert (a.token_ids, a.finish_reason, a.text) == (b.token_ids, b.finish_reason, b.text)
     assert [c.token_ids for c in spec[1].outputs] == [plain[1].token_ids] * 3
-    assert spec[2].finish_reason == "stop" and spec[2].token_ids == [2 + ord("1"), comma]
-    assert spec[4].text.startswith("0,") and "0,2" not in spec[4].text  # sorted, it would go on "0,2"
+    assert spec[2].finish_reason == "stop" and spec[2].token_ids[-1] == comma
+    assert spec[2].text == REASONING["plain"] + "</think>1,"  # the answer's first comma (sorted 9,8,7,1)
+    answer = spec[4].text.split("</think>")[1]  # sorted, it would go on "0,2"
+    assert answer.startswith("0,") and "0,2" not in answer
     for out in (spec[0], spec[3]):
         assert len(out.logprobs) == len(out.token_ids)
         assert [lp.token_id for lp in out.logprobs] == out.token_ids

@@ -373,8 +373,8 @@ def test_constrained_greedy_outputs_are_the_same_with_mtp_drafts_as_without(tmp_
     from model.demo_checkpoint import default_model_dir
     from model.demo_task import Problem
 
-    regex = r"[^<]*</think>[0-9]{7}"
-    prompts = [Problem(d).prompt for d in ("5142", "903", "8675309", "271")]
+    regex = r"[^<]*</think>[0-9](,[0-9]){6}"
+    prompts = [Problem(d).prompt for d in ("5,1,4,1", "9,0,3", "8,6,7,5,3,0,9", "2,7,1")]
     params = [SamplingParams(temperature=0, max_tokens=48, structured_outputs=S(regex=regex)),
               SamplingParams(temperature=0, max_tokens=48)]
     runs = []
@@ -388,4 +388,4 @@ def test_constrained_greedy_outputs_are_the_same_with_mtp_drafts_as_without(tmp_
     assert runs[0] == runs[1]
     for text in texts[: len(prompts)]:
         assert re.fullmatch(regex, text), text
-    assert texts[len(prompts)].endswith("</think>1245")  # unconstrained, beside them
+    assert texts[len(prompts)].endswith("</think>1,1,4,5")  # unconstrained, beside them
