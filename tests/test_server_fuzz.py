@@ -29,7 +29,8 @@ long_lists = st.sampled_from([[0] * 5000, ["s"] * 2000, [[1]] * 3000, list(range
 PARAM_FIELDS = ["n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "seed",
                 "presence_penalty", "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids", "ignore_eos",
                 "include_stop_str_in_output", "logprobs", "prompt_logprobs", "skip_special_tokens", "logit_bias",
-                "allowed_token_ids", "bad_words", "bad_words_token_ids", "truncate_prompt_tokens", "not_a_field"]
+                "allowed_token_ids", "bad_words", "bad_words_token_ids", "truncate_prompt_tokens", "structured_outputs",
+                "not_a_field"]
 small_float = st.floats(0.0, 2.0) | st.sampled_from(FLOAT_EDGES)
 typed_value = {  # values of each field's own type, edges included, beside values of any type
     "n": st.integers(-3, 300) | st.integers(1, 3), "max_tokens": st.sampled_from(INT_EDGES) | st.integers(-2, 8),
@@ -42,6 +43,14 @@ typed_value = {  # values of each field's own type, edges included, beside value
     "logit_bias": st.dictionaries(st.integers(-5, 300), st.sampled_from(FLOAT_EDGES), max_size=5),
     "allowed_token_ids": token_ids, "bad_words": st.lists(st.text(max_size=5), max_size=6),
     "bad_words_token_ids": st.lists(token_ids, max_size=4),
+    # constraints of every kind, more than one at once, ones xgrammar refuses, and values of any type
+    "structured_outputs": st.fixed_dictionaries({}, optional={
+        "json": values | st.sampled_from([{"type": "object"}, {"type": "objectx"}, {"enum": [1, float("nan")]},
+                                          '{"type": "array"', {"$ref": "#/x"}]),
+        "regex": st.text(max_size=12) | st.sampled_from(["[a-", "a{3,2}", "[0-9]{2,4}", "(?P<x>a)"]),
+        "choice": st.lists(st.text(max_size=5), max_size=4) | values,
+        "grammar": st.text(max_size=20) | st.sampled_from(['root ::= "a" | "b"', "root ::= foo"]),
+        "json_object": st.booleans() | values, "disable_any_whitespace": st.booleans() | values}),
 }
 param_value = {f: st.one_of(values, typed_value.get(f, st.sampled_from(INT_EDGES + FLOAT_EDGES)), long_lists)
                for f in PARAM_FIELDS}
