@@ -157,7 +157,7 @@ def test_engine_serves_from_an_fp8_cache():
     model_dir = default_model_dir()
     held = demo_prompts(model_dir, 160)
     with LLM(model_dir, kv_cache_dtype="fp8", num_speculative_tokens=1, kv_cache_memory=16 << 20) as llm:
-        outs = llm.generate([p.prompt for p in held], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+        outs = llm.generate([p.prompt for p in held], SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
         ready = llm.engine.ready
     layers = 3  # 2 layers and the MTP module
     assert ready.kv_bytes_per_token == 656 * layers
