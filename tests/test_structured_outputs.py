@@ -237,6 +237,12 @@ def test_json_with_any_whitespace_obeys_its_schema(llm):
         check({"json": SCHEMA}, t)
 
 
+def test_a_stop_string_ends_a_constrained_output(llm):
+    out = llm.generate(["x"], SamplingParams(temperature=1.0, seed=1, max_tokens=20, stop=["cd"],
+                                             structured_outputs=S(choice=["abcdef"])), use_tqdm=False)[0]
+    assert (out.outputs[0].text, out.outputs[0].finish_reason) == ("ab", "stop")
+
+
 def test_max_tokens_mid_object_finishes_by_length(llm):
     out = llm.generate(["x"], SamplingParams(temperature=1.0, seed=3, max_tokens=6,
                                              structured_outputs=S(json=SCHEMA)), use_tqdm=False)[0]
