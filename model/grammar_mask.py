@@ -81,10 +81,6 @@ class RequestGrammar:
                 self.broken = True
                 log.warning("a constrained output took a token its grammar does not allow; the rest is unconstrained")
 
-    @property
-    def constrains(self) -> bool:
-        return self.active and not self.broken and not self.matcher.is_terminated()
-
 
 class GrammarMasks:
     def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_id: int | None):
