@@ -1,4 +1,4 @@
-"""mlaserve's engine: `from engine import LLM, SamplingParams`."""
+"""mlaserve's engine: `from engine import LLM, SamplingParams, StructuredOutputsParams`."""
 
 import importlib.util
 from pathlib import Path
@@ -22,9 +22,9 @@ def _check_kernels_is_ours() -> None:
 
 _check_kernels_is_ours()
 
-from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams"]
 
 
 def __getattr__(name: str):
