@@ -14,8 +14,10 @@ import zmq
 
 from cache.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.grammar_cache import GrammarBlobs
 from engine.messages import (
     HEARTBEAT_INTERVAL_S,
+    SCHEDULER_GRAMMARS,
     AbortRequests,
     AddRequest,
     EngineDead,
@@ -70,6 +72,7 @@ class EngineCore:
         self.rank_requests = [0] * len(self.schedulers)
         self.routed_tokens: list[int] = []
         self.idle_rank_steps = 0
+        self.grammar_blobs = GrammarBlobs(SCHEDULER_GRAMMARS)  # the frontend mirrors it (grammar_cache.py)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -116,7 +119,12 @@ class EngineCore:
         ids with the error that refused it."""
         n = msg.params.n
         ids = completion_ids(msg.req_id, n)
-        error = self.validate(msg)
+        error = None
+        if msg.grammar is not None:  # (first, refused or not: the frontend mirrors this cache)
+            msg.grammar = self.grammar_blobs.incoming(msg.grammar)
+            if msg.grammar is None:
+                error = "structured_outputs: the grammar came without its blob and is not cached here"
+        error = error or self.validate(msg)
         if error:
             now = time.time()
             deltas = [RequestDelta(i, finished=True, finish_reason="error", error=error,

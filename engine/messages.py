@@ -23,14 +23,14 @@ class Message(msgspec.Struct, tag=True, omit_defaults=True):
 class GrammarPlan(msgspec.Struct, omit_defaults=True):
     """A request's compiled grammar (params.structured_outputs), from the frontend that compiled
     it to the worker that matches it: `key` the constraint's (StructuredOutputsParams.key), `blob`
-    xgrammar's serialized CompiledGrammar. A worker keeps the last WORKER_GRAMMARS keys it was
-    sent; the scheduler mirrors that cache and sends a key's blob only when the worker lacks it
-    (blob "" otherwise), so n completions, or many requests, of one schema carry it once."""
+    xgrammar's serialized CompiledGrammar, "" where the receiver holds the key already
+    (engine/grammar_cache.py: the scheduler keeps SCHEDULER_GRAMMARS, a worker WORKER_GRAMMARS)."""
     key: str
     blob: str
     start_after: int = -1  # a token id: the grammar applies to what follows its first occurrence (R1's </think>)
 
 
+SCHEDULER_GRAMMARS = 256
 WORKER_GRAMMARS = 64
 
 

@@ -25,7 +25,16 @@ import zmq
 from tokenizers import Tokenizer
 
 from engine.config import EngineConfig
-from engine.messages import AbortRequests, EngineDead, EngineStats, GetStats, GrammarPlan, RequestOutputs
+from engine.grammar_cache import PeerGrammars
+from engine.messages import (
+    SCHEDULER_GRAMMARS,
+    AbortRequests,
+    EngineDead,
+    EngineStats,
+    GetStats,
+    GrammarPlan,
+    RequestOutputs,
+)
 from engine.outputs import RequestOutput
 from engine.request_input import check_priority, prepare_inline, prepare_request
 from engine.sampling_params import SamplingParams
@@ -61,6 +70,7 @@ class AsyncLLM:
         self.ready = self.engine.ready
         self.tracker = OutputProcessor(self.tokenizer)
         self.grammars = Grammars(config.model_dir, self.ready.vocab_size, self.engine.model_cfg.eos_token_id)
+        self._scheduler_grammars = PeerGrammars(SCHEDULER_GRAMMARS)  # what the scheduler holds, mirrored
         self._sinks: dict[str, Callable] = {}  # each request's fold callback, by engine request id
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="mlaserve-prepare")
         self._next_id = 0
@@ -163,7 +173,8 @@ class AsyncLLM:
         self._next_id += 1
         output, add = self.tracker.add(engine_id, prompt, prompt_ids, params, arrival or time.time(), priority,
                                        request_id)
-        add.grammar = grammar
+        if grammar is not None:
+            add.grammar = self._scheduler_grammars.outgoing(grammar)
         self._sinks[engine_id] = sink
         self.engine.send(add)
         return engine_id, output

@@ -104,8 +104,8 @@ class GrammarMasks:
         (a recomputed request)."""
         import xgrammar as xgr
 
-        # The scheduler mirrors these updates (scheduler.py: _grammar_for_worker), so a blob comes
-        # exactly when the key is not here. (A matcher keeps its grammar alive past eviction.)
+        # The scheduler mirrors these updates (engine/grammar_cache.py: PeerGrammars), so a blob
+        # comes exactly when the key is not here. (A matcher keeps its grammar alive past eviction.)
         compiled = self._compiled.get(plan.key)
         if compiled is None:
             if not plan.blob:

@@ -29,10 +29,10 @@ from __future__ import annotations
 import bisect
 import itertools
 import time
-from collections import OrderedDict
 
 from cache.block_manager import BlockManager
-from engine.messages import WORKER_GRAMMARS, GrammarPlan, NewRequestPlan, StepPlan
+from engine.grammar_cache import PeerGrammars
+from engine.messages import WORKER_GRAMMARS, NewRequestPlan, StepPlan
 from engine.request import Request, Status
 from scheduler.completion_groups import CompletionGroups
 from scheduler.results import SchedulerResults
@@ -61,7 +61,7 @@ class Scheduler(SchedulerResults):
         self._unreported: list[Request] = []  # finished inside schedule(), reported by update()
         self.groups = CompletionGroups(blocks, self._lookahead)
         self._step_id = 0
-        self._worker_grammars: OrderedDict[str, None] = OrderedDict()  # the worker's cache, mirrored
+        self._worker_grammars = PeerGrammars(WORKER_GRAMMARS)  # the worker's cache, mirrored
 
     # ---- intake ---------------------------------------------------------------------------
 
@@ -267,22 +267,10 @@ class Scheduler(SchedulerResults):
                 req_id=req.req_id, prompt_ids=req.token_ids[: req.num_prompt_tokens],
                 output_ids=req.output_ids, params=req.params, block_ids=list(req.block_table),
                 num_computed=req.num_computed, num_scheduled=n,
-                grammar=None if req.grammar is None else self._grammar_for_worker(req.grammar)))
+                grammar=None if req.grammar is None else self._worker_grammars.outgoing(req.grammar)))
             req.on_worker = True
         req.new_blocks = []
         step.scheduled.append((req, n))
-
-    def _grammar_for_worker(self, g: GrammarPlan) -> GrammarPlan:
-        """The plan's copy of a grammar: without its blob when the worker holds it. The same
-        least-recently-used updates as the worker's (model/grammar_mask.py), in plan order."""
-        keys = self._worker_grammars
-        if g.key in keys:
-            keys.move_to_end(g.key)
-            return GrammarPlan(g.key, "", g.start_after)
-        keys[g.key] = None
-        if len(keys) > WORKER_GRAMMARS:
-            keys.popitem(last=False)
-        return g
 
     def _preempt(self, req: Request) -> None:
         if req.followers:

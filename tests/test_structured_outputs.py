@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.grammar_cache import GrammarBlobs, PeerGrammars
 from engine.messages import GrammarPlan
 from engine.request_input import RequestInputError, prepare_request
 from engine.sampling_params import StructuredOutputsParams, parse_sampling_params
@@ -142,6 +143,20 @@ def test_a_loop_never_compiles_and_a_compiled_constraint_is_cached(tiny_checkpoi
     assert grammars.prepare(params, compile=False) is plan
     assert grammars.prepare(params, start_after=7) == GrammarPlan(plan.key, plan.blob, 7)
     assert grammars.prepare(SamplingParams()) is None
+
+
+def test_a_blob_crosses_once_while_the_receiver_holds_it_and_again_after_it_was_evicted():
+    sender, receiver = PeerGrammars(3), GrammarBlobs(3)
+    sent = []
+    for key in ["a", "b", "a", "c", "d", "b", "a", "a"]:  # "d" evicts "b"; "b" back evicts "a"
+        out = sender.outgoing(GrammarPlan(key, "blob-" + key, 5))
+        sent.append(bool(out.blob))
+        got = receiver.incoming(out)
+        assert got == GrammarPlan(key, "blob-" + key, 5)
+    assert sent == [True, True, False, True, True, True, True, False]
+    a1, a2 = (receiver.incoming(GrammarPlan("a", "")) for _ in range(2))
+    assert a1.blob is a2.blob  # one string for every request of the key
+    assert receiver.incoming(GrammarPlan("zzz", "")) is None  # a mirror that diverged is told, not guessed
 
 
 # ---- the worker's masks and the sampler ----------------------------------------------------------
