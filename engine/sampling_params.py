@@ -36,6 +36,10 @@ MAX_CHOICES = 4096
 MAX_CHOICE_CHARS = 1024
 
 
+def _overlong_schema(text: str) -> str:
+    return f"structured_outputs.json is {len(text)} characters, more than {MAX_GRAMMAR_CHARS}"
+
+
 class StructuredOutputsParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Constrains a completion to a grammar (vLLM's StructuredOutputsParams): exactly one of a JSON
     schema (an object, or its JSON text), a regex the whole output matches, a list of choices, an
@@ -60,7 +64,7 @@ class StructuredOutputsParams(msgspec.Struct, forbid_unknown_fields=True, omit_d
         if self.choice is not None and not self.choice:
             return ["structured_outputs.choice must not be empty"]
         if isinstance(self.json, str) and len(self.json) > MAX_GRAMMAR_CHARS:
-            return [f"structured_outputs.json is {len(self.json)} characters, more than {MAX_GRAMMAR_CHARS}"]
+            return [_overlong_schema(self.json)]
         return []
 
     def with_schema_text(self) -> StructuredOutputsParams:
@@ -74,7 +78,7 @@ class StructuredOutputsParams(msgspec.Struct, forbid_unknown_fields=True, omit_d
         except (ValueError, TypeError, RecursionError) as e:
             raise ValueError(f"structured_outputs.json is not a JSON schema: {e}") from None
         if len(text) > MAX_GRAMMAR_CHARS:
-            raise ValueError(f"structured_outputs.json is {len(text)} characters, more than {MAX_GRAMMAR_CHARS}")
+            raise ValueError(_overlong_schema(text))
         return msgspec.structs.replace(self, json=text)
 
     def key(self) -> str:

@@ -66,8 +66,7 @@ class Grammars:
         whitespace = not spec.disable_any_whitespace
         try:
             if kind == "json":
-                schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
-                compiled = compiler.compile_json_schema(schema, any_whitespace=whitespace)
+                compiled = compiler.compile_json_schema(spec.with_schema_text().json, any_whitespace=whitespace)
             elif kind == "json_object":
                 compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=whitespace)
             elif kind == "regex":
