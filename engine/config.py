@@ -39,6 +39,15 @@ class EngineConfig:
                                  "of bf16's bytes)", choices=("auto", "fp8"))
     enable_prefix_caching: bool = option(True, "reuse cached blocks of a shared prompt prefix",
                                          flag="--no-prefix-caching")
+    kv_offload_memory: int | None = option(None, "bytes of host memory for the prefix cache's host tier: cached "
+                                           "blocks the pool evicts are copied there and loaded back on a hit "
+                                           "(cache/tiers.py; pinned memory on CUDA; per expert-parallel rank)")
+    kv_disk_cache_dir: str | None = option(None, "a directory for the prefix cache's disk tier: every block copied "
+                                           "down is also written there, and a restarted engine of the same "
+                                           "model finds it (files under a fingerprint of the checkpoint and the "
+                                           "cache layout)")
+    kv_disk_cache_size: int = option(16 << 30, "bytes the disk tier may hold (per expert-parallel rank); the "
+                                     "least recently used block files go first")
     seed: int = option(0, "the engine's seed (requests without a seed of their own sample from it)")
     device: str = option("auto", "auto (cuda when torch sees a GPU), cpu or cuda[:N]")
     num_speculative_tokens: int = option(0, "MTP draft tokens verified per decode step (1-3; 0: no speculative "
@@ -81,6 +90,13 @@ class EngineConfig:
                              f"got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if self.kv_offload_memory is not None and self.kv_offload_memory < 0:
+            raise ValueError(f"kv_offload_memory must be a number of bytes >= 0, got {self.kv_offload_memory}")
+        if self.kv_disk_cache_size < 1:
+            raise ValueError(f"kv_disk_cache_size must be a positive number of bytes, got {self.kv_disk_cache_size}")
+        if (self.kv_offload_memory or self.kv_disk_cache_dir) and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_memory and kv_disk_cache_dir extend the prefix cache: they need "
+                             "prefix caching on")
         if self.scheduling_policy not in POLICIES:
             raise ValueError(f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
         if self.ep_size < 1:
@@ -95,6 +111,10 @@ class EngineConfig:
                              f"0.5 s), got {self.worker_heartbeat_timeout_s}")
         if not 0 <= self.num_speculative_tokens <= 3:
             raise ValueError(f"num_speculative_tokens must be 0 (off) to 3, got {self.num_speculative_tokens}")
+
+    @property
+    def tiered_prefix_cache(self) -> bool:
+        return bool(self.kv_offload_memory or self.kv_disk_cache_dir)
 
     def served_model_len(self, max_position_embeddings: int) -> int:
         """The context the engine serves: the model's, or a shorter one asked for (less memory for

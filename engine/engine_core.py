@@ -13,6 +13,7 @@ import traceback
 import zmq
 
 from cache.block_manager import BlockManager
+from cache.tiers import PrefixTiers
 from engine.config import EngineConfig
 from engine.grammar_cache import GrammarBlobs
 from engine.messages import (
@@ -30,6 +31,7 @@ from engine.messages import (
     RequestOutputs,
     Shutdown,
     StepResult,
+    TierStats,
     WorkerFailed,
     WorkerHeartbeat,
     WorkerReady,
@@ -59,7 +61,10 @@ class EngineCore:
         self.schedulers = [
             Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, r.max_model_len,
                                       eos_token_id, config.num_speculative_tokens, config.scheduling_policy),
-                      BlockManager(r.num_blocks, config.block_size, config.enable_prefix_caching))
+                      BlockManager(r.num_blocks, config.block_size, config.enable_prefix_caching,
+                                   record_evictions=bool(r.host_blocks), record_releases=bool(r.disk_blocks)),
+                      PrefixTiers(r.host_blocks, r.disk_blocks, config.block_size, r.disk_keys)
+                      if r.host_blocks else None)
             for r in readies]
         # callable: [StepPlan per rank] -> [StepResult per rank]; one with send/collect (workers
         # behind sockets) can have a step in flight while the next is planned.
@@ -73,6 +78,7 @@ class EngineCore:
         self.routed_tokens: list[int] = []
         self.idle_rank_steps = 0
         self.grammar_blobs = GrammarBlobs(SCHEDULER_GRAMMARS)  # the frontend mirrors it (grammar_cache.py)
+        self.block_bytes = self.ready.kv_bytes_per_token * config.block_size
 
     @property
     def scheduler(self) -> Scheduler:
@@ -187,7 +193,8 @@ class EngineCore:
 
     @staticmethod
     def _has_plan(steps: list[ScheduledStep]) -> bool:
-        return any(st.scheduled or st.plan.finished_ids for st in steps)
+        return any(st.scheduled or st.plan.finished_ids or st.plan.await_reads or st.plan.delete_keys
+                   for st in steps)
 
     def _fold(self, steps: list[ScheduledStep], results: list[StepResult], start: float | None) -> list[RequestDelta]:
         if len(steps) > 1 and self._has_plan(steps):
@@ -196,6 +203,9 @@ class EngineCore:
         for s, st, result in zip(self.schedulers, steps, results):
             deltas.extend(s.update(st, result))
             self._count_routed(result.routed_tokens)
+            if s.tiers is not None and s.tiers.counters.load_waits:
+                self.metrics.on_tier_loads(s.tiers.counters.load_waits)
+                s.tiers.counters.load_waits.clear()
         for d in deltas:
             if d.finished:
                 self.rank_of.pop(d.req_id, None)
@@ -232,7 +242,23 @@ class EngineCore:
             spec_accepted_tokens=total("spec_accepted_tokens"), spec_accepted_per_pos=per_pos,
             routed_tokens=list(self.routed_tokens), num_ranks=len(ss), rank_running=[len(s.running) for s in ss],
             rank_requests=list(self.rank_requests),
-            idle_rank_steps=self.idle_rank_steps)
+            idle_rank_steps=self.idle_rank_steps, kv_tiers=self._tier_stats())
+
+    def _tier_stats(self) -> TierStats | None:
+        tiers = [s.tiers for s in self.schedulers if s.tiers is not None]
+        if not tiers:
+            return None
+        cs = [t.counters for t in tiers]
+        bb = self.block_bytes
+        return TierStats(
+            host_hit_tokens=sum(c.host_hit_tokens for c in cs), disk_hit_tokens=sum(c.disk_hit_tokens for c in cs),
+            bytes_pool_to_host=bb * sum(c.blocks_down for c in cs),
+            bytes_host_to_pool=bb * sum(c.blocks_up for c in cs),
+            bytes_host_to_disk=bb * sum(c.blocks_written for c in cs),
+            bytes_disk_to_host=bb * sum(c.blocks_read for c in cs), reads_failed=sum(c.reads_failed for c in cs),
+            copy_seconds=sum(c.copy_seconds for c in cs), host_blocks=sum(t.host_blocks for t in tiers),
+            host_blocks_used=sum(len(t.host) for t in tiers), disk_blocks=sum(t.disk_blocks for t in tiers),
+            disk_blocks_used=sum(len(t.disk) for t in tiers))
 
 
 def _no_results(steps: list[ScheduledStep]) -> list[StepResult]:

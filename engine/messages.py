@@ -102,6 +102,22 @@ class RequestOutputs(Message):
     deltas: list[RequestDelta]
 
 
+class TierStats(Message):
+    """The prefix cache's lower tiers, summed over ranks (cache/tiers.py)."""
+    host_hit_tokens: int  # prompt tokens loaded from host memory instead of computed
+    disk_hit_tokens: int  # prompt tokens read back from disk instead of computed
+    bytes_pool_to_host: int
+    bytes_host_to_pool: int
+    bytes_host_to_disk: int
+    bytes_disk_to_host: int
+    reads_failed: int  # block files that were missing, truncated, corrupt or foreign: misses
+    copy_seconds: float  # workers' time copying between the pool and host memory, on the step's path
+    host_blocks: int
+    host_blocks_used: int
+    disk_blocks: int
+    disk_blocks_used: int
+
+
 class EngineStats(Message):
     num_running: int
     num_waiting: int
@@ -124,6 +140,7 @@ class EngineStats(Message):
     rank_running: list[int] = []  # requests running per expert-parallel rank
     rank_requests: list[int] = []  # requests placed on each rank since start
     idle_rank_steps: int = 0  # (step, rank) pairs where a rank had no tokens and only served the others
+    kv_tiers: TierStats | None = None  # without kv_offload_memory or kv_disk_cache_dir: None
 
 
 class EngineDead(Message):
@@ -161,6 +178,26 @@ class StepPlan(Message):
     # tail of a prompt (past its last full block) that a completion of n shares with the first.
     copy_src: list[int] = []
     copy_dst: list[int] = []
+    # The prefix cache's lower tiers (cache/tiers.py plans them, cache/tier_store.py runs them).
+    # Before the step, in this order: cached blocks the step reuses are copied down into host
+    # slots (offload_blocks[i] -> offload_slots[i]), then host slots are loaded into the blocks
+    # that take them (load_slots[i] -> load_blocks[i]). After that, on the worker's I/O thread:
+    # write_slots[i] is written to disk as write_keys[i] (tokens: write_tokens, block_size each),
+    # the files of delete_keys are removed, and read_keys[i] is read into read_slots[i] (checked
+    # against read_tokens) and reported in a later StepResult. await_reads: nothing else to do but
+    # wait (a short while) for reads a waiting request needs.
+    offload_blocks: list[int] = []
+    offload_slots: list[int] = []
+    load_slots: list[int] = []
+    load_blocks: list[int] = []
+    write_keys: list[bytes] = []
+    write_slots: list[int] = []
+    write_tokens: list[int] = []
+    delete_keys: list[bytes] = []
+    read_keys: list[bytes] = []
+    read_slots: list[int] = []
+    read_tokens: list[int] = []
+    await_reads: bool = False
 
 
 class StepResult(Message):
@@ -177,6 +214,10 @@ class StepResult(Message):
     logprobs: dict[str, list[TokenLogprobs]] = {}
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
     failed: dict[str, str] = {}  # requests the worker gave up on (a grammar too slow to match): the error
+    reads_done: list[bytes] = []  # disk reads finished since the last result (StepPlan.read_keys)
+    reads_failed: list[bytes] = []  # missing, truncated, corrupt or foreign files: misses
+    writes_failed: list[bytes] = []  # disk writes that did not happen (a full disk)
+    tier_copy_seconds: float = 0.0  # time this step spent copying between the pool and host slots
 
 
 class WorkerReady(Message):
@@ -186,6 +227,9 @@ class WorkerReady(Message):
     vocab_size: int
     max_model_len: int
     step_peak_bytes: int = 0
+    host_blocks: int = 0  # slots of the host tier (kv_offload_memory)
+    disk_blocks: int = 0  # files the disk tier may hold (kv_disk_cache_size)
+    disk_keys: list[bytes] = []  # the disk tier's blocks found at start, oldest first
 
 
 class WorkerHeartbeat(Message):

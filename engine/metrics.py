@@ -26,6 +26,7 @@ LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 LENGTH_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+TIER_LOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 
 
 class HistogramSnapshot(msgspec.Struct):
@@ -74,6 +75,8 @@ class EngineMetrics:
             "request_generation_tokens": Histogram(LENGTH_BUCKETS),
             "step_duration_seconds": Histogram(STEP_BUCKETS),
             "batch_size": Histogram(BATCH_BUCKETS),
+            # How long a request waited for its prefix's blocks to be read back from disk.
+            "kv_tier_load_seconds": Histogram(TIER_LOAD_BUCKETS),
         }
         self.finished: dict[str, int] = {}
         self._live: dict[str, _Live] = {}
@@ -85,6 +88,11 @@ class EngineMetrics:
         self.hist["step_duration_seconds"].observe(duration_s)
         if batch_size:
             self.hist["batch_size"].observe(batch_size)
+
+    def on_tier_loads(self, waits: list[float]) -> None:
+        h = self.hist["kv_tier_load_seconds"]
+        for w in waits:
+            h.observe(w)
 
     def on_deltas(self, deltas: list[RequestDelta]) -> None:
         now = time.time()

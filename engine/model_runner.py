@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from cache.latent_cache import LatentCache
+from cache.tier_store import TierStore, cache_fingerprint
 from engine.config import EngineConfig
 from engine.decode_graphs import CudaGraphReplay, DecodeGraphs, RerunReplay
 from engine.memory_profile import cache_budget, keep_freed_heap, measure_step_peak, trim_host_heap
@@ -32,6 +33,9 @@ from model.sampler import SampleRow, draft_rows, prompt_logprob_entries, specula
 log = logging.getLogger("mlaserve.worker")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# Host slots a disk tier stages its reads in when kv_offload_memory gives it none: the longest
+# prefix one request reads back from disk at once.
+DISK_STAGING_BLOCKS = 64
 
 
 def resolve_device(device: str) -> str:
@@ -128,6 +132,18 @@ class ModelRunner:
         self.cache = LatentCache(cache_shape[0], num_blocks, config.block_size, *cache_shape[1:], self.dtype,
                                  self.device, fp8_cache)
         self._cache_layers = [self.cache.layer(i) for i in range(self.cfg.num_cache_layers)]
+        self.tiers = self._make_tiers(fp8_cache) if config.tiered_prefix_cache else None
+
+    def _make_tiers(self, fp8_cache: bool) -> TierStore:
+        c = self.config
+        host_blocks = (c.kv_offload_memory or 0) // (self.kv_bytes_per_token * c.block_size)
+        if c.kv_disk_cache_dir:
+            host_blocks = max(host_blocks, DISK_STAGING_BLOCKS)
+        # Without speculation the MTP layer's entries are never written: such blocks cannot serve
+        # an engine that drafts, so the layers that hold valid entries are part of the fingerprint.
+        valid_layers = self.cfg.num_cache_layers if self.num_spec else self.cfg.num_hidden_layers
+        fingerprint = cache_fingerprint(c.model_dir, self.dtype, fp8_cache, c.block_size, valid_layers)
+        return TierStore(self.cache, host_blocks, c.kv_disk_cache_dir, c.kv_disk_cache_size, fingerprint, self.rank)
 
     def _make_graphs(self) -> None:
         self.graphs: DecodeGraphs | None = None
@@ -152,6 +168,8 @@ class ModelRunner:
         """An orderly exit: expert-parallel ranks leave their group together (the last step, run
         just before Shutdown with asynchronous scheduling, may still be finishing on a peer), so
         no rank's communication threads see a peer vanish mid-exit."""
+        if self.tiers is not None:
+            self.tiers.close()
         if self.model.ep is not None:
             leave_distributed()
 
@@ -169,6 +187,8 @@ class ModelRunner:
         for n in plan.new:
             if n.grammar is not None:
                 self.state.requests[n.req_id].grammar = self.grammars.request(n.grammar, n.output_ids)
+        if self.tiers is not None:  # (first: the blocks it copies down may be the tail copies' targets)
+            self.tiers.apply(plan)
         if plan.copy_src:
             self.cache.copy_blocks(plan.copy_src, plan.copy_dst)
         if not work:
@@ -196,7 +216,11 @@ class ModelRunner:
             self.model.idle_forward()
             for _ in range(self.num_spec):
                 self.mtp.idle_forward()
+        if plan.await_reads and self.tiers is not None:
+            self.tiers.wait_for_reads(0.05)
         result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
+        if self.tiers is not None:
+            self.tiers.report(result)
         if publish is not None:
             publish(result)
         return result
@@ -216,6 +240,8 @@ class ModelRunner:
         result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
         if self._grammar_failures:
             result.failed, self._grammar_failures = self._grammar_failures, {}
+        if self.tiers is not None:
+            self.tiers.report(result)
         for i, w in enumerate(work):
             rid = w.req.req_id
             plp = self._prompt_logprobs(w, hidden[query_start[i] : query_start[i + 1]])

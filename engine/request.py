@@ -26,7 +26,7 @@ class Request:
         self.num_computed = 0  # tokens whose cache entries exist, or will once the steps sent have run
         self.num_pending = 0  # sampled tokens of steps sent whose results are not folded in yet
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chain of hashes of the full, verified blocks
+        self.block_hashes: list[bytes] = []  # chain of hashes of the full, verified blocks
         self.new_blocks: list[int] = []  # allocated since the worker last heard of this request
         self.spec_token_ids: list[int] = []  # drafts the worker proposed, verified at the next decode
         self.status = Status.WAITING
@@ -46,6 +46,14 @@ class Request:
         # The leader's block holding the prompt's tail, referenced for this completion until its
         # admission copies it (so it computes only the last prompt token).
         self.tail_source: int | None = None
+        # The prefix cache's lower tiers (cache/tiers.py): the (hash, tokens) of host hits that the
+        # admitting step loads; while it waits for disk reads, the keys it pinned, those not read
+        # yet, which of its hits came from disk, and since when it waits.
+        self.tier_loads: list[tuple[bytes, tuple[int, ...]]] = []
+        self.tier_pins: list[bytes] = []
+        self.tier_wait: set[bytes] = set()
+        self.tier_from_disk: set[bytes] = set()
+        self.tier_wait_since = 0.0
         self.grammar = None  # the compiled constraint (messages.GrammarPlan) of params.structured_outputs
 
     @property

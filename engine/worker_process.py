@@ -31,8 +31,12 @@ def run_worker(config: EngineConfig, rank: int, plan_addr: str, result_addr: str
         from engine.model_runner import ModelRunner  # torch loads here, in the worker only
 
         runner = ModelRunner(config, rank)
+        tiers = runner.tiers
         results.send(WorkerReady(rank, runner.num_blocks, runner.kv_bytes_per_token, runner.cfg.vocab_size,
-                                 runner.max_model_len, runner.step_peak_bytes))
+                                 runner.max_model_len, runner.step_peak_bytes,
+                                 host_blocks=tiers.host_blocks if tiers else 0,
+                                 disk_blocks=tiers.disk_blocks if tiers else 0,
+                                 disk_keys=tiers.existing_blocks() if tiers else []))
         heartbeat = Heartbeat(ctx, result_addr, WorkerHeartbeat(rank), HEARTBEAT_INTERVAL_S)
         busy_since_release = False
         while True:

@@ -25,6 +25,7 @@ HISTOGRAM_HELP = {
     "request_generation_tokens": "Generated tokens of finished requests.",
     "step_duration_seconds": "Wall time of one engine step (schedule, model, update).",
     "batch_size": "Requests scheduled in one engine step.",
+    "kv_tier_load_seconds": "Time a request waited for its prefix's blocks to be read back from disk.",
 }
 
 
@@ -55,6 +56,8 @@ class EngineCollector:
         yield from _engine_numbers(stats)
         yield from _spec_decode(stats)
         yield from _expert_load(stats)
+        if stats.kv_tiers is not None:
+            yield from _kv_tiers(stats.kv_tiers)
         if stats.metrics is not None:
             yield from _request_metrics(stats.metrics)
 
@@ -104,6 +107,32 @@ def _spec_decode(stats):
     for pos, n in enumerate(stats.spec_accepted_per_pos):
         per_pos.add_metric([str(pos)], n)
     yield per_pos
+
+
+def _kv_tiers(t):
+    hits = CounterMetricFamily(PREFIX + "kv_tier_hits", "Prompt tokens loaded from a lower tier of the prefix "
+                               "cache instead of computed.", labels=["tier"])
+    hits.add_metric(["host"], t.host_hit_tokens)
+    hits.add_metric(["disk"], t.disk_hit_tokens)
+    yield hits
+    moved = CounterMetricFamily(PREFIX + "kv_tier_bytes", "Latent-cache bytes copied between tiers.",
+                                labels=["direction"])
+    for direction, n in (("pool_to_host", t.bytes_pool_to_host), ("host_to_pool", t.bytes_host_to_pool),
+                         ("host_to_disk", t.bytes_host_to_disk), ("disk_to_host", t.bytes_disk_to_host)):
+        moved.add_metric([direction], n)
+    yield moved
+    yield _counter("kv_tier_read_failures", "Block files that were missing, truncated, corrupt or of another "
+                   "model (each a miss).", t.reads_failed)
+    yield _counter("kv_tier_copy_seconds", "Workers' time copying between the pool and host memory before "
+                   "steps.", t.copy_seconds)
+    used = GaugeMetricFamily(PREFIX + "kv_tier_blocks_used", "Blocks a lower tier holds.", labels=["tier"])
+    used.add_metric(["host"], t.host_blocks_used)
+    used.add_metric(["disk"], t.disk_blocks_used)
+    yield used
+    size = GaugeMetricFamily(PREFIX + "kv_tier_blocks", "Blocks a lower tier can hold.", labels=["tier"])
+    size.add_metric(["host"], t.host_blocks)
+    size.add_metric(["disk"], t.disk_blocks)
+    yield size
 
 
 def _expert_load(stats):

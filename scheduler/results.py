@@ -29,6 +29,9 @@ class SchedulerResults:
         tokens or finished."""
         # Runs once per scheduled request every step: locals, and one call per request.
         drafts, counters, running = step.drafts, self.counters, Status.RUNNING
+        if self.tiers is not None and (result.reads_done or result.reads_failed or result.writes_failed
+                                       or result.tier_copy_seconds):
+            self.on_tier_result(result)
         # Results are matched to the requests this step scheduled, not looked up by id: with a
         # step in flight, a finished request's id may already belong to a new request.
         in_step = self._scheduled_requests(step)

@@ -22,6 +22,13 @@ are hashed only when their tokens are known.
 Parallel sampling (n completions of one prompt) shares the prompt's blocks: scheduler/completion_groups.py.
 
 Speculative decoding: `num_computed` only ever counts verified tokens (scheduler/results.py).
+
+Lower tiers of the prefix cache (cache/tiers.py): a prefix lookup goes on past the pool's hit
+into host memory and disk. Host hits load into fresh blocks with the admitting step. A request
+with blocks on disk leaves the queue while the worker reads them into host memory (the batch goes
+on) and comes back to its front when the reads are in; a read that fails is a miss. The cached
+blocks an allocation evicts are copied down (planned at once, so a later lookup in the same
+step finds them below).
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import bisect
 import itertools
 import time
 
-from cache.block_manager import BlockManager
+from cache.block_manager import ROOT_HASH, BlockManager
+from cache.tiers import PrefixTiers
 from engine.grammar_cache import PeerGrammars
 from engine.messages import WORKER_GRAMMARS, NewRequestPlan, StepPlan
 from engine.request import Request, Status
@@ -46,9 +54,12 @@ def _priority_order(req: Request) -> tuple[int, int]:
 
 
 class Scheduler(SchedulerResults):
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, tiers: PrefixTiers | None = None):
         self.config = config
         self.blocks = blocks
+        self.tiers = tiers
+        self._loading: list[Request] = []  # waiting for disk reads, out of the queue
+        self._step_pins: list[bytes] = []  # host entries this step loads: kept until its spill is planned
         self.waiting = waiting_queue(config.policy)
         self.running: list[Request] = []  # in the policy's order: the last is preempted first
         self._by_priority = config.policy == "priority"
@@ -84,8 +95,8 @@ class Scheduler(SchedulerResults):
 
     @property
     def num_waiting(self) -> int:
-        """Queued requests, those held for a shared prompt included."""
-        return len(self.waiting) + self.groups.num_held
+        """Queued requests, those held for a shared prompt or waiting for disk reads included."""
+        return len(self.waiting) + self.groups.num_held + len(self._loading)
 
     def abort(self, req_id: str) -> Request | None:
         """Ends a request at once, wherever it is (a client abort, or a stop string the frontend saw)."""
@@ -101,7 +112,7 @@ class Scheduler(SchedulerResults):
         return self._dropped
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._loading)
 
     # ---- scheduling -----------------------------------------------------------------------
 
@@ -109,8 +120,15 @@ class Scheduler(SchedulerResults):
         self._step_id += 1
         step = ScheduledStep(StepPlan(step_id=self._step_id))
         budget = self.config.max_num_batched_tokens
+        if self.tiers is not None:
+            self._spill(step)  # (blocks released since the last step, with a disk tier)
         budget = self._schedule_running(step, budget)
         self._admit_waiting(step, budget)
+        if self.tiers is not None:
+            self.tiers.end_step(step.plan)
+            self.tiers.unpin(self._step_pins)
+            self._step_pins = []
+            step.plan.await_reads = bool(self._loading) and not step.scheduled
         step.plan.finished_ids = self._dropped
         self._dropped = []
         self.counters.num_steps += 1
@@ -134,7 +152,7 @@ class Scheduler(SchedulerResults):
             if req.num_computed + n + lookahead > len(req.block_table) * bs:  # the uncommon case
                 if self._end_if_unservable(req, n):
                     continue
-                if not self._grow(req, n):
+                if not self._grow(req, n, step):
                     break  # req itself was preempted: nothing after it is running any more
             known = n
             if n > missing:
@@ -171,7 +189,7 @@ class Scheduler(SchedulerResults):
         self._unreported.append(req)
         return True
 
-    def _grow(self, req: Request, n: int) -> bool:
+    def _grow(self, req: Request, n: int, step: ScheduledStep) -> bool:
         """Makes req's table hold num_computed + n tokens, preempting from the back if needed."""
         need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
         if need > self.blocks.num_free and self.groups.pinning:
@@ -182,17 +200,28 @@ class Scheduler(SchedulerResults):
             if victim is req:
                 return False
         new = self.blocks.allocate(need)
+        if self.tiers is not None:
+            self._spill(step)
         req.block_table.extend(new)
         req.new_blocks.extend(new)
         return True
+
+    def _spill(self, step: ScheduledStep) -> None:
+        """What allocation evicted goes down at once, so that a lookup later in this step finds
+        it in host memory (the worker copies down before it loads)."""
+        if self.blocks.evicted:
+            self.tiers.spill(self.blocks.evicted, step.plan)
+            self.blocks.evicted.clear()
 
     def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted while its last step ran: back once that step's token is in
-            if not req.block_table:
-                self._place_cached(req)
+            if not req.block_table and not req.tier_loads and not self._place_cached(req, step):
+                self.waiting.popleft()  # its blocks are read from disk meanwhile
+                self._loading.append(req)
+                continue
             n = min(req.num_tokens - req.num_computed, budget)
             if self._end_if_unservable(req, n):
                 continue
@@ -200,12 +229,19 @@ class Scheduler(SchedulerResults):
             if need > self.blocks.num_free and self.groups.pinning:
                 self.groups.unpin_tails()
                 # Without its tail (if it had one) req computes from its hit: look again.
+                if req.tier_loads:
+                    self._release(req)  # (its hit is placed again from scratch)
                 req.num_computed = min(req.num_computed, len(req.block_table) * self.blocks.block_size)
                 continue
             if need > self.blocks.num_free:
                 self._release(req)  # waiting requests hold no blocks, prefix hits included
                 break
-            req.block_table.extend(self.blocks.allocate(need))
+            new = self.blocks.allocate(need)
+            if self.tiers is not None:
+                self._spill(step)
+            if req.tier_loads:
+                new = self._load_from_tiers(req, new, step)
+            req.block_table.extend(new)
             self.waiting.popleft()
             req.status = Status.RUNNING
             if req.tail_source is not None:
@@ -226,27 +262,127 @@ class Scheduler(SchedulerResults):
         else:
             self.running.append(req)
 
-    def _place_cached(self, req: Request) -> None:
-        """Gives an admitted request its prefix-cache hit and, if it has one, its leader's tail."""
-        self._apply_prefix_hit(req)
+    def _place_cached(self, req: Request, step: ScheduledStep) -> bool:
+        """Gives an admitted request its prefix-cache hit and, if it has one, its leader's tail.
+        False when part of its hit must first be read from disk."""
+        if not self._apply_prefix_hit(req, step):
+            return False
         if req.tail_source is not None:
-            if len(req.block_table) == (req.num_prompt_tokens - 1) // self.blocks.block_size:
+            if len(req.block_table) + len(req.tier_loads) == (req.num_prompt_tokens - 1) // self.blocks.block_size:
                 req.num_computed = req.num_prompt_tokens - 1  # the rest comes with the copied tail
             else:  # some of the shared blocks were evicted: compute from the hit
                 self.groups.drop_tail_source(req)
+        return True
 
-    def _apply_prefix_hit(self, req: Request) -> None:
+    def _apply_prefix_hit(self, req: Request, step: ScheduledStep) -> bool:
         if req.params.prompt_logprobs is not None:
-            return  # cached tokens would have no prompt logprobs
+            return True  # cached tokens would have no prompt logprobs
         hit, hashes = self.blocks.lookup_prefix(req.token_ids)
-        if self._lookahead and hit:
+        tiers = self.tiers
+        # Past the pool's unbroken hit, the chain may go on through blocks below (None) and
+        # blocks the pool still has (a block's tail can outlive its middle in the pool).
+        more = [] if tiers is None else tiers.lookup(req.token_ids, len(hit), hashes[-1] if hashes else ROOT_HASH,
+                                                     self.blocks)
+        if self._lookahead and (hit or more):
             # The MTP layer's entry at a block's last position was made with the token after the
             # block, which this request may not share: recompute that block.
-            hit, hashes = hit[:-1], hashes[:-1]
-        self.blocks.acquire(hit)
-        req.block_table = list(hit)
-        req.block_hashes = list(hashes)
-        req.num_computed = len(hit) * self.blocks.block_size
+            if more:
+                more.pop()
+            else:
+                hit, hashes = hit[:-1], hashes[:-1]
+        below = [(len(hit) + i, h, tokens) for i, (h, tokens, block) in enumerate(more) if block is None]
+        if below:
+            keys = [h for _, h, _ in below]
+            present = {h for h in keys if h in tiers.host}
+            tiers.pin(list(present))  # (so that no slot taken for a read below is one of them)
+            if len(present) < len(keys) or not all(tiers.is_ready(h) for h in present):
+                # Reads for what only the disk holds (as many as host memory has room for).
+                n = tiers.stage_reads([(h, tokens) for _, h, tokens in below], step.plan)
+                tiers.unpin([h for h in keys[n:] if h in present])
+                tiers.pin([h for h in keys[:n] if h not in present])
+                if n < len(below):  # the hit ends before the first block there was no room for
+                    del more[below[n][0] - len(hit):]
+                    del below[n:]
+                keys = keys[:n]
+                if not all(tiers.is_ready(h) for h in keys):
+                    self._park(req, keys)
+                    return False
+            tiers.touch(keys)
+            self._step_pins += keys
+            req.tier_loads = below
+        if tiers is not None:
+            self._unpark(req)
+        pooled = hit + [block for _, _, block in more if block is not None]
+        self.blocks.acquire(pooled)
+        req.block_table = pooled
+        req.block_hashes = hashes + [h for h, _, _ in more]
+        req.num_computed = (len(hit) + len(more)) * self.blocks.block_size
+        return True
+
+    def _park(self, req: Request, keys: list[bytes]) -> None:
+        """req waits out of the queue for the reads of `keys` (pinned: until it is back)."""
+        tiers = self.tiers
+        tiers.unpin(req.tier_pins)
+        req.tier_pins = keys
+        req.tier_wait = {h for h in keys if not tiers.is_ready(h)}
+        req.tier_from_disk.update(req.tier_wait)
+        if not req.tier_wait_since:
+            req.tier_wait_since = time.perf_counter()
+
+    def _unpark(self, req: Request) -> None:
+        """Drops what req pinned while it waited for reads."""
+        if req.tier_pins:
+            self.tiers.unpin(req.tier_pins)
+            req.tier_pins = []
+        req.tier_wait = set()
+
+    def _load_from_tiers(self, req: Request, new: list[int], step: ScheduledStep) -> list[int]:
+        """Fresh blocks take req's host hits at their places in its table (copied in before the
+        step runs); returns the new blocks left for the rest of its tokens."""
+        plan, tiers, bs = step.plan, self.tiers, self.blocks.block_size
+        c = tiers.counters
+        table, pooled, fresh = [], iter(req.block_table), iter(new)
+        loads = {pos: (h, tokens) for pos, h, tokens in req.tier_loads}
+        for pos in range(len(req.block_table) + len(loads)):
+            if pos not in loads:
+                table.append(next(pooled))
+                continue
+            block = next(fresh)
+            h, tokens = loads[pos]
+            table.append(block)
+            plan.load_slots.append(tiers.slot(h))
+            plan.load_blocks.append(block)
+            self.blocks.register(block, h, tokens)
+            if h in req.tier_from_disk:
+                c.disk_hit_tokens += bs
+            else:
+                c.host_hit_tokens += bs
+        c.blocks_up += len(loads)
+        req.block_table = table
+        req.tier_loads = []
+        req.tier_from_disk = set()
+        if req.tier_wait_since:
+            c.load_waits.append(time.perf_counter() - req.tier_wait_since)
+            req.tier_wait_since = 0.0
+        return list(fresh)
+
+    def on_tier_result(self, result) -> None:
+        """Folds the worker's tier news in; requests whose reads are all in go back to the front."""
+        self.tiers.on_result(result)
+        if not self._loading or not (result.reads_done or result.reads_failed):
+            return
+        failed = set(result.reads_failed)
+        back = []
+        for req in self._loading:
+            if failed:
+                req.tier_pins = [h for h in req.tier_pins if h not in failed]
+            req.tier_wait.difference_update(result.reads_done)
+            req.tier_wait.difference_update(failed)
+            if not req.tier_wait:
+                back.append(req)
+        for req in reversed(back):
+            self._loading.remove(req)
+            self.waiting.appendleft(req)
 
     def _count_prompt(self, req: Request) -> None:
         """At first admission (a request that found no room is looked up again next step)."""
@@ -285,6 +421,7 @@ class Scheduler(SchedulerResults):
     def _release(self, req: Request) -> None:
         self.blocks.release(req.block_table)
         req.block_table = []
+        req.tier_loads = []
         req.spec_token_ids = []
         req.block_hashes = []
         req.new_blocks = []
@@ -300,6 +437,9 @@ class Scheduler(SchedulerResults):
             self.running.remove(req)
         elif req.leader is not None:  # held for its leader's prompt: in no queue
             self.groups.leave(req)
+        elif req.tier_wait:  # waiting for disk reads: in no queue
+            self._loading.remove(req)
+            self._unpark(req)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
         self.groups.drop_tail_source(req)
@@ -310,12 +450,16 @@ class Scheduler(SchedulerResults):
         del self.requests[req.req_id]
 
     def check_integrity(self) -> None:
-        tables = [r.block_table for r in self.running] + [r.block_table for r in self.waiting]
-        tables += [[r.tail_source] for r in self.waiting if r.tail_source is not None]
+        waiting = [*self.waiting, *self._loading]
+        tables = [r.block_table for r in self.running] + [r.block_table for r in waiting]
+        tables += [[r.tail_source] for r in waiting if r.tail_source is not None]
         self.blocks.check_integrity(tables)
         assert len(self.running) <= self.config.max_num_seqs
         assert all(r.status is Status.RUNNING for r in self.running)
         if self._by_priority:
             assert self.running == sorted(self.running, key=_priority_order), "running out of priority order"
         assert all(not r.block_table for r in self.waiting), "a waiting request holds blocks"
-        self.groups.check_integrity(self.running, self.waiting)
+        assert all(not r.block_table and r.tier_wait for r in self._loading), "a request reading from disk is wrong"
+        if self.tiers is not None:
+            self.tiers.check_integrity()
+        self.groups.check_integrity(self.running, waiting)
