@@ -49,7 +49,10 @@ def measure(args: argparse.Namespace, pipelined: bool) -> float:
     ctx = zmq.Context()
     plans = Channel(ctx, zmq.PUSH, f"ipc://{d}/plans", bind=True, decode_type=None)
     results = Channel(ctx, zmq.PULL, f"ipc://{d}/results", bind=True, decode_type=StepResult)
-    proc = spawn(noop_worker, f"ipc://{d}/plans", f"ipc://{d}/results")
+    # (by its module's name: the child process cannot import this script's __main__)
+    from benchmarks.scheduler_overhead import noop_worker as importable_worker
+
+    proc = spawn(importable_worker, f"ipc://{d}/plans", f"ipc://{d}/results")
     try:
         cfg = EngineConfig(model_dir="-", block_size=64, max_num_batched_tokens=8192, max_num_seqs=args.running,
                            async_scheduling=pipelined)

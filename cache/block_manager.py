@@ -63,6 +63,16 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def chain(self, token_ids: list[int]) -> list[tuple[bytes, tuple[int, ...]]]:
+        """(hash, tokens) of each full block of a prompt but its last token."""
+        out: list[tuple[bytes, tuple[int, ...]]] = []
+        parent, bs = ROOT_HASH, self.block_size
+        for i in range((len(token_ids) - 1) // bs):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            parent = block_hash(parent, tokens)
+            out.append((parent, tokens))
+        return out
+
     def lookup_prefix(self, token_ids: list[int]) -> tuple[list[int], list[bytes]]:
         """Cached blocks of the longest cached prefix, and their hashes. At least one token is
         left uncached so the request still computes the logits of its last prompt token."""

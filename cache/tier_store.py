@@ -3,8 +3,9 @@ disk, and the copies the scheduler plans for them (cache/tiers.py) each step.
 
 Copies between the latent cache and host slots run before the step's forward, batched (on CUDA
 on a stream of their own, the forward waiting only for them; on a CPU host they are one memcpy
-each way). Disk writes, reads and deletes run on one I/O thread, in the order planned, so the
-step never waits for a disk.
+each way). Disk writes and deletes run on one I/O thread in the order planned, reads on another
+(a request waits for its reads: they must not queue behind spills), so the step never waits for
+a disk. A slot is never filled while a write out of it is queued: that write is dropped first.
 
 A block file: a header (magic, the cache fingerprint, the block's hash, token count, payload size,
 CRC-32 of tokens and payload), the block's token ids (int32), then its entries, every layer
@@ -83,7 +84,9 @@ class TierStore:
         self.dir = Path(disk_dir) / fingerprint.hex() / f"rank{rank}" if disk_dir else None
         file_bytes = HEADER.size + 4 * self.block_size + self.payload_bytes
         self.disk_blocks = disk_bytes // file_bytes if self.dir is not None else 0
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="mlaserve-tiers")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="mlaserve-tier-writes")
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="mlaserve-tier-reads")
+        self._reads_queued = 0
         self._slot_writes: dict[int, Future] = {}  # pending disk writes out of a host slot
         self._lock = threading.Condition()
         self._reads_done: list[bytes] = []
@@ -145,8 +148,11 @@ class TierStore:
         for key in plan.delete_keys:
             self._io.submit(self._delete, key)
         for i, (key, slot) in enumerate(zip(plan.read_keys, plan.read_slots)):
+            self._settle_write(slot)
             tokens = plan.read_tokens[i * bs : (i + 1) * bs]
-            self._io.submit(self._read, key, slot, tokens, self._last_copy)
+            with self._lock:
+                self._reads_queued += 1
+            self._reads.submit(self._read, key, slot, tokens, self._last_copy)
 
     def _settle_write(self, slot: int) -> None:
         """Before a slot is overwritten: a write out of it still queued is dropped (a disk slower
@@ -188,13 +194,16 @@ class TierStore:
             result.writes_failed, self._writes_failed = self._writes_failed, []
 
     def wait_for_reads(self, timeout_s: float) -> None:
-        """For a step with nothing else to do: returns once a read has finished, or on timeout."""
+        """For a step with nothing else to do: returns once every read queued has finished, or on
+        timeout (with those finished by then)."""
+        deadline = time.monotonic() + timeout_s
         with self._lock:
-            if not (self._reads_done or self._reads_failed):
-                self._lock.wait(timeout_s)
+            while self._reads_queued and (left := deadline - time.monotonic()) > 0:
+                self._lock.wait(left)
 
     def close(self) -> None:
-        """Waits for queued writes (they are what a restart finds) and stops the I/O thread."""
+        """Waits for queued writes (they are what a restart finds) and stops the I/O threads."""
+        self._reads.shutdown(wait=True)
         self._io.shutdown(wait=True)
 
     # ---- the I/O thread -----------------------------------------------------------------------
@@ -258,6 +267,7 @@ class TierStore:
             ok = False
         with self._lock:
             (self._reads_done if ok else self._reads_failed).append(key)
+            self._reads_queued -= 1
             self._lock.notify_all()
 
     def _read_into(self, f, key: bytes, slot: int, tokens: list[int]) -> bool:

@@ -88,6 +88,15 @@ class PrefixTiers:
             parent = h
         return found
 
+    def held_blocks(self, chain: list[tuple[bytes, tuple[int, ...]]], pool: BlockManager) -> int:
+        """How many leading blocks of a prompt's chain this rank has anywhere (pool, host, disk)."""
+        n = 0
+        for h, tokens in chain:
+            if pool.cached_block(h, tokens) is None and h not in self.host and h not in self.disk:
+                break
+            n += 1
+        return n
+
     def is_ready(self, h: bytes) -> bool:
         entry = self.host.get(h)
         return entry is not None and entry.ready

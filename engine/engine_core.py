@@ -47,6 +47,11 @@ from engine.sampling_params import completion_params
 from scheduler.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 
+# A rank that holds a prompt's prefix takes it while it has at most this share more requests (plus
+# one) than the least loaded rank.
+PREFIX_PLACEMENT_SLACK = 0.25
+
+
 class EngineCore:
     """One scheduler (block pool, running batch) per expert-parallel rank: attention is
     data-parallel, so a request lives on one rank from arrival to finish. A step schedules every
@@ -113,12 +118,26 @@ class EngineCore:
             return f"request id {taken[0]!r} is already in use"
         return None
 
-    def _place(self) -> int:
-        """The least loaded rank: fewest requests, then most free blocks."""
+    def _place(self, prompt_ids: list[int]) -> int:
+        """The least loaded rank (fewest requests, then most free blocks). With lower tiers of the
+        prefix cache, the rank holding the longest prefix of the prompt (each rank has its own
+        tiers) unless it has more than PREFIX_PLACEMENT_SLACK more requests than the least loaded
+        one: a returning conversation finds its history where it left it, and load still spreads."""
         def load(rank: int):
             s = self.schedulers[rank]
             return len(s.running) + s.num_waiting, -s.blocks.num_free
-        return min(range(len(self.schedulers)), key=load)
+        ranks = range(len(self.schedulers))
+        least = min(ranks, key=load)
+        if len(ranks) == 1 or self.schedulers[0].tiers is None:
+            return least
+        chain = self.schedulers[0].blocks.chain(prompt_ids)
+        held = [s.tiers.held_blocks(chain, s.blocks) for s in self.schedulers]
+        limit = load(least)[0] * (1 + PREFIX_PLACEMENT_SLACK) + 1
+
+        def preference(rank: int):
+            requests, less_free = load(rank)
+            return held[rank], -requests, -less_free
+        return max((r for r in ranks if load(r)[0] <= limit), key=preference)
 
     def add(self, msg: AddRequest) -> list[RequestDelta]:
         """Queues the request's completions (one unless params.n > 1), or answers each of their
@@ -143,7 +162,7 @@ class EngineCore:
         for req in group:
             req.grammar = msg.grammar
         # A group stays on one rank: its completions share the prompt's blocks there.
-        rank = self._place()
+        rank = self._place(msg.prompt_ids)
         self.schedulers[rank].add_group(group)
         self.rank_requests[rank] += 1
         for req in group:
@@ -175,6 +194,11 @@ class EngineCore:
             self.worker.send([st.plan for st in steps])
             self._in_flight = steps
         steps = self._in_flight
+        if any(s.num_reading for s in self.schedulers):
+            # Requests waiting for disk reads come back with this step's result: planning the
+            # next step after it lets them into that step rather than the one after.
+            self._in_flight = None
+            return self._fold(steps, self.worker.collect([st.plan for st in steps]), start)
         # The next step goes out before this one's result is read: the worker starts it as soon
         # as it is done with this one, while the results are folded in here.
         upcoming = self._schedule()

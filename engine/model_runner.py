@@ -36,6 +36,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 # Host slots a disk tier stages its reads in when kv_offload_memory gives it none: the longest
 # prefix one request reads back from disk at once.
 DISK_STAGING_BLOCKS = 64
+# How long a step with nothing to compute waits for the disk reads a waiting request needs.
+AWAIT_READS_S = 0.05
 
 
 def resolve_device(device: str) -> str:
@@ -217,7 +219,7 @@ class ModelRunner:
             for _ in range(self.num_spec):
                 self.mtp.idle_forward()
         if plan.await_reads and self.tiers is not None:
-            self.tiers.wait_for_reads(0.05)
+            self.tiers.wait_for_reads(AWAIT_READS_S)
         result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
         if self.tiers is not None:
             self.tiers.report(result)

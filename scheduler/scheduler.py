@@ -107,6 +107,11 @@ class Scheduler(SchedulerResults):
         return req
 
     @property
+    def num_reading(self) -> int:
+        """Requests out of the queue while their blocks are read from disk."""
+        return len(self._loading)
+
+    @property
     def pending_drops(self) -> list[str]:
         """Ids the worker still holds and will be told to forget at the next step."""
         return self._dropped
@@ -123,7 +128,8 @@ class Scheduler(SchedulerResults):
         if self.tiers is not None:
             self._spill(step)  # (blocks released since the last step, with a disk tier)
         budget = self._schedule_running(step, budget)
-        self._admit_waiting(step, budget)
+        if not self._read_first(step, budget):
+            self._admit_waiting(step, budget)
         if self.tiers is not None:
             self.tiers.end_step(step.plan)
             self.tiers.unpin(self._step_pins)
@@ -213,6 +219,30 @@ class Scheduler(SchedulerResults):
             self.tiers.spill(self.blocks.evicted, step.plan)
             self.blocks.evicted.clear()
 
+    def _read_first(self, step: ScheduledStep, budget: int) -> bool:
+        """With nothing running, the requests this step would admit look for their blocks below
+        first; when some must be read from disk this step admits none and only waits for the
+        reads (a short while), and the next admits them all: requests that arrive together start
+        together, a request that could start at once waiting a read rather than the others a
+        whole prefill step. Once only: the next step admits whoever is ready (the worker waits
+        for the reads up to 50 ms in this one). With a batch running nothing waits for a read."""
+        if self.running or self.tiers is None or not self.waiting:
+            return False
+        parked, admitted = [], 0
+        for req in itertools.islice(self.waiting, self.config.max_num_seqs):
+            if admitted >= budget:
+                break
+            if req.num_pending or req.block_table or req.tier_loads:
+                continue
+            if self._apply_prefix_hit(req, step, probe=True):
+                admitted += req.num_tokens  # (a bound: its hit is not subtracted)
+            else:
+                parked.append(req)
+        for req in parked:
+            self.waiting.remove(req)
+            self._loading.append(req)
+        return bool(parked)
+
     def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
@@ -274,7 +304,9 @@ class Scheduler(SchedulerResults):
                 self.groups.drop_tail_source(req)
         return True
 
-    def _apply_prefix_hit(self, req: Request, step: ScheduledStep) -> bool:
+    def _apply_prefix_hit(self, req: Request, step: ScheduledStep, probe: bool = False) -> bool:
+        """Places req's prefix hit; False when it must wait for disk reads (they are planned).
+        `probe`: only find out (and plan the reads), taking no block."""
         if req.params.prompt_logprobs is not None:
             return True  # cached tokens would have no prompt logprobs
         hit, hashes = self.blocks.lookup_prefix(req.token_ids)
@@ -307,9 +339,13 @@ class Scheduler(SchedulerResults):
                 if not all(tiers.is_ready(h) for h in keys):
                     self._park(req, keys)
                     return False
-            tiers.touch(keys)
             self._step_pins += keys
+            if probe:
+                return True
+            tiers.touch(keys)
             req.tier_loads = below
+        if probe:
+            return True
         if tiers is not None:
             self._unpark(req)
         pooled = hit + [block for _, _, block in more if block is not None]

@@ -165,3 +165,26 @@ def test_tiers_keep_the_tokens_with_an_fp8_cache_and_with_mtp(tiny_checkpoint, k
         assert llm.stats().kv_tiers.host_hit_tokens > 0
     assert answers(tiered) == answers(plain)
     check_returning_turns(tiered, drafting=bool(spec))
+
+
+def test_the_tiers_numbers_reach_prometheus(tiny_checkpoint):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from entrypoints.async_llm import Health
+    from entrypoints.metrics import EngineCollector
+
+    with engine(tiny_checkpoint, kv_offload_memory=64 * block_bytes("auto")) as llm:
+        converse(llm, turns=range(2))
+        stats = llm.stats()
+
+    class Snapshot:
+        def stats_snapshot(self):
+            return stats, {}, Health("ok")
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(Snapshot()))
+    text = generate_latest(registry).decode()
+    t = stats.kv_tiers
+    assert f'mlaserve:kv_tier_hits_total{{tier="host"}} {float(t.host_hit_tokens)}' in text
+    assert f'mlaserve:kv_tier_bytes_total{{direction="pool_to_host"}} {float(t.bytes_pool_to_host)}' in text
+    assert 'mlaserve:kv_tier_blocks{tier="host"} 64.0' in text
+    assert "mlaserve:kv_tier_load_seconds_bucket" in text
