@@ -122,9 +122,10 @@ def main() -> None:
     r = results["host + disk"][-1]
     t, total = r["tiers"], r["prompt_tokens"]
     pool = r["hits"] - t.host_hit_tokens - t.disk_hit_tokens
-    print(f"  prompt tokens of all turns ({total}) found in the pool {pool / total:.1%}, host {t.host_hit_tokens / total:.1%}, "
-          f"disk {t.disk_hit_tokens / total:.1%}, computed {r['computed'] / total:.1%} (no tiers: pool "
-          f"{results['no tiers'][-1]['hits'] / total:.1%}); failed reads {t.reads_failed}")
+    print(f"  prompt tokens of all turns ({total}) found in the pool {pool / total:.1%}, host "
+          f"{t.host_hit_tokens / total:.1%}, disk {t.disk_hit_tokens / total:.1%}, computed "
+          f"{r['computed'] / total:.1%} (no tiers: pool {results['no tiers'][-1]['hits'] / total:.1%}); "
+          f"failed reads {t.reads_failed}")
     print(f"  copied: pool->host {t.bytes_pool_to_host / 2**20:.1f} MiB, host->pool {t.bytes_host_to_pool / 2**20:.1f} "
           f"MiB, host->disk {t.bytes_host_to_disk / 2**20:.1f} MiB, disk->host {t.bytes_disk_to_host / 2**20:.1f} "
           f"MiB; worker time copying pool<->host {t.copy_seconds * 1e3:.1f} ms")

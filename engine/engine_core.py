@@ -46,7 +46,6 @@ from engine.request_input import prompt_problem
 from engine.sampling_params import completion_params
 from scheduler.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
-
 # A rank that holds a prompt's prefix takes it while it has at most this share more requests (plus
 # one) than the least loaded rank.
 PREFIX_PLACEMENT_SLACK = 0.25

@@ -35,7 +35,8 @@ case "$stage" in
 tests)
     # Each of these picks CUDA when torch sees a GPU; on CUDA the kernels compile for real.
     python3 -m pytest -q -x tests/test_kernels.py tests/test_model_kernels.py tests/test_latent_fp8.py \
-        tests/test_decode_graphs.py tests/test_sampler.py tests/test_memory_profile.py 2>&1 | tee "$out/tests.log"
+        tests/test_decode_graphs.py tests/test_sampler.py tests/test_memory_profile.py tests/test_tier_store.py \
+        2>&1 | tee "$out/tests.log"
     ;;
 kernels)
     python3 benchmarks/kernels.py --json "$out/kernels.json" 2>&1 | tee "$out/kernels.log"

@@ -21,8 +21,11 @@ def key(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
-def store(tmp_path, host=4, dtype=torch.bfloat16, fp8=False, disk=True, fingerprint=FINGERPRINT):
-    cache = LatentCache(3, 8, BS, 512, 64, dtype, fp8=fp8)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the copy stream's path)")
+
+
+def store(tmp_path, host=4, dtype=torch.bfloat16, fp8=False, disk=True, fingerprint=FINGERPRINT, device="cpu"):
+    cache = LatentCache(3, 8, BS, 512, 64, dtype, device=device, fp8=fp8)
     if fp8:
         cache.data.copy_(torch.randint(0, 256, cache.data.shape, dtype=torch.uint8))
     else:
@@ -39,13 +42,16 @@ def settle(s: TierStore) -> StepResult:
     return result
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
-def test_a_block_goes_down_to_host_and_disk_and_comes_back_bit_equal(tmp_path, dtype, fp8):
-    s = store(tmp_path, dtype=dtype, fp8=fp8)
+def test_a_block_goes_down_to_host_and_disk_and_comes_back_bit_equal(tmp_path, dtype, fp8, device):
+    s = store(tmp_path, dtype=dtype, fp8=fp8, device=device)
     original = s.cache.data[:, 2].clone()
     s.apply(StepPlan(1, offload_blocks=[2], offload_slots=[1], write_keys=[key(7)], write_slots=[1],
                      write_tokens=[5, 6, 7, 8]))
-    assert torch.equal(s.host[1], original)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(s.host[1], original.cpu())
     assert settle(s).writes_failed == []
     # The slot is reused; the block comes back from disk into another slot, then into block 5.
     s.apply(StepPlan(2, read_keys=[key(7)], read_slots=[3], read_tokens=[5, 6, 7, 8]))
@@ -53,7 +59,7 @@ def test_a_block_goes_down_to_host_and_disk_and_comes_back_bit_equal(tmp_path, d
     s.apply(StepPlan(3, load_slots=[3], load_blocks=[5]))
     assert torch.equal(s.cache.data[:, 5], original)
     s.close()
-    again = store(tmp_path, dtype=dtype, fp8=fp8)  # a restart lists what is on disk
+    again = store(tmp_path, dtype=dtype, fp8=fp8, device=device)  # a restart lists what is on disk
     assert again.existing_blocks() == [key(7)]
     again.close()
 

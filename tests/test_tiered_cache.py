@@ -15,14 +15,14 @@ TURNS = 3
 MAX_TOKENS = [12, 9, 14, 10]
 
 
-def block_bytes(kv_cache_dtype: str) -> int:
-    return BLOCK * LatentCache.bytes_per_token(LAYERS, 512, 64, torch.float32, kv_cache_dtype == "fp8")
+def block_bytes(kv_cache_dtype: str, dtype: str = "float32") -> int:
+    return BLOCK * LatentCache.bytes_per_token(LAYERS, 512, 64, getattr(torch, dtype), kv_cache_dtype == "fp8")
 
 
-def engine(checkpoint, kv_cache_dtype="auto", pool_blocks=12, **options) -> LLM:
+def engine(checkpoint, kv_cache_dtype="auto", pool_blocks=12, dtype="float32", **options) -> LLM:
     """A pool of 12 blocks: it holds any one conversation, but not the four."""
-    return LLM(checkpoint, dtype="float32", block_size=BLOCK, kv_cache_dtype=kv_cache_dtype,
-               kv_cache_memory=pool_blocks * block_bytes(kv_cache_dtype), **options)
+    return LLM(checkpoint, dtype=dtype, block_size=BLOCK, kv_cache_dtype=kv_cache_dtype,
+               kv_cache_memory=pool_blocks * block_bytes(kv_cache_dtype, dtype), **options)
 
 
 def first_prompts() -> list[list[int]]:
@@ -188,3 +188,35 @@ def test_the_tiers_numbers_reach_prometheus(tiny_checkpoint):
     assert f'mlaserve:kv_tier_bytes_total{{direction="pool_to_host"}} {float(t.bytes_pool_to_host)}' in text
     assert 'mlaserve:kv_tier_blocks{tier="host"} 64.0' in text
     assert "mlaserve:kv_tier_load_seconds_bucket" in text
+
+
+def test_with_expert_parallelism_a_returning_turn_goes_to_the_rank_that_holds_it(tiny_checkpoint, reference, tmp_path):
+    """Each rank has its own pool and tiers; a whole turn is sent at once, so the conversations
+    spread over both ranks, and each later turn must find its history on the rank it went to."""
+    with engine(tiny_checkpoint, pool_blocks=24, ep_size=2, kv_offload_memory=64 * block_bytes("auto"),
+                kv_disk_cache_dir=str(tmp_path)) as llm:
+        prompts, log = first_prompts(), []
+        for turn in range(TURNS):
+            params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            log.append((prompts, [o.token_ids for o in outs], [o.metrics.num_cached_tokens for o in outs]))
+            prompts = next_prompts(prompts, [o.token_ids for o in outs], turn)
+        stats = llm.stats()
+    assert stats.rank_requests == [6, 6]
+    assert [turn[1] for turn in log] == answers(reference)
+    for t in range(1, TURNS):
+        for p, lp, lo, c in zip(log[t][0], log[t - 1][0], log[t - 1][1], log[t][2]):
+            assert c == min(kept_blocks(lp, lo, False).pop(), (len(p) - 1) // BLOCK) * BLOCK
+    assert {p.name for p in tmp_path.glob("*/*")} == {"rank0", "rank1"}
+
+
+def test_with_a_bf16_cache_the_tiers_are_a_larger_pool(tiny_checkpoint):
+    """bf16 entries recomputed in another batch may round differently, so the peer here is a pool
+    large enough to keep every conversation: the tiers must give its tokens and its hits."""
+    with engine(tiny_checkpoint, pool_blocks=64, dtype="bfloat16") as llm:
+        large = converse(llm)
+    with engine(tiny_checkpoint, dtype="bfloat16", kv_offload_memory=64 * block_bytes("auto", "bfloat16")) as llm:
+        tiered = converse(llm)
+        assert llm.stats().kv_tiers.host_hit_tokens > 0
+    assert answers(tiered) == answers(large)
+    assert [turn[2] for turn in tiered] == [turn[2] for turn in large]
