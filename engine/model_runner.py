@@ -12,7 +12,13 @@ from cache.latent_cache import LatentCache
 from cache.tier_store import TierStore, cache_fingerprint
 from engine.config import EngineConfig
 from engine.decode_graphs import CudaGraphReplay, DecodeGraphs, RerunReplay
-from engine.memory_profile import cache_budget, keep_freed_heap, measure_step_peak, trim_host_heap
+from engine.memory_profile import (
+    available_memory,
+    cache_budget,
+    keep_freed_heap,
+    measure_step_peak,
+    trim_host_heap,
+)
 from engine.messages import StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
 from engine.mtp_proposer import MTPProposer
@@ -138,9 +144,14 @@ class ModelRunner:
 
     def _make_tiers(self, fp8_cache: bool) -> TierStore:
         c = self.config
-        host_blocks = (c.kv_offload_memory or 0) // (self.kv_bytes_per_token * c.block_size)
+        block_bytes = self.kv_bytes_per_token * c.block_size
+        host_blocks = (c.kv_offload_memory or 0) // block_bytes
         if c.kv_disk_cache_dir:
             host_blocks = max(host_blocks, DISK_STAGING_BLOCKS)
+        if host_blocks * block_bytes > (available := available_memory("cpu")):
+            raise ValueError(f"the prefix cache's host tier needs {host_blocks * block_bytes} bytes "
+                             f"(kv_offload_memory {c.kv_offload_memory}), more than the {available} bytes of "
+                             f"memory this host has available")
         # Without speculation the MTP layer's entries are never written: such blocks cannot serve
         # an engine that drafts, so the layers that hold valid entries are part of the fingerprint.
         valid_layers = self.cfg.num_cache_layers if self.num_spec else self.cfg.num_hidden_layers

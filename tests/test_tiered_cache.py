@@ -220,3 +220,8 @@ def test_with_a_bf16_cache_the_tiers_are_a_larger_pool(tiny_checkpoint):
         assert llm.stats().kv_tiers.host_hit_tokens > 0
     assert answers(tiered) == answers(large)
     assert [turn[2] for turn in tiered] == [turn[2] for turn in large]
+
+
+def test_a_host_tier_larger_than_the_hosts_memory_is_refused_at_start(tiny_checkpoint):
+    with pytest.raises(Exception, match="host tier needs .* more than the .* bytes of memory this host has"):
+        engine(tiny_checkpoint, kv_offload_memory=1 << 50)
