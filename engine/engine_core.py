@@ -212,7 +212,11 @@ class EngineCore:
         return deltas
 
     def _schedule(self) -> list[ScheduledStep]:
-        return [s.schedule() for s in self.schedulers]
+        steps = [s.schedule() for s in self.schedulers]
+        if len(steps) > 1 and any(st.scheduled for st in steps):
+            for st in steps:  # a rank waiting for disk reads must not hold up the others' step
+                st.plan.await_reads = False
+        return steps
 
     @staticmethod
     def _has_plan(steps: list[ScheduledStep]) -> bool:

@@ -53,3 +53,16 @@ def test_llm_refuses_an_unknown_option_before_starting_anything(tiny_checkpoint)
         LLM(tiny_checkpoint, kv_cache_fraction=0.1)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(tiny_checkpoint, kv_cache_dtype="int4")
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"kv_offload_memory": 1 << 20, "enable_prefix_caching": False}, "need prefix caching on"),
+    ({"kv_disk_cache_dir": "/tmp/x", "enable_prefix_caching": False}, "need prefix caching on"),
+    ({"kv_offload_memory": -1}, "kv_offload_memory must be a number of bytes >= 0"),
+    ({"kv_disk_cache_size": 0}, "kv_disk_cache_size must be a positive number of bytes"),
+])
+def test_the_prefix_cache_tiers_refuse_what_cannot_work(options, message):
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig("model", **options)
