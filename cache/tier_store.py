@@ -219,7 +219,7 @@ class TierStore:
         if after is not None:
             after.synchronize()
         path = self._path(key)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # (two engines may share the directory)
         try:
             if path.parent.name not in self._made_dirs:
                 path.parent.mkdir(parents=True, exist_ok=True)
