@@ -15,6 +15,7 @@ import zmq
 from cache.block_manager import BlockManager
 from cache.tiers import PrefixTiers
 from engine.config import EngineConfig
+from engine.expert_load import ExpertLoadWindow
 from engine.grammar_cache import GrammarBlobs
 from engine.messages import (
     HEARTBEAT_INTERVAL_S,
@@ -80,6 +81,7 @@ class EngineCore:
         self.rank_of: dict[str, int] = {}
         self.rank_requests = [0] * len(self.schedulers)
         self.routed_tokens: list[int] = []
+        self.expert_load = ExpertLoadWindow(len(self.schedulers))
         self.idle_rank_steps = 0
         self.grammar_blobs = GrammarBlobs(SCHEDULER_GRAMMARS)  # the frontend mirrors it (grammar_cache.py)
         self.block_bytes = self.ready.kv_bytes_per_token * config.block_size
@@ -230,6 +232,8 @@ class EngineCore:
         for s, st, result in zip(self.schedulers, steps, results):
             deltas.extend(s.update(st, result))
             self._count_routed(result.routed_tokens)
+        if results and results[0].layer_load:  # (every rank reports in the same steps)
+            self.expert_load.add([r.layer_load for r in results], len(results[0].routed_tokens))
             if s.tiers is not None and s.tiers.counters.load_waits:
                 self.metrics.on_tier_loads(s.tiers.counters.load_waits)
                 s.tiers.counters.load_waits.clear()
@@ -269,7 +273,12 @@ class EngineCore:
             spec_accepted_tokens=total("spec_accepted_tokens"), spec_accepted_per_pos=per_pos,
             routed_tokens=list(self.routed_tokens), num_ranks=len(ss), rank_running=[len(s.running) for s in ss],
             rank_requests=list(self.rank_requests),
-            idle_rank_steps=self.idle_rank_steps, kv_tiers=self._tier_stats())
+            idle_rank_steps=self.idle_rank_steps, kv_tiers=self._tier_stats(),
+            moe_imbalance=self.expert_load.imbalance(), moe_window_rank_load=self._window_rank_load())
+
+    def _window_rank_load(self) -> list[int]:
+        loads = self.expert_load.rank_loads()
+        return [] if loads is None else [int(x) for x in loads.sum(axis=0)]
 
     def _tier_stats(self) -> TierStats | None:
         tiers = [s.tiers for s in self.schedulers if s.tiers is not None]

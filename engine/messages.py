@@ -141,6 +141,10 @@ class EngineStats(Message):
     rank_requests: list[int] = []  # requests placed on each rank since start
     idle_rank_steps: int = 0  # (step, rank) pairs where a rank had no tokens and only served the others
     kv_tiers: TierStats | None = None  # without kv_offload_memory or kv_disk_cache_dir: None
+    # Over the last reports of per-layer expert load (engine/expert_load.py): per MoE layer the
+    # most loaded rank over the mean rank, averaged over layers; and each rank's load, all layers.
+    moe_imbalance: float = 0.0
+    moe_window_rank_load: list[int] = []
 
 
 class EngineDead(Message):
@@ -211,6 +215,9 @@ class StepResult(Message):
     draft_ids: list[list[int]] = []  # empty when speculative decoding is off
     rank: int = 0
     routed_tokens: list[int] = []  # expert choices routed per expert (global ids) by this rank's tokens
+    # Every LOAD_REPORT_STEPS steps (engine/model_runner.py): the same per MoE layer since the last
+    # report, int32 [moe layers, experts] little-endian (bytes: cheap to send and to sum).
+    layer_load: bytes = b""
     logprobs: dict[str, list[TokenLogprobs]] = {}
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
     failed: dict[str, str] = {}  # requests the worker gave up on (a grammar too slow to match): the error

@@ -42,6 +42,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 # Host slots a disk tier stages its reads in when kv_offload_memory gives it none: the longest
 # prefix one request reads back from disk at once.
 DISK_STAGING_BLOCKS = 64
+# Steps between two reports of the per-layer expert load (engine/expert_load.py windows them).
+LOAD_REPORT_STEPS = 16
 # How long a step with nothing to compute waits for the disk reads a waiting request needs.
 AWAIT_READS_S = 0.05
 
@@ -110,6 +112,9 @@ class ModelRunner:
         self.mtp = MTPModule(self.cfg, weights, self.model).to(self.device) if self.num_spec else None
         modules = [*self.model.modules(), *(self.mtp.modules() if self.mtp is not None else ())]
         self.moes = [m for m in modules if isinstance(m, MoE)]  # found once, read every step
+        self._layer_load = torch.zeros(len(self.moes), self.cfg.n_routed_experts, dtype=torch.int64,
+                                       device=self.device)
+        self._steps_since_report = 0
         del weights
         if self.device.startswith("cuda"):
             # cuDNN's attention builds an execution plan for each new pair of query and key
@@ -231,7 +236,8 @@ class ModelRunner:
                 self.mtp.idle_forward()
         if plan.await_reads and self.tiers is not None:
             self.tiers.wait_for_reads(AWAIT_READS_S)
-        result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
+        result = StepResult(plan.step_id, rank=self.rank)
+        self._routed_tokens(result)
         if self.tiers is not None:
             self.tiers.report(result)
         if publish is not None:
@@ -250,7 +256,8 @@ class ModelRunner:
     def _result(self, plan: StepPlan, work: list[ScheduledWork], query_start: list[int], hidden: torch.Tensor,
                 sampled: dict[str, list[int]], drafts: dict[str, list[int]]) -> StepResult:
         """The step's tokens, drafts and prompt logprobs for each request that has any."""
-        result = StepResult(plan.step_id, rank=self.rank, routed_tokens=self._routed_tokens())
+        result = StepResult(plan.step_id, rank=self.rank)
+        self._routed_tokens(result)
         if self._grammar_failures:
             result.failed, self._grammar_failures = self._grammar_failures, {}
         if self.tiers is not None:
@@ -295,14 +302,22 @@ class ModelRunner:
         return speculative_sample(self.model.logits(hidden[index]), rows, row_drafts, sizes,
                                   self.cfg.eos_token_id, self.config.seed, self.history, masks)
 
-    def _routed_tokens(self) -> list[int]:
-        """Expert choices routed since the last step, per expert, summed over MoE layers."""
+    def _routed_tokens(self, result: StepResult) -> None:
+        """Expert choices routed since the last step, per expert, summed over MoE layers; and
+        every LOAD_REPORT_STEPS steps the per-layer counts since the last report (on the device
+        until then: one small read per step, as before, and one per report)."""
         if not self.moes:
-            return []
-        total = sum(m.routed_tokens for m in self.moes)
+            return
+        per_layer = torch.stack([m.routed_tokens for m in self.moes])
         for m in self.moes:
             m.routed_tokens.zero_()
-        return total.tolist()
+        self._layer_load += per_layer
+        result.routed_tokens = per_layer.sum(0).tolist()
+        self._steps_since_report += 1
+        if self._steps_since_report >= LOAD_REPORT_STEPS:
+            result.layer_load = self._layer_load.to(torch.int32).cpu().numpy().tobytes()
+            self._layer_load.zero_()
+            self._steps_since_report = 0
 
     def _prompt_logprobs(self, w: ScheduledWork, hidden: torch.Tensor) -> list[TokenLogprobs | None]:
         """Entries for the prompt tokens this chunk predicts (the first prompt token gets None)."""

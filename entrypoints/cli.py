@@ -22,7 +22,7 @@ def _train_demo(args: argparse.Namespace) -> int:
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from model.checkpoint_maker import make_checkpoint
 
-    out = make_checkpoint(args.preset, args.seed, args.out_dir)
+    out = make_checkpoint(args.preset, args.seed, args.out_dir, router_skew=args.router_skew)
     print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
     return 0
 
@@ -69,6 +69,9 @@ def _add_checkpoint_parsers(sub) -> None:
     mk.add_argument("--preset", choices=["tiny", "small", "demo"], default="tiny",
                     help="random weights in the preset's shape (`train-demo` trains the demo one)")
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--router-skew", type=float, default=0.0,
+                    help="tilt the routers towards the lowest-numbered experts by up to this much (uneven expert "
+                         "load on random weights, for expert-parallel balance benchmarks)")
     mk.add_argument("out_dir")
     mk.set_defaults(func=_make_checkpoint)
     tr = sub.add_parser("train-demo", help="train the embedded demo model (CPU, minutes) and write it")

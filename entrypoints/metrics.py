@@ -143,6 +143,15 @@ def _expert_load(stats):
     for e, n in enumerate(stats.routed_tokens):
         experts.add_metric([str(e)], n)
     yield experts
+    if stats.moe_window_rank_load:
+        yield _gauge("moe_imbalance", "Over the recent window of steps: per MoE layer the most loaded expert-parallel "
+                     "rank's routed token choices over the mean rank's, averaged over layers (1 = even).",
+                     stats.moe_imbalance)
+        window = GaugeMetricFamily(PREFIX + "moe_rank_load_window", "Token choices routed to each rank's experts "
+                                   "over the recent window of steps, all MoE layers.", labels=["rank"])
+        for r, n in enumerate(stats.moe_window_rank_load):
+            window.add_metric([str(r)], n)
+        yield window
     per_rank = len(stats.routed_tokens) // max(1, stats.num_ranks)
     ranks = CounterMetricFamily(PREFIX + "moe_rank_routed_tokens", "Token choices routed to each expert-parallel "
                                 "rank's experts.", labels=["rank"])

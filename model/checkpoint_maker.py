@@ -144,8 +144,11 @@ def preset_config(preset: str) -> dict[str, Any]:
     return {**_COMMON, **PRESETS[preset]}
 
 
-def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Float32 weights scaled so activations stay O(1) and logits are well separated."""
+def random_weights(cfg: ModelConfig, seed: int, router_skew: float = 0.0) -> dict[str, torch.Tensor]:
+    """Float32 weights scaled so activations stay O(1) and logits are well separated.
+    `router_skew` > 0 tilts every router's e_score_correction_bias towards the lowest-numbered
+    experts (by up to +-router_skew), so that routing is uneven on random weights, reproducibly:
+    the static expert-parallel ranges then load rank 0 most (benchmarks of expert balancing)."""
     gen = torch.Generator().manual_seed(seed)
     weights: dict[str, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}
@@ -158,6 +161,8 @@ def random_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
             t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
         elif spec.name.endswith("e_score_correction_bias"):
             t = 0.05 * torch.randn(spec.shape, generator=gen)
+            if router_skew:
+                t += router_skew * torch.linspace(1.0, -1.0, spec.shape[0])
         elif spec.name.endswith("embed_tokens.weight"):
             t = torch.randn(spec.shape, generator=gen)
         else:
@@ -211,13 +216,14 @@ def write_sharded(stored: dict[str, torch.Tensor], out_dir: Path, num_shards: in
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_checkpoint(preset: str, seed: int, out_dir: str | Path, overrides: dict[str, Any] | None = None) -> Path:
+def make_checkpoint(preset: str, seed: int, out_dir: str | Path, overrides: dict[str, Any] | None = None,
+                    router_skew: float = 0.0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = {**preset_config(preset), **(overrides or {})}
     cfg = ModelConfig.from_dict(raw)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
-    stored = encode_for_checkpoint(cfg, random_weights(cfg, seed))
+    stored = encode_for_checkpoint(cfg, random_weights(cfg, seed, router_skew))
     write_sharded(stored, out, SHARDS.get(preset, 3))
     write_tokenizer(out)
     return out

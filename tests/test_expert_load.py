@@ -1,0 +1,42 @@
+"""Per-layer expert load: the scheduler process's window (engine/expert_load.py), the workers'
+reports, and a checkpoint whose routers prefer some experts (make_checkpoint's router_skew)."""
+
+import numpy as np
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.expert_load import ExpertLoadWindow
+from model.checkpoint_maker import make_checkpoint
+
+
+def blob(rows) -> bytes:
+    return np.array(rows, dtype="<i4").tobytes()
+
+
+def test_the_window_sums_ranks_and_reports_and_forgets_the_oldest():
+    w = ExpertLoadWindow(num_ranks=2, window_reports=2)
+    assert w.imbalance() == 0.0 and w.rank_loads() is None
+    # 2 MoE layers x 4 experts; rank 0 holds experts 0-1, rank 1 experts 2-3.
+    w.add([blob([[3, 1, 0, 0], [1, 1, 1, 1]]), blob([[3, 1, 0, 0], [1, 1, 1, 1]])], 4)
+    assert w.rank_loads().tolist() == [[8, 0], [4, 4]]
+    assert w.imbalance() == pytest.approx((2.0 + 1.0) / 2)  # layer 0: 8 / 4; layer 1: even
+    w.add([blob([[0, 0, 4, 4], [0, 0, 0, 0]])], 4)
+    assert w.rank_loads().tolist() == [[8, 8], [4, 4]]
+    w.add([blob([[0, 0, 0, 0], [0, 0, 0, 0]])], 4)  # the first report leaves the window
+    assert w.rank_loads().tolist() == [[0, 8], [0, 0]]
+    assert w.imbalance() == pytest.approx(2.0)  # (the idle layer is left out)
+
+
+def _imbalance(checkpoint) -> tuple[float, list[int]]:
+    prompts = [[(7 * i + j) % 250 + 2 for j in range(24)] for i in range(8)]
+    with LLM(checkpoint, dtype="float32", block_size=16, kv_cache_memory=1 << 24, ep_size=2) as llm:
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+        stats = llm.stats()
+    return stats.moe_imbalance, stats.moe_window_rank_load
+
+
+def test_a_skewed_router_loads_the_first_rank_and_the_imbalance_shows_it(tiny_checkpoint, tmp_path):
+    even, even_loads = _imbalance(tiny_checkpoint)
+    skewed, skewed_loads = _imbalance(make_checkpoint("tiny", seed=0, out_dir=tmp_path, router_skew=0.2))
+    assert 1.0 <= even < 1.3 and len(even_loads) == 2
+    assert skewed > 1.5 and skewed_loads[0] > 3 * skewed_loads[1]
