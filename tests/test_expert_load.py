@@ -40,3 +40,30 @@ def test_a_skewed_router_loads_the_first_rank_and_the_imbalance_shows_it(tiny_ch
     skewed, skewed_loads = _imbalance(make_checkpoint("tiny", seed=0, out_dir=tmp_path, router_skew=0.2))
     assert 1.0 <= even < 1.3 and len(even_loads) == 2
     assert skewed > 1.5 and skewed_loads[0] > 3 * skewed_loads[1]
+
+
+@pytest.mark.parametrize("num_ranks,redundant", [(2, 2), (4, 4), (4, 8), (8, 8)])
+def test_placement_is_valid_and_evens_a_skewed_load(num_ranks, redundant):
+    from engine.eplb_placement import Placement, imbalance, place
+
+    rng = np.random.default_rng(num_ranks + redundant)
+    experts = 32
+    # Zipf-like loads in a random order, a layer at a time, the hottest expert far above the mean.
+    layers = np.stack([rng.permutation(1000.0 / np.arange(1, experts + 1) ** 1.1) for _ in range(4)])
+    static = Placement(list(range(experts)), [1] * experts, experts // num_ranks)
+    for load, p in zip(layers, place(layers, num_ranks, redundant)):
+        p.check(experts, num_ranks)
+        per_rank = [p.slot_expert[r * p.slots_per_rank : (r + 1) * p.slots_per_rank] for r in range(num_ranks)]
+        for s in per_rank:  # two copies of an expert on one rank only when it has more copies than ranks
+            assert all(s.count(e) <= -(-p.replicas[e] // num_ranks) for e in s), "needless copies on a rank"
+        before, after = imbalance(static.rank_loads(load)), imbalance(p.rank_loads(load))
+        assert after < before and after <= 1.1, (before, after)
+    with pytest.raises(ValueError, match="do not split evenly"):
+        place(layers, 3, 2)
+
+
+def test_placement_of_an_even_load_keeps_every_rank_even():
+    from engine.eplb_placement import imbalance, place_layer
+
+    p = place_layer([5.0] * 16, 4, 0)
+    assert sorted(p.slot_expert) == list(range(16)) and imbalance(p.rank_loads([5.0] * 16)) == 1.0

@@ -1,0 +1,74 @@
+"""Where each expert's copies go: a placement of E logical experts on N ranks with R redundant
+slots (E + R physical slots, the same number per rank), from each expert's measured load, in the
+manner of DeepSeek's published EPLB: the heaviest experts get the extra replicas (each time to the
+expert whose load per replica is highest), then the replicas are packed onto the ranks heaviest
+first, each to the least loaded rank that still has a free slot and no copy of that expert.
+Tokens of an expert with several replicas are assumed to split evenly among them.
+
+Pure Python and numpy: the scheduler process computes it (issue 33's placement step; routing to
+the replicas and moving weights between ranks are not built yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Placement:
+    """One MoE layer's placement: slot s (rank s // slots_per_rank) holds logical expert
+    slot_expert[s]; expert e has replicas[e] copies."""
+    slot_expert: list[int]
+    replicas: list[int]
+    slots_per_rank: int
+
+    def rank_loads(self, load: np.ndarray) -> np.ndarray:
+        """Each rank's share of `load` (per logical expert) under this placement."""
+        share = np.asarray(load, dtype=np.float64) / np.asarray(self.replicas)
+        per_slot = share[np.asarray(self.slot_expert)]
+        return per_slot.reshape(-1, self.slots_per_rank).sum(axis=1)
+
+    def check(self, num_experts: int, num_ranks: int) -> None:
+        """Raises AssertionError unless this is a valid placement."""
+        assert len(self.slot_expert) == num_ranks * self.slots_per_rank, "slots per rank differ"
+        held = np.bincount(self.slot_expert, minlength=num_experts)
+        assert held.tolist() == list(self.replicas), "replica counts differ from the slots"
+        assert min(self.replicas) >= 1, "an expert has no replica"
+
+
+def place_layer(load, num_ranks: int, num_redundant: int) -> Placement:
+    load = np.asarray(load, dtype=np.float64)
+    experts = len(load)
+    slots = experts + num_redundant
+    if slots % num_ranks:
+        raise ValueError(f"{experts} experts + {num_redundant} redundant slots do not split evenly over "
+                         f"{num_ranks} ranks")
+    per_rank = slots // num_ranks
+    replicas = np.ones(experts, dtype=np.int64)
+    for _ in range(num_redundant):
+        replicas[int(np.argmax(load / replicas))] += 1
+    # Replicas heaviest first (ties: lower expert id first, so the result is deterministic).
+    items = sorted(((load[e] / replicas[e], e) for e in range(experts) for _ in range(replicas[e])),
+                   key=lambda item: (-item[0], item[1]))
+    rank_load = np.zeros(num_ranks)
+    rank_slots: list[list[int]] = [[] for _ in range(num_ranks)]
+    for weight, e in items:
+        open_ranks = [r for r in range(num_ranks) if len(rank_slots[r]) < per_rank]
+        fresh = [r for r in open_ranks if e not in rank_slots[r]] or open_ranks
+        r = min(fresh, key=lambda r: (rank_load[r], r))
+        rank_slots[r].append(e)
+        rank_load[r] += weight
+    return Placement([e for r in rank_slots for e in r], replicas.tolist(), per_rank)
+
+
+def place(layer_loads, num_ranks: int, num_redundant: int) -> list[Placement]:
+    """A placement per MoE layer from the window's [layers, experts] counts."""
+    return [place_layer(row, num_ranks, num_redundant) for row in np.asarray(layer_loads)]
+
+
+def imbalance(rank_loads: np.ndarray) -> float:
+    """Most loaded rank over the mean rank (1.0: even; 0.0 when nothing was routed)."""
+    mean = float(np.mean(rank_loads))
+    return float(np.max(rank_loads)) / mean if mean > 0 else 0.0
