@@ -28,7 +28,7 @@ into host memory and disk. Host hits load into fresh blocks with the admitting s
 with blocks on disk leaves the queue while the worker reads them into host memory (the batch goes
 on) and comes back to its front when the reads are in; a read that fails is a miss. The cached
 blocks an allocation evicts are copied down (planned at once, so a later lookup in the same
-step finds them below).
+step finds them below). That half: scheduler/tier_admission.py.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from scheduler.completion_groups import CompletionGroups
 from scheduler.results import SchedulerResults
 from scheduler.step import ScheduledStep, SchedulerConfig, SchedulerCounters
 from scheduler.stop_rules import tokens_left
+from scheduler.tier_admission import TierAdmission
 from scheduler.waiting_queue import waiting_queue
 
 
@@ -53,7 +54,7 @@ def _priority_order(req: Request) -> tuple[int, int]:
     return req.priority, req.arrival_order
 
 
-class Scheduler(SchedulerResults):
+class Scheduler(SchedulerResults, TierAdmission):
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, tiers: PrefixTiers | None = None):
         self.config = config
         self.blocks = blocks
@@ -212,37 +213,6 @@ class Scheduler(SchedulerResults):
         req.new_blocks.extend(new)
         return True
 
-    def _spill(self, step: ScheduledStep) -> None:
-        """What allocation evicted goes down at once, so that a lookup later in this step finds
-        it in host memory (the worker copies down before it loads)."""
-        if self.blocks.evicted:
-            self.tiers.spill(self.blocks.evicted, step.plan)
-            self.blocks.evicted.clear()
-
-    def _read_first(self, step: ScheduledStep, budget: int) -> bool:
-        """With nothing running, the requests this step would admit look for their blocks below
-        first; when some must be read from disk this step admits none and only waits for the
-        reads (a short while), and the next admits them all: requests that arrive together start
-        together, a request that could start at once waiting a read rather than the others a
-        whole prefill step. Once only: the next step admits whoever is ready (the worker waits
-        for the reads up to 50 ms in this one). With a batch running nothing waits for a read."""
-        if self.running or self.tiers is None or not self.waiting:
-            return False
-        parked, admitted = [], 0
-        for req in itertools.islice(self.waiting, self.config.max_num_seqs):
-            if admitted >= budget:
-                break
-            if req.num_pending or req.block_table or req.tier_loads:
-                continue
-            if self._apply_prefix_hit(req, step, probe=True):
-                admitted += req.num_tokens  # (a bound: its hit is not subtracted)
-            else:
-                parked.append(req)
-        for req in parked:
-            self.waiting.remove(req)
-            self._loading.append(req)
-        return bool(parked)
-
     def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
@@ -354,71 +324,6 @@ class Scheduler(SchedulerResults):
         req.block_hashes = hashes + [h for h, _, _ in more]
         req.num_computed = (len(hit) + len(more)) * self.blocks.block_size
         return True
-
-    def _park(self, req: Request, keys: list[bytes]) -> None:
-        """req waits out of the queue for the reads of `keys` (pinned: until it is back)."""
-        tiers = self.tiers
-        tiers.unpin(req.tier_pins)
-        req.tier_pins = keys
-        req.tier_wait = {h for h in keys if not tiers.is_ready(h)}
-        req.tier_from_disk.update(req.tier_wait)
-        if not req.tier_wait_since:
-            req.tier_wait_since = time.perf_counter()
-
-    def _unpark(self, req: Request) -> None:
-        """Drops what req pinned while it waited for reads."""
-        if req.tier_pins:
-            self.tiers.unpin(req.tier_pins)
-            req.tier_pins = []
-        req.tier_wait = set()
-
-    def _load_from_tiers(self, req: Request, new: list[int], step: ScheduledStep) -> list[int]:
-        """Fresh blocks take req's host hits at their places in its table (copied in before the
-        step runs); returns the new blocks left for the rest of its tokens."""
-        plan, tiers, bs = step.plan, self.tiers, self.blocks.block_size
-        c = tiers.counters
-        table, pooled, fresh = [], iter(req.block_table), iter(new)
-        loads = {pos: (h, tokens) for pos, h, tokens in req.tier_loads}
-        for pos in range(len(req.block_table) + len(loads)):
-            if pos not in loads:
-                table.append(next(pooled))
-                continue
-            block = next(fresh)
-            h, tokens = loads[pos]
-            table.append(block)
-            plan.load_slots.append(tiers.slot(h))
-            plan.load_blocks.append(block)
-            self.blocks.register(block, h, tokens)
-            if h in req.tier_from_disk:
-                c.disk_hit_tokens += bs
-            else:
-                c.host_hit_tokens += bs
-        c.blocks_up += len(loads)
-        req.block_table = table
-        req.tier_loads = []
-        req.tier_from_disk = set()
-        if req.tier_wait_since:
-            c.load_waits.append(time.perf_counter() - req.tier_wait_since)
-            req.tier_wait_since = 0.0
-        return list(fresh)
-
-    def on_tier_result(self, result) -> None:
-        """Folds the worker's tier news in; requests whose reads are all in go back to the front."""
-        self.tiers.on_result(result)
-        if not self._loading or not (result.reads_done or result.reads_failed):
-            return
-        failed = set(result.reads_failed)
-        back = []
-        for req in self._loading:
-            if failed:
-                req.tier_pins = [h for h in req.tier_pins if h not in failed]
-            req.tier_wait.difference_update(result.reads_done)
-            req.tier_wait.difference_update(failed)
-            if not req.tier_wait:
-                back.append(req)
-        for req in reversed(back):
-            self._loading.remove(req)
-            self.waiting.appendleft(req)
 
     def _count_prompt(self, req: Request) -> None:
         """At first admission (a request that found no room is looked up again next step)."""
