@@ -87,7 +87,7 @@ class TierStore:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="mlaserve-tier-writes")
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="mlaserve-tier-reads")
         self._reads_queued = 0
-        self._slot_writes: dict[int, Future] = {}  # pending disk writes out of a host slot
+        self._slot_writes: dict[int, tuple[Future, bytes]] = {}  # pending disk writes out of a slot, and their keys
         self._lock = threading.Condition()
         self._reads_done: list[bytes] = []
         self._reads_failed: list[bytes] = []
@@ -143,8 +143,7 @@ class TierStore:
         bs = self.block_size
         for i, (key, slot) in enumerate(zip(plan.write_keys, plan.write_slots)):
             tokens = plan.write_tokens[i * bs : (i + 1) * bs]
-            write = self._slot_writes[slot] = self._io.submit(self._write, key, slot, tokens, self._last_copy)
-            write.key = key
+            self._slot_writes[slot] = (self._io.submit(self._write, key, slot, tokens, self._last_copy), key)
         for key in plan.delete_keys:
             self._io.submit(self._delete, key)
         for i, (key, slot) in enumerate(zip(plan.read_keys, plan.read_slots)):
@@ -160,10 +159,11 @@ class TierStore:
         pending = self._slot_writes.pop(slot, None)
         if pending is None:
             return
-        if pending.cancel():
-            self._failed_write(pending.key)
+        write, key = pending
+        if write.cancel():
+            self._failed_write(key)
         else:
-            pending.result()
+            write.result()
 
     def _copy_on_stream(self, plan: StepPlan) -> None:
         """CUDA: gathers and scatters on the copy stream (host slots are pinned); the forward's
