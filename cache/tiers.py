@@ -3,7 +3,8 @@ worker's host memory and its disk hold, and the copies each step plans between t
 pool. Pure Python, like the block manager: the worker (cache/tier_store.py) holds the bytes.
 
 - Host tier: `host_blocks` slots, least recently used first out. A cached block that the pool
-  evicts is copied into a slot; the worker copies it before the step that reuses the block runs.
+  evicts is copied into a slot (with a disk tier, already when its last reference goes: the
+  block manager records both); the worker copies it before the step that reuses the block runs.
 - Disk tier: `disk_blocks` files, LRU too. Every block copied down is also written to disk from
   its slot (write-through), so dropping a host slot later loses nothing. A disk hit is read back
   into a host slot on the worker's I/O thread; its request waits outside the queue until the
