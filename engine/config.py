@@ -50,10 +50,13 @@ class EngineConfig:
                                      "least recently used block files go first")
     seed: int = option(0, "the engine's seed (requests without a seed of their own sample from it)")
     device: str = option("auto", "auto (cuda when torch sees a GPU), cpu or cuda[:N]")
-    num_speculative_tokens: int = option(0, "MTP draft tokens verified per decode step (1-3; 0: no speculative "
-                                         "decoding)")
-    async_scheduling: bool = option(True, "plan step N+1 while the worker runs step N (off with speculative "
-                                    "decoding, whose next plan needs this step's drafts)",
+    num_speculative_tokens: int = option(0, "MTP draft tokens verified per decode step, at most (1-3; 0: no "
+                                         "speculative decoding)")
+    speculative_draft_policy: str = option("adaptive", "adaptive: the engine picks each step's draft length "
+                                           "(0 to num_speculative_tokens) and each request's from measured cost "
+                                           "and acceptance (scheduler/spec_policy.py); fixed: always "
+                                           "num_speculative_tokens", choices=("adaptive", "fixed"))
+    async_scheduling: bool = option(True, "plan step N+1 while the worker runs step N",
                                     flag="--no-async-scheduling")
     cuda_graphs: bool = option(False, "replay decode steps from CUDA graphs (engine/decode_graphs.py; the GPU "
                                "kernel path without expert parallelism or speculative decoding; ignored "
@@ -111,6 +114,9 @@ class EngineConfig:
                              f"0.5 s), got {self.worker_heartbeat_timeout_s}")
         if not 0 <= self.num_speculative_tokens <= 3:
             raise ValueError(f"num_speculative_tokens must be 0 (off) to 3, got {self.num_speculative_tokens}")
+        if self.speculative_draft_policy not in ("adaptive", "fixed"):
+            raise ValueError(f"speculative_draft_policy must be 'adaptive' or 'fixed', got "
+                             f"{self.speculative_draft_policy!r}")
 
     @property
     def tiered_prefix_cache(self) -> bool:

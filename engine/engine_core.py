@@ -46,6 +46,7 @@ from engine.request import Request
 from engine.request_input import prompt_problem
 from engine.sampling_params import completion_params
 from scheduler.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from scheduler.spec_policy import SpecPolicy
 
 # A rank that holds a prompt's prefix takes it while it has at most this share more requests (plus
 # one) than the least loaded rank.
@@ -61,6 +62,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig, readies: list[WorkerReady], eos_token_id: int | None, worker) -> None:
         readies = sorted(readies, key=lambda r: r.rank)
         self.ready = readies[0]
+        k = config.num_speculative_tokens
+        self.spec = SpecPolicy(k, adaptive=config.speculative_draft_policy == "adaptive") if k else None
         self.vocab_size = self.ready.vocab_size
         self.max_model_len = self.ready.max_model_len
         self.schedulers = [
@@ -69,13 +72,12 @@ class EngineCore:
                       BlockManager(r.num_blocks, config.block_size, config.enable_prefix_caching,
                                    record_evictions=bool(r.host_blocks), record_releases=bool(r.disk_blocks)),
                       PrefixTiers(r.host_blocks, r.disk_blocks, config.block_size, r.disk_keys)
-                      if r.host_blocks else None)
+                      if r.host_blocks else None, self.spec)
             for r in readies]
         # callable: [StepPlan per rank] -> [StepResult per rank]; one with send/collect (workers
         # behind sockets) can have a step in flight while the next is planned.
         self.worker = worker
-        self.pipelined = (config.async_scheduling and not config.num_speculative_tokens
-                          and hasattr(worker, "send"))
+        self.pipelined = config.async_scheduling and hasattr(worker, "send")
         self._in_flight: list[ScheduledStep] | None = None
         self.metrics = EngineMetrics()
         self.rank_of: dict[str, int] = {}
@@ -214,6 +216,8 @@ class EngineCore:
         return deltas
 
     def _schedule(self) -> list[ScheduledStep]:
+        if self.spec is not None:
+            self.spec.plan()
         steps = [s.schedule() for s in self.schedulers]
         if len(steps) > 1 and any(st.scheduled for st in steps):
             for st in steps:  # a rank waiting for disk reads must not hold up the others' step
@@ -232,6 +236,8 @@ class EngineCore:
         for s, st, result in zip(self.schedulers, steps, results):
             deltas.extend(s.update(st, result))
             self._count_routed(result.routed_tokens)
+        if self.spec is not None and results:
+            self._measure_spec(steps, results)
         if results and results[0].layer_load:  # (every rank reports in the same steps)
             self.expert_load.add([r.layer_load for r in results], len(results[0].routed_tokens))
             if s.tiers is not None and s.tiers.counters.load_waits:
@@ -244,6 +250,14 @@ class EngineCore:
             self.metrics.on_step(time.perf_counter() - start, sum(len(st.scheduled) for st in steps))
         self.metrics.on_deltas(deltas)
         return deltas
+
+    def _measure_spec(self, steps: list[ScheduledStep], results: list[StepResult]) -> None:
+        """The step's cost as the slowest rank saw it, for the draft-length policy."""
+        i = max(range(len(results)), key=lambda r: results[r].forward_seconds + sum(results[r].draft_seconds))
+        st, r = steps[i], results[i]
+        if st.scheduled and r.forward_seconds > 0:
+            self.spec.on_step(st.num_tokens, st.num_sampling, sum(st.drafts.values()), r.forward_seconds,
+                              r.draft_rows, r.draft_seconds)
 
     def _count_routed(self, counts: list[int]) -> None:
         if not counts:
@@ -271,6 +285,8 @@ class EngineCore:
             num_blocks=sum(s.blocks.num_blocks for s in ss), metrics=self.metrics.snapshot(),
             spec_num_drafts=total("spec_num_drafts"), spec_draft_tokens=total("spec_draft_tokens"),
             spec_accepted_tokens=total("spec_accepted_tokens"), spec_accepted_per_pos=per_pos,
+            spec_draft_lengths=[sum(col) for col in zip(*(c.spec_draft_lengths for c in cs))],
+            spec_step_draft_length=self.spec.step_drafts if self.spec is not None else 0,
             routed_tokens=list(self.routed_tokens), num_ranks=len(ss), rank_running=[len(s.running) for s in ss],
             rank_requests=list(self.rank_requests),
             idle_rank_steps=self.idle_rank_steps, kv_tiers=self._tier_stats(),

@@ -135,6 +135,8 @@ class EngineStats(Message):
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = []
+    spec_draft_lengths: list[int] = []  # [k + 1]: sampling steps of a request that proposed d drafts
+    spec_step_draft_length: int = 0  # the draft length the policy chose for the latest step
     routed_tokens: list[int] = []  # per routed expert, since start, summed over MoE layers and ranks
     num_ranks: int = 1
     rank_running: list[int] = []  # requests running per expert-parallel rank
@@ -202,6 +204,12 @@ class StepPlan(Message):
     read_slots: list[int] = []
     read_tokens: list[int] = []
     await_reads: bool = False
+    # Speculative decoding (scheduler/spec_policy.py): after this step, each request that samples
+    # proposes up to num_drafts MTP drafts, or draft_caps[req_id] where that is lower. 0: the MTP
+    # layer does not run this step. Expert-parallel ranks all get the same num_drafts (their MTP
+    # passes meet in the same collectives).
+    num_drafts: int = 0
+    draft_caps: dict[str, int] = {}
 
 
 class StepResult(Message):
@@ -225,6 +233,11 @@ class StepResult(Message):
     reads_failed: list[bytes] = []  # missing, truncated, corrupt or foreign files: misses
     writes_failed: list[bytes] = []  # disk writes that did not happen (a full disk)
     tier_copy_seconds: float = 0.0  # time this step spent copying between the pool and host slots
+    # The step's time in the main model (forward and sampling), and the rows and time of each
+    # MTP drafting pass after it: what the draft-length policy's cost model learns from.
+    forward_seconds: float = 0.0
+    draft_rows: list[int] = []
+    draft_seconds: list[float] = []
 
 
 class WorkerReady(Message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -211,12 +212,20 @@ class ModelRunner:
             self.cache.copy_blocks(plan.copy_src, plan.copy_dst)
         if not work:
             return self._idle_step(plan, publish)
+        started = time.perf_counter()
         query_start, hidden = self._forward(work)
         due = [i for i, w in enumerate(work) if w.samples]
-        emitted, logprobs = self._sample(work, due, query_start, hidden)
+        emitted, logprobs = self._sample(work, due, query_start, hidden)  # (its .tolist() waits for the device)
         sampled = {work[i].req.req_id: toks for i, toks in zip(due, emitted)}
-        drafts = self.proposer.propose(work, query_start, hidden, sampled) if self.proposer is not None else {}
+        forwarded = time.perf_counter()
+        drafts = {}
+        if self.proposer is not None:
+            drafts = self.proposer.propose(work, query_start, hidden, sampled, plan.num_drafts)
         result = self._result(plan, work, query_start, hidden, sampled, drafts)
+        result.forward_seconds = forwarded - started
+        if self.proposer is not None and self.proposer.passes:
+            result.draft_rows = [rows for rows, _ in self.proposer.passes]
+            result.draft_seconds = [seconds for _, seconds in self.proposer.passes]
         for i, lp in zip(due, logprobs):
             if lp:
                 result.logprobs[work[i].req.req_id] = lp
@@ -232,7 +241,7 @@ class ModelRunner:
     def _idle_step(self, plan: StepPlan, publish: Callable[[StepResult], None] | None) -> StepResult:
         if self.model.ep is not None:  # the other ranks' tokens still need this rank's experts
             self.model.idle_forward()
-            for _ in range(self.num_spec):
+            for _ in range(min(plan.num_drafts, self.num_spec)):
                 self.mtp.idle_forward()
         if plan.await_reads and self.tiers is not None:
             self.tiers.wait_for_reads(AWAIT_READS_S)

@@ -29,6 +29,12 @@ class Request:
         self.block_hashes: list[bytes] = []  # chain of hashes of the full, verified blocks
         self.new_blocks: list[int] = []  # allocated since the worker last heard of this request
         self.spec_token_ids: list[int] = []  # drafts the worker proposed, verified at the next decode
+        # Drafts the worker will hold for the next verification: those the last planned sampling
+        # step asks for (a bound while it is in flight), then those it proposed.
+        self.num_proposed = 0
+        self.num_unverified = 0  # drafts of steps in flight: the worker's position may be ahead by this many
+        self.draft_hits = 0.0  # decayed counts of its accepted drafts and of its draft trials
+        self.draft_trials = 0.0  # (scheduler/spec_policy.py)
         self.status = Status.WAITING
         self.on_worker = False  # whether the worker holds this request's state
         self.num_cached_tokens = 0  # prefix-cache hit at first admission

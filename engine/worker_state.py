@@ -30,16 +30,20 @@ class ScheduledWork:
     """One request's share of a step. Its counts are fixed when the plan is applied (they are
     read many times per step, before `advance` moves the request on)."""
 
-    __slots__ = ("req", "num_tokens", "num_known", "num_drafts", "samples")
+    __slots__ = ("req", "num_tokens", "num_known", "num_drafts", "samples", "propose")
 
-    def __init__(self, req: WorkerRequest, num_tokens: int):
+    def __init__(self, req: WorkerRequest, num_tokens: int, propose: int = 0):
         self.req = req
-        self.num_tokens = num_tokens  # known tokens to compute, then drafts to verify
         unknown = len(req.token_ids) - req.num_computed
         self.num_known = num_tokens if num_tokens < unknown else unknown
-        self.num_drafts = num_tokens - self.num_known
+        # The plan's count of drafts is a bound: planned while the step before was in flight
+        # (asynchronous scheduling), it could not know how many that step would propose.
+        drafts = num_tokens - self.num_known
+        self.num_drafts = drafts if drafts <= len(req.draft_ids) else len(req.draft_ids)
+        self.num_tokens = self.num_known + self.num_drafts  # known tokens to compute, then drafts to verify
         # Whether this chunk reaches the end of the known tokens, so a next token is due.
         self.samples = num_tokens >= unknown
+        self.propose = propose  # drafts to propose after this step (StepPlan.num_drafts, capped)
 
     @property
     def tokens(self) -> list[int]:
@@ -55,17 +59,18 @@ class WorkerState:
         for req_id in plan.finished_ids:
             self.requests.pop(req_id, None)
         work = []
+        propose, caps = plan.num_drafts, plan.draft_caps
         for n in plan.new:
             req = WorkerRequest(n.req_id, n.prompt_ids + n.output_ids, len(n.prompt_ids), n.params,
                                 list(n.block_ids), n.num_computed)
             self.requests[n.req_id] = req
-            work.append(ScheduledWork(req, n.num_scheduled))
+            work.append(ScheduledWork(req, n.num_scheduled, caps.get(n.req_id, propose) if caps else propose))
         requests = self.requests
         for req_id, n, blocks in zip(plan.running_ids, plan.running_num_scheduled, plan.running_new_blocks):
             req = requests[req_id]
             if blocks:
                 req.block_table.extend(blocks)
-            work.append(ScheduledWork(req, n))
+            work.append(ScheduledWork(req, n, caps.get(req_id, propose) if caps else propose))
         return work
 
     @staticmethod

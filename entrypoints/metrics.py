@@ -107,6 +107,17 @@ def _spec_decode(stats):
     for pos, n in enumerate(stats.spec_accepted_per_pos):
         per_pos.add_metric([str(pos)], n)
     yield per_pos
+    if stats.spec_draft_lengths:
+        buckets, cumulative = [], 0
+        for d, n in enumerate(stats.spec_draft_lengths):
+            cumulative += n
+            buckets.append((repr(float(d)), cumulative))
+        buckets.append(("+Inf", cumulative))
+        yield HistogramMetricFamily(PREFIX + "spec_decode_draft_length", "Drafts a request proposed at a sampling "
+                                    "step, as the draft-length policy chose (0: none).", buckets=buckets,
+                                    sum_value=float(sum(d * n for d, n in enumerate(stats.spec_draft_lengths))))
+        yield _gauge("spec_decode_step_draft_length", "The draft length the policy chose for the latest step.",
+                     stats.spec_step_draft_length)
 
 
 def _kv_tiers(t):

@@ -47,6 +47,9 @@ class SchedulerResults:
             req = in_step.get(req_id)
             if req is None or req.status is finished:
                 continue  # aborted, or ended while a step already sent ran
+            planned = drafts.get(req_id, 0) if drafts else 0
+            if planned:
+                req.num_unverified -= planned
             if token_ids:
                 # (A request preempted while its step ran is waiting now: its tokens count all
                 # the same, and it is readmitted once they are in.)
@@ -58,9 +61,16 @@ class SchedulerResults:
                 req.first_token_time = now
             accepted, reason = append_until_stop(req.token_ids, token_ids, req.num_prompt_tokens, req.params,
                                                  eos, max_len)
-            if drafts and req_id in drafts:
-                self._count_verified(req, drafts[req_id], len(token_ids) - 1)
-            req.spec_token_ids = new_drafts
+            if req.status is running:
+                if planned:
+                    # The worker verified what it held, which the plan bounded: the drafts the
+                    # step before this one proposed.
+                    verified = min(planned, len(req.spec_token_ids))
+                    if verified:
+                        self._count_verified(req, verified, min(len(token_ids) - 1, verified))
+                req.spec_token_ids = new_drafts
+                if not req.num_pending and token_ids:  # no later sampling step is in flight
+                    req.num_proposed = len(new_drafts)
             if reason:
                 self._finish(req, reason)
             counters.generation_tokens += len(accepted)
@@ -110,6 +120,8 @@ class SchedulerResults:
         c.spec_accepted_tokens += num_accepted
         for j in range(num_accepted):
             c.spec_accepted_per_pos[j] += 1
+        if self.spec is not None:
+            self.spec.on_verified(req, num_drafts, num_accepted)
 
     def _fill_delta(self, delta: RequestDelta, req: Request) -> RequestDelta:
         delta.num_prompt_tokens = req.num_prompt_tokens

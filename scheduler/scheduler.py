@@ -44,6 +44,7 @@ from engine.messages import WORKER_GRAMMARS, NewRequestPlan, StepPlan
 from engine.request import Request, Status
 from scheduler.completion_groups import CompletionGroups
 from scheduler.results import SchedulerResults
+from scheduler.spec_policy import SpecPolicy
 from scheduler.step import ScheduledStep, SchedulerConfig, SchedulerCounters
 from scheduler.stop_rules import tokens_left
 from scheduler.tier_admission import TierAdmission
@@ -55,7 +56,8 @@ def _priority_order(req: Request) -> tuple[int, int]:
 
 
 class Scheduler(SchedulerResults, TierAdmission):
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, tiers: PrefixTiers | None = None):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, tiers: PrefixTiers | None = None,
+                 spec: SpecPolicy | None = None):
         self.config = config
         self.blocks = blocks
         self.tiers = tiers
@@ -66,7 +68,10 @@ class Scheduler(SchedulerResults, TierAdmission):
         self._by_priority = config.policy == "priority"
         self._arrivals = itertools.count()
         self.requests: dict[str, Request] = {}
-        self.counters = SchedulerCounters(spec_accepted_per_pos=[0] * config.num_speculative_tokens)
+        k = config.num_speculative_tokens
+        self.counters = SchedulerCounters(spec_accepted_per_pos=[0] * k, spec_draft_lengths=[0] * (k + 1))
+        # The draft lengths (EngineCore shares one policy between ranks and plans it each step).
+        self.spec = spec if spec is not None or not k else SpecPolicy(k, adaptive=False)
         # Slots past the scheduled tokens that the worker's chained drafting writes (MTP layer).
         self._lookahead = config.num_speculative_tokens
         self._dropped: list[str] = []  # ids the worker must forget at the next step
@@ -125,6 +130,8 @@ class Scheduler(SchedulerResults, TierAdmission):
     def schedule(self) -> ScheduledStep:
         self._step_id += 1
         step = ScheduledStep(StepPlan(step_id=self._step_id))
+        if self.spec is not None:
+            step.plan.num_drafts = self.spec.step_drafts
         budget = self.config.max_num_batched_tokens
         if self.tiers is not None:
             self._spill(step)  # (blocks released since the last step, with a disk tier)
@@ -153,10 +160,11 @@ class Scheduler(SchedulerResults, TierAdmission):
             if req.num_pending and self._done_when_pending_arrive(req):
                 i += 1
                 continue
-            n = missing + len(req.spec_token_ids)
+            n = missing + req.num_proposed
             if n > budget:
                 n = budget
-            if req.num_computed + n + lookahead > len(req.block_table) * bs:  # the uncommon case
+            # (the worker may be ahead by the accepted drafts of a step in flight)
+            if req.num_computed + req.num_unverified + n + lookahead > len(req.block_table) * bs:  # uncommon
                 if self._end_if_unservable(req, n):
                     continue
                 if not self._grow(req, n, step):
@@ -164,9 +172,10 @@ class Scheduler(SchedulerResults, TierAdmission):
             known = n
             if n > missing:
                 step.drafts[req.req_id] = n - missing
+                req.num_unverified += n - missing
                 known = missing
             self._add_to_plan(step, req, n)
-            self._account(req, known)
+            self._account(req, known, step)
             budget -= n
             i += 1
         return budget
@@ -176,9 +185,10 @@ class Scheduler(SchedulerResults, TierAdmission):
         return tokens_left(req.params.max_tokens, req.num_prompt_tokens, len(req.token_ids) + req.num_pending,
                            self.config.max_model_len) <= 0
 
-    def _account(self, req: Request, known: int) -> None:
+    def _account(self, req: Request, known: int, step: ScheduledStep) -> None:
         """The step's known tokens (not its drafts) count as computed from now; a step that
-        reaches the end of what is known samples, and its token is pending until the result."""
+        reaches the end of what is known samples, and its token is pending until the result.
+        A sampling step also proposes the drafts the next one verifies."""
         computed = req.num_computed
         if computed < req.num_prompt_tokens:
             self.counters.computed_prompt_tokens += min(known, req.num_prompt_tokens - computed)
@@ -186,11 +196,21 @@ class Scheduler(SchedulerResults, TierAdmission):
         req.num_computed = computed
         if computed >= len(req.token_ids) + req.num_pending:
             req.num_pending += 1
+            step.num_sampling += 1
+            if self.spec is not None:
+                d = self.spec.drafts_for(req)
+                req.num_proposed = d
+                self.counters.spec_draft_lengths[d] += 1
+                if d < step.plan.num_drafts:
+                    step.plan.draft_caps[req.req_id] = d
+        else:
+            req.num_proposed = 0
 
     def _end_if_unservable(self, req: Request, n: int) -> bool:
         """A request whose next step needs more blocks than the whole pool (a long generation)
         ends with "length" rather than preempting itself, or blocking the queue, forever."""
-        if self.blocks.blocks_for(req.num_computed + n + self._lookahead) <= self.blocks.num_blocks:
+        reach = req.num_computed + req.num_unverified + n + self._lookahead
+        if self.blocks.blocks_for(reach) <= self.blocks.num_blocks:
             return False
         self._finish(req, "length")
         self._unreported.append(req)
@@ -198,7 +218,8 @@ class Scheduler(SchedulerResults, TierAdmission):
 
     def _grow(self, req: Request, n: int, step: ScheduledStep) -> bool:
         """Makes req's table hold num_computed + n tokens, preempting from the back if needed."""
-        need = self.blocks.blocks_for(req.num_computed + n + self._lookahead) - len(req.block_table)
+        need = self.blocks.blocks_for(req.num_computed + req.num_unverified + n + self._lookahead) \
+            - len(req.block_table)
         if need > self.blocks.num_free and self.groups.pinning:
             self.groups.unpin_tails()
         while need > self.blocks.num_free:
@@ -253,7 +274,7 @@ class Scheduler(SchedulerResults, TierAdmission):
                 self._count_prompt(req)
             self._run(req)
             self._add_to_plan(step, req, n)
-            self._account(req, n)
+            self._account(req, n, step)
             budget -= n
 
     def _run(self, req: Request) -> None:
@@ -364,6 +385,7 @@ class Scheduler(SchedulerResults, TierAdmission):
         req.block_table = []
         req.tier_loads = []
         req.spec_token_ids = []
+        req.num_proposed = 0  # (num_unverified stays: a step in flight still folds its drafts in)
         req.block_hashes = []
         req.new_blocks = []
         req.num_computed = 0

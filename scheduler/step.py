@@ -33,13 +33,15 @@ class SchedulerCounters:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = field(default_factory=list)  # [k]: accepted at draft position j
+    spec_draft_lengths: list[int] = field(default_factory=list)  # [k + 1]: sampling steps proposing d drafts
 
 
 @dataclass
 class ScheduledStep:
     plan: StepPlan
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
-    drafts: dict[str, int] = field(default_factory=dict)  # req id -> draft tokens verified this step
+    drafts: dict[str, int] = field(default_factory=dict)  # req id -> drafts verified this step (at most)
+    num_sampling: int = 0  # requests whose step samples
 
     @property
     def num_tokens(self) -> int:

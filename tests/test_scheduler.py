@@ -10,6 +10,7 @@ from engine.request import Request, Status
 from engine.sampling_params import SamplingParams
 from engine.worker_state import WorkerState
 from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.spec_policy import SpecPolicy
 
 EOS = 1
 
@@ -343,28 +344,59 @@ def test_random_traffic_keeps_every_invariant(seed):
         assert sum(c.spec_accepted_per_pos) == c.spec_accepted_tokens
 
 
-def sample_step(worker: WorkerState, step, rng: random.Random, vocab=50, cache=None, block_size=0) -> StepResult:
-    """The fake model runs one plan (no speculation)."""
+def sample_step(worker: WorkerState, step, rng: random.Random, vocab=50, cache=None, block_size=0,
+                spec=0) -> StepResult:
+    """The fake model runs one plan. With speculation (up to `spec` drafts) it verifies the
+    drafts it holds (as many as the plan bounds), accepts a random prefix of them and proposes
+    as many as the plan asks of each request."""
     work = worker.apply(step.plan)
     if cache is not None:
         write_and_check_cache(step.plan, work, cache, block_size)
-    sampled = {w.req.req_id: [rng.randrange(vocab)] for w in work if w.samples}
-    WorkerState.advance(work, sampled)
-    return StepResult(step.plan.step_id, list(sampled), list(sampled.values()))
+    sampled, drafts = {}, {}
+    for w in work:
+        if w.samples:
+            verified = w.tokens[w.num_known:]
+            assert verified == w.req.draft_ids[: w.num_drafts] and w.propose <= step.plan.num_drafts <= spec
+            emitted = sampled[w.req.req_id] = verified[: rng.randint(0, len(verified))] + [rng.randrange(vocab)]
+            drafts[w.req.req_id] = [rng.randrange(vocab) for _ in range(w.propose)]
+            # The MTP layer's chained drafting writes past the verified tokens: draft j's entry
+            # goes at verified_end + j (engine/mtp_proposer.py); the table must hold it.
+            verified_end = w.req.num_computed + w.num_known + len(emitted) - 1
+            last = verified_end + w.propose - 2
+            assert last < len(w.req.block_table) * block_size, (w.req.req_id, last, len(w.req.block_table))
+    WorkerState.advance(work, sampled, drafts if spec else None)
+    return StepResult(step.plan.step_id, list(sampled), list(sampled.values()),
+                      [drafts[r] for r in sampled] if spec else [])
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed):
+def synthetic_costs(policy: SpecPolicy, step, rng: random.Random, regime: float) -> None:
+    """A step's measurements from a made-up cost curve: `regime` 0 is latency-bound (drafts
+    pay), 1 compute-bound (they do not)."""
+    n = step.num_tokens
+    forward = 1e-3 + regime * 1e-4 * n + rng.random() * 1e-5
+    d = step.plan.num_drafts
+    rows = [n] + [step.num_sampling] * (d - 1) if d else []
+    policy.on_step(n, step.num_sampling, sum(step.drafts.values()), forward, rows, [0.3 * forward] * len(rows))
+
+
+@pytest.mark.parametrize("seed, spec", [(0, 0), (1, 0), (2, 0), (3, 0), (4, 2), (5, 3), (6, 1)])
+def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed, spec):
     """Asynchronous scheduling: step N+1 is planned before step N's tokens are folded in, as
     EngineCore does with workers behind sockets. Preemption of a request whose token is still on
     its way, EOS while the next step is already planned, aborts: blocks, budgets and max_num_seqs
     hold after every step, every request ends, what the scheduler reports is exactly what the
-    worker sampled, and no request gets a token past its max_tokens."""
+    worker sampled, and no request gets a token past its max_tokens. With speculation the next
+    step verifies drafts the scheduler has not seen yet (their number bounded by what it asked
+    for), the adaptive policy changes the draft length as the made-up costs change, and the
+    worker never writes past a request's table (the fake cache would fail)."""
     rng = random.Random(100 + seed)
     budget, max_seqs = rng.choice([8, 16, 64]), rng.choice([4, 16])
     block_size = rng.choice([1, 4, 16])
-    sched = make_scheduler(num_blocks=160 // block_size, block_size=block_size, budget=budget, max_seqs=max_seqs,
-                           caching=bool(seed % 2), policy="priority" if seed == 3 else "fcfs")
+    sched = make_scheduler(num_blocks=160 // block_size, block_size=block_size, budget=budget,
+                           max_seqs=max_seqs, caching=bool(seed % 2), policy="priority" if seed == 3 else "fcfs",
+                           spec=spec)
+    policy = sched.spec = SpecPolicy(spec) if spec else None
+    regime, lengths = 0.0, set()
     worker = WorkerState()
     shared_prefix = [rng.randrange(2, 50) for _ in range(24)]
     added, finished, outputs, max_tokens = 0, set(), {}, {}
@@ -373,7 +405,7 @@ def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed)
     cache = {}
 
     def sample(step):
-        return sample_step(worker, step, rng, cache=cache, block_size=block_size)
+        return sample_step(worker, step, rng, cache=cache, block_size=block_size, spec=spec)
 
     for _ in range(1500):
         if added < 300 and rng.random() < 0.3:
@@ -385,6 +417,10 @@ def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed)
             sched.abort(rid)
             finished.add(rid)
         awaited = [r for r in sched.running if r.num_pending]
+        if policy is not None:
+            if rng.random() < 0.01:
+                regime = 1.0 - regime
+            lengths.add(policy.plan())
         upcoming = sched.schedule()
         preempted_in_flight += sum(r.status is Status.WAITING for r in awaited)
         assert upcoming.num_tokens <= budget and len(sched.running) <= max_seqs
@@ -393,6 +429,8 @@ def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed)
             outputs.setdefault(d.req_id, []).extend(d.new_token_ids)
         finished |= {d.req_id for d in deltas if d.finished}
         in_flight = (upcoming, sample(upcoming))
+        if policy is not None and upcoming.scheduled:
+            synthetic_costs(policy, upcoming, rng, regime)
         sched.check_integrity()
         for req in sched.running:  # the scheduler's tokens are a prefix of the worker's
             w = worker.requests[req.req_id]
@@ -412,6 +450,10 @@ def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed)
     assert preempted_in_flight > 0
     for rid, toks in outputs.items():
         assert len(toks) <= max_tokens[rid]
+    if spec:
+        c = sched.counters
+        assert 0 < c.spec_accepted_tokens < c.spec_draft_tokens and lengths == set(range(spec + 1)), lengths
+        assert sum(c.spec_accepted_per_pos) == c.spec_accepted_tokens
 
 
 def test_a_reused_id_does_not_get_the_finished_requests_last_token():

@@ -33,19 +33,21 @@ def _mixed_batch():
     prompts = [p.prompt for p in held_out(77, 18, set())]
     prompts += ["sort " + ",".join(str(rng.randrange(10)) for _ in range(n)) + "=" for n in (20, 35)]
     prompts += ["".join(rng.choice("0123456789+=,") for _ in range(n)) for n in (70, 45)]
-    params = [SamplingParams(temperature=0, max_tokens=[6, 17, 30, 40][i % 4], ignore_eos=i % 3 == 0)
+    params = [SamplingParams(temperature=0, max_tokens=[6, 17, 30, 40][i % 4], ignore_eos=i % 3 == 0,
+                             n=2 if i % 7 == 1 else 1)  # (the completions of one prompt share its blocks)
               for i in range(len(prompts))]
     return prompts, params
 
 
-def _run(demo, k, prompts, params):
+def _run(demo, k, prompts, params, policy="fixed", async_scheduling=True):
     # A token budget of 24 chunks the long prompts; 12 blocks cannot hold the whole batch: preemption.
     with LLM(demo, dtype="float32", block_size=BLOCK, max_num_batched_tokens=24, max_num_seqs=16,
-             kv_cache_memory=12 * FP32_BYTES_PER_BLOCK, num_speculative_tokens=k) as llm:
+             kv_cache_memory=12 * FP32_BYTES_PER_BLOCK, num_speculative_tokens=k, speculative_draft_policy=policy,
+             async_scheduling=async_scheduling) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.stats()
     assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
-    return [(o.token_ids, o.finish_reason) for o in outs], stats
+    return [(c.token_ids, c.finish_reason) for o in outs for c in o.outputs], stats
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +56,27 @@ def plain(demo):
     return _run(demo, 0, prompts, params)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_greedy_speculation_is_lossless_with_chunking_and_preemption(demo, plain, k):
+@pytest.mark.parametrize("k, policy, async_scheduling", [(1, "fixed", True), (2, "fixed", True), (3, "fixed", True),
+                                                       (2, "fixed", False), (2, "adaptive", True),
+                                                       (3, "adaptive", True)])
+def test_greedy_speculation_is_lossless_with_chunking_and_preemption(demo, plain, k, policy, async_scheduling):
+    """With asynchronous scheduling (the default) the step after a verification is planned
+    before its drafts are seen; the adaptive policy changes draft lengths as it measures."""
     prompts, params = _mixed_batch()
     expected, base_stats = plain
-    got, stats = _run(demo, k, prompts, params)
+    got, stats = _run(demo, k, prompts, params, policy, async_scheduling)
     assert base_stats.num_preemptions > 0 and stats.num_preemptions > 0
-    assert stats.spec_num_drafts > 50 and stats.spec_accepted_tokens > stats.spec_draft_tokens // 3
     assert len(stats.spec_accepted_per_pos) == k and sum(stats.spec_accepted_per_pos) == stats.spec_accepted_tokens
+    assert len(got) == len(expected) > len(prompts)
     for i, (g, e) in enumerate(zip(got, expected)):
-        assert g == e, f"prompt {i} {prompts[i]!r}"
+        assert g == e, f"completion {i}"
     assert stats.generation_tokens == base_stats.generation_tokens
-    # fewer steps is the point of speculation
-    assert stats.num_steps < base_stats.num_steps
+    lengths = stats.spec_draft_lengths
+    assert len(lengths) == k + 1 and sum(lengths) > 100
+    if policy == "fixed":
+        assert stats.spec_num_drafts > 50 and stats.spec_accepted_tokens > stats.spec_draft_tokens // 3
+        assert stats.num_steps < base_stats.num_steps  # fewer steps is the point of speculation
+        assert lengths[k] > 0.5 * sum(lengths)  # (fewer only near max_tokens or with no room)
 
 
 def _sample_counts(demo, k, n, seed0, temperature=1.0):

@@ -1,0 +1,198 @@
+"""How many MTP drafts each request proposes, chosen per step from measured cost and acceptance.
+
+Speculation trades compute for steps: verifying d drafts costs d more rows in the main model
+and d MTP passes, and saves the steps its accepted drafts replace. At low load a step's time
+hardly grows with its rows (weights are read once for the whole batch), so every draft pays;
+when the batch is compute-bound, a verified row costs about what it would cost as a row of its
+own, and the MTP passes come on top, so drafts lose. The policy (adaptive; "fixed" proposes
+num_speculative_tokens every step) estimates, before each step:
+
+    tokens(D) = B * E(D),      E(D) = 1 + sum_{j<=D} prod_{i<=j} alpha_i
+    time(D)   = T(P + B(1 + D)) + [D > 0] * (M(B * E(D)) + (D - 1) * M(B))
+
+for the step's draft length D = 0..k, with B the requests that sampled last step, P its other
+tokens, alpha_i the measured acceptance of draft position i, T(n) the measured time of a main
+forward over n tokens and M(n) that of one MTP pass over n rows (the first pass runs over the
+verified positions, each chained one over one row per request); both piecewise linear between
+buckets of the counts seen, prefill steps included. It takes the D of most tokens per second
+(switching only for a gain of more than SWITCH_GAIN). A request then drafts fewer than D where
+its own acceptance p (per position, decayed) makes the j-th draft worth less than its marginal
+cost: j drafts while p**j >= theta, theta = (dT/dn + 2 dM/dn) * tokens(D) / time(D), the tokens
+the step's rate would make in the time one more verified row and its MTP rows take. So a
+request whose drafts keep failing drafts less, and at low load (theta near 0) all draft D.
+
+Pure Python and O(1) per request: it runs inside the scheduler's per-request loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+# Relative throughput gain needed to change the step's draft length (no flapping on noise).
+SWITCH_GAIN = 0.03
+# Per-step decay of the acceptance statistics: they follow the traffic within ~50 steps.
+DECAY = 0.98
+# A cost bucket's estimate is the median of its latest steps: step times on a shared host have
+# outliers many times the typical step (a descheduled thread, a first allocation).
+COST_SAMPLES = 15
+REQUEST_DECAY = 0.8  # per verification of that request
+PRIOR_ACCEPTANCE = 0.8  # before anything is measured
+PRIOR_TRIALS = 2.0  # pseudo-verifications a request's own acceptance starts from (at the global rate)
+
+
+def _bucket(n: int) -> int:
+    """Token counts in steps of about sqrt(2)."""
+    return int(round(2 * math.log2(n))) if n > 0 else -1
+
+
+def _median(xs) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2]
+
+
+class StepCost:
+    """T(n): a main forward's seconds over n tokens, from medians per bucket of n."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, tuple[deque, deque]] = {}  # bucket -> (latest n, latest seconds)
+        self._curve: list[tuple[float, float]] | None = None  # (n, seconds) by n, rebuilt lazily
+
+    def add(self, n: int, seconds: float) -> None:
+        if n <= 0 or not math.isfinite(seconds) or seconds <= 0:
+            return
+        b = self._buckets.get(_bucket(n))
+        if b is None:
+            b = self._buckets[_bucket(n)] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
+        b[0].append(n)
+        b[1].append(seconds)
+        self._curve = None
+
+    @property
+    def known(self) -> bool:
+        return bool(self._buckets)
+
+    def _points(self) -> list[tuple[float, float]]:
+        if self._curve is None:
+            self._curve = sorted((_median(ns), _median(ts)) for ns, ts in self._buckets.values())
+        return self._curve
+
+    def __call__(self, n: float) -> float:
+        pts = self._points()
+        if not pts:
+            return 0.0
+        # Outside what was measured, as if compute-bound: a larger step is guessed dear (so
+        # drafts are not added on a guess), a smaller one cheap (so it is tried, and measured).
+        if n <= pts[0][0]:
+            return pts[0][1] * n / pts[0][0]
+        for (n0, t0), (n1, t1) in zip(pts, pts[1:]):
+            if n <= n1:
+                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+        n_max, t_max = pts[-1]
+        return t_max * n / n_max
+
+    def slope(self, n: float) -> float:
+        """dT/dn near n."""
+        step = max(1.0, 0.25 * n)
+        return max(0.0, (self(n + step) - self(n)) / step)
+
+
+class SpecPolicy:
+    """Shared by every rank's scheduler (expert-parallel ranks take the same draft length)."""
+
+    def __init__(self, max_drafts: int, adaptive: bool = True):
+        self.max_drafts = max_drafts
+        self.adaptive = adaptive
+        self.step_drafts = max_drafts  # D for the step being planned
+        self.theta = 0.0  # a request drafts j tokens while its acceptance**j >= theta
+        self.cost = StepCost()  # T: the main forward
+        self.draft_cost = StepCost()  # M: one MTP pass
+        self._accepted = [0.0] * max_drafts  # decayed: position j's drafts accepted ...
+        self._trials = [0.0] * max_drafts  # ... of those verified (its earlier drafts all accepted)
+        self._decodes = 0.0  # requests that sampled last step
+        self._other_tokens = 0.0  # the rest of its tokens (prefill chunks)
+
+    # ---- what is measured -----------------------------------------------------------------
+
+    def acceptance(self, j: int) -> float:
+        """alpha_j (0-based position): draft j accepted, given the ones before it were."""
+        t = self._trials[j]
+        return (self._accepted[j] + PRIOR_ACCEPTANCE) / (t + 1.0)
+
+    def on_verified(self, req, drafted: int, accepted: int) -> None:
+        """One request's verification: `drafted` drafts, the first `accepted` of them accepted."""
+        for j in range(min(drafted, accepted + 1)):
+            self._trials[j] += 1.0
+            if j < accepted:
+                self._accepted[j] += 1.0
+        if drafted:
+            failed = 1.0 if accepted < drafted else 0.0
+            req.draft_hits = req.draft_hits * REQUEST_DECAY + accepted
+            req.draft_trials = req.draft_trials * REQUEST_DECAY + accepted + failed
+
+    def on_step(self, num_tokens: int, num_decodes: int, num_verified: int, forward_seconds: float,
+                draft_rows: list[int], draft_seconds: list[float]) -> None:
+        """A step's measurements (the slowest rank's with expert parallelism): its tokens and
+        main-forward time, and each MTP pass's rows and time."""
+        self.cost.add(num_tokens, forward_seconds)
+        for rows, seconds in zip(draft_rows, draft_seconds):
+            self.draft_cost.add(rows, seconds)
+        self._decodes = num_decodes
+        self._other_tokens = max(0, num_tokens - num_decodes - num_verified)
+        for j in range(self.max_drafts):
+            self._accepted[j] *= DECAY
+            self._trials[j] *= DECAY
+
+    # ---- what is chosen -------------------------------------------------------------------
+
+    def expected_tokens(self, d: int) -> float:
+        """E(d): tokens a request emits per step with d drafts."""
+        e, p = 1.0, 1.0
+        for j in range(d):
+            p *= self.acceptance(j)
+            e += p
+        return e
+
+    def estimate(self, d: int, decodes: float | None = None) -> tuple[float, float]:
+        """(tokens, seconds) of a step with draft length d."""
+        b = self._decodes if decodes is None else decodes
+        e = self.expected_tokens(d)
+        t = self.cost(self._other_tokens + b * (1 + d))
+        if d:
+            # Never measured (drafting was off since start): as dear as the main forward.
+            m = self.draft_cost if self.draft_cost.known else self.cost
+            t += m(b * e) + (d - 1) * m(b)
+        return b * e, t
+
+    def plan(self) -> int:
+        """Sets the next step's draft length and theta from what was measured; returns it."""
+        if not self.adaptive or not self.max_drafts or self._decodes < 1 or not self.cost.known:
+            self.step_drafts, self.theta = self.max_drafts, 0.0
+            return self.step_drafts
+        rates = []
+        for d in range(self.max_drafts + 1):
+            tokens, seconds = self.estimate(d)
+            rates.append(tokens / seconds if seconds > 0 else 0.0)
+        best = max(range(len(rates)), key=rates.__getitem__)
+        if rates[best] <= rates[self.step_drafts] * (1 + SWITCH_GAIN):
+            best = self.step_drafts
+        self.step_drafts = best
+        if best == 0:
+            self.theta = 0.0
+        else:
+            n = self._other_tokens + self._decodes * (1 + best)
+            m = self.draft_cost if self.draft_cost.known else self.cost
+            self.theta = (self.cost.slope(n) + 2 * m.slope(self._decodes)) * rates[best]
+        return best
+
+    def drafts_for(self, req) -> int:
+        """The drafts req proposes after this step: D, or fewer where its own acceptance is low."""
+        d = self.step_drafts
+        if not d or self.theta <= 0.0:
+            return d
+        p = (req.draft_hits + PRIOR_TRIALS * self.acceptance(0)) / (req.draft_trials + PRIOR_TRIALS)
+        if p ** d >= self.theta:
+            return d
+        if p <= 0.0 or p >= 1.0:
+            return 0 if p <= 0.0 else d
+        return max(0, min(d, int(math.log(self.theta) / math.log(p))))

@@ -1,0 +1,69 @@
+"""The draft-length policy (scheduler/spec_policy.py) on made-up step costs: it drafts fully when
+a step's time hardly grows with its rows, not at all when every row costs its share, and a
+request whose drafts keep failing drafts less."""
+
+import math
+
+import pytest
+
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from scheduler.spec_policy import SpecPolicy, StepCost
+
+
+def feed(policy: SpecPolicy, fixed: float, per_token: float, batch: int, rho: float, accepted_frac: float,
+         steps: int = 60) -> list[int]:
+    """Steps of `batch` decodes at the draft length the policy picks, timed by
+    T(n) = fixed + per_token * n (and a prefill step or two for the curve's far end)."""
+    chosen = []
+    req = Request("probe", [1], SamplingParams())
+    for i in range(steps):
+        d = policy.plan()
+        chosen.append(d)
+        n = batch * (1 + d) if i % 10 else 512
+        t = fixed + per_token * n
+        first = batch * (1 + d) if d else 0  # an MTP pass costs rho of a main forward over as many rows
+        rows = [first] + [batch] * (d - 1) if d else []
+        policy.on_step(n, batch, batch * d, t, rows, [rho * (fixed + per_token * r) for r in rows])
+        for _ in range(min(batch, 4)):
+            accepted = sum(1 for j in range(d) if (j + 1) <= round(accepted_frac * d))
+            policy.on_verified(req, d, accepted)
+    return chosen
+
+
+def test_low_load_drafts_fully_and_high_load_not_at_all():
+    latency_bound = SpecPolicy(3)
+    assert feed(latency_bound, fixed=2e-3, per_token=1e-6, batch=1, rho=0.3, accepted_frac=1.0)[-1] == 3
+    compute_bound = SpecPolicy(3)
+    assert feed(compute_bound, fixed=1e-4, per_token=5e-5, batch=256, rho=0.4, accepted_frac=1.0)[-1] == 0
+
+
+def test_fixed_policy_always_proposes_the_bound():
+    fixed = SpecPolicy(2, adaptive=False)
+    assert set(feed(fixed, fixed=1e-4, per_token=5e-5, batch=256, rho=0.4, accepted_frac=1.0)) == {2}
+
+
+def test_a_request_whose_drafts_fail_drafts_less():
+    policy = SpecPolicy(3)
+    feed(policy, fixed=1e-3, per_token=3e-6, batch=64, rho=0.2, accepted_frac=1.0)
+    assert policy.step_drafts > 0 and policy.theta > 0
+    good, bad = Request("good", [1], SamplingParams()), Request("bad", [1], SamplingParams())
+    for _ in range(20):
+        policy.on_verified(good, 3, 3)
+        policy.on_verified(bad, 3, 0)
+    assert policy.drafts_for(good) == policy.step_drafts
+    assert policy.drafts_for(bad) < policy.step_drafts
+
+
+def test_cost_curve_takes_medians_and_extrapolates_cautiously():
+    cost = StepCost()
+    for _ in range(10):
+        cost.add(10, 1.0)
+        cost.add(100, 2.0)
+    cost.add(10, 50.0)  # one descheduled step does not move the median
+    assert cost(10) == 1.0 and cost(55) == pytest.approx(1.5, rel=0.05)
+    assert cost(1) == pytest.approx(0.1)  # outside what was measured: proportional
+    assert cost(200) == pytest.approx(4.0, rel=0.05)
+    for bad in (math.nan, math.inf, -1.0, 0.0):
+        cost.add(10, bad)  # ignored
+    assert cost(10) == 1.0
