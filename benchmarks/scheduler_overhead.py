@@ -2,9 +2,11 @@
 included: the engine core plans, sends the plan, the worker applies it (WorkerState) and answers
 with one token per due request, and the core folds the result back in. Measured with
 asynchronous scheduling (the engine's default: the next step is planned and sent before the
-last one's result is folded in) and, as the peer in the same run, without.
+last one's result is folded in) and, as the peer in the same run, without. With --spec K the
+engine speculates with up to K MTP drafts: the no-op worker proposes as many as each plan asks
+and accepts them all (the most verification work a step can fold in).
 
-    .venv/bin/python benchmarks/scheduler_overhead.py --running 256
+    .venv/bin/python benchmarks/scheduler_overhead.py --running 256 [--spec 2]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from engine.sampling_params import SamplingParams
 from engine.worker_state import WorkerState
 
 
-def noop_worker(plan_addr: str, result_addr: str) -> None:
+def noop_worker(plan_addr: str, result_addr: str, spec: int = 0) -> None:
     become_child_process()
     ctx = zmq.Context()
     plans = Channel(ctx, zmq.PULL, plan_addr, bind=False, decode_type=SchedulerToWorker)
@@ -37,10 +39,12 @@ def noop_worker(plan_addr: str, result_addr: str) -> None:
     state = WorkerState()
     while not isinstance(plan := plans.recv(), Shutdown):
         work = state.apply(plan)
-        sampled = {w.req.req_id: [7] for w in work if w.samples}
+        sampled = {w.req.req_id: w.tokens[w.num_known:] + [7] for w in work if w.samples}
+        drafts = {rid: [7] * w.propose for w in work if (rid := w.req.req_id) in sampled} if spec else None
         # As the model worker does: the result goes out before the worker's own bookkeeping.
-        results.send(StepResult(plan.step_id, list(sampled), list(sampled.values())))
-        WorkerState.advance(work, sampled)
+        results.send(StepResult(plan.step_id, list(sampled), list(sampled.values()),
+                                [drafts[r] for r in sampled] if spec else []))
+        WorkerState.advance(work, sampled, drafts)
 
 
 def measure(args: argparse.Namespace, pipelined: bool) -> float:
@@ -52,14 +56,14 @@ def measure(args: argparse.Namespace, pipelined: bool) -> float:
     # (by its module's name: the child process cannot import this script's __main__)
     from benchmarks.scheduler_overhead import noop_worker as importable_worker
 
-    proc = spawn(importable_worker, f"ipc://{d}/plans", f"ipc://{d}/results")
+    proc = spawn(importable_worker, f"ipc://{d}/plans", f"ipc://{d}/results", args.spec)
     try:
         cfg = EngineConfig(model_dir="-", block_size=64, max_num_batched_tokens=8192, max_num_seqs=args.running,
-                           async_scheduling=pipelined)
-        tokens = (args.prompt_len + args.steps + 64) * args.running
+                           async_scheduling=pipelined, num_speculative_tokens=args.spec)
+        tokens = (args.prompt_len + (args.spec + 1) * args.steps + 64) * args.running
         core = EngineCore(cfg, [WorkerReady(0, tokens // 64 + args.running, 0, 1000, 1 << 20)], None,
                           RemoteWorkers([plans], results))
-        big = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True)
+        big = SamplingParams(max_tokens=(args.spec + 1) * args.steps + 10, ignore_eos=True)
         for i in range(args.running):
             core.add(AddRequest(str(i), [2 + i % 50] * args.prompt_len, big))
         while len(core.scheduler.running) < args.running or any(
@@ -85,13 +89,15 @@ def main() -> None:
     ap.add_argument("--running", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--spec", type=int, default=0, help="MTP drafts per step (0: no speculation)")
     args = ap.parse_args()
     # The peer, measured in the same run: the same core planning each step only after the last
     # one's result is in.
     for pipelined in (True, False):
         per_step = measure(args, pipelined)
         mode = "next step planned while one runs" if pipelined else "each step planned after the last returns"
-        print(f"{args.running} running requests, {mode}: {per_step * 1e3:.3f} ms per step "
+        spec = f", {args.spec} drafts a request verified per step" if args.spec else ""
+        print(f"{args.running} running requests{spec}, {mode}: {per_step * 1e3:.3f} ms per step "
               f"({1 / per_step:.0f} steps/s), ZeroMQ round trip to a no-op worker included")
 
 

@@ -64,6 +64,7 @@ class EngineCore:
         self.ready = readies[0]
         k = config.num_speculative_tokens
         self.spec = SpecPolicy(k, adaptive=config.speculative_draft_policy == "adaptive") if k else None
+        self._outcomes_seen = [[0] * (k + 1) for _ in range(k + 1)]  # spec_outcomes at the last step
         self.vocab_size = self.ready.vocab_size
         self.max_model_len = self.ready.max_model_len
         self.schedulers = [
@@ -238,6 +239,7 @@ class EngineCore:
             self._count_routed(result.routed_tokens)
         if self.spec is not None and results:
             self._measure_spec(steps, results)
+            self._count_outcomes()
         if results and results[0].layer_load:  # (every rank reports in the same steps)
             self.expert_load.add([r.layer_load for r in results], len(results[0].routed_tokens))
             if s.tiers is not None and s.tiers.counters.load_waits:
@@ -258,6 +260,16 @@ class EngineCore:
         if st.scheduled and r.forward_seconds > 0:
             self.spec.on_step(st.num_tokens, st.num_sampling, sum(st.drafts.values()), r.forward_seconds,
                               r.draft_rows, r.draft_seconds)
+
+    def _count_outcomes(self) -> None:
+        """The verifications folded in since the last step, for the policy's acceptance."""
+        seen = self._outcomes_seen
+        delta = []
+        for d, row in enumerate(seen):
+            now = [sum(s.counters.spec_outcomes[d][a] for s in self.schedulers) for a in range(len(row))]
+            delta.append([n - m for n, m in zip(now, row)])
+            seen[d] = now
+        self.spec.on_outcomes(delta)
 
     def _count_routed(self, counts: list[int]) -> None:
         if not counts:

@@ -16,6 +16,7 @@ import time
 
 from engine.messages import RequestDelta, StepResult
 from engine.request import Request, Status
+from scheduler.spec_policy import record_verification
 from scheduler.step import ScheduledStep
 from scheduler.stop_rules import append_until_stop
 
@@ -28,7 +29,7 @@ class SchedulerResults:
         """Folds a step's sampled tokens back in; returns a delta per request that produced
         tokens or finished."""
         # Runs once per scheduled request every step: locals, and one call per request.
-        drafts, counters, running = step.drafts, self.counters, Status.RUNNING
+        drafts, counters, running, spec = step.drafts, self.counters, Status.RUNNING, self.spec is not None
         if self.tiers is not None and (result.reads_done or result.reads_failed or result.writes_failed
                                        or result.tier_copy_seconds):
             self.on_tier_result(result)
@@ -61,16 +62,8 @@ class SchedulerResults:
                 req.first_token_time = now
             accepted, reason = append_until_stop(req.token_ids, token_ids, req.num_prompt_tokens, req.params,
                                                  eos, max_len)
-            if req.status is running:
-                if planned:
-                    # The worker verified what it held, which the plan bounded: the drafts the
-                    # step before this one proposed.
-                    verified = min(planned, len(req.spec_token_ids))
-                    if verified:
-                        self._count_verified(req, verified, min(len(token_ids) - 1, verified))
-                req.spec_token_ids = new_drafts
-                if not req.num_pending and token_ids:  # no later sampling step is in flight
-                    req.num_proposed = len(new_drafts)
+            if spec and req.status is running:
+                self._fold_drafts(req, planned, token_ids, new_drafts)
             if reason:
                 self._finish(req, reason)
             counters.generation_tokens += len(accepted)
@@ -110,18 +103,28 @@ class SchedulerResults:
         if known // self.blocks.block_size > len(req.block_hashes):  # a block just filled up
             self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, known)
 
-    def _count_verified(self, req: Request, num_drafts: int, num_accepted: int) -> None:
-        # The accepted drafts' cache entries are verified ones (those past a stop token are moot).
-        req.num_computed = min(req.num_computed + num_accepted, len(req.token_ids))
-        self._cache_filled_blocks(req)
-        c = self.counters
-        c.spec_num_drafts += 1
-        c.spec_draft_tokens += num_drafts
-        c.spec_accepted_tokens += num_accepted
-        for j in range(num_accepted):
-            c.spec_accepted_per_pos[j] += 1
-        if self.spec is not None:
-            self.spec.on_verified(req, num_drafts, num_accepted)
+    def _fold_drafts(self, req: Request, planned: int, token_ids: list[int], new_drafts: list[int]) -> None:
+        """A running request's verification (of at most `planned` drafts) and its new drafts."""
+        if planned:
+            # The worker verified what it held, which the plan bounded: the drafts the step
+            # before this one proposed.
+            verified = len(req.spec_token_ids)
+            if planned < verified:
+                verified = planned
+            if verified:
+                accepted = len(token_ids) - 1
+                if accepted > verified:
+                    accepted = verified
+                # The accepted drafts' cache entries are verified ones (those past a stop token are moot).
+                computed, n = req.num_computed + accepted, len(req.token_ids)
+                req.num_computed = computed = computed if computed < n else n
+                if computed // self.blocks.block_size > len(req.block_hashes):  # a block just filled up
+                    self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, computed)
+                self.counters.spec_outcomes[verified][accepted] += 1
+                record_verification(req, verified, accepted)
+        req.spec_token_ids = new_drafts
+        if not req.num_pending and token_ids:  # no later sampling step is in flight
+            req.num_proposed = len(new_drafts)
 
     def _fill_delta(self, delta: RequestDelta, req: Request) -> RequestDelta:
         delta.num_prompt_tokens = req.num_prompt_tokens

@@ -69,7 +69,8 @@ class Scheduler(SchedulerResults, TierAdmission):
         self._arrivals = itertools.count()
         self.requests: dict[str, Request] = {}
         k = config.num_speculative_tokens
-        self.counters = SchedulerCounters(spec_accepted_per_pos=[0] * k, spec_draft_lengths=[0] * (k + 1))
+        self.counters = SchedulerCounters(spec_outcomes=[[0] * (k + 1) for _ in range(k + 1)] if k else [],
+                                          spec_draft_lengths=[0] * (k + 1))
         # The draft lengths (EngineCore shares one policy between ranks and plans it each step).
         self.spec = spec if spec is not None or not k else SpecPolicy(k, adaptive=False)
         # Slots past the scheduled tokens that the worker's chained drafting writes (MTP layer).
@@ -146,6 +147,11 @@ class Scheduler(SchedulerResults, TierAdmission):
         step.plan.finished_ids = self._dropped
         self._dropped = []
         self.counters.num_steps += 1
+        if self.spec is not None:
+            lengths = self.counters.spec_draft_lengths
+            lengths[step.plan.num_drafts] += step.num_sampling - len(step.plan.draft_caps)
+            for d in step.plan.draft_caps.values():
+                lengths[d] += 1
         return step
 
     def _schedule_running(self, step: ScheduledStep, budget: int) -> int:
@@ -197,12 +203,13 @@ class Scheduler(SchedulerResults, TierAdmission):
         if computed >= len(req.token_ids) + req.num_pending:
             req.num_pending += 1
             step.num_sampling += 1
-            if self.spec is not None:
-                d = self.spec.drafts_for(req)
-                req.num_proposed = d
-                self.counters.spec_draft_lengths[d] += 1
-                if d < step.plan.num_drafts:
-                    step.plan.draft_caps[req.req_id] = d
+            spec = self.spec
+            if spec is not None:
+                if spec.theta > 0.0 and (d := spec.drafts_for(req)) < step.plan.num_drafts:
+                    step.plan.draft_caps[req.req_id] = d  # (counted in schedule(), as the others are)
+                    req.num_proposed = d
+                else:
+                    req.num_proposed = step.plan.num_drafts
         else:
             req.num_proposed = 0
 

@@ -97,6 +97,12 @@ class StepCost:
         return max(0.0, (self(n + step) - self(n)) / step)
 
 
+def record_verification(req, drafted: int, accepted: int) -> None:
+    """A request's own acceptance, decayed: what drafts_for() caps its drafts by."""
+    req.draft_hits = req.draft_hits * REQUEST_DECAY + accepted
+    req.draft_trials = req.draft_trials * REQUEST_DECAY + accepted + (accepted < drafted)
+
+
 class SpecPolicy:
     """Shared by every rank's scheduler (expert-parallel ranks take the same draft length)."""
 
@@ -119,16 +125,16 @@ class SpecPolicy:
         t = self._trials[j]
         return (self._accepted[j] + PRIOR_ACCEPTANCE) / (t + 1.0)
 
-    def on_verified(self, req, drafted: int, accepted: int) -> None:
-        """One request's verification: `drafted` drafts, the first `accepted` of them accepted."""
-        for j in range(min(drafted, accepted + 1)):
-            self._trials[j] += 1.0
-            if j < accepted:
-                self._accepted[j] += 1.0
-        if drafted:
-            failed = 1.0 if accepted < drafted else 0.0
-            req.draft_hits = req.draft_hits * REQUEST_DECAY + accepted
-            req.draft_trials = req.draft_trials * REQUEST_DECAY + accepted + failed
+    def on_outcomes(self, outcomes: list[list[int]]) -> None:
+        """Verifications since the last call: outcomes[d][a] of d drafts with the first a accepted
+        (SchedulerCounters.spec_outcomes' growth). Position j was tried where d > j and a >= j."""
+        for d, row in enumerate(outcomes):
+            for a, n in enumerate(row):
+                if n:
+                    for j in range(min(d, a + 1)):
+                        self._trials[j] += n
+                        if j < a:
+                            self._accepted[j] += n
 
     def on_step(self, num_tokens: int, num_decodes: int, num_verified: int, forward_seconds: float,
                 draft_rows: list[int], draft_seconds: list[float]) -> None:

@@ -29,11 +29,29 @@ class SchedulerCounters:
     generation_tokens: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
-    spec_num_drafts: int = 0  # verifications that had at least one draft
-    spec_draft_tokens: int = 0
-    spec_accepted_tokens: int = 0
-    spec_accepted_per_pos: list[int] = field(default_factory=list)  # [k]: accepted at draft position j
+    # [d][a]: verifications of d drafts of which the first a were accepted (one count a
+    # verification: the totals below derive from it).
+    spec_outcomes: list[list[int]] = field(default_factory=list)
     spec_draft_lengths: list[int] = field(default_factory=list)  # [k + 1]: sampling steps proposing d drafts
+
+    @property
+    def spec_num_drafts(self) -> int:
+        """Verifications that had at least one draft."""
+        return sum(sum(row) for row in self.spec_outcomes[1:])
+
+    @property
+    def spec_draft_tokens(self) -> int:
+        return sum(d * sum(row) for d, row in enumerate(self.spec_outcomes))
+
+    @property
+    def spec_accepted_tokens(self) -> int:
+        return sum(a * n for row in self.spec_outcomes for a, n in enumerate(row))
+
+    @property
+    def spec_accepted_per_pos(self) -> list[int]:
+        """[k]: drafts accepted at position j."""
+        k = len(self.spec_outcomes) - 1
+        return [sum(n for row in self.spec_outcomes for a, n in enumerate(row) if a > j) for j in range(k)]
 
 
 @dataclass

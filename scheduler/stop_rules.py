@@ -34,6 +34,12 @@ def append_until_stop(out: list[int], token_ids: list[int], num_prompt_tokens: i
     if len(token_ids) == 1:  # the usual decode
         out.append(token_ids[0])
         return token_ids, stop_reason(token_ids[0], len(out), num_prompt_tokens, params, eos, max_model_len)
+    end = len(out) + len(token_ids)
+    if (end - num_prompt_tokens < params.max_tokens and end < max_model_len
+            and (params.ignore_eos or eos not in token_ids)
+            and not (params.stop_token_ids and any(t in params.stop_token_ids for t in token_ids))):
+        out.extend(token_ids)  # accepted drafts, none of which stops it
+        return token_ids, None
     for i, t in enumerate(token_ids):
         out.append(t)
         if reason := stop_reason(t, len(out), num_prompt_tokens, params, eos, max_model_len):

@@ -8,7 +8,7 @@ import pytest
 
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from scheduler.spec_policy import SpecPolicy, StepCost
+from scheduler.spec_policy import SpecPolicy, StepCost, record_verification
 
 
 def feed(policy: SpecPolicy, fixed: float, per_token: float, batch: int, rho: float, accepted_frac: float,
@@ -16,7 +16,6 @@ def feed(policy: SpecPolicy, fixed: float, per_token: float, batch: int, rho: fl
     """Steps of `batch` decodes at the draft length the policy picks, timed by
     T(n) = fixed + per_token * n (and a prefill step or two for the curve's far end)."""
     chosen = []
-    req = Request("probe", [1], SamplingParams())
     for i in range(steps):
         d = policy.plan()
         chosen.append(d)
@@ -25,9 +24,9 @@ def feed(policy: SpecPolicy, fixed: float, per_token: float, batch: int, rho: fl
         first = batch * (1 + d) if d else 0  # an MTP pass costs rho of a main forward over as many rows
         rows = [first] + [batch] * (d - 1) if d else []
         policy.on_step(n, batch, batch * d, t, rows, [rho * (fixed + per_token * r) for r in rows])
-        for _ in range(min(batch, 4)):
-            accepted = sum(1 for j in range(d) if (j + 1) <= round(accepted_frac * d))
-            policy.on_verified(req, d, accepted)
+        outcomes = [[0] * (policy.max_drafts + 1) for _ in range(policy.max_drafts + 1)]
+        outcomes[d][round(accepted_frac * d)] = batch
+        policy.on_outcomes(outcomes)
     return chosen
 
 
@@ -49,8 +48,8 @@ def test_a_request_whose_drafts_fail_drafts_less():
     assert policy.step_drafts > 0 and policy.theta > 0
     good, bad = Request("good", [1], SamplingParams()), Request("bad", [1], SamplingParams())
     for _ in range(20):
-        policy.on_verified(good, 3, 3)
-        policy.on_verified(bad, 3, 0)
+        record_verification(good, 3, 3)
+        record_verification(bad, 3, 0)
     assert policy.drafts_for(good) == policy.step_drafts
     assert policy.drafts_for(bad) < policy.step_drafts
 
