@@ -1,17 +1,22 @@
-"""MTP speculative decoding: decode speed with and without it, at batch 1 and batch 32, on the
-embedded demo model (held-out task prompts, greedy), and the acceptance of each draft position.
+"""MTP speculative decoding against no speculation, at batch 1, 32 and 256, on the embedded demo
+model (held-out task prompts, greedy, asynchronous scheduling on as by default): the adaptive
+draft-length policy (the default) and fixed draft lengths, each draft position's acceptance, the
+draft lengths the policy chose, and whether the outputs are the same.
 
-The peer is the same engine without speculation, measured in the same run on the same prompts.
-Decode rate = output tokens after the first / time from first token to finish, per request
-(batch 1), or output tokens / wall time of the whole batch (batch 32).
+The peer is the same engine without speculation on the same prompts, measured in the same run:
+the configurations take turns within each round (each round starts every one afresh, in a
+rotated order) and the table gives medians over rounds, each ratio against the peer's median.
+Batch 1: decode tokens/s = output tokens after the first / time from first token to finish,
+summed over requests run one at a time. Batch B: output tokens / wall time of the batch.
 
-    .venv/bin/python benchmarks/speculative.py [--k 1 2 3] [--model DIR] [--device cpu]
+    .venv/bin/python benchmarks/speculative.py [--k 2] [--fixed 1 2 3] [--rounds 3] [--model DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,57 +28,82 @@ from entrypoints.demo import demo_prompts
 from model.demo_checkpoint import default_model_dir
 
 
-def measure(model_dir: Path, k: int, prompts: list[str], batch1: int, batch: int, dtype: str, device: str) -> dict:
-    params = SamplingParams(temperature=0.0, max_tokens=32)
-    with LLM(model_dir, dtype=dtype, num_speculative_tokens=k, device=device) as llm:
+def measure(model_dir: Path, k: int, policy: str, prompts: list[str], args) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    with LLM(model_dir, dtype=args.dtype, num_speculative_tokens=k, speculative_draft_policy=policy,
+             device=args.device, max_num_seqs=max(args.batches)) as llm:
         llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
         before = llm.stats()
         tokens = seconds = 0.0
-        for p in prompts[:batch1]:
+        for p in prompts[: args.batch1_prompts]:
             o = llm.generate(p, params, use_tqdm=False)[0]
             tokens += len(o.token_ids) - 1
             seconds += o.metrics.finish_time - o.metrics.first_token_time
-        start = time.perf_counter()
-        outs = llm.generate(prompts[:batch], params, use_tqdm=False)
-        wall = time.perf_counter() - start
+        out = {"batch1": tokens / seconds}
+        outputs = []
+        for b in args.batches:
+            start = time.perf_counter()
+            outs = llm.generate(prompts[:b], params, use_tqdm=False)
+            out[f"batch{b}"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+            outputs.append([o.token_ids for o in outs])
         after = llm.stats()
     drafts = after.spec_num_drafts - before.spec_num_drafts
-    per_pos = [(a - b) / drafts if drafts else 0.0
-               for a, b in zip(after.spec_accepted_per_pos, before.spec_accepted_per_pos or [0] * k)]
-    return {"k": k, "batch1_decode_tok_s": tokens / seconds, "batch_tok_s": sum(len(o.token_ids) for o in outs) / wall,
-            "acceptance_per_pos": per_pos, "outputs": [o.token_ids for o in outs]}
+    out["acceptance"] = [(a - b) / drafts if drafts else 0.0
+                         for a, b in zip(after.spec_accepted_per_pos, before.spec_accepted_per_pos or [0] * k)]
+    out["draft_lengths"] = [a - b for a, b in zip(after.spec_draft_lengths, before.spec_draft_lengths or [0] * (k + 1))]
+    out["outputs"] = outputs
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--k", type=int, default=2, help="the adaptive policy's bound (num_speculative_tokens)")
+    ap.add_argument("--fixed", type=int, nargs="*", default=[1, 2, 3], help="fixed draft lengths to run too")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch1-prompts", type=int, default=24)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 256])
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="write the figures here too")
     args = ap.parse_args()
     model_dir = Path(args.model) if args.model else default_model_dir()
-    prompts = [p.prompt for p in demo_prompts(model_dir, max(args.batch1_prompts, args.batch) + 8)]
-    base = measure(model_dir, 0, prompts, args.batch1_prompts, args.batch, args.dtype, args.device)
-    rows = []
-    print(f"model {model_dir}, {args.dtype}; peer: the same engine without speculation")
-    print(f"{'k':>2} {'1st-draft acc':>13} {'per position':>20} {'batch-1 decode tok/s':>21} {'ratio':>6} "
-          f"{'batch-' + str(args.batch) + ' tok/s':>14} {'ratio':>6} {'same output':>11}")
-    print(f"{0:>2} {'-':>13} {'-':>20} {base['batch1_decode_tok_s']:>21.1f} {1.0:>6.2f} {base['batch_tok_s']:>14.1f} "
-          f"{1.0:>6.2f} {'-':>11}")
-    for k in args.k:
-        r = measure(model_dir, k, prompts, args.batch1_prompts, args.batch, args.dtype, args.device)
-        same = r["outputs"] == base["outputs"]
-        pos = "[" + ", ".join(f"{a:.2f}" for a in r["acceptance_per_pos"]) + "]"
-        print(f"{k:>2} {r['acceptance_per_pos'][0]:>13.2f} {pos:>20} {r['batch1_decode_tok_s']:>21.1f} "
-              f"{r['batch1_decode_tok_s'] / base['batch1_decode_tok_s']:>6.2f} {r['batch_tok_s']:>14.1f} "
-              f"{r['batch_tok_s'] / base['batch_tok_s']:>6.2f} {str(same):>11}")
-        rows.append({k2: v for k2, v in r.items() if k2 != "outputs"})
+    prompts = [p.prompt for p in demo_prompts(model_dir, max(args.batch1_prompts, *args.batches) + 8)]
+    configs = [("off", 0, "fixed"), (f"adaptive k<={args.k}", args.k, "adaptive")]
+    configs += [(f"fixed k={k}", k, "fixed") for k in args.fixed]
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+    for r in range(args.rounds):
+        order = configs[r % len(configs):] + configs[: r % len(configs)]
+        for name, k, policy in order:
+            runs[name].append(measure(model_dir, k, policy, prompts, args))
+            print(f"round {r + 1}: {name}: " + ", ".join(f"{key} {runs[name][-1][key]:.0f}"
+                                                         for key in ["batch1"] + [f"batch{b}" for b in args.batches]),
+                  file=sys.stderr, flush=True)
+    keys = ["batch1"] + [f"batch{b}" for b in args.batches]
+    median = {name: {key: statistics.median(run[key] for run in rs) for key in keys} for name, rs in runs.items()}
+    base = median["off"]
+    print(f"model {model_dir}, {args.dtype}, greedy, max_tokens {args.max_tokens}, asynchronous scheduling; "
+          f"medians of {args.rounds} rounds; peer: the same engine without speculation")
+    head = f"{'':18} {'acceptance per position':>24} {'batch-1 decode tok/s':>21} {'x':>5}"
+    for b in args.batches:
+        head += f" {'batch-' + str(b) + ' tok/s':>15} {'x':>5}"
+    print(head + f" {'same output':>11}  draft lengths chosen (0..k)")
+    table = {}
+    for name, _, _ in configs:
+        m, last = median[name], runs[name][-1]
+        acc = "[" + ", ".join(f"{a:.2f}" for a in last["acceptance"]) + "]" if last["acceptance"] else "-"
+        row = f"{name:18} {acc:>24} {m['batch1']:>21.1f} {m['batch1'] / base['batch1']:>5.2f}"
+        for b in args.batches:
+            key = f"batch{b}"
+            row += f" {m[key]:>15.1f} {m[key] / base[key]:>5.2f}"
+        same = all(run["outputs"] == runs["off"][0]["outputs"] for run in runs[name])
+        lengths = " ".join(str(n) for n in last["draft_lengths"]) or "-"
+        print(row + f" {str(same):>11}  {lengths}")
+        table[name] = {"median": m, "ratio": {key: m[key] / base[key] for key in keys}, "same_output": same,
+                       "acceptance": last["acceptance"], "draft_lengths": last["draft_lengths"]}
     if args.json:
-        base.pop("outputs")
-        Path(args.json).write_text(json.dumps({"base": base, "spec": rows}, indent=2))
+        Path(args.json).write_text(json.dumps(table, indent=2))
     return 0
 
 

@@ -65,6 +65,8 @@ class EngineCore:
         k = config.num_speculative_tokens
         self.spec = SpecPolicy(k, adaptive=config.speculative_draft_policy == "adaptive") if k else None
         self._outcomes_seen = [[0] * (k + 1) for _ in range(k + 1)]  # spec_outcomes at the last step
+        self._last_result_time: float | None = None
+        self.max_num_batched_tokens = config.max_num_batched_tokens
         self.vocab_size = self.ready.vocab_size
         self.max_model_len = self.ready.max_model_len
         self.schedulers = [
@@ -218,7 +220,7 @@ class EngineCore:
 
     def _schedule(self) -> list[ScheduledStep]:
         if self.spec is not None:
-            self.spec.plan()
+            self.spec.plan(any(s.waiting for s in self.schedulers), self.max_num_batched_tokens)
         steps = [s.schedule() for s in self.schedulers]
         if len(steps) > 1 and any(st.scheduled for st in steps):
             for st in steps:  # a rank waiting for disk reads must not hold up the others' step
@@ -253,13 +255,21 @@ class EngineCore:
         self.metrics.on_deltas(deltas)
         return deltas
 
+    def idle(self) -> None:
+        """Nothing to run: the next step's period is not one of back-to-back steps."""
+        self._last_result_time = None
+
     def _measure_spec(self, steps: list[ScheduledStep], results: list[StepResult]) -> None:
-        """The step's cost as the slowest rank saw it, for the draft-length policy."""
+        """The step's cost as the slowest rank saw it, for the draft-length policy, and the time
+        since the last result (back to back: the step's period, its overhead included)."""
+        now = time.perf_counter()
+        period = now - self._last_result_time if self._last_result_time is not None else 0.0
+        self._last_result_time = now
         i = max(range(len(results)), key=lambda r: results[r].forward_seconds + sum(results[r].draft_seconds))
         st, r = steps[i], results[i]
         if st.scheduled and r.forward_seconds > 0:
             self.spec.on_step(st.num_tokens, st.num_sampling, sum(st.drafts.values()), r.forward_seconds,
-                              r.draft_rows, r.draft_seconds)
+                              r.draft_rows, r.draft_seconds, period, st.plan.num_drafts)
 
     def _count_outcomes(self) -> None:
         """The verifications folded in since the last step, for the policy's acceptance."""
@@ -397,6 +407,7 @@ def _serve(core: EngineCore, inbox: Channel, outbox: Channel) -> None:
         if core.has_work():
             deltas.extend(core.step())
         else:
+            core.idle()
             core.worker.poll_idle()
         if deltas:
             outbox.send(RequestOutputs(deltas))

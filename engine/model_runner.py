@@ -213,14 +213,14 @@ class ModelRunner:
         if not work:
             return self._idle_step(plan, publish)
         started = time.perf_counter()
-        query_start, hidden = self._forward(work)
+        query_start, hidden, batch = self._forward(work)
         due = [i for i, w in enumerate(work) if w.samples]
         emitted, logprobs = self._sample(work, due, query_start, hidden)  # (its .tolist() waits for the device)
         sampled = {work[i].req.req_id: toks for i, toks in zip(due, emitted)}
         forwarded = time.perf_counter()
         drafts = {}
         if self.proposer is not None:
-            drafts = self.proposer.propose(work, query_start, hidden, sampled, plan.num_drafts)
+            drafts = self.proposer.propose(work, hidden, sampled, plan.num_drafts, batch)
         result = self._result(plan, work, query_start, hidden, sampled, drafts)
         result.forward_seconds = forwarded - started
         if self.proposer is not None and self.proposer.passes:
@@ -253,14 +253,15 @@ class ModelRunner:
             publish(result)
         return result
 
-    def _forward(self, work: list[ScheduledWork]) -> tuple[list[int], torch.Tensor]:
-        """The step's hidden states and where each request's tokens start among them."""
+    def _forward(self, work: list[ScheduledWork]) -> tuple[list[int], torch.Tensor, ForwardBatch | None]:
+        """The step's hidden states, where each request's tokens start among them, and the
+        batch (None where a CUDA graph ran the step)."""
         chunks = [SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table) for w in work]
         size = self.graphs.size_for(chunks) if self.graphs is not None else None
         if size is not None:  # a decode step: replayed from its graph
-            return list(range(len(chunks) + 1)), self.graphs.run(chunks, size)
+            return list(range(len(chunks) + 1)), self.graphs.run(chunks, size), None
         batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
-        return batch.query_start, self.model(batch, self._cache_layers)
+        return batch.query_start, self.model(batch, self._cache_layers), batch
 
     def _result(self, plan: StepPlan, work: list[ScheduledWork], query_start: list[int], hidden: torch.Tensor,
                 sampled: dict[str, list[int]], drafts: dict[str, list[int]]) -> StepResult:

@@ -1,11 +1,12 @@
-"""MTP drafting on the worker: after a step's verification, the MTP module runs over every
-verified position of the requests that draft this step (which keeps their part of its cache
-layer complete), then chains from each sampled request's last position for up to its drafts.
+"""MTP drafting on the worker: after a step's verification, the MTP module runs over every row
+of the step (in the main model's batch, which keeps its cache layer complete), then chains from
+each drafting request's last verified position for up to its drafts.
 
 How many drafts each request proposes is the scheduler's choice (StepPlan.num_drafts and
-draft_caps, scheduler/spec_policy.py); a step whose plan asks for none skips the MTP layer, and a
-request that proposes none this step leaves its positions of the step out of the MTP layer's
-cache (a later draft of it reads those entries as they are: only its acceptance can suffer)."""
+draft_caps, scheduler/spec_policy.py). A step whose plan asks for none skips the MTP layer: its
+positions stay out of that layer's cache, and a later draft reads those entries as they are
+(only the drafts' acceptance can suffer, never an output).
+"""
 
 from __future__ import annotations
 
@@ -35,22 +36,17 @@ class MTPProposer:
                            self.max_model_len)
         return max(0, min(w.propose, self.num_spec, left - 1))
 
-    def propose(self, work: list[ScheduledWork], query_start: list[int], hidden: torch.Tensor,
-                sampled: dict[str, list[int]], passes: int) -> dict[str, list[int]]:
-        """Drafts per request that sampled this step; `hidden` the main model's step output;
-        `passes` the step's draft length (the most any request proposes)."""
+    def propose(self, work: list[ScheduledWork], hidden: torch.Tensor,
+                sampled: dict[str, list[int]], passes: int, batch: ForwardBatch | None = None) -> dict[str, list[int]]:
+        """Drafts per request that sampled this step; `hidden` the main model's step output over
+        `batch` (None: the batch is built again); `passes` the step's draft length (the most any
+        request proposes)."""
         self.passes = []
         started = time.perf_counter()
         passes = min(passes, self.num_spec)
         if passes <= 0:
             return {}
-        drafting = [i for i, w in enumerate(work) if w.propose > 0]
-        if not drafting:
-            if self.expert_parallel:
-                for _ in range(passes):
-                    self.mtp.idle_forward()
-            return {}
-        h, last, verified_end = self._first_pass(work, drafting, query_start, hidden, sampled)
+        h, last, verified_end = self._first_pass(work, hidden, sampled, batch)
         rows = h.shape[0]
         by_id = {w.req.req_id: w for w in work}
         wanted = {rid: self.num_drafts(by_id[rid], sampled[rid]) for rid, _ in last}
@@ -82,28 +78,39 @@ class MTPProposer:
                 break
         return drafts
 
-    def _first_pass(self, work: list[ScheduledWork], drafting: list[int], query_start: list[int],
-                    hidden: torch.Tensor, sampled: dict[str, list[int]]
+    def _first_pass(self, work: list[ScheduledWork], hidden: torch.Tensor,
+                    sampled: dict[str, list[int]], batch: ForwardBatch | None
                     ) -> tuple[torch.Tensor, list[tuple[str, int]], dict[str, int]]:
-        """The MTP layer over every verified position of the drafting requests; returns its
-        output, the (req id, row) of each sampling one's last input and where its verified tokens end."""
-        chunks, rows = [], []
-        last: list[tuple[str, int]] = []  # (req id, row of its last MTP input) for requests that sampled
+        """The MTP layer over every row of the step, in the main model's batch (its attention
+        plan too); returns its output, the (req id, row) of each drafting request's last
+        verified position and where its verified tokens end.
+
+        Row p's input is the token at p + 1: the step's next token, or for a request's last
+        verified row the token it just sampled. Rows past that (rejected drafts) write entries
+        that nothing reads before the next step writes them again: its first pass covers them
+        (they are its positions) before any chained pass attends that far."""
+        next_ids: list[int] = []
+        last: list[tuple[str, int]] = []
         verified_end: dict[str, int] = {}  # cached tokens once this step is folded in
-        for i in drafting:
-            w = work[i]
+        for w in work:  # (each one's rows follow the last one's, as in the batch)
             r = w.req
-            emitted = sampled.get(r.req_id, [])
+            tokens = w.tokens
+            emitted = sampled.get(r.req_id)
+            if emitted is None:  # a prefill chunk: the prompt goes on
+                next_ids += tokens[1:]
+                next_ids.append(r.token_ids[r.num_computed + w.num_tokens])
+                continue
             valid = w.num_known + (len(emitted) - 1 if w.num_drafts else 0)
-            start = r.num_computed
-            # position p's input is the token at p + 1: the next known one, or what was just emitted
-            nxt = r.token_ids[start + 1 : start + valid + 1]
-            nxt += emitted[: valid - len(nxt)]
-            chunks.append(SequenceChunk(nxt, start, r.block_table))
-            rows += range(query_start[i], query_start[i] + valid)
-            if emitted:
-                last.append((r.req_id, len(rows) - 1))
-                verified_end[r.req_id] = start + valid
-        batch = ForwardBatch.build(chunks, self.block_size, self.device)
-        h = self.mtp(batch, hidden[torch.tensor(rows, device=hidden.device)], self.cache_layer)
+            row = len(next_ids) + valid - 1
+            next_ids += tokens[1:]
+            next_ids.append(emitted[-1])
+            next_ids[row] = emitted[-1]
+            if w.propose > 0:
+                last.append((r.req_id, row))
+                verified_end[r.req_id] = r.num_computed + valid
+        if batch is None:
+            batch = ForwardBatch.build([SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table)
+                                        for w in work], self.block_size, self.device)
+        ids = torch.tensor(next_ids, dtype=torch.long, device=batch.input_ids.device)
+        h = self.mtp(batch, hidden[: len(next_ids)], self.cache_layer, ids)
         return h, last, verified_end

@@ -77,11 +77,18 @@ class DeepseekV3(nn.Module):
         states before the final norm, [T, hidden] (the MTP module reads these). `plan`: the
         attention plan when the caller made it (a CUDA graph's, over static buffers)."""
         if plan is None:
-            plan = plan_attention(batch, self.embed_tokens, self.gather_buffer, self.prefill_expand_limit)
+            plan = self.plan(batch)
         x, residual = F.embedding(batch.input_ids, self.embed_tokens), None
         for layer in self.layers:
             x, residual = layer(x, batch, cache_layers[layer.layer_idx], plan, self.rope, residual)
         return x + residual
+
+    def plan(self, batch: ForwardBatch) -> AttentionPlan:
+        """The batch's attention plan, made once and kept on it (the MTP layer's first pass runs
+        over the same batch)."""
+        if batch.plan is None:
+            batch.plan = plan_attention(batch, self.embed_tokens, self.gather_buffer, self.prefill_expand_limit)
+        return batch.plan
 
     def idle_forward(self) -> None:
         """A step without tokens on this rank: it still serves the other ranks' expert choices,

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
-from kernels.attention_plan import plan_attention
 from kernels.forward_batch import ForwardBatch
 from model.deepseek_v3 import DecoderLayer, DeepseekV3
 from model.layers import Linear, RMSNorm
@@ -48,12 +47,14 @@ class MTPModule(nn.Module):
     def main(self) -> DeepseekV3:
         return self._main[0]
 
-    def forward(self, batch: ForwardBatch, prev_hidden: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        """batch.input_ids[i] is the token after the one whose hidden state is prev_hidden[i];
-        writes the module's latent entries at batch's slots; returns its hidden states (pre-norm)."""
+    def forward(self, batch: ForwardBatch, prev_hidden: torch.Tensor, cache: torch.Tensor,
+                next_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """next_ids[i] (default batch.input_ids[i]) is the token after the one whose hidden
+        state is prev_hidden[i]; writes the module's latent entries at batch's slots; returns
+        its hidden states (pre-norm). A batch the main model ran keeps its attention plan."""
         main = self.main
-        plan = plan_attention(batch, main.embed_tokens, main.gather_buffer, main.prefill_expand_limit)
-        e = self.enorm(F.embedding(batch.input_ids, main.embed_tokens))
+        plan = main.plan(batch)
+        e = self.enorm(F.embedding(batch.input_ids if next_ids is None else next_ids, main.embed_tokens))
         x = self.eh_proj(torch.cat([e, self.hnorm(prev_hidden)], dim=-1))
         out, residual = self.layer(x, batch, cache, plan, main.rope)
         return out + residual

@@ -7,19 +7,28 @@ when the batch is compute-bound, a verified row costs about what it would cost a
 own, and the MTP passes come on top, so drafts lose. The policy (adaptive; "fixed" proposes
 num_speculative_tokens every step) estimates, before each step:
 
-    tokens(D) = B * E(D),      E(D) = 1 + sum_{j<=D} prod_{i<=j} alpha_i
-    time(D)   = T(P + B(1 + D)) + [D > 0] * (M(B * E(D)) + (D - 1) * M(B))
+    tokens(D) = B * E(D) + P(D),      E(D) = 1 + sum_{j<=D} prod_{i<=j} alpha_i
+    time(D)   = O + T(n) + [D > 0] * (M(n) + (D - 1) * M(B)),      n = P(D) + B(1 + D)
 
-for the step's draft length D = 0..k, with B the requests that sampled last step, P its other
-tokens, alpha_i the measured acceptance of draft position i, T(n) the measured time of a main
-forward over n tokens and M(n) that of one MTP pass over n rows (the first pass runs over the
-verified positions, each chained one over one row per request); both piecewise linear between
-buckets of the counts seen, prefill steps included. It takes the D of most tokens per second
-(switching only for a gain of more than SWITCH_GAIN). A request then drafts fewer than D where
-its own acceptance p (per position, decayed) makes the j-th draft worth less than its marginal
-cost: j drafts while p**j >= theta, theta = (dT/dn + 2 dM/dn) * tokens(D) / time(D), the tokens
-the step's rate would make in the time one more verified row and its MTP rows take. So a
-request whose drafts keep failing drafts less, and at low load (theta near 0) all draft D.
+for the step's draft length D = 0..k, with B the requests that sampled last step, P(D) its
+prompt tokens (while prompts wait, the rest of the token budget: drafts then displace prompt
+tokens; else as many as the last step had), alpha_i the measured acceptance of draft position
+i, T(n) the measured time of a main forward over n tokens and M(n) that of one MTP pass over n
+rows (the first pass runs over all the step's rows, each chained one over one row a request);
+both piecewise linear between buckets of the counts seen, made non-decreasing. O is the rest of
+a step's period (the time between two results back to back, less the worker's compute):
+scheduling, messages, sampling's bookkeeping, what the frontend takes from a shared host. Every
+step pays it once, so fewer steps for the same tokens save it: at low load it can be most of
+what drafts save.
+
+It takes the D of most tokens per second (switching only for a gain of more than SWITCH_GAIN).
+A request then drafts fewer than D where its own acceptance p (per position, decayed) makes
+the j-th draft worth less than its marginal cost: j drafts while p**j >= theta, theta =
+(dT/dn + 2 dM/dn) * tokens(D) / time(D), the tokens the step's rate would make in the time one
+more verified row and its MTP rows take. So a request whose drafts keep failing drafts less,
+and at low load (theta near 0) all draft D. A draft length not run for a while is run again
+for a few steps where its estimate is anywhere near the best (EXPLORE_EVERY): a bad sample
+must not keep one out for good.
 
 Pure Python and O(1) per request: it runs inside the scheduler's per-request loop.
 """
@@ -33,9 +42,18 @@ from collections import deque
 SWITCH_GAIN = 0.03
 # Per-step decay of the acceptance statistics: they follow the traffic within ~50 steps.
 DECAY = 0.98
-# A cost bucket's estimate is the median of its latest steps: step times on a shared host have
-# outliers many times the typical step (a descheduled thread, a first allocation).
+# A cost bucket's estimate is the lower quartile of its latest steps: step times on a shared
+# host have outliers many times the typical step (a descheduled thread, a first allocation),
+# and their noise only ever adds.
 COST_SAMPLES = 15
+# A draft length not run at about this batch for EXPLORE_EVERY steps (or measured there fewer
+# than CELL_MIN times) is run again for EXPLORE_STEPS (its proposal, then verifications) when
+# its estimate is within EXPLORE_WITHIN of the best: an estimate from a bad sample is
+# corrected, at a cost of about 1% of the throughput where two lengths are close.
+EXPLORE_EVERY = 128
+EXPLORE_STEPS = 3
+EXPLORE_WITHIN = 0.75
+CELL_MIN = 3
 REQUEST_DECAY = 0.8  # per verification of that request
 PRIOR_ACCEPTANCE = 0.8  # before anything is measured
 PRIOR_TRIALS = 2.0  # pseudo-verifications a request's own acceptance starts from (at the global rate)
@@ -46,13 +64,13 @@ def _bucket(n: int) -> int:
     return int(round(2 * math.log2(n))) if n > 0 else -1
 
 
-def _median(xs) -> float:
+def _lower_quartile(xs) -> float:
     s = sorted(xs)
-    return s[len(s) // 2]
+    return s[len(s) // 4]
 
 
 class StepCost:
-    """T(n): a main forward's seconds over n tokens, from medians per bucket of n."""
+    """T(n): a main forward's seconds over n tokens, from the lower quartile per bucket of n."""
 
     def __init__(self) -> None:
         self._buckets: dict[int, tuple[deque, deque]] = {}  # bucket -> (latest n, latest seconds)
@@ -74,7 +92,13 @@ class StepCost:
 
     def _points(self) -> list[tuple[float, float]]:
         if self._curve is None:
-            self._curve = sorted((_median(ns), _median(ts)) for ns, ts in self._buckets.values())
+            pts = sorted((_lower_quartile(ns), _lower_quartile(ts)) for ns, ts in self._buckets.values())
+            # A step of more tokens costs no less: a bucket measured dearer than a larger one
+            # (noise, or a bucket of few samples) takes the larger one's time.
+            for i in range(len(pts) - 2, -1, -1):
+                if pts[i][1] > pts[i + 1][1]:
+                    pts[i] = (pts[i][0], pts[i + 1][1])
+            self._curve = pts
         return self._curve
 
     def __call__(self, n: float) -> float:
@@ -117,6 +141,14 @@ class SpecPolicy:
         self._trials = [0.0] * max_drafts  # ... of those verified (its earlier drafts all accepted)
         self._decodes = 0.0  # requests that sampled last step
         self._other_tokens = 0.0  # the rest of its tokens (prefill chunks)
+        self._steps = 0
+        # (batch bucket, draft length) -> latest compute times of decode steps of that kind
+        self._cells: dict[tuple[int, int], deque] = {}
+        self._cell_used: dict[tuple[int, int], int] = {}  # the step each ran last
+        self._waiting, self._budget = False, 0
+        self.overhead = 0.0  # O
+        self._overheads: deque = deque(maxlen=COST_SAMPLES * 4)
+        self._exploring = 0  # steps left of a draft length run again (EXPLORE_EVERY)
 
     # ---- what is measured -----------------------------------------------------------------
 
@@ -137,12 +169,27 @@ class SpecPolicy:
                             self._accepted[j] += n
 
     def on_step(self, num_tokens: int, num_decodes: int, num_verified: int, forward_seconds: float,
-                draft_rows: list[int], draft_seconds: list[float]) -> None:
+                draft_rows: list[int], draft_seconds: list[float], period: float = 0.0,
+                num_drafts: int = 0) -> None:
         """A step's measurements (the slowest rank's with expert parallelism): its tokens and
-        main-forward time, and each MTP pass's rows and time."""
+        main-forward time, each MTP pass's rows and time, the time since the last result (0:
+        not back to back) and its draft length."""
         self.cost.add(num_tokens, forward_seconds)
+        if num_tokens == num_decodes + num_verified and num_decodes and (
+                num_drafts * num_decodes * 0.9 <= num_verified <= num_drafts * num_decodes):
+            # A decode step at its own draft length (drafts verified about as many as
+            # proposed): what the choice at this batch size is between, measured as it is.
+            cell = self._cells.get((_bucket(num_decodes), num_drafts))
+            if cell is None:
+                cell = self._cells[(_bucket(num_decodes), num_drafts)] = deque(maxlen=COST_SAMPLES)
+            cell.append(forward_seconds + sum(draft_seconds))
         for rows, seconds in zip(draft_rows, draft_seconds):
             self.draft_cost.add(rows, seconds)
+        if period > 0:
+            overhead = period - forward_seconds - sum(draft_seconds)
+            if math.isfinite(overhead):
+                self._overheads.append(max(0.0, overhead))
+                self.overhead = _lower_quartile(self._overheads)
         self._decodes = num_decodes
         self._other_tokens = max(0, num_tokens - num_decodes - num_verified)
         for j in range(self.max_drafts):
@@ -159,21 +206,43 @@ class SpecPolicy:
             e += p
         return e
 
+    def _prefill_tokens(self, d: int, b: float) -> float:
+        """P: the next step's tokens besides its decodes: what is left of the budget while
+        prompts wait, else as many as the last step had (a chunked prompt going on)."""
+        if self._waiting and self._budget:
+            return max(0.0, self._budget - b * (1 + d))
+        return self._other_tokens
+
     def estimate(self, d: int, decodes: float | None = None) -> tuple[float, float]:
-        """(tokens, seconds) of a step with draft length d."""
+        """(tokens, seconds) of a step with draft length d: the tokens it emits and the prompt
+        tokens it computes (while prompts wait, drafts take the budget from them: they pay only
+        for what they emit beyond the prompt tokens they displace)."""
         b = self._decodes if decodes is None else decodes
         e = self.expected_tokens(d)
-        t = self.cost(self._other_tokens + b * (1 + d))
+        p = self._prefill_tokens(d, b)
+        cell = self._cells.get((_bucket(b), d)) if not p else None
+        if cell is not None and len(cell) >= CELL_MIN:
+            return b * e, self.overhead + _lower_quartile(cell)
+        n = p + b * (1 + d)
+        t = self.overhead + self.cost(n)
         if d:
-            # Never measured (drafting was off since start): as dear as the main forward.
+            # The first MTP pass runs over all the step's rows, each chained one over one a
+            # request. Never measured (drafting off since start): as dear as the main forward.
             m = self.draft_cost if self.draft_cost.known else self.cost
-            t += m(b * e) + (d - 1) * m(b)
-        return b * e, t
+            t += m(n) + (d - 1) * m(b)
+        return b * e + p, t
 
-    def plan(self) -> int:
-        """Sets the next step's draft length and theta from what was measured; returns it."""
+    def plan(self, waiting: bool = False, budget: int = 0) -> int:
+        """Sets the next step's draft length and theta from what was measured; returns it.
+        `waiting`: whether prompts wait for admission (the step then fills its token `budget`)."""
+        self._steps += 1
+        self._waiting, self._budget = waiting, budget
         if not self.adaptive or not self.max_drafts or self._decodes < 1 or not self.cost.known:
             self.step_drafts, self.theta = self.max_drafts, 0.0
+            return self.step_drafts
+        if self._exploring:
+            self._exploring -= 1
+            self._cell_used[(_bucket(self._decodes), self.step_drafts)] = self._steps
             return self.step_drafts
         rates = []
         for d in range(self.max_drafts + 1):
@@ -182,11 +251,25 @@ class SpecPolicy:
         best = max(range(len(rates)), key=rates.__getitem__)
         if rates[best] <= rates[self.step_drafts] * (1 + SWITCH_GAIN):
             best = self.step_drafts
+        b = _bucket(self._decodes)
+        # (only decode steps are measured by batch size: a step with prompt tokens explores nothing)
+        stale = [d for d in range(self.max_drafts + 1) if d != best and rates[d] >= EXPLORE_WITHIN * rates[best]
+                 and not self._prefill_tokens(d, self._decodes)
+                 and (self._steps - self._cell_used.get((b, d), 0) > EXPLORE_EVERY
+                      or len(self._cells.get((b, d), ())) < CELL_MIN and self._steps - self._cell_used.get((b, d), 0)
+                      > EXPLORE_STEPS)]
+        if stale:
+            best = max(stale, key=rates.__getitem__)
+            self._exploring = EXPLORE_STEPS - 1
+            self.theta = 0.0
+        self._cell_used[(b, best)] = self._steps
         self.step_drafts = best
+        if stale:
+            return best
         if best == 0:
             self.theta = 0.0
         else:
-            n = self._other_tokens + self._decodes * (1 + best)
+            n = self._prefill_tokens(best, self._decodes) + self._decodes * (1 + best)
             m = self.draft_cost if self.draft_cost.known else self.cost
             self.theta = (self.cost.slope(n) + 2 * m.slope(self._decodes)) * rates[best]
         return best

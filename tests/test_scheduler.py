@@ -392,9 +392,9 @@ def test_random_traffic_with_the_next_step_planned_before_the_last_returns(seed,
     rng = random.Random(100 + seed)
     budget, max_seqs = rng.choice([8, 16, 64]), rng.choice([4, 16])
     block_size = rng.choice([1, 4, 16])
-    sched = make_scheduler(num_blocks=160 // block_size, block_size=block_size, budget=budget,
-                           max_seqs=max_seqs, caching=bool(seed % 2), policy="priority" if seed == 3 else "fcfs",
-                           spec=spec)
+    num_blocks = (160 - 40 * bool(spec)) // block_size  # (drafts take room: fewer blocks keep preemption)
+    sched = make_scheduler(num_blocks=num_blocks, block_size=block_size, budget=budget, max_seqs=max_seqs,
+                           caching=bool(seed % 2), policy="priority" if seed == 3 else "fcfs", spec=spec)
     policy = sched.spec = SpecPolicy(spec) if spec else None
     regime, lengths = 0.0, set()
     worker = WorkerState()
