@@ -5,7 +5,8 @@ draft lengths the policy chose, and whether the outputs are the same.
 
 The peer is the same engine without speculation on the same prompts, measured in the same run:
 the configurations take turns within each round (each round starts every one afresh, in a
-rotated order) and the table gives medians over rounds, each ratio against the peer's median.
+rotated order, and warms it up on every batch size), and the table gives medians over rounds:
+tok/s, and each ratio as the median of the per-round ratios to the peer.
 Batch 1: decode tokens/s = output tokens after the first / time from first token to finish,
 summed over requests run one at a time. Batch B: output tokens / wall time of the batch.
 
@@ -28,11 +29,20 @@ from entrypoints.demo import demo_prompts
 from model.demo_checkpoint import default_model_dir
 
 
+def _lengths(after, before) -> list[int]:
+    """The draft lengths the engine chose between two stats() (how many sampling steps each)."""
+    earlier = before.spec_draft_lengths or [0] * len(after.spec_draft_lengths)
+    return [a - b for a, b in zip(after.spec_draft_lengths, earlier)]
+
+
 def measure(model_dir: Path, k: int, policy: str, prompts: list[str], args) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     with LLM(model_dir, dtype=args.dtype, num_speculative_tokens=k, speculative_draft_policy=policy,
              device=args.device, max_num_seqs=max(args.batches)) as llm:
-        llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
+        # Warm-up: a step of a shape the process has not run yet pays first-time costs (the
+        # first batch of 32 with drafts ran 8x slower than the next); a server pays them once.
+        for b in sorted(args.batches, reverse=True) * 2 + [1] * 8:
+            llm.generate(prompts[-b:], params, use_tqdm=False)
         before = llm.stats()
         tokens = seconds = 0.0
         for p in prompts[: args.batch1_prompts]:
@@ -41,12 +51,16 @@ def measure(model_dir: Path, k: int, policy: str, prompts: list[str], args) -> d
             seconds += o.metrics.finish_time - o.metrics.first_token_time
         out = {"batch1": tokens / seconds}
         outputs = []
+        lengths = {"batch1": _lengths(llm.stats(), before)}
         for b in args.batches:
+            start_stats = llm.stats()
             start = time.perf_counter()
             outs = llm.generate(prompts[:b], params, use_tqdm=False)
             out[f"batch{b}"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
             outputs.append([o.token_ids for o in outs])
+            lengths[f"batch{b}"] = _lengths(llm.stats(), start_stats)
         after = llm.stats()
+        out["lengths_by_batch"] = lengths
     drafts = after.spec_num_drafts - before.spec_num_drafts
     out["acceptance"] = [(a - b) / drafts if drafts else 0.0
                          for a, b in zip(after.spec_accepted_per_pos, before.spec_accepted_per_pos or [0] * k)]
@@ -82,7 +96,9 @@ def main() -> int:
                   file=sys.stderr, flush=True)
     keys = ["batch1"] + [f"batch{b}" for b in args.batches]
     median = {name: {key: statistics.median(run[key] for run in rs) for key in keys} for name, rs in runs.items()}
-    base = median["off"]
+    # Each round's ratio to the peer's run of the same round, then their median.
+    ratio = {name: {key: statistics.median(run[key] / peer[key] for run, peer in zip(rs, runs["off"]))
+                    for key in keys} for name, rs in runs.items()}
     print(f"model {model_dir}, {args.dtype}, greedy, max_tokens {args.max_tokens}, asynchronous scheduling; "
           f"medians of {args.rounds} rounds; peer: the same engine without speculation")
     head = f"{'':18} {'acceptance per position':>24} {'batch-1 decode tok/s':>21} {'x':>5}"
@@ -93,14 +109,17 @@ def main() -> int:
     for name, _, _ in configs:
         m, last = median[name], runs[name][-1]
         acc = "[" + ", ".join(f"{a:.2f}" for a in last["acceptance"]) + "]" if last["acceptance"] else "-"
-        row = f"{name:18} {acc:>24} {m['batch1']:>21.1f} {m['batch1'] / base['batch1']:>5.2f}"
+        row = f"{name:18} {acc:>24} {m['batch1']:>21.1f} {ratio[name]['batch1']:>5.2f}"
         for b in args.batches:
             key = f"batch{b}"
-            row += f" {m[key]:>15.1f} {m[key] / base[key]:>5.2f}"
+            row += f" {m[key]:>15.1f} {ratio[name][key]:>5.2f}"
         same = all(run["outputs"] == runs["off"][0]["outputs"] for run in runs[name])
         lengths = " ".join(str(n) for n in last["draft_lengths"]) or "-"
         print(row + f" {str(same):>11}  {lengths}")
-        table[name] = {"median": m, "ratio": {key: m[key] / base[key] for key in keys}, "same_output": same,
+        if last["lengths_by_batch"].get("batch1"):
+            print(f"{'':18} draft lengths chosen by batch (last round): " + "; ".join(
+                f"{key}: {' '.join(map(str, v))}" for key, v in last["lengths_by_batch"].items()))
+        table[name] = {"median": m, "ratio": ratio[name], "same_output": same,
                        "acceptance": last["acceptance"], "draft_lengths": last["draft_lengths"]}
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))

@@ -66,7 +66,6 @@ class EngineCore:
         self.spec = SpecPolicy(k, adaptive=config.speculative_draft_policy == "adaptive") if k else None
         self._outcomes_seen = [[0] * (k + 1) for _ in range(k + 1)]  # spec_outcomes at the last step
         self._last_result_time: float | None = None
-        self.max_num_batched_tokens = config.max_num_batched_tokens
         self.vocab_size = self.ready.vocab_size
         self.max_model_len = self.ready.max_model_len
         self.schedulers = [
@@ -220,7 +219,7 @@ class EngineCore:
 
     def _schedule(self) -> list[ScheduledStep]:
         if self.spec is not None:
-            self.spec.plan(any(s.waiting for s in self.schedulers), self.max_num_batched_tokens)
+            self.spec.plan()
         steps = [s.schedule() for s in self.schedulers]
         if len(steps) > 1 and any(st.scheduled for st in steps):
             for st in steps:  # a rank waiting for disk reads must not hold up the others' step

@@ -7,25 +7,33 @@ when the batch is compute-bound, a verified row costs about what it would cost a
 own, and the MTP passes come on top, so drafts lose. The policy (adaptive; "fixed" proposes
 num_speculative_tokens every step) estimates, before each step:
 
-    tokens(D) = B * E(D) + P(D),      E(D) = 1 + sum_{j<=D} prod_{i<=j} alpha_i
-    time(D)   = O + T(n) + [D > 0] * (M(n) + (D - 1) * M(B)),      n = P(D) + B(1 + D)
+    tokens(D) = B * E(D),      E(D) = 1 + sum_{j<=D} prod_{i<=j} alpha_i
+    time(D)   = O + T(n) + [D > 0] * (M(n) + (D - 1) * M(B)),      n = B(1 + D)
 
-for the step's draft length D = 0..k, with B the requests that sampled last step, P(D) its
-prompt tokens (while prompts wait, the rest of the token budget: drafts then displace prompt
-tokens; else as many as the last step had), alpha_i the measured acceptance of draft position
-i, T(n) the measured time of a main forward over n tokens and M(n) that of one MTP pass over n
-rows (the first pass runs over all the step's rows, each chained one over one row a request);
-both piecewise linear between buckets of the counts seen, made non-decreasing. O is the rest of
-a step's period (the time between two results back to back, less the worker's compute):
+for a decode step of draft length D = 0..k at the last step's batch size B, with alpha_i the
+measured acceptance of draft position i, T(n) the measured time of a main forward over n
+tokens and M(n) that of one MTP pass over n rows (the first pass runs over all the step's rows,
+each chained one over one row a request), both piecewise linear between buckets of the counts
+seen (prefill steps included) and made non-decreasing; where decode steps of this batch size
+and draft length have been measured enough, their own time replaces T + M. O is the rest of a
+step's period (the time between two results back to back, less the worker's compute):
 scheduling, messages, sampling's bookkeeping, what the frontend takes from a shared host. Every
 step pays it once, so fewer steps for the same tokens save it: at low load it can be most of
 what drafts save.
 
+The choice is made for decoding, and steps with a few prompt tokens take it too: while drafting
+pays at this load, new prompts' MTP entries are made as they are prefilled (their drafts later
+read them), and when it does not the MTP layer is skipped altogether, prompts included. A step
+whose prompt tokens outnumber its decode rows (as the last one's did) does not draft: the MTP
+pass over its prompts would cost more than its drafts save. (Positions
+it skipped stay out of its cache: a request drafting again later reads those entries as they
+are, which lowers its acceptance, never its output.)
+
 It takes the D of most tokens per second (switching only for a gain of more than SWITCH_GAIN).
 A request then drafts fewer than D where its own acceptance p (per position, decayed) makes
-the j-th draft worth less than its marginal cost: j drafts while p**j >= theta, theta =
-(dT/dn + 2 dM/dn) * tokens(D) / time(D), the tokens the step's rate would make in the time one
-more verified row and its MTP rows take. So a request whose drafts keep failing drafts less,
+the j-th draft worth less than its marginal cost: j drafts while p**j >= theta,
+theta = (time(D) - time(D - 1)) / B * tokens(D) / time(D), the tokens the step's rate would make
+in the time one more draft a request takes. So a request whose drafts keep failing drafts less,
 and at low load (theta near 0) all draft D. A draft length not run for a while is run again
 for a few steps where its estimate is anywhere near the best (EXPLORE_EVERY): a bad sample
 must not keep one out for good.
@@ -54,14 +62,21 @@ EXPLORE_EVERY = 128
 EXPLORE_STEPS = 3
 EXPLORE_WITHIN = 0.75
 CELL_MIN = 3
+CELL_TRUSTED = 4
 REQUEST_DECAY = 0.8  # per verification of that request
 PRIOR_ACCEPTANCE = 0.8  # before anything is measured
 PRIOR_TRIALS = 2.0  # pseudo-verifications a request's own acceptance starts from (at the global rate)
 
 
-def _bucket(n: int) -> int:
+def _bucket(n: float) -> int:
     """Token counts in steps of about sqrt(2)."""
     return int(round(2 * math.log2(n))) if n > 0 else -1
+
+
+def _batch_bucket(n: float) -> int:
+    """Batch sizes in steps of 2: a decode step's time changes little within one, and a batch
+    draining through the sizes visits few."""
+    return int(round(math.log2(n))) if n > 0 else -1
 
 
 def _lower_quartile(xs) -> float:
@@ -145,7 +160,6 @@ class SpecPolicy:
         # (batch bucket, draft length) -> latest compute times of decode steps of that kind
         self._cells: dict[tuple[int, int], deque] = {}
         self._cell_used: dict[tuple[int, int], int] = {}  # the step each ran last
-        self._waiting, self._budget = False, 0
         self.overhead = 0.0  # O
         self._overheads: deque = deque(maxlen=COST_SAMPLES * 4)
         self._exploring = 0  # steps left of a draft length run again (EXPLORE_EVERY)
@@ -179,9 +193,9 @@ class SpecPolicy:
                 num_drafts * num_decodes * 0.9 <= num_verified <= num_drafts * num_decodes):
             # A decode step at its own draft length (drafts verified about as many as
             # proposed): what the choice at this batch size is between, measured as it is.
-            cell = self._cells.get((_bucket(num_decodes), num_drafts))
+            cell = self._cells.get((_batch_bucket(num_decodes), num_drafts))
             if cell is None:
-                cell = self._cells[(_bucket(num_decodes), num_drafts)] = deque(maxlen=COST_SAMPLES)
+                cell = self._cells[(_batch_bucket(num_decodes), num_drafts)] = deque(maxlen=COST_SAMPLES)
             cell.append(forward_seconds + sum(draft_seconds))
         for rows, seconds in zip(draft_rows, draft_seconds):
             self.draft_cost.add(rows, seconds)
@@ -206,43 +220,33 @@ class SpecPolicy:
             e += p
         return e
 
-    def _prefill_tokens(self, d: int, b: float) -> float:
-        """P: the next step's tokens besides its decodes: what is left of the budget while
-        prompts wait, else as many as the last step had (a chunked prompt going on)."""
-        if self._waiting and self._budget:
-            return max(0.0, self._budget - b * (1 + d))
-        return self._other_tokens
-
-    def estimate(self, d: int, decodes: float | None = None) -> tuple[float, float]:
-        """(tokens, seconds) of a step with draft length d: the tokens it emits and the prompt
-        tokens it computes (while prompts wait, drafts take the budget from them: they pay only
-        for what they emit beyond the prompt tokens they displace)."""
+    def estimate(self, d: int, decodes: float | None = None, measured: bool = True) -> tuple[float, float]:
+        """(tokens, seconds) of a decode step of draft length d at the last step's batch size.
+        `measured`: from decode steps of that kind where there are enough (else from the cost
+        curves)."""
         b = self._decodes if decodes is None else decodes
         e = self.expected_tokens(d)
-        p = self._prefill_tokens(d, b)
-        cell = self._cells.get((_bucket(b), d)) if not p else None
+        cell = self._cells.get((_batch_bucket(b), d)) if measured else None
         if cell is not None and len(cell) >= CELL_MIN:
             return b * e, self.overhead + _lower_quartile(cell)
-        n = p + b * (1 + d)
+        n = b * (1 + d)
         t = self.overhead + self.cost(n)
         if d:
             # The first MTP pass runs over all the step's rows, each chained one over one a
             # request. Never measured (drafting off since start): as dear as the main forward.
             m = self.draft_cost if self.draft_cost.known else self.cost
             t += m(n) + (d - 1) * m(b)
-        return b * e + p, t
+        return b * e, t
 
-    def plan(self, waiting: bool = False, budget: int = 0) -> int:
-        """Sets the next step's draft length and theta from what was measured; returns it.
-        `waiting`: whether prompts wait for admission (the step then fills its token `budget`)."""
+    def plan(self) -> int:
+        """Sets the next step's draft length and theta from what was measured; returns it."""
         self._steps += 1
-        self._waiting, self._budget = waiting, budget
         if not self.adaptive or not self.max_drafts or self._decodes < 1 or not self.cost.known:
             self.step_drafts, self.theta = self.max_drafts, 0.0
             return self.step_drafts
         if self._exploring:
             self._exploring -= 1
-            self._cell_used[(_bucket(self._decodes), self.step_drafts)] = self._steps
+            self._cell_used[(_batch_bucket(self._decodes), self.step_drafts)] = self._steps
             return self.step_drafts
         rates = []
         for d in range(self.max_drafts + 1):
@@ -251,28 +255,50 @@ class SpecPolicy:
         best = max(range(len(rates)), key=rates.__getitem__)
         if rates[best] <= rates[self.step_drafts] * (1 + SWITCH_GAIN):
             best = self.step_drafts
-        b = _bucket(self._decodes)
-        # (only decode steps are measured by batch size: a step with prompt tokens explores nothing)
-        stale = [d for d in range(self.max_drafts + 1) if d != best and rates[d] >= EXPLORE_WITHIN * rates[best]
-                 and not self._prefill_tokens(d, self._decodes)
-                 and (self._steps - self._cell_used.get((b, d), 0) > EXPLORE_EVERY
-                      or len(self._cells.get((b, d), ())) < CELL_MIN and self._steps - self._cell_used.get((b, d), 0)
-                      > EXPLORE_STEPS)]
-        if stale:
-            best = max(stale, key=rates.__getitem__)
+        if self._other_tokens > self._decodes * (1 + best):
+            # Prompts take most of the step (as the last one's did): an MTP pass over them would
+            # cost more than the step's drafts save. They are prefilled without it.
+            self.step_drafts, self.theta = 0, 0.0
+            return 0
+        b = _batch_bucket(self._decodes)
+        explore = self._to_explore(best, rates)
+        if explore is not None:
+            best = explore
             self._exploring = EXPLORE_STEPS - 1
             self.theta = 0.0
         self._cell_used[(b, best)] = self._steps
         self.step_drafts = best
-        if stale:
+        if explore is not None:
             return best
         if best == 0:
             self.theta = 0.0
         else:
-            n = self._prefill_tokens(best, self._decodes) + self._decodes * (1 + best)
-            m = self.draft_cost if self.draft_cost.known else self.cost
-            self.theta = (self.cost.slope(n) + 2 * m.slope(self._decodes)) * rates[best]
+            # A request's last draft costs what the step's last draft length costs, shared by
+            # the batch; worth it if it emits what the step's rate makes in that time.
+            marginal = (self.estimate(best)[1] - self.estimate(best - 1)[1]) / self._decodes
+            self.theta = max(0.0, marginal) * rates[best]
         return best
+
+    def _to_explore(self, best: int, rates: list[float]) -> int | None:
+        """A draft length to run again at this batch size, or None. A cell of few samples (the
+        first ones may come from first-time costs) is judged by the cost curves, and run again
+        until it has CELL_TRUSTED; one measured enough, by its samples, now and then. Only decode
+        steps are measured by batch size: a step with prompt tokens explores nothing."""
+        b = _batch_bucket(self._decodes)
+        candidates = []
+        for d in range(self.max_drafts + 1):
+            if d == best or self._other_tokens:
+                continue
+            since = self._steps - self._cell_used.get((b, d), 0)
+            if len(self._cells.get((b, d), ())) < CELL_TRUSTED:
+                tokens, seconds = self.estimate(d, measured=False)
+                rate = tokens / seconds if seconds > 0 else 0.0
+                due = since > 8 * EXPLORE_STEPS
+            else:
+                rate, due = rates[d], since > EXPLORE_EVERY
+            if due and rate >= EXPLORE_WITHIN * rates[best]:
+                candidates.append((rate, d))
+        return max(candidates)[1] if candidates else None
 
     def drafts_for(self, req) -> int:
         """The drafts req proposes after this step: D, or fewer where its own acceptance is low."""
