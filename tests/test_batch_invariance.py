@@ -9,17 +9,27 @@ on an AMD EPYC that flipped the fourth greedy token of [5, 9, 77, 200, 3] (issue
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from engine.model_config import ModelConfig
-from kernels.backend import batch_invariant_mode, use_triton_kernels
+from kernels.backend import batch_invariant_mode, interpreting, use_triton_kernels
 from kernels.batch_invariant import dense_bmm, dense_linear, invariant_bmm
 from kernels.mla_decode import choose_num_splits, paged_mla_decode
 from model.deepseek_v3 import DeepseekV3
 from model.loader import load_weights
+from tests.interpreter_util import row_invariant_interpreter_dot
 from tests.model_runner_util import PagedRunner
 from tests.test_kernels import make_cache, shuffled_tables
+
+
+@pytest.fixture(autouse=True)
+def _row_invariant_dots():
+    """The GPU's tile rows are independent; the interpreter's are made so (tests/interpreter_util.py)."""
+    with row_invariant_interpreter_dot() if interpreting() else contextlib.nullcontext():
+        yield
 
 # Prefill chunks and the short queries the decode kernel takes (3 tokens); long contexts are
 # test_decode_attention_rows_are_the_same_alone_and_batched's.

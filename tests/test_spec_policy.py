@@ -82,3 +82,20 @@ def test_cost_curve_takes_medians_and_extrapolates_cautiously():
     for bad in (math.nan, math.inf, -1.0, 0.0):
         cost.add(10, bad)  # ignored
     assert cost(10) == 1.0
+
+
+def test_draft_lengths_are_exported_as_a_histogram():
+    from engine.messages import EngineStats
+    from entrypoints.metrics import _spec_decode
+
+    stats = EngineStats(num_running=0, num_waiting=0, num_preemptions=0, num_steps=0, prompt_tokens=0,
+                        computed_prompt_tokens=0, generation_tokens=0, prefix_cache_queries=0,
+                        prefix_cache_hits=0, num_free_blocks=0, num_blocks=0, spec_accepted_per_pos=[0, 0],
+                        spec_draft_lengths=[5, 0, 7], spec_step_draft_length=2)
+    families = {f.name: f for f in _spec_decode(stats)}
+    hist = families["mlaserve:spec_decode_draft_length"]
+    buckets = {s.labels["le"]: s.value for s in hist.samples if s.name.endswith("_bucket")}
+    assert buckets == {"0.0": 5, "1.0": 5, "2.0": 12, "+Inf": 12}
+    assert [s.value for s in hist.samples if s.name.endswith("_sum")] == [14.0]
+    gauge = families["mlaserve:spec_decode_step_draft_length"]
+    assert [s.value for s in gauge.samples] == [2]
