@@ -19,7 +19,7 @@ def test_engine_accuracy_on_held_out_problems_equals_transformers_and_mtp_drafts
     model_dir = default_model_dir()
     assert model_dir == ASSET_DIR, "the trained demo checkpoint is committed under assets/demo"
     held = demo_prompts(model_dir, N_HELD_OUT) + demo_prompts(model_dir, N_TOOL_CHATS, ("call", "answer"))
-    with LLM(model_dir, dtype="float32", num_speculative_tokens=1) as llm:
+    with LLM(model_dir, dtype="float32", num_speculative_tokens=1, speculative_draft_policy="fixed") as llm:
         outs = llm.generate([p.prompt for p in held], SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
         stats = llm.stats()
         # LLM.chat renders with the checkpoint's template, as the training did; a bad conversation fails alone

@@ -89,7 +89,7 @@ def _sample_counts(demo, k, n, seed0, temperature=1.0):
     reqs = [rng.choice(prompts) for _ in range(n)]
     params = [SamplingParams(temperature=temperature, max_tokens=4, seed=seed0 + i, ignore_eos=True)
               for i in range(n)]
-    with LLM(demo, dtype="bfloat16", block_size=BLOCK, num_speculative_tokens=k,
+    with LLM(demo, dtype="bfloat16", block_size=BLOCK, num_speculative_tokens=k, speculative_draft_policy="fixed",
              kv_cache_memory=400 * FP32_BYTES_PER_BLOCK) as llm:
         outs = llm.generate(reqs, params, use_tqdm=False)
         stats = llm.stats()
@@ -140,7 +140,7 @@ def test_speculation_with_prefix_caching_stop_tokens_and_logprobs(demo):
               SamplingParams(temperature=0, max_tokens=32, bad_words=["0,2"])]  # the drafts propose it
     runs = {}
     for k in (0, 2):
-        with LLM(demo, dtype="float32", block_size=BLOCK, num_speculative_tokens=k,
+        with LLM(demo, dtype="float32", block_size=BLOCK, num_speculative_tokens=k, speculative_draft_policy="fixed",
                  kv_cache_memory=100 * FP32_BYTES_PER_BLOCK) as llm:
             first = llm.generate(prompts[:1], params[:1], use_tqdm=False)
             rest = llm.generate(prompts[1:], params[1:], use_tqdm=False)

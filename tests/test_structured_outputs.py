@@ -400,7 +400,8 @@ def test_constrained_greedy_outputs_are_the_same_with_mtp_drafts_as_without(tmp_
               SamplingParams(temperature=0, max_tokens=48)]
     runs = []
     for spec in (0, 2):
-        with LLM(default_model_dir(), dtype="float32", num_speculative_tokens=spec) as llm:
+        with LLM(default_model_dir(), dtype="float32", num_speculative_tokens=spec,
+                 speculative_draft_policy="fixed") as llm:  # (drafts every step: the grammar meets them)
             outs = llm.generate(prompts * 2, [params[0]] * len(prompts) + [params[1]] * len(prompts), use_tqdm=False)
             runs.append([o.outputs[0].token_ids for o in outs])
             texts = [o.outputs[0].text for o in outs]
