@@ -115,6 +115,9 @@ def _print_speed(probs, k: int, without, with_spec) -> None:
     mean_tokens = 1 + st.spec_accepted_tokens / st.spec_num_drafts if st.spec_num_drafts else 1.0
     print(f"MTP drafts (k={k}): first-draft acceptance {100 * first:.1f}%, per position [{per_pos}], "
           f"{mean_tokens:.2f} tokens per verification step")
+    if st.spec_draft_lengths:
+        chosen = ", ".join(f"{d}: {n}" for d, n in enumerate(st.spec_draft_lengths))
+        print(f"draft lengths the adaptive policy chose (sampling steps by drafts proposed): {chosen}")
     n_out = sum(len(o.token_ids) for o in spec)
     print(f"throughput (batch of {len(probs)}): {n_out / spec_s:.1f} output tokens/s with speculation, "
           f"{sum(len(o.token_ids) for o in base) / base_s:.1f} without "
