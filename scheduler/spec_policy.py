@@ -55,9 +55,10 @@ DECAY = 0.98
 # and their noise only ever adds.
 COST_SAMPLES = 15
 # A draft length not run at about this batch for EXPLORE_EVERY steps (or measured there fewer
-# than CELL_MIN times) is run again for EXPLORE_STEPS (its proposal, then verifications) when
-# its estimate is within EXPLORE_WITHIN of the best: an estimate from a bad sample is
-# corrected, at a cost of about 1% of the throughput where two lengths are close.
+# than CELL_TRUSTED times) is run again for EXPLORE_STEPS (its proposal, then verifications)
+# when its estimate is within EXPLORE_WITHIN of the best: an estimate from a bad sample is
+# corrected, at a cost of about 1% of the throughput where two lengths are close. A cell's
+# own times replace the cost curves' estimate once it has CELL_MIN.
 EXPLORE_EVERY = 128
 EXPLORE_STEPS = 3
 EXPLORE_WITHIN = 0.75
@@ -130,11 +131,6 @@ class StepCost:
         n_max, t_max = pts[-1]
         return t_max * n / n_max
 
-    def slope(self, n: float) -> float:
-        """dT/dn near n."""
-        step = max(1.0, 0.25 * n)
-        return max(0.0, (self(n + step) - self(n)) / step)
-
 
 def record_verification(req, drafted: int, accepted: int) -> None:
     """A request's own acceptance, decayed: what drafts_for() caps its drafts by."""
@@ -189,6 +185,9 @@ class SpecPolicy:
         main-forward time, each MTP pass's rows and time, the time since the last result (0:
         not back to back) and its draft length."""
         self.cost.add(num_tokens, forward_seconds)
+        compute = forward_seconds + sum(draft_seconds)
+        if not (math.isfinite(compute) and compute > 0):
+            return  # (a worker's clock gone wrong teaches nothing)
         if num_tokens == num_decodes + num_verified and num_decodes and (
                 num_drafts * num_decodes * 0.9 <= num_verified <= num_drafts * num_decodes):
             # A decode step at its own draft length (drafts verified about as many as
@@ -196,11 +195,11 @@ class SpecPolicy:
             cell = self._cells.get((_batch_bucket(num_decodes), num_drafts))
             if cell is None:
                 cell = self._cells[(_batch_bucket(num_decodes), num_drafts)] = deque(maxlen=COST_SAMPLES)
-            cell.append(forward_seconds + sum(draft_seconds))
+            cell.append(compute)
         for rows, seconds in zip(draft_rows, draft_seconds):
             self.draft_cost.add(rows, seconds)
         if period > 0:
-            overhead = period - forward_seconds - sum(draft_seconds)
+            overhead = period - compute
             if math.isfinite(overhead):
                 self._overheads.append(max(0.0, overhead))
                 self.overhead = _lower_quartile(self._overheads)

@@ -99,3 +99,13 @@ def test_draft_lengths_are_exported_as_a_histogram():
     assert [s.value for s in hist.samples if s.name.endswith("_sum")] == [14.0]
     gauge = families["mlaserve:spec_decode_step_draft_length"]
     assert [s.value for s in gauge.samples] == [2]
+
+
+def test_bad_step_times_are_ignored():
+    policy = SpecPolicy(2)
+    feed(policy, fixed=2e-3, per_token=1e-6, batch=1, rho=0.3, accepted_frac=1.0, steps=40)
+    before = policy.estimate(2)
+    for bad in (math.nan, math.inf, -1.0):
+        policy.on_step(3, 1, 2, bad, [3], [bad], bad, 2)
+        policy.on_step(3, 1, 2, 1e-3, [3], [bad], 1.0, 2)
+    assert policy.estimate(2) == before and policy.plan() in (0, 1, 2)
