@@ -8,7 +8,8 @@ the configurations take turns within each round (each round starts every one afr
 rotated order, and warms it up on every batch size), and the table gives medians over rounds:
 tok/s, and each ratio as the median of the per-round ratios to the peer.
 Batch 1: decode tokens/s = output tokens after the first / time from first token to finish,
-summed over requests run one at a time. Batch B: output tokens / wall time of the batch.
+summed over requests run one at a time. Batch B: output tokens / wall time, over 256 / B
+batches of B run one after another.
 
     .venv/bin/python benchmarks/speculative.py [--k 2] [--fixed 1 2 3] [--rounds 3] [--model DIR]
 """
@@ -53,11 +54,15 @@ def measure(model_dir: Path, k: int, policy: str, prompts: list[str], args) -> d
         outputs = []
         lengths = {"batch1": _lengths(llm.stats(), before)}
         for b in args.batches:
+            # Batches of one size, back to back, until about 256 requests have run: a batch of 32
+            # alone is a tenth of a second of work, too short to time on a shared host.
             start_stats = llm.stats()
-            start = time.perf_counter()
-            outs = llm.generate(prompts[:b], params, use_tqdm=False)
-            out[f"batch{b}"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
-            outputs.append([o.token_ids for o in outs])
+            tokens, start = 0, time.perf_counter()
+            for rep in range(max(1, 256 // b)):
+                outs = llm.generate(prompts[rep * b % len(prompts):][:b], params, use_tqdm=False)
+                tokens += sum(len(o.token_ids) for o in outs)
+                outputs.append([o.token_ids for o in outs])
+            out[f"batch{b}"] = tokens / (time.perf_counter() - start)
             lengths[f"batch{b}"] = _lengths(llm.stats(), start_stats)
         after = llm.stats()
         out["lengths_by_batch"] = lengths

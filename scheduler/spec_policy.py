@@ -15,7 +15,7 @@ measured acceptance of draft position i, T(n) the measured time of a main forwar
 tokens and M(n) that of one MTP pass over n rows (the first pass runs over all the step's rows,
 each chained one over one row a request), both piecewise linear between buckets of the counts
 seen (prefill steps included) and made non-decreasing; where decode steps of this batch size
-and draft length have been measured enough, their own time replaces T + M. O is the rest of a
+and draft length have been measured enough, their own period replaces O + T + M. O is the rest of a
 step's period (the time between two results back to back, less the worker's compute):
 scheduling, messages, sampling's bookkeeping, what the frontend takes from a shared host. Every
 step pays it once, so fewer steps for the same tokens save it: at low load it can be most of
@@ -191,11 +191,12 @@ class SpecPolicy:
         if num_tokens == num_decodes + num_verified and num_decodes and (
                 num_drafts * num_decodes * 0.9 <= num_verified <= num_drafts * num_decodes):
             # A decode step at its own draft length (drafts verified about as many as
-            # proposed): what the choice at this batch size is between, measured as it is.
+            # proposed): what the choice at this batch size is between, measured as it is,
+            # by its period where it ran back to back (its overheads grow with its drafts too).
             cell = self._cells.get((_batch_bucket(num_decodes), num_drafts))
             if cell is None:
                 cell = self._cells[(_batch_bucket(num_decodes), num_drafts)] = deque(maxlen=COST_SAMPLES)
-            cell.append(compute)
+            cell.append(period if period > 0 and math.isfinite(period) else compute + self.overhead)
         for rows, seconds in zip(draft_rows, draft_seconds):
             self.draft_cost.add(rows, seconds)
         if period > 0:
@@ -227,7 +228,7 @@ class SpecPolicy:
         e = self.expected_tokens(d)
         cell = self._cells.get((_batch_bucket(b), d)) if measured else None
         if cell is not None and len(cell) >= CELL_MIN:
-            return b * e, self.overhead + _lower_quartile(cell)
+            return b * e, _lower_quartile(cell)
         n = b * (1 + d)
         t = self.overhead + self.cost(n)
         if d:
