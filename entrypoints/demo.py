@@ -117,7 +117,8 @@ def _print_speed(probs, k: int, without, with_spec) -> None:
           f"{mean_tokens:.2f} tokens per verification step")
     if st.spec_draft_lengths:
         chosen = ", ".join(f"{d}: {n}" for d, n in enumerate(st.spec_draft_lengths))
-        print(f"draft lengths the adaptive policy chose (sampling steps by drafts proposed): {chosen}")
+        print(f"draft lengths the policy chose for the batch of {len(probs)} (sampling steps by drafts "
+              f"proposed): {chosen}")
     n_out = sum(len(o.token_ids) for o in spec)
     print(f"throughput (batch of {len(probs)}): {n_out / spec_s:.1f} output tokens/s with speculation, "
           f"{sum(len(o.token_ids) for o in base) / base_s:.1f} without "
