@@ -28,7 +28,7 @@ class Request:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chain of hashes of the full, verified blocks
         self.new_blocks: list[int] = []  # allocated since the worker last heard of this request
-        self.spec_token_ids: list[int] = []  # drafts the worker proposed, verified at the next decode
+        self.num_drafts_held = 0  # drafts the worker proposed last, verified at the next decode
         # Drafts the worker will hold for the next verification: those the last planned sampling
         # step asks for (a bound while it is in flight), then those it proposed.
         self.num_proposed = 0

@@ -108,7 +108,7 @@ class SchedulerResults:
         if planned:
             # The worker verified what it held, which the plan bounded: the drafts the step
             # before this one proposed.
-            verified = len(req.spec_token_ids)
+            verified = req.num_drafts_held
             if planned < verified:
                 verified = planned
             if verified:
@@ -122,7 +122,7 @@ class SchedulerResults:
                     self.blocks.cache_full_blocks(req.token_ids, req.block_table, req.block_hashes, computed)
                 self.counters.spec_outcomes[verified][accepted] += 1
                 record_verification(req, verified, accepted)
-        req.spec_token_ids = new_drafts
+        req.num_drafts_held = len(new_drafts)
         if not req.num_pending and token_ids:  # no later sampling step is in flight
             req.num_proposed = len(new_drafts)
 

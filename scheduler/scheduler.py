@@ -391,7 +391,7 @@ class Scheduler(SchedulerResults, TierAdmission):
         self.blocks.release(req.block_table)
         req.block_table = []
         req.tier_loads = []
-        req.spec_token_ids = []
+        req.num_drafts_held = 0
         req.num_proposed = 0  # (num_unverified stays: a step in flight still folds its drafts in)
         req.block_hashes = []
         req.new_blocks = []
