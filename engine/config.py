@@ -15,6 +15,12 @@ def option(default: Any, help: str, flag: str | None = None, choices: tuple | No
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
 
+# Bounds of the EPLB options: far past any use (DeepSeek's deployment runs 32 redundant experts
+# over 256), small enough that a typo cannot ask for a table of a billion slots.
+MAX_REDUNDANT_EXPERTS = 4096
+MAX_EPLB_STEPS = 10**9
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_dir: str
@@ -67,6 +73,18 @@ class EngineConfig:
                                    "slower on a GPU")
     ep_size: int = option(1, "expert parallelism: worker processes, each with its own block pool (data-parallel "
                           "attention) and 1/ep_size of the routed experts; budgets and max_num_seqs are per rank")
+    enable_eplb: bool = option(False, "expert-parallel load balancing (engine/eplb.py, docs/eplb.md): each MoE "
+                               "layer gets num_redundant_experts extra slots holding replicas of its most loaded "
+                               "experts, and the experts are re-placed from the measured load every "
+                               "eplb_interval_steps steps while serving (weights move between ranks); needs "
+                               "ep_size >= 2")
+    num_redundant_experts: int = option(0, "with enable_eplb: extra expert slots per MoE layer, over all ranks "
+                                        "(routed experts + these must split evenly over ep_size)")
+    eplb_window_steps: int = option(1000, "with enable_eplb: the steps of measured expert load a placement is "
+                                    "computed from")
+    eplb_interval_steps: int = option(3000, "with enable_eplb: steps between two re-placements")
+    eplb_load_file: str | None = option(None, "with enable_eplb: a file of per-layer expert load the engine "
+                                        "writes at shutdown and starts its placement from when it exists")
     master_addr: str = option("127.0.0.1", "torch.distributed rendezvous address (torchrun's name)")
     master_port: int = option(0, "rendezvous port (0: the engine picks a free one, one host only)")
     nnodes: int = option(1, "hosts taking part: node 0 runs the frontend, the scheduler and its share of the "
@@ -104,6 +122,17 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
         if self.ep_size < 1:
             raise ValueError(f"ep_size must be at least 1, got {self.ep_size}")
+        if (self.num_redundant_experts or self.eplb_load_file) and not self.enable_eplb:
+            raise ValueError("num_redundant_experts and eplb_load_file are EPLB's: they need enable_eplb")
+        if self.enable_eplb and self.ep_size < 2:
+            raise ValueError(f"enable_eplb balances experts over expert-parallel ranks: it needs ep_size >= 2, "
+                             f"got {self.ep_size}")
+        if not 0 <= self.num_redundant_experts <= MAX_REDUNDANT_EXPERTS:
+            raise ValueError(f"num_redundant_experts must be in [0, {MAX_REDUNDANT_EXPERTS}], got "
+                             f"{self.num_redundant_experts}")
+        if not (1 <= self.eplb_window_steps <= MAX_EPLB_STEPS and 1 <= self.eplb_interval_steps <= MAX_EPLB_STEPS):
+            raise ValueError(f"eplb_window_steps ({self.eplb_window_steps}) and eplb_interval_steps "
+                             f"({self.eplb_interval_steps}) must be in [1, {MAX_EPLB_STEPS}]")
         if self.nnodes < 1 or self.ep_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"ep_size {self.ep_size} must be a multiple of nnodes {self.nnodes}, and node_rank "
                              f"{self.node_rank} in [0, nnodes)")

@@ -7,15 +7,18 @@ overlaps the worker's. run_engine_core() is the thin ZMQ loop around it. No torc
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 
+import numpy as np
 import zmq
 
 from cache.block_manager import BlockManager
 from cache.tiers import PrefixTiers
 from engine.config import EngineConfig
-from engine.expert_load import ExpertLoadWindow
+from engine.eplb import ExpertBalancer, write_load_file
+from engine.expert_load import ExpertLoadWindow, window_reports
 from engine.grammar_cache import GrammarBlobs
 from engine.messages import (
     HEARTBEAT_INTERVAL_S,
@@ -40,6 +43,7 @@ from engine.messages import (
     completion_ids,
 )
 from engine.metrics import EngineMetrics
+from engine.model_config import ModelConfig
 from engine.processes import Channel, Heartbeat, become_child_process
 from engine.remote_workers import RemoteWorkers, WorkerGone
 from engine.request import Request
@@ -47,6 +51,8 @@ from engine.request_input import prompt_problem
 from engine.sampling_params import completion_params
 from scheduler.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from scheduler.spec_policy import SpecPolicy
+
+log = logging.getLogger("mlaserve.engine")
 
 # A rank that holds a prompt's prefix takes it while it has at most this share more requests (plus
 # one) than the least loaded rank.
@@ -85,7 +91,14 @@ class EngineCore:
         self.rank_of: dict[str, int] = {}
         self.rank_requests = [0] * len(self.schedulers)
         self.routed_tokens: list[int] = []
-        self.expert_load = ExpertLoadWindow(len(self.schedulers))
+        self.expert_load = ExpertLoadWindow(len(self.schedulers), window_reports(config))
+        self.balancer = ExpertBalancer(config, ModelConfig.from_checkpoint(config.model_dir)) if config.enable_eplb \
+            else None
+        # With EPLB, the loads of the physical slots (whose ranks are fixed), for the ranks' loads.
+        self.slot_load = ExpertLoadWindow(len(self.schedulers), window_reports(config))
+        self.rank_routed_tokens = [0] * len(self.schedulers)
+        self.eplb_max_seconds = self.eplb_last_seconds = 0.0  # a switch's time on its slowest rank
+        self.eplb_load_file = config.eplb_load_file
         self.idle_rank_steps = 0
         self.grammar_blobs = GrammarBlobs(SCHEDULER_GRAMMARS)  # the frontend mirrors it (grammar_cache.py)
         self.block_bytes = self.ready.kv_bytes_per_token * config.block_size
@@ -224,6 +237,11 @@ class EngineCore:
         if len(steps) > 1 and any(st.scheduled for st in steps):
             for st in steps:  # a rank waiting for disk reads must not hold up the others' step
                 st.plan.await_reads = False
+        if self.balancer is not None and self._has_plan(steps):  # (a plan that has any is sent)
+            placement = self.balancer.on_step(self.expert_load.counts)
+            if placement is not None:
+                for st in steps:
+                    st.plan.expert_placement = placement
         return steps
 
     @staticmethod
@@ -243,6 +261,10 @@ class EngineCore:
             self._count_outcomes()
         if results and results[0].layer_load:  # (every rank reports in the same steps)
             self.expert_load.add([r.layer_load for r in results], len(results[0].routed_tokens))
+            if results[0].slot_load:
+                self._add_slot_load([r.slot_load for r in results])
+        if results and (switched := max(r.eplb_seconds for r in results)):
+            self.eplb_last_seconds, self.eplb_max_seconds = switched, max(self.eplb_max_seconds, switched)
             if s.tiers is not None and s.tiers.counters.load_waits:
                 self.metrics.on_tier_loads(s.tiers.counters.load_waits)
                 s.tiers.counters.load_waits.clear()
@@ -311,11 +333,39 @@ class EngineCore:
             routed_tokens=list(self.routed_tokens), num_ranks=len(ss), rank_running=[len(s.running) for s in ss],
             rank_requests=list(self.rank_requests),
             idle_rank_steps=self.idle_rank_steps, kv_tiers=self._tier_stats(),
-            moe_imbalance=self.expert_load.imbalance(), moe_window_rank_load=self._window_rank_load())
+            moe_imbalance=self._rank_window().imbalance(), moe_window_rank_load=self._window_rank_load(),
+            **self._eplb_stats())
+
+    def _eplb_stats(self) -> dict:
+        b = self.balancer
+        if b is None:
+            return {}
+        return dict(rank_routed_tokens=list(self.rank_routed_tokens), eplb_rebalances=b.rebalances,
+                    eplb_moved_slots=b.moved_slots, eplb_max_seconds=self.eplb_max_seconds,
+                    eplb_last_seconds=self.eplb_last_seconds)
+
+    def _add_slot_load(self, blobs: list[bytes]) -> None:
+        slots, ranks = self.balancer.num_slots, len(self.schedulers)
+        self.slot_load.add(blobs, slots)
+        for blob in blobs:
+            per_rank = np.frombuffer(blob, dtype="<i4").reshape(-1, ranks, slots // ranks).sum(axis=(0, 2))
+            for r, n in enumerate(per_rank):
+                self.rank_routed_tokens[r] += int(n)
+
+    def _rank_window(self) -> ExpertLoadWindow:
+        """Where the ranks' real loads are: the slots' counts with EPLB, else the experts' (their ranges)."""
+        return self.slot_load if self.balancer is not None else self.expert_load
 
     def _window_rank_load(self) -> list[int]:
-        loads = self.expert_load.rank_loads()
+        loads = self._rank_window().rank_loads()
         return [] if loads is None else [int(x) for x in loads.sum(axis=0)]
+
+    def save_expert_load(self) -> None:
+        """At shutdown, with eplb_load_file: the window's counts, for the next start's placement."""
+        counts = self.expert_load.counts
+        if self.balancer is None or not self.eplb_load_file or counts is None or not counts.any():
+            return
+        write_load_file(self.eplb_load_file, dict(zip(self.balancer.layers, counts)), self.balancer.num_experts)
 
     def _tier_stats(self) -> TierStats | None:
         tiers = [s.tiers for s in self.schedulers if s.tiers is not None]
@@ -368,6 +418,10 @@ def run_engine_core(config: EngineConfig, addrs: dict[str, str], eos_token_id: i
         _serve(core, inbox, outbox)
         for ch in plans:
             ch.send(Shutdown())
+        try:
+            core.save_expert_load()
+        except OSError as e:
+            log.warning("could not write the expert load to eplb_load_file %r: %s", config.eplb_load_file, e)
     except Exception:
         outbox.send(EngineDead(traceback.format_exc()))
     finally:

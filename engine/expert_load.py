@@ -10,13 +10,32 @@ numpy, not Python loops: DeepSeek-V3 reports 58 layers x 256 experts per rank.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
 
+# Steps between two reports of the per-layer load (engine/model_runner.py sends them); with EPLB
+# at most its interval and window, so that a short interval re-places from fresh counts.
+LOAD_REPORT_STEPS = 16
+WINDOW_REPORTS = 8  # without EPLB: the imbalance gauge's window, 128 steps
+
+
+def report_steps(config) -> int:
+    if not config.enable_eplb:
+        return LOAD_REPORT_STEPS
+    return min(LOAD_REPORT_STEPS, config.eplb_interval_steps, config.eplb_window_steps)
+
+
+def window_reports(config) -> int:
+    """Reports the window keeps: eplb_window_steps' worth with EPLB."""
+    if not config.enable_eplb:
+        return WINDOW_REPORTS
+    return max(1, math.ceil(config.eplb_window_steps / report_steps(config)))
+
 
 class ExpertLoadWindow:
-    def __init__(self, num_ranks: int, window_reports: int = 8):
+    def __init__(self, num_ranks: int, window_reports: int = WINDOW_REPORTS):
         self.num_ranks = num_ranks
         self._reports: deque[np.ndarray] = deque(maxlen=window_reports)
         self._sum: np.ndarray | None = None

@@ -212,7 +212,7 @@ def measure_step_peak(runner: ModelRunner, cache_shape: tuple[int, int, int], fp
     peak = meter.peak() if measured else 0
     runner.history.forget([r.req_id for r in rows])
     for moe in runner.moes:
-        moe.routed_tokens.zero_()
+        moe.reset_load()
     del hidden, scratch, layers
     runner.release_idle_memory()
     return peak

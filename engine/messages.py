@@ -147,6 +147,14 @@ class EngineStats(Message):
     # most loaded rank over the mean rank, averaged over layers; and each rank's load, all layers.
     moe_imbalance: float = 0.0
     moe_window_rank_load: list[int] = []
+    # With EPLB: choices each rank's slots received since start (the placement's, not the static
+    # ranges'), re-placements made, slots whose expert changed in them, and the longest and the
+    # latest switch's time on the slowest rank.
+    rank_routed_tokens: list[int] = []
+    eplb_rebalances: int = 0
+    eplb_moved_slots: int = 0
+    eplb_max_seconds: float = 0.0
+    eplb_last_seconds: float = 0.0
 
 
 class EngineDead(Message):
@@ -210,6 +218,9 @@ class StepPlan(Message):
     # passes meet in the same collectives).
     num_drafts: int = 0
     draft_caps: dict[str, int] = {}
+    # EPLB (engine/eplb.py): before this step every rank switches to this placement, per MoE layer
+    # index the logical expert of each slot; empty: no change.
+    expert_placement: dict[int, list[int]] = {}
 
 
 class StepResult(Message):
@@ -223,9 +234,11 @@ class StepResult(Message):
     draft_ids: list[list[int]] = []  # empty when speculative decoding is off
     rank: int = 0
     routed_tokens: list[int] = []  # expert choices routed per expert (global ids) by this rank's tokens
-    # Every LOAD_REPORT_STEPS steps (engine/model_runner.py): the same per MoE layer since the last
+    # Every report_steps steps (engine/expert_load.py): the same per MoE layer since the last
     # report, int32 [moe layers, experts] little-endian (bytes: cheap to send and to sum).
     layer_load: bytes = b""
+    slot_load: bytes = b""  # with EPLB, in the same reports: int32 [moe layers, slots], per physical slot
+    eplb_seconds: float = 0.0  # with EPLB: the time this step spent switching placements (moving experts)
     logprobs: dict[str, list[TokenLogprobs]] = {}
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
     failed: dict[str, str] = {}  # requests the worker gave up on (a grammar too slow to match): the error

@@ -13,6 +13,8 @@ from cache.latent_cache import LatentCache
 from cache.tier_store import TierStore, cache_fingerprint
 from engine.config import EngineConfig
 from engine.decode_graphs import CudaGraphReplay, DecodeGraphs, RerunReplay
+from engine.eplb import initial_placements
+from engine.expert_load import report_steps
 from engine.memory_profile import (
     available_memory,
     cache_budget,
@@ -43,8 +45,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 # Host slots a disk tier stages its reads in when kv_offload_memory gives it none: the longest
 # prefix one request reads back from disk at once.
 DISK_STAGING_BLOCKS = 64
-# Steps between two reports of the per-layer expert load (engine/expert_load.py windows them).
-LOAD_REPORT_STEPS = 16
 # How long a step with nothing to compute waits for the disk reads a waiting request needs.
 AWAIT_READS_S = 0.05
 
@@ -99,10 +99,11 @@ class ModelRunner:
         config, rank = self.config, self.rank
         ep = None
         if config.ep_size > 1:
-            ep = ExpertParallel(rank, config.ep_size, self.cfg.n_routed_experts)
+            ep = ExpertParallel(rank, config.ep_size, self.cfg.n_routed_experts, config.num_redundant_experts,
+                                initial_placements(config, self.cfg))
             init_distributed(rank, config.ep_size, config.master_addr, config.master_port, self.device)
-        # Each rank reads only its own routed experts from the shards.
-        weights = load_weights(config.model_dir, self.cfg, self.dtype, experts=ep.local if ep else None,
+        # Each rank reads only the routed experts its slots hold from the shards.
+        weights = load_weights(config.model_dir, self.cfg, self.dtype, experts=ep.local_experts if ep else None,
                                include_mtp=self.num_spec > 0, keep_fp8=self.on_kernels)
         # Chained drafting reads rope tables k positions past the last verified token. A step's
         # prefill chunks without cached prefixes hold at most one long context (a prompt resumed
@@ -115,7 +116,12 @@ class ModelRunner:
         self.moes = [m for m in modules if isinstance(m, MoE)]  # found once, read every step
         self._layer_load = torch.zeros(len(self.moes), self.cfg.n_routed_experts, dtype=torch.int64,
                                        device=self.device)
+        self._balanced = [m for m in self.moes if m.placement is not None]  # (EPLB: all of them, or none)
+        self._slot_load = torch.zeros(len(self._balanced), ep.num_slots if self._balanced else 0,
+                                      dtype=torch.int64, device=self.device)
+        self._report_steps = report_steps(config)
         self._steps_since_report = 0
+        self._eplb_seconds = 0.0
         del weights
         if self.device.startswith("cuda"):
             # cuDNN's attention builds an execution plan for each new pair of query and key
@@ -201,6 +207,8 @@ class ModelRunner:
     def execute(self, plan: StepPlan, publish: Callable[[StepResult], None] | None = None) -> StepResult:
         """Runs one step. `publish`, when given, gets the result as soon as it is known, before
         this worker's own bookkeeping for the next step, so the scheduler's work overlaps it."""
+        if plan.expert_placement:  # (before anything else: every rank switches before this step)
+            self._switch_placement(plan.expert_placement)
         work = self.state.apply(plan)
         self.history.forget(plan.finished_ids)
         for n in plan.new:
@@ -314,20 +322,35 @@ class ModelRunner:
 
     def _routed_tokens(self, result: StepResult) -> None:
         """Expert choices routed since the last step, per expert, summed over MoE layers; and
-        every LOAD_REPORT_STEPS steps the per-layer counts since the last report (on the device
+        every report_steps steps the per-layer counts since the last report (on the device
         until then: one small read per step, as before, and one per report)."""
         if not self.moes:
             return
         per_layer = torch.stack([m.routed_tokens for m in self.moes])
+        if self._balanced:
+            self._slot_load += torch.stack([m.slot_tokens for m in self._balanced])
         for m in self.moes:
-            m.routed_tokens.zero_()
+            m.reset_load()
         self._layer_load += per_layer
         result.routed_tokens = per_layer.sum(0).tolist()
+        result.eplb_seconds, self._eplb_seconds = self._eplb_seconds, 0.0
         self._steps_since_report += 1
-        if self._steps_since_report >= LOAD_REPORT_STEPS:
+        if self._steps_since_report >= self._report_steps:
             result.layer_load = self._layer_load.to(torch.int32).cpu().numpy().tobytes()
             self._layer_load.zero_()
+            if self._balanced:
+                result.slot_load = self._slot_load.to(torch.int32).cpu().numpy().tobytes()
+                self._slot_load.zero_()
             self._steps_since_report = 0
+
+    def _switch_placement(self, placements: dict[int, list[int]]) -> None:
+        """EPLB: every MoE layer to its new placement, weights moved over torch.distributed."""
+        started = time.perf_counter()
+        for m in self._balanced:
+            m.set_placement(placements[m.layer_idx])
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()  # (the time is the move's, not the launch's)
+        self._eplb_seconds += time.perf_counter() - started
 
     def _prompt_logprobs(self, w: ScheduledWork, hidden: torch.Tensor) -> list[TokenLogprobs | None]:
         """Entries for the prompt tokens this chunk predicts (the first prompt token gets None)."""

@@ -30,4 +30,4 @@ def compile_kernels(model: DeepseekV3, cache_layers: list[torch.Tensor], moes: l
             model.logits(model(ForwardBatch.build(chunks, block_size, device), cache_layers))
         t *= 2
     for moe in moes:
-        moe.routed_tokens.zero_()
+        moe.reset_load()

@@ -15,6 +15,7 @@ import zmq
 
 from engine.config import EngineConfig
 from engine.engine_core import run_engine_core
+from engine.eplb import initial_placements
 from engine.messages import EngineDead, EngineHeartbeat, EngineReady, SchedulerToFrontend, Shutdown
 from engine.model_config import ModelConfig
 from engine.processes import Channel, spawn
@@ -41,8 +42,13 @@ def _free_port(host: str) -> int:
 def _check_fits_model(config: EngineConfig, cfg: ModelConfig) -> None:
     """Options that cannot work with this checkpoint fail here, before any process starts."""
     config.served_model_len(cfg.max_position_embeddings)
-    if config.ep_size > 1 and cfg.n_routed_experts % config.ep_size:
+    if config.ep_size > 1 and not config.enable_eplb and cfg.n_routed_experts % config.ep_size:
         raise ValueError(f"ep_size {config.ep_size} does not divide the model's {cfg.n_routed_experts} routed experts")
+    if config.enable_eplb:
+        if (cfg.n_routed_experts + config.num_redundant_experts) % config.ep_size:
+            raise ValueError(f"the model's {cfg.n_routed_experts} routed experts + num_redundant_experts "
+                             f"{config.num_redundant_experts} do not split evenly over ep_size {config.ep_size}")
+        initial_placements(config, cfg)  # (an unreadable eplb_load_file is refused here)
     if config.num_speculative_tokens and cfg.num_nextn_predict_layers < 1:
         raise ValueError(f"num_speculative_tokens={config.num_speculative_tokens} needs the checkpoint's MTP module, "
                          f"and {config.model_dir} has none (num_nextn_predict_layers is 0)")

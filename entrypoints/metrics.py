@@ -165,10 +165,20 @@ def _expert_load(stats):
         yield window
     per_rank = len(stats.routed_tokens) // max(1, stats.num_ranks)
     ranks = CounterMetricFamily(PREFIX + "moe_rank_routed_tokens", "Token choices routed to each expert-parallel "
-                                "rank's experts.", labels=["rank"])
+                                "rank's experts (with EPLB: to its slots, counted every few steps).",
+                                labels=["rank"])
     for r in range(stats.num_ranks):
-        ranks.add_metric([str(r)], sum(stats.routed_tokens[r * per_rank : (r + 1) * per_rank]))
+        ranks.add_metric([str(r)], stats.rank_routed_tokens[r] if stats.rank_routed_tokens else
+                         sum(stats.routed_tokens[r * per_rank : (r + 1) * per_rank]))
     yield ranks
+    if stats.rank_routed_tokens:  # EPLB on
+        yield _counter("eplb_rebalances", "Expert re-placements made while serving (EPLB).", stats.eplb_rebalances)
+        yield _counter("eplb_moved_slots", "Expert slots whose expert changed in re-placements (weights moved).",
+                       stats.eplb_moved_slots)
+        yield _gauge("eplb_last_switch_seconds", "The latest re-placement's time on its slowest rank (moving the "
+                     "experts, between two steps).", stats.eplb_last_seconds)
+        yield _gauge("eplb_max_switch_seconds", "The longest re-placement's time on its slowest rank.",
+                     stats.eplb_max_seconds)
     running = GaugeMetricFamily(PREFIX + "rank_num_requests_running", "Requests running on each rank.",
                                 labels=["rank"])
     for r, n in enumerate(stats.rank_running):

@@ -27,7 +27,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLA(cfg, w, p)
         self.mlp: nn.Module
         if cfg.is_moe_layer(layer_idx):
-            self.mlp = MoE(cfg, w, p, experts, ep)
+            local = ep.local_experts(layer_idx) if ep is not None else experts
+            self.mlp = MoE(cfg, w, p, local, ep, layer_idx)
         else:
             m = p + ".mlp."
             self.mlp = DenseMLP(w, m)
@@ -59,7 +60,7 @@ class DeepseekV3(nn.Module):
         # The most context tokens a step's prefill chunks expand to per-head keys and values at once
         # (kernels/mla_attention.py); None: no limit.
         self.prefill_expand_limit = prefill_expand_limit
-        experts = ep.local if ep is not None else experts if experts is not None else range(cfg.n_routed_experts)
+        experts = experts if experts is not None else range(cfg.n_routed_experts)  # (with `ep`: its slots')
         self.embed_tokens = nn.Parameter(w["model.embed_tokens.weight"], requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, w, i, experts, ep) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(w["model.norm.weight"], cfg.rms_norm_eps)

@@ -7,7 +7,7 @@ dequantized once here, so the CPU path computes in `dtype` from then on.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -44,11 +44,13 @@ def _open_shard(path: Path):
         raise CheckpointError(f"shard file {path.name} cannot be read (truncated or corrupt?): {e}") from e
 
 
-def model_specs(cfg: ModelConfig, experts: range | None = None, include_mtp: bool = True) -> list[TensorSpec]:
+def model_specs(cfg: ModelConfig, experts: range | Callable[[int], Iterable[int]] | None = None,
+                include_mtp: bool = True) -> list[TensorSpec]:
+    """`experts`: the routed experts to read, the same for every layer or per layer index."""
     specs = list(top_level_specs(cfg))
     last = cfg.num_cache_layers if include_mtp else cfg.num_hidden_layers
     for i in range(last):
-        specs.extend(layer_specs(cfg, i, experts))
+        specs.extend(layer_specs(cfg, i, experts(i) if callable(experts) else experts))
     return specs
 
 
@@ -121,11 +123,12 @@ def load_weights(
     model_dir: str | Path,
     cfg: ModelConfig,
     dtype: torch.dtype = torch.bfloat16,
-    experts: range | None = None,
+    experts: range | Callable[[int], Iterable[int]] | None = None,
     include_mtp: bool = True,
     keep_fp8: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Tensors by published name; `experts` limits routed experts to one EP rank's. FP8 weights
+    """Tensors by published name; `experts` limits routed experts to one EP rank's (per layer
+    index, when a function: EPLB's placements differ between layers). FP8 weights
     are dequantized to `dtype`, unless `keep_fp8` (the GPU kernels' path): then they stay e4m3 and
     their `<name>_scale_inv` comes along."""
     model_dir = Path(model_dir)

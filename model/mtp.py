@@ -32,9 +32,7 @@ class MTPModule(nn.Module):
             raise ValueError("the checkpoint has no MTP module (num_nextn_predict_layers is 0)")
         self.layer_idx = cfg.num_hidden_layers
         p = f"model.layers.{self.layer_idx}"
-        if main.ep is not None:
-            experts = main.ep.local
-        experts = experts if experts is not None else range(cfg.n_routed_experts)
+        experts = experts if experts is not None else range(cfg.n_routed_experts)  # (with main.ep: its slots')
         self.enorm = RMSNorm(w[p + ".enorm.weight"], cfg.rms_norm_eps)
         self.hnorm = RMSNorm(w[p + ".hnorm.weight"], cfg.rms_norm_eps)
         self.eh_proj = Linear.load(w, p + ".eh_proj.weight")

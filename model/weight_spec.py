@@ -6,7 +6,7 @@ cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,10 +50,11 @@ def _mlp(p: str, hidden: int, inter: int) -> Iterator[TensorSpec]:
     yield TensorSpec(f"{p}.down_proj.weight", (hidden, inter), "fp8")
 
 
-def layer_specs(cfg: ModelConfig, layer_idx: int, experts: range | None = None) -> Iterator[TensorSpec]:
+def layer_specs(cfg: ModelConfig, layer_idx: int, experts: Iterable[int] | None = None) -> Iterator[TensorSpec]:
     """Tensors of decoder layer `layer_idx` (an MTP layer when >= num_hidden_layers).
 
-    `experts` restricts the routed experts to one expert-parallel rank's share.
+    `experts` restricts the routed experts to one expert-parallel rank's share (each once, in
+    the order given, however many of the rank's slots hold it).
     """
     h = cfg.hidden_size
     p = f"model.layers.{layer_idx}"
@@ -63,7 +64,7 @@ def layer_specs(cfg: ModelConfig, layer_idx: int, experts: range | None = None) 
     if cfg.is_moe_layer(layer_idx):
         yield TensorSpec(f"{p}.mlp.gate.weight", (cfg.n_routed_experts, h), "bf16")
         yield TensorSpec(f"{p}.mlp.gate.e_score_correction_bias", (cfg.n_routed_experts,), "f32")
-        for e in experts if experts is not None else range(cfg.n_routed_experts):
+        for e in dict.fromkeys(experts) if experts is not None else range(cfg.n_routed_experts):
             yield from _mlp(f"{p}.mlp.experts.{e}", h, cfg.moe_intermediate_size)
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts
         yield from _mlp(f"{p}.mlp.shared_experts", h, shared)

@@ -27,19 +27,24 @@ def test_the_window_sums_ranks_and_reports_and_forgets_the_oldest():
     assert w.imbalance() == pytest.approx(2.0)  # (the idle layer is left out)
 
 
-def _imbalance(checkpoint) -> tuple[float, list[int]]:
+def _imbalance(checkpoint, **options) -> tuple[float, list[int]]:
     prompts = [[(7 * i + j) % 250 + 2 for j in range(24)] for i in range(8)]
-    with LLM(checkpoint, dtype="float32", block_size=16, kv_cache_memory=1 << 24, ep_size=2) as llm:
+    with LLM(checkpoint, dtype="float32", block_size=16, kv_cache_memory=1 << 24, ep_size=2, **options) as llm:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
         stats = llm.stats()
     return stats.moe_imbalance, stats.moe_window_rank_load
 
 
-def test_a_skewed_router_loads_the_first_rank_and_the_imbalance_shows_it(tiny_checkpoint, tmp_path):
+def test_a_skewed_router_loads_the_first_rank_the_imbalance_shows_it_and_eplb_evens_it(tiny_checkpoint, tmp_path):
     even, even_loads = _imbalance(tiny_checkpoint)
-    skewed, skewed_loads = _imbalance(make_checkpoint("tiny", seed=0, out_dir=tmp_path, router_skew=0.2))
+    skewed_checkpoint = make_checkpoint("tiny", seed=0, out_dir=tmp_path, router_skew=0.2)
+    skewed, skewed_loads = _imbalance(skewed_checkpoint)
     assert 1.0 <= even < 1.3 and len(even_loads) == 2
     assert skewed > 1.5 and skewed_loads[0] > 3 * skewed_loads[1]
+    # The window is the last 16 steps' slot loads, after re-placements every 8 steps.
+    balanced, balanced_loads = _imbalance(skewed_checkpoint, enable_eplb=True, num_redundant_experts=2,
+                                          eplb_interval_steps=8, eplb_window_steps=16)
+    assert balanced < 1.2 and max(balanced_loads) < 1.3 * min(balanced_loads), (skewed, balanced, balanced_loads)
 
 
 @pytest.mark.parametrize("num_ranks,redundant", [(2, 2), (4, 4), (4, 8), (8, 8)])

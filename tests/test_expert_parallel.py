@@ -30,14 +30,16 @@ def _batch():
     return prompts, params
 
 
-def _generate(checkpoint, ep_size):
+def _generate(checkpoint, ep_size, **options):
     prompts, params = _batch()
     # per rank: 10 blocks of 16 tokens and a budget of 32 tokens: chunked prefill, and preemption at ep 1
     with LLM(checkpoint, dtype="float32", block_size=BLOCK, max_num_batched_tokens=32,
-             kv_cache_memory=10 * FP32_BYTES_PER_BLOCK, ep_size=ep_size) as llm:
+             kv_cache_memory=10 * FP32_BYTES_PER_BLOCK, ep_size=ep_size, **options) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.stats()
+        pids = [p.pid for p in llm.engine.procs]
     assert stats.num_free_blocks == stats.num_blocks
+    assert all(gone(p) for p in pids)
     return [[c.token_ids for c in o.outputs] for o in outs], stats
 
 
@@ -46,15 +48,42 @@ def single(tiny_checkpoint):
     return _generate(tiny_checkpoint, 1)
 
 
-@pytest.mark.parametrize("ep_size", [2, 4])
-def test_expert_parallel_greedy_equals_one_rank(tiny_checkpoint, single, ep_size):
+# EP 4 with EPLB: redundant slots, a re-placement due every 3 steps from the last 6 steps' load
+# (weights moving between ranks while requests run).
+EPLB_EVERY_FEW_STEPS = dict(enable_eplb=True, eplb_interval_steps=3, eplb_window_steps=6)
+
+
+@pytest.mark.parametrize("ep_size,options", [(2, {}), (4, dict(EPLB_EVERY_FEW_STEPS, num_redundant_experts=4))],
+                         ids=["2", "4-eplb"])
+def test_expert_parallel_greedy_equals_one_rank(tiny_checkpoint, single, ep_size, options):
     expected, base = single
-    got, stats = _generate(tiny_checkpoint, ep_size)
+    got, stats = _generate(tiny_checkpoint, ep_size, **options)
     assert base.num_preemptions > 0
     assert stats.num_ranks == ep_size and all(n > 0 for n in stats.rank_requests), stats.rank_requests
     assert stats.idle_rank_steps > 0  # steps where a rank had no tokens and only served the others
     assert len(stats.routed_tokens) == 16 and min(stats.routed_tokens) > 0  # every expert got tokens
+    if options:
+        assert stats.eplb_rebalances >= 3 and stats.eplb_moved_slots > 0, stats
+        assert sum(stats.rank_routed_tokens) > 0 and len(stats.rank_routed_tokens) == ep_size
     assert got == expected
+
+
+def test_eplb_with_mtp_keeps_greedy_outputs_and_writes_the_load_file(tiny_checkpoint, single, tmp_path):
+    """EP 2, the MTP layer's experts re-placed too; the load file is written at shutdown with
+    every MoE layer's counts (tests/test_eplb.py: a start places from it)."""
+    from engine.eplb import read_load_file
+
+    expected, _ = single
+    greedy = [i for i, p in enumerate(_batch()[1]) if p.temperature == 0]  # (speculation samples differently)
+    load_file = tmp_path / "expert_load.json"
+    got, stats = _generate(tiny_checkpoint, 2, **EPLB_EVERY_FEW_STEPS, num_redundant_experts=2,
+                           eplb_load_file=str(load_file), num_speculative_tokens=2, speculative_draft_policy="fixed")
+    assert [got[i] for i in greedy] == [expected[i] for i in greedy]
+    assert [len(c) for c in got] == [len(c) for c in expected]  # every request finished, whole
+    assert stats.eplb_rebalances >= 3 and stats.eplb_moved_slots > 0, stats
+    assert stats.spec_draft_tokens > 0  # (the random tiny MTP layer's drafts are verified, rarely accepted)
+    counts = read_load_file(load_file, [1, 2, 3], 16)
+    assert counts is not None and sorted(counts) == [1, 2, 3] and all(c.sum() > 0 for c in counts.values())
 
 
 def test_each_rank_holds_only_its_experts(tiny_checkpoint):

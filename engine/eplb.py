@@ -1,0 +1,134 @@
+"""Expert-parallel load balancing (EPLB), the scheduler process's side: which logical expert each
+physical slot of each MoE layer holds, from the measured load (engine/expert_load.py's window,
+engine/eplb_placement.py's algorithm), re-placed every `eplb_interval_steps` steps; and the load
+file a restarted engine starts balanced from.
+
+Placing one of DeepSeek-V3's 58 MoE layers takes ~0.4 ms in Python (eplb_placement.py): all at
+once they would stall one step by ~25 ms, so PLACEMENT_LAYERS_PER_STEP layers are placed a step,
+from a snapshot of the window, and the placement goes out with the step after the last layer
+(every rank's plan carries it; the workers switch before running that step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import EngineConfig
+from engine.eplb_placement import place_layer
+from engine.model_config import ModelConfig
+
+# Layers placed per step while a re-placement is being computed.
+PLACEMENT_LAYERS_PER_STEP = 4
+LOAD_FILE_FORMAT = "mlaserve-expert-load/1"
+# A load file of DeepSeek-V3 (58 layers x 256 experts of int counts) is ~150 KB; far larger is not one.
+MAX_LOAD_FILE_BYTES = 64 << 20
+
+
+def moe_layers(cfg: ModelConfig, include_mtp: bool) -> list[int]:
+    """The MoE layers' indices, in the workers' order (the MTP layer's last)."""
+    last = cfg.num_cache_layers if include_mtp else cfg.num_hidden_layers
+    return [i for i in range(last) if cfg.is_moe_layer(i)]
+
+
+def read_load_file(path: str | Path, layers: list[int], num_experts: int) -> dict[int, np.ndarray] | None:
+    """Counts per MoE layer from an earlier run's file; None when there is no file yet (the engine
+    writes it at shutdown). A layer the file lacks (the MTP layer of a run without speculation)
+    is left out. A file that is not one raises ValueError naming what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    where = f"eplb_load_file {str(path)!r}"
+    if not path.is_file() or path.stat().st_size > MAX_LOAD_FILE_BYTES:
+        raise ValueError(f"{where} is not a file of at most {MAX_LOAD_FILE_BYTES} bytes")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{where} is not readable JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != LOAD_FILE_FORMAT:
+        raise ValueError(f"{where} is not an expert load file (format {LOAD_FILE_FORMAT!r})")
+    if doc.get("num_experts") != num_experts:
+        raise ValueError(f"{where} counts {doc.get('num_experts')!r} routed experts per layer; this model has "
+                         f"{num_experts}")
+    counts = doc.get("layers")
+    if not isinstance(counts, dict):
+        raise ValueError(f"{where}: 'layers' must map MoE layer indices to counts")
+    out: dict[int, np.ndarray] = {}
+    for key, row in counts.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) in layers):
+            raise ValueError(f"{where}: {key!r} is not one of this model's MoE layers {layers}")
+        if (not isinstance(row, list) or len(row) != num_experts
+                or not all(type(n) is int and 0 <= n < 1 << 62 for n in row)):
+            raise ValueError(f"{where}: layer {key} must have {num_experts} counts, integers >= 0")
+        out[int(key)] = np.asarray(row, dtype=np.int64)
+    return out
+
+
+def write_load_file(path: str | Path, counts: dict[int, np.ndarray], num_experts: int) -> None:
+    """Written whole or not at all (a temporary file renamed over the old one)."""
+    path = Path(path)
+    doc = {"format": LOAD_FILE_FORMAT, "num_experts": num_experts,
+           "layers": {str(layer): [int(n) for n in row] for layer, row in sorted(counts.items())}}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def initial_placements(config: EngineConfig, cfg: ModelConfig) -> dict[int, list[int]] | None:
+    """Per MoE layer the slots' experts an engine starts with: placed from the load file's counts
+    where it has them, else from an even load. None without EPLB (the static ranges)."""
+    if not config.enable_eplb:
+        return None
+    layers = moe_layers(cfg, config.num_speculative_tokens > 0)
+    # (a file may hold the MTP layer's load where this run does not draft, or lack it)
+    loads = read_load_file(config.eplb_load_file, moe_layers(cfg, True), cfg.n_routed_experts) \
+        if config.eplb_load_file else None
+    even = np.ones(cfg.n_routed_experts)
+    return {layer: place_layer(loads.get(layer, even) if loads else even, config.ep_size,
+                               config.num_redundant_experts).slot_expert for layer in layers}
+
+
+class ExpertBalancer:
+    """Owns the current placement; every interval steps computes the next one from the window."""
+
+    def __init__(self, config: EngineConfig, cfg: ModelConfig):
+        self.num_ranks = config.ep_size
+        self.num_redundant = config.num_redundant_experts
+        self.interval = config.eplb_interval_steps
+        self.num_experts = cfg.n_routed_experts
+        self.num_slots = cfg.n_routed_experts + config.num_redundant_experts
+        self.layers = moe_layers(cfg, config.num_speculative_tokens > 0)
+        self.placements = initial_placements(config, cfg)
+        self._steps = 0
+        self._snapshot: np.ndarray | None = None  # [layers, experts] the re-placement in progress reads
+        self._next: dict[int, list[int]] = {}
+        self.rebalances = 0
+        self.moved_slots = 0
+
+    def on_step(self, window_counts: np.ndarray | None) -> dict[int, list[int]] | None:
+        """Called for each step sent to the workers, with the window's [MoE layers, experts]
+        counts; returns the placement this step switches to, if any."""
+        self._steps += 1
+        if self._snapshot is None:
+            if self._steps < self.interval or window_counts is None or window_counts.shape[0] != len(self.layers):
+                return None
+            self._steps = 0
+            self._snapshot, self._next = window_counts.copy(), {}
+        for i in range(len(self._next), min(len(self._next) + PLACEMENT_LAYERS_PER_STEP, len(self.layers))):
+            p = place_layer(self._snapshot[i], self.num_ranks, self.num_redundant)
+            p.check(self.num_experts, self.num_ranks)
+            self._next[self.layers[i]] = p.slot_expert
+        if len(self._next) < len(self.layers):
+            return None
+        new, self._snapshot = self._next, None
+        moved = sum(a != b for layer in self.layers for a, b in zip(self.placements[layer], new[layer]))
+        if not moved:
+            return None
+        self.placements = new
+        self.rebalances += 1
+        self.moved_slots += moved
+        return new
+
