@@ -3,26 +3,28 @@ physical slot of each MoE layer holds, from the measured load (engine/expert_loa
 engine/eplb_placement.py's algorithm), re-placed every `eplb_interval_steps` steps; and the load
 file a restarted engine starts balanced from.
 
-Placing one of DeepSeek-V3's 58 MoE layers takes ~0.4 ms in Python (eplb_placement.py): all at
-once they would stall one step by ~25 ms, so PLACEMENT_LAYERS_PER_STEP layers are placed a step,
-from a snapshot of the window, and the placement goes out with the step after the last layer
-(every rank's plan carries it; the workers switch before running that step).
+Placing one of DeepSeek-V3's 58 MoE layers takes 0.5-9 ms in Python (eplb_placement.py: the
+packing 0.3-0.4 ms, keeping slots in place 0.25 ms at 8 ranks, 9 ms at 64): all at once they would
+stall one step by up to half a second, so layers are placed for PLACEMENT_BUDGET_S a step (at
+least one), from a snapshot of the window, and the placement goes out with the step after the
+last layer (every rank's plan carries it; the workers switch before running that step).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.eplb_placement import place_layer
+from engine.eplb_placement import keep_in_place, place_layer
 from engine.model_config import ModelConfig
 
-# Layers placed per step while a re-placement is being computed.
-PLACEMENT_LAYERS_PER_STEP = 4
+# Time a step spends placing layers while a re-placement is being computed (one layer at least).
+PLACEMENT_BUDGET_S = 0.002
 LOAD_FILE_FORMAT = "mlaserve-expert-load/1"
 # A load file of DeepSeek-V3 (58 layers x 256 experts of int counts) is ~150 KB; far larger is not one.
 MAX_LOAD_FILE_BYTES = 64 << 20
@@ -117,10 +119,15 @@ class ExpertBalancer:
                 return None
             self._steps = 0
             self._snapshot, self._next = window_counts.copy(), {}
-        for i in range(len(self._next), min(len(self._next) + PLACEMENT_LAYERS_PER_STEP, len(self.layers))):
-            p = place_layer(self._snapshot[i], self.num_ranks, self.num_redundant)
+        started, first = time.perf_counter(), len(self._next)
+        for i in range(first, len(self.layers)):
+            if i > first and time.perf_counter() - started > PLACEMENT_BUDGET_S:
+                break
+            layer = self.layers[i]
+            p = keep_in_place(self.placements[layer], place_layer(self._snapshot[i], self.num_ranks,
+                                                                  self.num_redundant))
             p.check(self.num_experts, self.num_ranks)
-            self._next[self.layers[i]] = p.slot_expert
+            self._next[layer] = p.slot_expert
         if len(self._next) < len(self.layers):
             return None
         new, self._snapshot = self._next, None

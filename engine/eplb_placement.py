@@ -69,6 +69,37 @@ def place_layer(load, num_ranks: int, num_redundant: int) -> Placement:
     return Placement([e for r in rank_slots for e in r], replicas.tolist(), per_rank)
 
 
+def keep_in_place(old: list[int], new: Placement) -> Placement:
+    """`new` with its ranks renumbered and each rank's slots reordered so that as many slots as
+    possible keep the expert they hold in `old` (a rank's set of experts is what balances it; which
+    rank and which of its slots hold them is free): a re-placement moves only what changed, not a
+    reshuffle. Ranks pair up greedily, largest overlap first."""
+    S = new.slots_per_rank
+    num_ranks, experts = len(old) // S, len(new.replicas)
+    old_counts, new_counts = np.zeros((num_ranks, experts), np.int64), np.zeros((num_ranks, experts), np.int64)
+    np.add.at(old_counts, (np.arange(len(old)) // S, old), 1)
+    np.add.at(new_counts, (np.arange(len(new.slot_expert)) // S, new.slot_expert), 1)
+    overlap = np.minimum(new_counts[:, None, :], old_counts[None, :, :]).sum(axis=2)  # [new rank, old rank]
+    rank_of: dict[int, int] = {}
+    taken: set[int] = set()
+    for flat in np.argsort(-overlap, axis=None, kind="stable"):
+        i, j = divmod(int(flat), num_ranks)
+        if i not in rank_of and j not in taken:
+            rank_of[i] = j
+            taken.add(j)
+    slots = [-1] * len(old)
+    for i, j in rank_of.items():
+        left = new.slot_expert[i * S : (i + 1) * S]
+        for s in range(j * S, (j + 1) * S):  # an expert this rank held stays in its slot
+            if old[s] in left:
+                left.remove(old[s])
+                slots[s] = old[s]
+        for s in range(j * S, (j + 1) * S):
+            if slots[s] < 0:
+                slots[s] = left.pop(0)
+    return Placement(slots, list(new.replicas), S)
+
+
 def place(layer_loads, num_ranks: int, num_redundant: int) -> list[Placement]:
     """A placement per MoE layer from the window's [layers, experts] counts."""
     return [place_layer(row, num_ranks, num_redundant) for row in np.asarray(layer_loads)]

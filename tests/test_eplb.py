@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from engine.config import EngineConfig
 from engine.eplb import ExpertBalancer, initial_placements, read_load_file, write_load_file
-from engine.eplb_placement import Placement, place_layer
+from engine.eplb_placement import Placement, keep_in_place, place_layer
 from engine.model_config import ModelConfig
 from kernels.routed_experts import RoutedExperts
 from model.expert_parallel import ExpertParallel, replica_table
@@ -152,20 +152,42 @@ def test_the_balancer_replaces_every_interval_from_a_snapshot_a_few_layers_a_ste
     import engine.eplb as eplb
 
     old = dict(b.placements)
-    eplb.PLACEMENT_LAYERS_PER_STEP, saved = 2, eplb.PLACEMENT_LAYERS_PER_STEP
+    eplb.PLACEMENT_BUDGET_S, saved = 0.0, eplb.PLACEMENT_BUDGET_S
     try:
-        assert b.on_step(skewed) is None  # two of three layers placed
+        assert b.on_step(skewed) is None and b.on_step(skewed) is None  # one layer a step
         new = b.on_step(np.zeros((3, 16)))  # the third, from the snapshot (not these counts)
     finally:
-        eplb.PLACEMENT_LAYERS_PER_STEP = saved
+        eplb.PLACEMENT_BUDGET_S = saved
     assert new is not None and new != old and b.placements == new and b.rebalances == 1
-    want = place_layer(skewed[0], 4, 4).slot_expert
-    assert new == {1: want, 2: want, 3: want}
+    for layer in (1, 2, 3):  # the algorithm's placement, ranks and slots arranged to move the least
+        want = keep_in_place(old[layer], place_layer(skewed[0], 4, 4))
+        assert new[layer] == want.slot_expert
+        assert sorted(new[layer]) == sorted(place_layer(skewed[0], 4, 4).slot_expert)
     assert b.moved_slots == sum(a != c for layer in new for a, c in zip(old[layer], new[layer]))
     assert new[1].count(0) > 1  # the hottest expert has replicas
     for _ in range(5):  # the same load again: no change, nothing sent
         assert b.on_step(skewed) is None
     assert b.rebalances == 1
+
+
+def _moved(old: Placement, new: Placement) -> int:
+    return sum(a != b for a, b in zip(old.slot_expert, new.slot_expert))
+
+
+def test_keeping_slots_in_place_keeps_the_balance_and_moves_only_what_changed():
+    from engine.eplb_placement import imbalance
+
+    rng = np.random.default_rng(3)
+    base = 1000.0 / np.arange(1, 65) ** 1.2
+    for ranks, redundant in ((4, 4), (8, 16)):
+        old = place_layer(rng.permutation(base), ranks, redundant)
+        load = base * rng.uniform(0.7, 1.3, 64)
+        fresh = place_layer(load, ranks, redundant)
+        kept = keep_in_place(old.slot_expert, fresh)
+        kept.check(64, ranks)
+        assert imbalance(kept.rank_loads(load)) == pytest.approx(imbalance(fresh.rank_loads(load)))
+        assert _moved(old, kept) < _moved(old, fresh)
+        assert keep_in_place(old.slot_expert, old).slot_expert == old.slot_expert  # nothing to move
 
 
 def test_the_load_file_round_trips_and_places_the_start(tiny_checkpoint, tmp_path):
