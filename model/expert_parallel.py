@@ -164,14 +164,20 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0], -1).view(torch.uint8)
 
 
-def replica_table(placement: Sequence[int], num_experts: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, width] the slots holding each logical expert (padded by repeating its first) and [E]
-    how many: a token's choice of expert e goes to slots[e, i % count[e]]."""
+def replica_table(placement: Sequence[int], num_experts: int, width: int, slots_per_rank: int | None = None,
+                  rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, width] the slots a token's choice of each logical expert may go to (padded by repeating
+    the first) and [E] how many: a token's choice of expert e goes to slots[e, i % count[e]]. Given
+    the rank the tokens are on, an expert with a replica there goes to it alone (SGLang's static
+    dispatch does the same): the choice needs no transfer, and as every rank serves its own share
+    of the tokens, the replicas still split an expert's load."""
     slots = [[] for _ in range(num_experts)]
     for s, e in enumerate(placement):
         slots[e].append(s)
     if any(not held for held in slots) or max(map(len, slots)) > width:
         raise ValueError("a placement must give every expert between 1 and "
                          f"{width} slots, got {[len(h) for h in slots]}")
+    if rank is not None:
+        slots = [[s for s in held if s // slots_per_rank == rank][:1] or held for held in slots]
     table = torch.tensor([held + [held[0]] * (width - len(held)) for held in slots], dtype=torch.long)
     return table, torch.tensor([len(h) for h in slots], dtype=torch.long)

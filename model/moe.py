@@ -59,7 +59,8 @@ class MoE(nn.Module):
         self.placement: list[int] | None = None
         if ep is not None and ep.balanced:
             self.placement = ep.placement(layer_idx)
-            table, count = replica_table(self.placement, cfg.n_routed_experts, ep.num_slots - cfg.n_routed_experts + 1)
+            table, count = replica_table(self.placement, cfg.n_routed_experts, ep.num_slots - cfg.n_routed_experts + 1,
+                                         ep.slots_per_rank, ep.rank)
             self.register_buffer("replica_slots", table, persistent=False)
             self.register_buffer("replica_count", count, persistent=False)
             # Choices each slot received (from this rank's tokens): the ranks' real loads.
@@ -103,9 +104,10 @@ class MoE(nn.Module):
             self.slot_tokens.zero_()
 
     def _to_slots(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logical expert ids [T, k] -> slot ids: token t's choice of an expert with c replicas
-        goes to its replica (t + rank) mod c, so its tokens split evenly among them (the rank
-        offset: one-token steps of several ranks do not all pick the first)."""
+        """Logical expert ids [T, k] -> slot ids: a choice of an expert with a replica on this rank
+        goes to it; else token t's choice of an expert with c replicas goes to replica
+        (t + rank) mod c, so its tokens split evenly among them (the rank offset: one-token steps
+        of several ranks do not all pick the first). model/expert_parallel.py: replica_table."""
         ids = ids.long()
         token = torch.arange(ids.shape[0], device=ids.device)[:, None] + self.ep.rank
         return self.replica_slots[ids, token % self.replica_count[ids]]
@@ -115,7 +117,8 @@ class MoE(nn.Module):
         expert weights whose slots change and rewrites the replica table in place. Returns the
         slots whose expert changed."""
         moved = self.ep.move_experts(list(self.experts.parameters()), self.placement, placement)
-        table, count = replica_table(placement, len(self.replica_count), self.replica_slots.shape[1])
+        table, count = replica_table(placement, len(self.replica_count), self.replica_slots.shape[1],
+                                     self.ep.slots_per_rank, self.ep.rank)
         self.replica_slots.copy_(table)
         self.replica_count.copy_(count)
         self.placement = list(placement)

@@ -116,14 +116,16 @@ def test_moved_slots_are_bit_equal_to_their_experts_after_every_replacement(size
     assert not alive and not errors and all(p.exitcode == 0 for p in procs), errors
 
 
-def _replica_router(rank: int, placement: list[int]):
-    """A MoE layer of 4 experts on rank `rank` of 2, reduced to its replica routing."""
+def _replica_router(rank: int, size: int, placement: list[int], num_experts: int, local: bool = True):
+    """A MoE layer on rank `rank` of `size`, reduced to its replica routing."""
     from model.moe import MoE
 
     moe = MoE.__new__(MoE)
     torch.nn.Module.__init__(moe)
-    moe.ep = ExpertParallel(rank, 2, 4, len(placement) - 4, {1: placement})
-    table, count = replica_table(placement, 4, len(placement) - 3)
+    moe.ep = ExpertParallel(rank, size, num_experts, len(placement) - num_experts, {1: placement})
+    width = len(placement) - num_experts + 1
+    table, count = (replica_table(placement, num_experts, width, moe.ep.slots_per_rank, rank) if local
+                    else replica_table(placement, num_experts, width))
     moe.register_buffer("replica_slots", table)
     moe.register_buffer("replica_count", count)
     return moe
@@ -132,11 +134,21 @@ def _replica_router(rank: int, placement: list[int]):
 def test_choices_of_a_replicated_expert_split_evenly_over_its_replicas():
     placement = [0, 1, 2, 3, 0, 0]  # expert 0 in slots 0, 4 and 5
     for rank in (0, 1):
-        slots = _replica_router(rank, placement)._to_slots(torch.tensor([[0, 1]] * 9 + [[2, 3]] * 3))
+        router = _replica_router(rank, 2, placement, 4, local=False)
+        slots = router._to_slots(torch.tensor([[0, 1]] * 9 + [[2, 3]] * 3))
         assert slots[:9, 1].tolist() == [1] * 9 and slots[9:].tolist() == [[2, 3]] * 3
         assert sorted(np.bincount(slots[:9, 0].numpy(), minlength=6)[[0, 4, 5]].tolist()) == [3, 3, 3]
-    one_token = [int(_replica_router(rank, placement)._to_slots(torch.tensor([[0]]))[0, 0]) for rank in (0, 1)]
+    one_token = [int(_replica_router(rank, 2, placement, 4, local=False)._to_slots(torch.tensor([[0]]))[0, 0])
+                 for rank in (0, 1)]
     assert one_token[0] != one_token[1]  # one-token steps of two ranks pick different replicas
+
+
+def test_a_replica_on_the_tokens_rank_takes_its_choices_and_the_others_split():
+    placement = [1, 0, 0, 2, 3, 1]  # 3 ranks of 2 slots; expert 1 on ranks 0 and 2, expert 0 on 0 and 1
+    router = _replica_router(1, 3, placement, 4)
+    slots = router._to_slots(torch.tensor([[0, 1]] * 8))
+    assert slots[:, 0].tolist() == [2] * 8  # expert 0: rank 1's own replica
+    assert sorted(np.bincount(slots[:, 1].numpy(), minlength=6)[[0, 5]].tolist()) == [4, 4]  # no replica here
 
 
 def test_the_balancer_replaces_every_interval_from_a_snapshot_a_few_layers_a_step(tiny_checkpoint):
