@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.eplb_placement import keep_in_place, place_layer
+from engine.eplb_placement import Placement, keep_in_place, place_layer_by_host
 from engine.model_config import ModelConfig
 
 # Time a step spends placing layers while a re-placement is being computed (one layer at least).
@@ -89,16 +89,20 @@ def initial_placements(config: EngineConfig, cfg: ModelConfig) -> dict[int, list
     loads = read_load_file(config.eplb_load_file, moe_layers(cfg, True), cfg.n_routed_experts) \
         if config.eplb_load_file else None
     even = np.ones(cfg.n_routed_experts)
-    return {layer: place_layer(loads.get(layer, even) if loads else even, config.ep_size,
-                               config.num_redundant_experts).slot_expert for layer in layers}
+    return {layer: place_for(loads.get(layer, even) if loads else even, config, cfg).slot_expert for layer in layers}
+
+
+def place_for(load, config: EngineConfig, cfg: ModelConfig) -> Placement:
+    """A layer's placement from its load: by host (expert groups to hosts first) with nnodes > 1."""
+    return place_layer_by_host(load, config.ep_size, config.num_redundant_experts, config.nnodes, cfg.n_group)
 
 
 class ExpertBalancer:
     """Owns the current placement; every interval steps computes the next one from the window."""
 
     def __init__(self, config: EngineConfig, cfg: ModelConfig):
+        self.config, self.cfg = config, cfg
         self.num_ranks = config.ep_size
-        self.num_redundant = config.num_redundant_experts
         self.interval = config.eplb_interval_steps
         self.num_experts = cfg.n_routed_experts
         self.num_slots = cfg.n_routed_experts + config.num_redundant_experts
@@ -124,8 +128,8 @@ class ExpertBalancer:
             if i > first and time.perf_counter() - started > PLACEMENT_BUDGET_S:
                 break
             layer = self.layers[i]
-            p = keep_in_place(self.placements[layer], place_layer(self._snapshot[i], self.num_ranks,
-                                                                  self.num_redundant))
+            p = keep_in_place(self.placements[layer], place_for(self._snapshot[i], self.config, self.cfg),
+                              self.config.nnodes)
             p.check(self.num_experts, self.num_ranks)
             self._next[layer] = p.slot_expert
         if len(self._next) < len(self.layers):

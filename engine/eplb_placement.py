@@ -69,12 +69,50 @@ def place_layer(load, num_ranks: int, num_redundant: int) -> Placement:
     return Placement([e for r in rank_slots for e in r], replicas.tolist(), per_rank)
 
 
-def keep_in_place(old: list[int], new: Placement) -> Placement:
+def place_layer_by_host(load, num_ranks: int, num_redundant: int, num_hosts: int, num_groups: int) -> Placement:
+    """DeepSeek's hierarchical EPLB, for several hosts: the router picks a token's experts within
+    its topk_group best groups, so whole groups go to hosts (heaviest first, each to the least
+    loaded host with room), then each host replicates and packs its own experts as place_layer
+    does, with its share of the redundant slots: a token's choices reach few hosts. Flat where
+    the groups, slots or ranks do not split evenly over the hosts."""
+    load = np.asarray(load, dtype=np.float64)
+    experts = len(load)
+    if (num_hosts <= 1 or num_groups % num_hosts or experts % num_groups or num_redundant % num_hosts
+            or num_ranks % num_hosts or (experts + num_redundant) % num_ranks):
+        return place_layer(load, num_ranks, num_redundant)
+    per_group, groups_per_host = experts // num_groups, num_groups // num_hosts
+    group_load = load.reshape(num_groups, per_group).sum(axis=1)
+    host_groups: list[list[int]] = [[] for _ in range(num_hosts)]
+    host_load = np.zeros(num_hosts)
+    for g in np.argsort(-group_load, kind="stable"):
+        h = min((h for h in range(num_hosts) if len(host_groups[h]) < groups_per_host),
+                key=lambda h: (host_load[h], h))
+        host_groups[h].append(int(g))
+        host_load[h] += group_load[g]
+    slots: list[int] = []
+    replicas = [0] * experts
+    for groups in host_groups:
+        mine = sorted(e for g in groups for e in range(g * per_group, (g + 1) * per_group))
+        p = place_layer(load[mine], num_ranks // num_hosts, num_redundant // num_hosts)
+        slots += [mine[i] for i in p.slot_expert]
+        for i, n in enumerate(p.replicas):
+            replicas[mine[i]] = n
+    return Placement(slots, replicas, (experts + num_redundant) // num_ranks)
+
+
+def keep_in_place(old: list[int], new: Placement, num_hosts: int = 1) -> Placement:
     """`new` with its ranks renumbered and each rank's slots reordered so that as many slots as
     possible keep the expert they hold in `old` (a rank's set of experts is what balances it; which
     rank and which of its slots hold them is free): a re-placement moves only what changed, not a
-    reshuffle. Ranks pair up greedily, largest overlap first."""
+    reshuffle. Ranks pair up greedily, largest overlap first, within each host (a host's experts
+    stay on it: place_layer_by_host chose them)."""
     S = new.slots_per_rank
+    if num_hosts > 1:
+        per_host = len(old) // num_hosts
+        kept = [keep_in_place(old[h * per_host : (h + 1) * per_host],
+                              Placement(new.slot_expert[h * per_host : (h + 1) * per_host], new.replicas, S))
+                for h in range(num_hosts)]
+        return Placement([e for k in kept for e in k.slot_expert], list(new.replicas), S)
     num_ranks, experts = len(old) // S, len(new.replicas)
     old_counts, new_counts = np.zeros((num_ranks, experts), np.int64), np.zeros((num_ranks, experts), np.int64)
     np.add.at(old_counts, (np.arange(len(old)) // S, old), 1)

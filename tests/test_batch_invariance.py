@@ -95,7 +95,9 @@ def _greedy(runner: PagedRunner, seqs: list[int]) -> dict[int, tuple[list[int], 
     return out
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+# bf16, the CPU default and the dtype whose rounding flips tokens soonest; float32's rows are pinned
+# op by op above (a model-level float32 run cost ~90 s of the suite under the interpreter).
+@pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_each_sequence_decodes_the_same_alone_and_in_batches_of_2_to_4(tiny_checkpoint, dtype):
     cfg = ModelConfig.from_checkpoint(tiny_checkpoint)
     with use_triton_kernels(True), batch_invariant_mode():

@@ -202,6 +202,27 @@ def test_keeping_slots_in_place_keeps_the_balance_and_moves_only_what_changed():
         assert keep_in_place(old.slot_expert, old).slot_expert == old.slot_expert  # nothing to move
 
 
+def test_placement_by_host_keeps_each_expert_group_on_one_host_and_balances():
+    from engine.eplb_placement import imbalance, place_layer_by_host
+
+    rng = np.random.default_rng(5)
+    experts, groups, hosts, ranks, redundant = 32, 8, 2, 4, 4
+    for _ in range(3):
+        load = rng.permutation(1000.0 / np.arange(1, experts + 1) ** 1.1)
+        p = place_layer_by_host(load, ranks, redundant, hosts, groups)
+        p.check(experts, ranks)
+        per_host = len(p.slot_expert) // hosts
+        host_of_group = {}
+        for s, e in enumerate(p.slot_expert):
+            assert host_of_group.setdefault(e // (experts // groups), s // per_host) == s // per_host
+        assert sorted(set(host_of_group.values())) == [0, 1] and len(host_of_group) == groups
+        assert imbalance(p.rank_loads(load)) < 1.15
+        again = keep_in_place(p.slot_expert, place_layer_by_host(load * rng.uniform(0.5, 1.5, experts), ranks,
+                                                                 redundant, hosts, groups), hosts)
+        again.check(experts, ranks)
+    assert place_layer_by_host(load, 4, 4, 3, 8).slot_expert == place_layer(load, 4, 4).slot_expert  # (flat)
+
+
 def test_the_load_file_round_trips_and_places_the_start(tiny_checkpoint, tmp_path):
     cfg = ModelConfig.from_checkpoint(tiny_checkpoint)
     path = tmp_path / "load.json"
