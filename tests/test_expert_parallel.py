@@ -48,16 +48,20 @@ def single(tiny_checkpoint):
     return _generate(tiny_checkpoint, 1)
 
 
-# EP 4 with EPLB: redundant slots, a re-placement due every 3 steps from the last 6 steps' load
-# (weights moving between ranks while requests run).
-EPLB_EVERY_FEW_STEPS = dict(enable_eplb=True, eplb_interval_steps=3, eplb_window_steps=6)
+# EPLB: redundant slots, a re-placement due every 3 steps from the last 6 steps' load (weights
+# moving between ranks while requests run); with MTP drafting 2 tokens, its layer's experts too.
+EPLB_EVERY_FEW_STEPS = dict(enable_eplb=True, eplb_interval_steps=3, eplb_window_steps=6, num_speculative_tokens=2,
+                            speculative_draft_policy="fixed")
+GREEDY = [i for i, p in enumerate(_batch()[1]) if p.temperature == 0]  # (speculation samples the others differently)
 
 
 @pytest.mark.parametrize("ep_size,options", [(2, {}), (4, dict(EPLB_EVERY_FEW_STEPS, num_redundant_experts=4))],
-                         ids=["2", "4-eplb"])
+                         ids=["2", "4-eplb-mtp"])
 def test_expert_parallel_greedy_equals_one_rank(tiny_checkpoint, single, ep_size, options):
     expected, base = single
     got, stats = _generate(tiny_checkpoint, ep_size, **options)
+    if options:
+        got, expected = [got[i] for i in GREEDY], [expected[i] for i in GREEDY]
     assert base.num_preemptions > 0
     assert stats.num_ranks == ep_size and all(n > 0 for n in stats.rank_requests), stats.rank_requests
     assert stats.idle_rank_steps > 0  # steps where a rank had no tokens and only served the others
@@ -69,16 +73,15 @@ def test_expert_parallel_greedy_equals_one_rank(tiny_checkpoint, single, ep_size
 
 
 def test_eplb_with_mtp_keeps_greedy_outputs_and_writes_the_load_file(tiny_checkpoint, single, tmp_path):
-    """EP 2, the MTP layer's experts re-placed too; the load file is written at shutdown with
-    every MoE layer's counts (tests/test_eplb.py: a start places from it)."""
+    """EP 2; the load file is written at shutdown with every MoE layer's counts, the MTP layer's
+    too (tests/test_eplb.py: a start places from it)."""
     from engine.eplb import read_load_file
 
     expected, _ = single
-    greedy = [i for i, p in enumerate(_batch()[1]) if p.temperature == 0]  # (speculation samples differently)
     load_file = tmp_path / "expert_load.json"
     got, stats = _generate(tiny_checkpoint, 2, **EPLB_EVERY_FEW_STEPS, num_redundant_experts=2,
-                           eplb_load_file=str(load_file), num_speculative_tokens=2, speculative_draft_policy="fixed")
-    assert [got[i] for i in greedy] == [expected[i] for i in greedy]
+                           eplb_load_file=str(load_file))
+    assert [got[i] for i in GREEDY] == [expected[i] for i in GREEDY]
     assert [len(c) for c in got] == [len(c) for c in expected]  # every request finished, whole
     assert stats.eplb_rebalances >= 3 and stats.eplb_moved_slots > 0, stats
     assert stats.spec_draft_tokens > 0  # (the random tiny MTP layer's drafts are verified, rarely accepted)
@@ -143,13 +146,15 @@ def test_expert_parallel_with_mtp_speculation_keeps_greedy_outputs(policy):
     from model.demo_task import held_out
 
     prompts = [p.prompt for p in held_out(5, 20, set())] + ["sort 1,2", "xyz" * 10]
+    # The last request runs on alone for a while: the other rank idles through those steps.
+    params = [SamplingParams(temperature=0, max_tokens=20)] * (len(prompts) - 1) + [
+        SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)]
     outs = {}
     for ep, k in ((1, 0), (2, 2)):
         with LLM(default_model_dir(), dtype="float32", ep_size=ep, num_speculative_tokens=k, block_size=16,
                  max_num_batched_tokens=32, kv_cache_memory=2_000_000 if ep == 1 else None,
                  speculative_draft_policy=policy) as llm:
-            outs[ep] = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20),
-                                                           use_tqdm=False)]
+            outs[ep] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             stats = llm.stats()
     assert stats.idle_rank_steps > 0 and sum(stats.spec_draft_lengths[1:]) > 0
     if policy == "fixed":
