@@ -77,6 +77,14 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         if self.device == "cpu" and len(config.local_ranks) > 1:
             share_host_cores(len(config.local_ranks))
+        if self.device == "cuda" and config.ep_size > 1:  # one GPU per worker: the host's n-th for its n-th rank
+            n = rank - config.local_ranks.start
+            if n >= torch.cuda.device_count():
+                raise ValueError(f"rank {rank} is this host's worker {n} and needs its GPU {n}, but torch sees "
+                                 f"{torch.cuda.device_count()}: ep_size / nnodes must not exceed a host's GPUs")
+            self.device = f"cuda:{n}"
+        if self.device.startswith("cuda:"):
+            torch.cuda.set_device(self.device)  # (NCCL's collectives use the current device)
         self.cfg = ModelConfig.from_checkpoint(config.model_dir)
         set_batch_invariant(config.batch_invariant)
         # The GPU path keeps the checkpoint's FP8 weights for the FP8 kernels; the CPU path dequantizes.
@@ -113,9 +121,14 @@ class ModelRunner:
         config, rank = self.config, self.rank
         ep = None
         if config.ep_size > 1:
-            ep = ExpertParallel(rank, config.ep_size, self.cfg.n_routed_experts, config.num_redundant_experts,
-                                initial_placements(config, self.cfg))
             init_distributed(rank, config.ep_size, config.master_addr, config.master_port, self.device)
+            # Rank 0's placement for every rank: it runs on the scheduler's host and reads the load
+            # file the scheduler reads; another host's copy of it may differ or be missing.
+            placements = [initial_placements(config, self.cfg) if rank == 0 else None]
+            if config.enable_eplb:
+                torch.distributed.broadcast_object_list(placements, src=0)
+            ep = ExpertParallel(rank, config.ep_size, self.cfg.n_routed_experts, config.num_redundant_experts,
+                                placements[0])
         # Each rank reads only the routed experts its slots hold from the shards.
         weights = load_weights(config.model_dir, self.cfg, self.dtype, experts=ep.local_experts if ep else None,
                                include_mtp=self.num_spec > 0, keep_fp8=self.on_kernels)
