@@ -265,6 +265,7 @@ class EngineCore:
                 self._add_slot_load([r.slot_load for r in results])
         if results and (switched := max(r.eplb_seconds for r in results)):
             self.eplb_last_seconds, self.eplb_max_seconds = switched, max(self.eplb_max_seconds, switched)
+        for s in self.schedulers:  # (every rank's, every step)
             if s.tiers is not None and s.tiers.counters.load_waits:
                 self.metrics.on_tier_loads(s.tiers.counters.load_waits)
                 s.tiers.counters.load_waits.clear()
