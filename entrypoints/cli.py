@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from entrypoints.engine_args import add_engine_args, model_dir_of
@@ -126,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # options or a checkpoint that cannot work: the reason, not a traceback
+        if os.environ.get("MLASERVE_TRACEBACK"):
+            raise
+        print(f"mlaserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

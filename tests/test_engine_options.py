@@ -66,3 +66,16 @@ def test_the_prefix_cache_tiers_refuse_what_cannot_work(options, message):
 
     with pytest.raises(ValueError, match=message):
         EngineConfig("model", **options)
+
+
+def test_the_cli_names_a_bad_option_in_one_line_and_exits_2(tiny_checkpoint, capsys, tmp_path):
+    from entrypoints.cli import main
+
+    not_a_load_file = tmp_path / "load.json"
+    not_a_load_file.write_text("[]")
+    for flags, problem in [(["--ep-size", "3"], "ep_size 3 does not divide the model's 16 routed experts"),
+                           (["--ep-size", "2", "--enable-eplb", "--eplb-load-file", str(not_a_load_file)],
+                            "is not an expert load file")]:
+        assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mlaserve generate: error: ") and problem in err and "Traceback" not in err
