@@ -6,8 +6,9 @@ file a restarted engine starts balanced from.
 Placing one of DeepSeek-V3's 58 MoE layers takes 0.5-9 ms in Python (eplb_placement.py: the
 packing 0.3-0.4 ms, keeping slots in place 0.25 ms at 8 ranks, 9 ms at 64): all at once they would
 stall one step by up to half a second, so layers are placed for PLACEMENT_BUDGET_S a step (at
-least one), from a snapshot of the window, and the placement goes out with the step after the
-last layer (every rank's plan carries it; the workers switch before running that step).
+least one), from a snapshot of the window. Each placed layer whose placement changed switches
+with a later step, SWITCH_LAYERS_PER_STEP a step (every rank's plan carries it; the workers move
+its experts before running that step): the moves of a re-placement are spread over as many steps.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from engine.model_config import ModelConfig
 
 # Time a step spends placing layers while a re-placement is being computed (one layer at least).
 PLACEMENT_BUDGET_S = 0.002
+# MoE layers that switch to their new placement per step (SGLang's rebalance layers per chunk): a
+# step waits for its switch's weight moves, so a re-placement's moves are spread over steps.
+SWITCH_LAYERS_PER_STEP = 1
 LOAD_FILE_FORMAT = "mlaserve-expert-load/1"
 # A load file of DeepSeek-V3 (58 layers x 256 experts of int counts) is ~150 KB; far larger is not one.
 MAX_LOAD_FILE_BYTES = 64 << 20
@@ -98,7 +102,8 @@ def place_for(load, config: EngineConfig, cfg: ModelConfig) -> Placement:
 
 
 class ExpertBalancer:
-    """Owns the current placement; every interval steps computes the next one from the window."""
+    """Owns the current placement; every interval steps computes the next one from the window
+    and hands it out a layer at a time."""
 
     def __init__(self, config: EngineConfig, cfg: ModelConfig):
         self.config, self.cfg = config, cfg
@@ -110,36 +115,45 @@ class ExpertBalancer:
         self.placements = initial_placements(config, cfg)
         self._steps = 0
         self._snapshot: np.ndarray | None = None  # [layers, experts] the re-placement in progress reads
-        self._next: dict[int, list[int]] = {}
+        self._placed = 0  # layers of it placed so far
+        self._ready: list[tuple[int, list[int]]] = []  # placed layers whose placement changed, not yet sent
+        self._counted = False  # whether this re-placement has sent a layer yet
         self.rebalances = 0
         self.moved_slots = 0
 
     def on_step(self, window_counts: np.ndarray | None) -> dict[int, list[int]] | None:
         """Called for each step sent to the workers, with the window's [MoE layers, experts]
-        counts; returns the placement this step switches to, if any."""
+        counts; returns the layers whose placement this step switches, if any."""
         self._steps += 1
-        if self._snapshot is None:
+        if self._snapshot is None and not self._ready:
             if self._steps < self.interval or window_counts is None or window_counts.shape[0] != len(self.layers):
                 return None
-            self._steps = 0
-            self._snapshot, self._next = window_counts.copy(), {}
-        started, first = time.perf_counter(), len(self._next)
-        for i in range(first, len(self.layers)):
-            if i > first and time.perf_counter() - started > PLACEMENT_BUDGET_S:
-                break
-            layer = self.layers[i]
-            p = keep_in_place(self.placements[layer], place_for(self._snapshot[i], self.config, self.cfg),
+            self._steps, self._placed, self._counted = 0, 0, False
+            self._snapshot = window_counts.copy()
+        if self._snapshot is not None:
+            self._place_some()
+        if not self._ready:
+            return None
+        switch, self._ready = self._ready[:SWITCH_LAYERS_PER_STEP], self._ready[SWITCH_LAYERS_PER_STEP:]
+        for layer, slots in switch:
+            self.moved_slots += sum(a != b for a, b in zip(self.placements[layer], slots))
+            self.placements[layer] = slots
+        if not self._counted:
+            self.rebalances += 1
+            self._counted = True
+        return dict(switch)
+
+    def _place_some(self) -> None:
+        """Layers of the re-placement in progress, for PLACEMENT_BUDGET_S (one at least)."""
+        started, first = time.perf_counter(), self._placed
+        while self._placed < len(self.layers):
+            if self._placed > first and time.perf_counter() - started > PLACEMENT_BUDGET_S:
+                return
+            layer = self.layers[self._placed]
+            p = keep_in_place(self.placements[layer], place_for(self._snapshot[self._placed], self.config, self.cfg),
                               self.config.nnodes)
             p.check(self.num_experts, self.num_ranks)
-            self._next[layer] = p.slot_expert
-        if len(self._next) < len(self.layers):
-            return None
-        new, self._snapshot = self._next, None
-        moved = sum(a != b for layer in self.layers for a, b in zip(self.placements[layer], new[layer]))
-        if not moved:
-            return None
-        self.placements = new
-        self.rebalances += 1
-        self.moved_slots += moved
-        return new
-
+            if p.slot_expert != self.placements[layer]:
+                self._ready.append((layer, p.slot_expert))
+            self._placed += 1
+        self._snapshot = None

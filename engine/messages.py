@@ -218,8 +218,8 @@ class StepPlan(Message):
     # passes meet in the same collectives).
     num_drafts: int = 0
     draft_caps: dict[str, int] = {}
-    # EPLB (engine/eplb.py): before this step every rank switches to this placement, per MoE layer
-    # index the logical expert of each slot; empty: no change.
+    # EPLB (engine/eplb.py): before this step every rank switches these MoE layers (by layer index)
+    # to their new placements, the logical expert of each slot; empty: no change.
     expert_placement: dict[int, list[int]] = {}
 
 

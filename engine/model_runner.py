@@ -371,10 +371,12 @@ class ModelRunner:
             self._steps_since_report = 0
 
     def _switch_placement(self, placements: dict[int, list[int]]) -> None:
-        """EPLB: every MoE layer to its new placement, weights moved over torch.distributed."""
+        """EPLB: these MoE layers to their new placements, weights moved over torch.distributed
+        (every rank switches the same layers, in the same order, before the same step)."""
         started = time.perf_counter()
-        for m in self._balanced:
-            m.set_placement(placements[m.layer_idx])
+        by_layer = {m.layer_idx: m for m in self._balanced}
+        for layer in sorted(placements):
+            by_layer[layer].set_placement(placements[layer])
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()  # (the time is the move's, not the launch's)
         self._eplb_seconds += time.perf_counter() - started

@@ -151,7 +151,9 @@ def test_a_replica_on_the_tokens_rank_takes_its_choices_and_the_others_split():
     assert sorted(np.bincount(slots[:, 1].numpy(), minlength=6)[[0, 5]].tolist()) == [4, 4]  # no replica here
 
 
-def test_the_balancer_replaces_every_interval_from_a_snapshot_a_few_layers_a_step(tiny_checkpoint):
+def test_the_balancer_replaces_every_interval_from_a_snapshot_a_layer_a_step(tiny_checkpoint):
+    import engine.eplb as eplb
+
     cfg = ModelConfig.from_checkpoint(tiny_checkpoint)
     config = EngineConfig(str(tiny_checkpoint), ep_size=4, enable_eplb=True, num_redundant_experts=4,
                           eplb_interval_steps=5, num_speculative_tokens=2)
@@ -161,17 +163,16 @@ def test_the_balancer_replaces_every_interval_from_a_snapshot_a_few_layers_a_ste
         Placement(slots, np.bincount(slots, minlength=16).tolist(), 5).check(16, 4)
     skewed = np.stack([np.arange(16, 0, -1) ** 2] * 3)
     assert [b.on_step(skewed) for _ in range(4)] == [None] * 4  # not due yet
-    import engine.eplb as eplb
-
     old = dict(b.placements)
     eplb.PLACEMENT_BUDGET_S, saved = 0.0, eplb.PLACEMENT_BUDGET_S
-    try:
-        assert b.on_step(skewed) is None and b.on_step(skewed) is None  # one layer a step
-        new = b.on_step(np.zeros((3, 16)))  # the third, from the snapshot (not these counts)
+    try:  # one layer placed a step (a zero budget), and each switches with the step after it is placed
+        switched = [b.on_step(skewed), b.on_step(np.zeros((3, 16))), b.on_step(np.zeros((3, 16)))]
     finally:
         eplb.PLACEMENT_BUDGET_S = saved
-    assert new is not None and new != old and b.placements == new and b.rebalances == 1
-    for layer in (1, 2, 3):  # the algorithm's placement, ranks and slots arranged to move the least
+    assert [sorted(s) for s in switched] == [[1], [2], [3]] and b.rebalances == 1
+    new = {layer: slots for s in switched for layer, slots in s.items()}
+    assert b.placements == new and new != old
+    for layer in (1, 2, 3):  # from the snapshot (not the later counts), slots arranged to move the least
         want = keep_in_place(old[layer], place_layer(skewed[0], 4, 4))
         assert new[layer] == want.slot_expert
         assert sorted(new[layer]) == sorted(place_layer(skewed[0], 4, 4).slot_expert)
@@ -180,6 +181,14 @@ def test_the_balancer_replaces_every_interval_from_a_snapshot_a_few_layers_a_ste
     for _ in range(5):  # the same load again: no change, nothing sent
         assert b.on_step(skewed) is None
     assert b.rebalances == 1
+    eplb.SWITCH_LAYERS_PER_STEP, saved = 3, eplb.SWITCH_LAYERS_PER_STEP
+    try:  # a new load: placed at once when due (the default budget), switched together
+        for _ in range(5):
+            if (together := b.on_step(skewed[:, ::-1].copy())) is not None:
+                break
+    finally:
+        eplb.SWITCH_LAYERS_PER_STEP = saved
+    assert sorted(together) == [1, 2, 3] and b.rebalances == 2
 
 
 def _moved(old: Placement, new: Placement) -> int:
