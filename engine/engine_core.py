@@ -95,7 +95,7 @@ class EngineCore:
         self.balancer = ExpertBalancer(config, ModelConfig.from_checkpoint(config.model_dir)) if config.enable_eplb \
             else None
         # With EPLB, the loads of the physical slots (whose ranks are fixed), for the ranks' loads.
-        self.slot_load = ExpertLoadWindow(len(self.schedulers), window_reports(config))
+        self.slot_load = ExpertLoadWindow(len(self.schedulers), window_reports(config)) if self.balancer else None
         self.rank_routed_tokens = [0] * len(self.schedulers)
         self.eplb_max_seconds = self.eplb_last_seconds = 0.0  # a switch's time on its slowest rank
         self.eplb_load_file = config.eplb_load_file
@@ -355,7 +355,7 @@ class EngineCore:
 
     def _rank_window(self) -> ExpertLoadWindow:
         """Where the ranks' real loads are: the slots' counts with EPLB, else the experts' (their ranges)."""
-        return self.slot_load if self.balancer is not None else self.expert_load
+        return self.slot_load if self.slot_load is not None else self.expert_load
 
     def _window_rank_load(self) -> list[int]:
         loads = self._rank_window().rank_loads()

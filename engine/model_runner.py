@@ -144,6 +144,7 @@ class ModelRunner:
         self._layer_load = torch.zeros(len(self.moes), self.cfg.n_routed_experts, dtype=torch.int64,
                                        device=self.device)
         self._balanced = [m for m in self.moes if m.placement is not None]  # (EPLB: all of them, or none)
+        self._balanced_by_layer = {m.layer_idx: m for m in self._balanced}
         self._slot_load = torch.zeros(len(self._balanced), ep.num_slots if self._balanced else 0,
                                       dtype=torch.int64, device=self.device)
         self._report_steps = report_steps(config)
@@ -374,9 +375,8 @@ class ModelRunner:
         """EPLB: these MoE layers to their new placements, weights moved over torch.distributed
         (every rank switches the same layers, in the same order, before the same step)."""
         started = time.perf_counter()
-        by_layer = {m.layer_idx: m for m in self._balanced}
         for layer in sorted(placements):
-            by_layer[layer].set_placement(placements[layer])
+            self._balanced_by_layer[layer].set_placement(placements[layer])
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()  # (the time is the move's, not the launch's)
         self._eplb_seconds += time.perf_counter() - started

@@ -112,14 +112,12 @@ class MoE(nn.Module):
         token = torch.arange(ids.shape[0], device=ids.device)[:, None] + self.ep.rank
         return self.replica_slots[ids, token % self.replica_count[ids]]
 
-    def set_placement(self, placement: list[int]) -> int:
+    def set_placement(self, placement: list[int]) -> None:
         """Switches this layer to `placement` (every rank at once, between two steps): moves the
-        expert weights whose slots change and rewrites the replica table in place. Returns the
-        slots whose expert changed."""
-        moved = self.ep.move_experts(list(self.experts.parameters()), self.placement, placement)
+        expert weights whose slots change and rewrites the replica table in place."""
+        self.ep.move_experts(list(self.experts.parameters()), self.placement, placement)
         table, count = replica_table(placement, len(self.replica_count), self.replica_slots.shape[1],
                                      self.ep.slots_per_rank, self.ep.rank)
         self.replica_slots.copy_(table)
         self.replica_count.copy_(count)
         self.placement = list(placement)
-        return moved
