@@ -38,7 +38,7 @@ from model.loader import load_weights
 from model.logit_edits import TokenHistory
 from model.moe import MoE
 from model.mtp import MTPModule
-from model.sampler import SampleRow, draft_rows, prompt_logprob_entries, speculative_sample
+from model.sampler import SampleRow, draft_rows, greedy_verify, prompt_logprob_entries, speculative_sample
 
 log = logging.getLogger("mlaserve.worker")
 
@@ -326,6 +326,8 @@ class ModelRunner:
         self._constrained = []
         if not due:
             return [], []
+        if all(work[i].req.params.plain_greedy for i in due):
+            return self._sample_greedy(work, due, query_start, hidden)
         rows: list[SampleRow] = []
         row_drafts: list[int] = []
         sizes: list[int] = []
@@ -347,6 +349,25 @@ class ModelRunner:
         masks = self.grammars.bitmask(constrained) if constrained else None
         return speculative_sample(self.model.logits(hidden[index]), rows, row_drafts, sizes,
                                   self.cfg.eos_token_id, self.config.seed, self.history, masks)
+
+    def _sample_greedy(self, work: list[ScheduledWork], due: list[int], query_start: list[int], hidden: torch.Tensor
+                       ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
+        """_sample where every due request is plain greedy: the same rows, nothing built per row."""
+        row_drafts: list[int] = []
+        sizes: list[int] = []
+        positions: list[int] = []
+        for i in due:
+            w = work[i]
+            first = query_start[i] + w.num_known - 1
+            if w.num_drafts:
+                row_drafts += w.req.draft_ids[: w.num_drafts]
+                positions += range(first, first + w.num_drafts + 1)
+            else:
+                positions.append(first)
+            row_drafts.append(-1)
+            sizes.append(w.num_drafts + 1)
+        index = torch.tensor(positions, device=hidden.device)
+        return greedy_verify(self.model.logits(hidden[index]), row_drafts, sizes), [[] for _ in due]
 
     def _routed_tokens(self, result: StepResult) -> None:
         """Expert choices routed since the last step, per expert, summed over MoE layers; and

@@ -160,6 +160,15 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
         return self.temperature == 0.0
 
     @functools.cached_property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that edits the logits or reads them beyond their argmax (no
+        logprobs): its token is the argmax of the model's logits, whatever its history."""
+        return (self.temperature == 0.0 and self.logprobs is None and not self.logit_bias
+                and self.allowed_token_ids is None and not self.bad_words_token_ids and self.min_tokens == 0
+                and self.repetition_penalty == 1.0 and not self.frequency_penalty and not self.presence_penalty
+                and self.structured_outputs is None)
+
+    @functools.cached_property
     def bad_words_index(self) -> BadWordsIndex:
         return BadWordsIndex(self.bad_words_token_ids)
 

@@ -234,6 +234,25 @@ def speculative_sample(logits: torch.Tensor, rows: list[SampleRow], drafts: list
     return _emitted_by_group(acc, tok, entries, group_sizes)
 
 
+def greedy_verify(logits: torch.Tensor, drafts: list[int], group_sizes: list[int]) -> list[list[int]]:
+    """speculative_sample for rows whose parameters are all plain greedy (SamplingParams.plain_greedy):
+    each row's token is its argmax, a draft is accepted where it equals it, and a group emits its
+    accepted drafts and then the first argmax that differs. No per-row parameters are read, so
+    nothing is built per row: the argmaxes come back in one transfer."""
+    choice = logits.argmax(-1).tolist()  # (the step's one wait on the device)
+    if len(group_sizes) == len(choice):
+        return [[t] for t in choice]
+    tokens: list[list[int]] = []
+    start = 0
+    for size in group_sizes:
+        end, last = start, start + size - 1
+        while end < last and choice[end] == drafts[end]:
+            end += 1
+        tokens.append(choice[start : end + 1])
+        start += size
+    return tokens
+
+
 def _edited(logits: torch.Tensor, rows: list[SampleRow], eos_token_id: int | None,
             history: TokenHistory | None, grammar: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
     """The logits with every row's edits applied (a copy; the logits themselves when none has any).

@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from engine.sampling_params import BadWordsIndex, SamplingParams
+from engine.sampling_params import BadWordsIndex, SamplingParams, StructuredOutputsParams
 from model.logit_edits import TokenHistory, _banned_by_bad_words
-from model.sampler import SampleRow, draft_rows, sample, speculative_sample
+from model.sampler import SampleRow, draft_rows, greedy_verify, sample, speculative_sample
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
 
@@ -314,3 +314,33 @@ def test_the_bad_words_index_bans_what_the_definition_bans():
         want = sorted(s[-1] for s in seqs if len(s) - 1 <= len(output) and output[len(output) - len(s) + 1:] == s[:-1])
         got = _banned_by_bad_words(BadWordsIndex(seqs), prompt + output[:drafts_at], len(prompt), output[drafts_at:])
         assert sorted(got) == want, (seqs, output, drafts_at)
+
+
+def test_plain_greedy_verification_equals_the_general_path():
+    """greedy_verify (the worker's path when every row is plain greedy) emits what
+    speculative_sample does, over groups of 1 to 4 rows with drafts accepted, rejected and tied."""
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    for _ in range(30):
+        sizes = [rng.randint(1, 4) for _ in range(rng.randint(1, 12))]
+        logits = torch.randn(sum(sizes), 40)
+        logits[:, 5] = logits[:, 9] = 9.0  # ties: the first of them is the argmax on both paths
+        best = logits.argmax(-1).tolist()
+        drafts = []
+        for size in sizes:
+            start = len(drafts)
+            drafts += [best[start + j] if rng.random() < 0.7 else rng.randrange(40) for j in range(size - 1)] + [-1]
+        params = SamplingParams(temperature=0.0)
+        assert params.plain_greedy
+        rows = [SampleRow("r", params, [1, 2, 3], 2) for _ in drafts]
+        expected, _ = speculative_sample(logits, rows, drafts, sizes, eos_token_id=None)
+        assert greedy_verify(logits, drafts, sizes) == expected
+
+
+def test_plain_greedy_excludes_every_parameter_that_edits_or_reads_the_logits():
+    assert SamplingParams(temperature=0.0).plain_greedy
+    for edit in [dict(temperature=0.5), dict(logprobs=1), dict(logit_bias={3: 1.0}), dict(allowed_token_ids=[3]),
+                 dict(bad_words_token_ids=[[3]]), dict(min_tokens=2), dict(repetition_penalty=1.1),
+                 dict(frequency_penalty=0.5), dict(presence_penalty=0.5),
+                 dict(structured_outputs=StructuredOutputsParams(regex="a+"))]:
+        assert not SamplingParams(**{"temperature": 0.0, **edit}).plain_greedy, edit
