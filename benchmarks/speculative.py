@@ -4,9 +4,10 @@ draft-length policy (the default) and fixed draft lengths, each draft position's
 draft lengths the policy chose, and whether the outputs are the same.
 
 The peer is the same engine without speculation on the same prompts, measured in the same run:
-the configurations take turns within each round (each round starts every one afresh, in a
-rotated order, and warms it up on every batch size), and the table gives medians over rounds:
-tok/s, and each ratio as the median of the per-round ratios to the peer.
+every configuration's engine is started and warmed up on every batch size first, then each
+measurement (batch 1, then each batch size) goes round the configurations in turn, in an order
+rotated every round, and the table gives medians over rounds: tok/s, and each ratio as the median
+of the per-round ratios to the peer.
 Batch 1: decode tokens/s = output tokens after the first / time from first token to finish,
 summed over requests run one at a time. Batch B: output tokens / wall time, over 256 / B
 batches of B run one after another.
@@ -17,6 +18,7 @@ batches of B run one after another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -36,42 +38,40 @@ def _lengths(after, before) -> list[int]:
     return [a - b for a, b in zip(after.spec_draft_lengths, earlier)]
 
 
-def measure(model_dir: Path, k: int, policy: str, prompts: list[str], args) -> dict:
+def start(stack: contextlib.ExitStack, model_dir: Path, k: int, policy: str, prompts: list[str], args) -> LLM:
+    llm = stack.enter_context(LLM(model_dir, dtype=args.dtype, num_speculative_tokens=k,
+                                  speculative_draft_policy=policy, device=args.device,
+                                  max_num_seqs=max(args.batches)))
+    # Warm-up: a step of a shape the process has not run yet pays first-time costs (the first
+    # batch of 32 with drafts ran 8x slower than the next); a server pays them once.
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    with LLM(model_dir, dtype=args.dtype, num_speculative_tokens=k, speculative_draft_policy=policy,
-             device=args.device, max_num_seqs=max(args.batches)) as llm:
-        # Warm-up: a step of a shape the process has not run yet pays first-time costs (the
-        # first batch of 32 with drafts ran 8x slower than the next); a server pays them once.
-        for b in sorted(args.batches, reverse=True) * 2 + [1] * 8:
-            llm.generate(prompts[-b:], params, use_tqdm=False)
-        before = llm.stats()
+    for b in sorted(args.batches, reverse=True) * 2 + [1] * 8:
+        llm.generate(prompts[-b:], params, use_tqdm=False)
+    return llm
+
+
+def measure(llm: LLM, key: str, prompts: list[str], args) -> tuple[float, list, list[int]]:
+    """(tok/s, the outputs, the draft lengths chosen) of one measurement: `batch1` or `batch<B>`."""
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    before = llm.stats()
+    outputs = []
+    if key == "batch1":
         tokens = seconds = 0.0
         for p in prompts[: args.batch1_prompts]:
             o = llm.generate(p, params, use_tqdm=False)[0]
             tokens += len(o.token_ids) - 1
             seconds += o.metrics.finish_time - o.metrics.first_token_time
-        out = {"batch1": tokens / seconds}
-        outputs = []
-        lengths = {"batch1": _lengths(llm.stats(), before)}
-        for b in args.batches:
-            # Batches of one size, back to back, until about 256 requests have run: a batch of 32
-            # alone is a tenth of a second of work, too short to time on a shared host.
-            start_stats = llm.stats()
-            tokens, start = 0, time.perf_counter()
-            for rep in range(max(1, 256 // b)):
-                outs = llm.generate(prompts[rep * b % len(prompts):][:b], params, use_tqdm=False)
-                tokens += sum(len(o.token_ids) for o in outs)
-                outputs.append([o.token_ids for o in outs])
-            out[f"batch{b}"] = tokens / (time.perf_counter() - start)
-            lengths[f"batch{b}"] = _lengths(llm.stats(), start_stats)
-        after = llm.stats()
-        out["lengths_by_batch"] = lengths
-    drafts = after.spec_num_drafts - before.spec_num_drafts
-    out["acceptance"] = [(a - b) / drafts if drafts else 0.0
-                         for a, b in zip(after.spec_accepted_per_pos, before.spec_accepted_per_pos or [0] * k)]
-    out["draft_lengths"] = [a - b for a, b in zip(after.spec_draft_lengths, before.spec_draft_lengths or [0] * (k + 1))]
-    out["outputs"] = outputs
-    return out
+            outputs.append(o.token_ids)
+        return tokens / seconds, outputs, _lengths(llm.stats(), before)
+    b = int(key[len("batch"):])
+    # Batches of one size, back to back, until about 256 requests have run: a batch of 32 alone
+    # is a tenth of a second of work, too short to time on a shared host.
+    tokens, started = 0, time.perf_counter()
+    for rep in range(max(1, 256 // b)):
+        outs = llm.generate(prompts[rep * b % len(prompts):][:b], params, use_tqdm=False)
+        tokens += sum(len(o.token_ids) for o in outs)
+        outputs.append([o.token_ids for o in outs])
+    return tokens / (time.perf_counter() - started), outputs, _lengths(llm.stats(), before)
 
 
 def main() -> int:
@@ -91,15 +91,35 @@ def main() -> int:
     prompts = [p.prompt for p in demo_prompts(model_dir, max(args.batch1_prompts, *args.batches) + 8)]
     configs = [("off", 0, "fixed"), (f"adaptive k<={args.k}", args.k, "adaptive")]
     configs += [(f"fixed k={k}", k, "fixed") for k in args.fixed]
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
-    for r in range(args.rounds):
-        order = configs[r % len(configs):] + configs[: r % len(configs)]
-        for name, k, policy in order:
-            runs[name].append(measure(model_dir, k, policy, prompts, args))
-            print(f"round {r + 1}: {name}: " + ", ".join(f"{key} {runs[name][-1][key]:.0f}"
-                                                         for key in ["batch1"] + [f"batch{b}" for b in args.batches]),
-                  file=sys.stderr, flush=True)
     keys = ["batch1"] + [f"batch{b}" for b in args.batches]
+    runs: dict[str, list[dict]] = {name: [{} for _ in range(args.rounds)] for name, _, _ in configs}
+    outputs: dict[str, list] = {name: [] for name, _, _ in configs}
+    by_batch: dict[str, dict[str, list[int]]] = {name: {} for name, _, _ in configs}
+    with contextlib.ExitStack() as stack:
+        # Every configuration's engine is up at once (idle ones take no CPU), and each measurement
+        # goes round all of them in turn: the ratios compare runs minutes, not hours, apart.
+        engines = {name: start(stack, model_dir, k, policy, prompts, args) for name, k, policy in configs}
+        firsts = {name: llm.stats() for name, llm in engines.items()}
+        for r in range(args.rounds):
+            for key in keys:
+                order = configs[r % len(configs):] + configs[: r % len(configs)]
+                for name, _, _ in order:
+                    tps, outs, chosen = measure(engines[name], key, prompts, args)
+                    runs[name][r][key] = tps
+                    outputs[name].append((r, key, outs))
+                    by_batch[name][key] = [a + b for a, b in zip(by_batch[name].get(key, [0] * len(chosen)), chosen)]
+            print(f"round {r + 1}: " + "; ".join(f"{name} " + ", ".join(f"{runs[name][r][key]:.0f}" for key in keys)
+                                                 for name, _, _ in configs), file=sys.stderr, flush=True)
+        lasts = {name: llm.stats() for name, llm in engines.items()}
+    for name, _, _ in configs:  # what every round's measurements drafted and accepted, warm-up excluded
+        before, after = firsts[name], lasts[name]
+        drafts = after.spec_num_drafts - before.spec_num_drafts
+        k = len(after.spec_accepted_per_pos)
+        for run in runs[name]:
+            run["acceptance"] = [(a - b) / drafts if drafts else 0.0 for a, b in
+                                 zip(after.spec_accepted_per_pos, before.spec_accepted_per_pos or [0] * k)]
+            run["draft_lengths"] = _lengths(after, before)
+            run["lengths_by_batch"] = by_batch[name]
     median = {name: {key: statistics.median(run[key] for run in rs) for key in keys} for name, rs in runs.items()}
     # Each round's ratio to the peer's run of the same round, then their median.
     ratio = {name: {key: statistics.median(run[key] / peer[key] for run, peer in zip(rs, runs["off"]))
@@ -118,11 +138,11 @@ def main() -> int:
         for b in args.batches:
             key = f"batch{b}"
             row += f" {m[key]:>15.1f} {ratio[name][key]:>5.2f}"
-        same = all(run["outputs"] == runs["off"][0]["outputs"] for run in runs[name])
+        same = [outs for _, _, outs in outputs[name]] == [outs for _, _, outs in outputs["off"]]
         lengths = " ".join(str(n) for n in last["draft_lengths"]) or "-"
         print(row + f" {str(same):>11}  {lengths}")
         if last["lengths_by_batch"].get("batch1"):
-            print(f"{'':18} draft lengths chosen by batch (last round): " + "; ".join(
+            print(f"{'':18} draft lengths chosen by batch (all rounds): " + "; ".join(
                 f"{key}: {' '.join(map(str, v))}" for key, v in last["lengths_by_batch"].items()))
         table[name] = {"median": m, "ratio": ratio[name], "same_output": same,
                        "acceptance": last["acceptance"], "draft_lengths": last["draft_lengths"]}
