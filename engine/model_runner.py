@@ -328,10 +328,8 @@ class ModelRunner:
             return [], []
         if all(work[i].req.params.plain_greedy for i in due):
             return self._sample_greedy(work, due, query_start, hidden)
+        positions, row_drafts, sizes = self._verification_rows(work, due, query_start)
         rows: list[SampleRow] = []
-        row_drafts: list[int] = []
-        sizes: list[int] = []
-        positions: list[int] = []
         constrained: list[tuple] = []  # (first row, grammar, drafts) of the requests under a grammar
         for i in due:
             w = work[i]
@@ -341,10 +339,6 @@ class ModelRunner:
                 constrained.append((len(rows), r.grammar, drafts))
                 self._constrained.append((r.grammar, r.req_id))
             rows += draft_rows(SampleRow(r.req_id, r.params, r.token_ids, r.num_prompt_tokens), drafts)
-            row_drafts += drafts + [-1]
-            sizes.append(len(drafts) + 1)
-            first = query_start[i] + w.num_known - 1
-            positions += range(first, first + len(drafts) + 1)
         index = torch.tensor(positions, device=hidden.device)
         masks = self.grammars.bitmask(constrained) if constrained else None
         return speculative_sample(self.model.logits(hidden[index]), rows, row_drafts, sizes,
@@ -353,9 +347,18 @@ class ModelRunner:
     def _sample_greedy(self, work: list[ScheduledWork], due: list[int], query_start: list[int], hidden: torch.Tensor
                        ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
         """_sample where every due request is plain greedy: the same rows, nothing built per row."""
+        positions, row_drafts, sizes = self._verification_rows(work, due, query_start)
+        index = torch.tensor(positions, device=hidden.device)
+        return greedy_verify(self.model.logits(hidden[index]), row_drafts, sizes), [[] for _ in due]
+
+    @staticmethod
+    def _verification_rows(work: list[ScheduledWork], due: list[int], query_start: list[int]
+                           ) -> tuple[list[int], list[int], list[int]]:
+        """Per due request its last known token's row, then one row per draft it verifies: the
+        rows' positions in the step, each row's draft (-1 on a request's last row), group sizes."""
+        positions: list[int] = []
         row_drafts: list[int] = []
         sizes: list[int] = []
-        positions: list[int] = []
         for i in due:
             w = work[i]
             first = query_start[i] + w.num_known - 1
@@ -366,8 +369,7 @@ class ModelRunner:
                 positions.append(first)
             row_drafts.append(-1)
             sizes.append(w.num_drafts + 1)
-        index = torch.tensor(positions, device=hidden.device)
-        return greedy_verify(self.model.logits(hidden[index]), row_drafts, sizes), [[] for _ in due]
+        return positions, row_drafts, sizes
 
     def _routed_tokens(self, result: StepResult) -> None:
         """Expert choices routed since the last step, per expert, summed over MoE layers; and

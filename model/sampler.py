@@ -242,15 +242,8 @@ def greedy_verify(logits: torch.Tensor, drafts: list[int], group_sizes: list[int
     choice = logits.argmax(-1).tolist()  # (the step's one wait on the device)
     if len(group_sizes) == len(choice):
         return [[t] for t in choice]
-    tokens: list[list[int]] = []
-    start = 0
-    for size in group_sizes:
-        end, last = start, start + size - 1
-        while end < last and choice[end] == drafts[end]:
-            end += 1
-        tokens.append(choice[start : end + 1])
-        start += size
-    return tokens
+    accepted = [c == d for c, d in zip(choice, drafts)]
+    return _emitted_by_group(accepted, choice, [[]] * len(choice), group_sizes)[0]
 
 
 def _edited(logits: torch.Tensor, rows: list[SampleRow], eos_token_id: int | None,
