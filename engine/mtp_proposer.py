@@ -1,6 +1,8 @@
-"""MTP drafting on the worker: after a step's verification, the MTP module runs over every row
-of the step (in the main model's batch, which keeps its cache layer complete), then chains from
-each drafting request's last verified position for up to its drafts.
+"""MTP drafting on the worker: after a step's verification, the MTP module's first pass writes
+its latent entries of every row of the step (in the main model's batch, which keeps its cache
+layer complete) and runs the rest of its layer over each drafting request's last verified
+position alone (the one row whose output drafts: prompt rows and the rest are only attended
+to), then chains from there for up to its drafts.
 
 How many drafts each request proposes is the scheduler's choice (StepPlan.num_drafts and
 draft_caps, scheduler/spec_policy.py). A step whose plan asks for none skips the MTP layer: its
@@ -15,6 +17,7 @@ import time
 import torch
 
 from engine.worker_state import ScheduledWork
+from kernels.attention_plan import plan_output_rows
 from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.mtp import MTPModule
 from scheduler.stop_rules import tokens_left
@@ -46,14 +49,22 @@ class MTPProposer:
         passes = min(passes, self.num_spec)
         if passes <= 0:
             return {}
-        h, last, verified_end = self._first_pass(work, hidden, sampled, batch)
-        rows = h.shape[0]
+        next_ids, last, verified_end = self._first_pass_inputs(work, sampled)
+        rows = len(next_ids)
         by_id = {w.req.req_id: w for w in work}
-        wanted = {rid: self.num_drafts(by_id[rid], sampled[rid]) for rid, _ in last}
-        keep = [n for n, (rid, _) in enumerate(last) if wanted[rid] > 0]
+        wanted = {rid: self.num_drafts(by_id[rid], sampled[rid]) for rid, *_ in last}
+        keep = [n for n, (rid, *_) in enumerate(last) if wanted[rid] > 0]
         ids = [last[n][0] for n in keep]
-        if ids:
-            h = h[torch.tensor([last[n][1] for n in keep], device=h.device)]
+        if batch is None:
+            batch = ForwardBatch.build([SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table)
+                                        for w in work], self.block_size, self.device)
+        device = batch.input_ids.device
+        # Every row writes its entry in the module's cache (later drafts attend to them); only
+        # the drafting requests' last verified rows go on through the layer.
+        out_rows = plan_output_rows(batch, [last[n][1] for n in keep], [last[n][2] for n in keep],
+                                    [verified_end[last[n][0]] - 1 for n in keep], hidden)
+        h = self.mtp(batch, hidden[:rows], self.cache_layer, torch.tensor(next_ids, dtype=torch.long, device=device),
+                     out_rows)
         drafts: dict[str, list[int]] = {rid: [] for rid in ids}
         for j in range(passes):
             if ids:
@@ -78,21 +89,21 @@ class MTPProposer:
                 break
         return drafts
 
-    def _first_pass(self, work: list[ScheduledWork], hidden: torch.Tensor,
-                    sampled: dict[str, list[int]], batch: ForwardBatch | None
-                    ) -> tuple[torch.Tensor, list[tuple[str, int]], dict[str, int]]:
-        """The MTP layer over every row of the step, in the main model's batch (its attention
-        plan too); returns its output, the (req id, row) of each drafting request's last
-        verified position and where its verified tokens end.
+    @staticmethod
+    def _first_pass_inputs(work: list[ScheduledWork], sampled: dict[str, list[int]]
+                           ) -> tuple[list[int], list[tuple[str, int, int]], dict[str, int]]:
+        """What the MTP layer's first pass reads, over every row of the step (in the main
+        model's batch, its attention plan too): each row's next token, the (req id, row, sequence)
+        of each drafting request's last verified position and where its verified tokens end.
 
         Row p's input is the token at p + 1: the step's next token, or for a request's last
         verified row the token it just sampled. Rows past that (rejected drafts) write entries
         that nothing reads before the next step writes them again: its first pass covers them
         (they are its positions) before any chained pass attends that far."""
         next_ids: list[int] = []
-        last: list[tuple[str, int]] = []
+        last: list[tuple[str, int, int]] = []
         verified_end: dict[str, int] = {}  # cached tokens once this step is folded in
-        for w in work:  # (each one's rows follow the last one's, as in the batch)
+        for seq, w in enumerate(work):  # (each one's rows follow the last one's, as in the batch)
             r = w.req
             tokens = w.tokens
             emitted = sampled.get(r.req_id)
@@ -106,11 +117,6 @@ class MTPProposer:
             next_ids.append(emitted[-1])
             next_ids[row] = emitted[-1]
             if w.propose > 0:
-                last.append((r.req_id, row))
+                last.append((r.req_id, row, seq))
                 verified_end[r.req_id] = r.num_computed + valid
-        if batch is None:
-            batch = ForwardBatch.build([SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table)
-                                        for w in work], self.block_size, self.device)
-        ids = torch.tensor(next_ids, dtype=torch.long, device=batch.input_ids.device)
-        h = self.mtp(batch, hidden[: len(next_ids)], self.cache_layer, ids)
-        return h, last, verified_end
+        return next_ids, last, verified_end

@@ -66,6 +66,35 @@ class AttentionPlan:
     prefill_groups: list[PrefillGroup] = field(default_factory=list)
 
 
+@dataclass
+class OutputRows:
+    """The rows of a step whose layer output is wanted (MTP drafting wants one a request; every
+    row still writes its cache entries). `plan`, where given, attends those rows alone, each a
+    one-token query at its position: a step with prompt chunks would otherwise expand every
+    chunk's context for outputs that are dropped. None: every row attends, then the rows are taken."""
+    index: torch.Tensor  # [R] rows of the batch, in the order wanted
+    plan: AttentionPlan | None = None
+
+
+def plan_output_rows(batch: ForwardBatch, index: list[int], seqs: list[int], positions: list[int],
+                     like: torch.Tensor) -> OutputRows:
+    """OutputRows for rows `index` of `batch`, row i at position positions[i] of batch's sequence
+    seqs[i]. Attends them alone where the batch has long queries (prompt chunks); in a step of
+    short queries attending every row costs less than planning again."""
+    device = batch.block_tables.device
+    rows = torch.tensor(index, dtype=torch.long, device=device)
+    q_lens = (batch.query_start[i + 1] - batch.query_start[i] for i in range(batch.num_seqs))
+    if not index or all(n <= SHORT_QUERY_MAX for n in q_lens):
+        return OutputRows(rows)
+    host = batch.host_block_tables if batch.host_block_tables is not None else batch.block_tables.cpu()
+    which = torch.tensor(seqs, dtype=torch.long)
+    tables = host[which]
+    # Each wanted row as a sequence of its own: one query token with its own causal length.
+    alone = ForwardBatch(rows, rows, rows, list(range(len(index) + 1)), [p + 1 for p in positions],
+                         tables.to(device), batch.block_size, host_block_tables=tables)
+    return OutputRows(rows, plan_attention(alone, like))
+
+
 def plan_attention(batch: ForwardBatch, like: torch.Tensor, buffer: GatherBuffer | None = None,
                    expand_limit: int | None = None) -> AttentionPlan:
     """`like` is any tensor on the model's device: it picks the kernels or the reference.

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
-from kernels.attention_plan import AttentionPlan, GatherBuffer, plan_attention
+from kernels.attention_plan import AttentionPlan, GatherBuffer, OutputRows, plan_attention
 from kernels.forward_batch import ForwardBatch
 from model.expert_parallel import ExpertParallel
 from model.layers import DenseMLP, Linear, RMSNorm
@@ -34,17 +34,24 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(w, m)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, plan: AttentionPlan,
-                rope: RotaryEmbedding, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: RotaryEmbedding, residual: torch.Tensor | None = None,
+                out_rows: OutputRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's input is x + residual (x alone without one); returns (mlp output, residual),
-        whose sum is its output: each residual add happens inside the next norm (as vLLM's layers)."""
+        whose sum is its output: each residual add happens inside the next norm (as vLLM's layers).
+        `out_rows`: the rows whose output is wanted, in that order (None: all); every row still
+        writes its cache entries, and the rest of the layer runs over those alone."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        a = self.self_attn(h, batch.positions, batch.slot_mapping, cache, plan, rope)
+        a = self.self_attn(h, batch.positions, batch.slot_mapping, cache, plan, rope, out_rows)
+        real = batch.real_tokens
+        if out_rows is not None:
+            residual = residual[out_rows.index]
+            real = real[out_rows.index] if real is not None else None
         h, residual = self.post_attention_layernorm(a, residual)
         if isinstance(self.mlp, MoE):
-            return self.mlp(h, batch.real_tokens), residual
+            return self.mlp(h, real), residual
         return self.mlp(h), residual
 
 

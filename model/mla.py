@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from engine.model_config import ModelConfig
-from kernels.attention_plan import AttentionPlan
+from kernels.attention_plan import AttentionPlan, OutputRows
 from kernels.cache_write import write_latent_entries
 from kernels.mla_attention import absorbed_cpu_layout, mla_attention
 from model.layers import Linear, RMSNorm, StackedLinear
@@ -49,7 +49,10 @@ class MLA(nn.Module):
         return absorbed_cpu_layout(self.w_uk, self.w_uv)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                cache: torch.Tensor, plan: AttentionPlan, rope: RotaryEmbedding) -> torch.Tensor:
+                cache: torch.Tensor, plan: AttentionPlan, rope: RotaryEmbedding,
+                out_rows: OutputRows | None = None) -> torch.Tensor:
+        """`out_rows`: the rows whose output is wanted (None: all); the output projection runs
+        over those alone, and attention too where out_rows has a plan of its own."""
         cfg = self.cfg
         t = x.shape[0]
         if cfg.q_lora_rank:
@@ -64,6 +67,13 @@ class MLA(nn.Module):
         q_pe = write_latent_entries(c_kv, k_pe, q_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
                                     rope.rotations, positions, slot_mapping, cache)
 
+        if out_rows is not None and not len(out_rows.index):
+            return x.new_empty(0, x.shape[1])  # (only the cache entries were wanted)
+        if out_rows is not None and out_rows.plan is not None:
+            q_nope, q_pe, plan = q_nope[out_rows.index], q_pe[out_rows.index], out_rows.plan
         o = mla_attention(q_nope, q_pe, cache, plan, self.w_uk, self.w_uv, cfg.softmax_scale,
-                          self.head_strips)  # [T, H, v]
-        return self.o_proj(o.reshape(t, -1))
+                          self.head_strips)  # [T or R, H, v]
+        o = o.reshape(o.shape[0], -1)
+        if out_rows is not None and out_rows.plan is None:
+            o = o[out_rows.index]
+        return self.o_proj(o)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model_config import ModelConfig
+from kernels.attention_plan import OutputRows
 from kernels.forward_batch import ForwardBatch
 from model.deepseek_v3 import DecoderLayer, DeepseekV3
 from model.layers import Linear, RMSNorm
@@ -46,15 +47,16 @@ class MTPModule(nn.Module):
         return self._main[0]
 
     def forward(self, batch: ForwardBatch, prev_hidden: torch.Tensor, cache: torch.Tensor,
-                next_ids: torch.Tensor | None = None) -> torch.Tensor:
+                next_ids: torch.Tensor | None = None, out_rows: OutputRows | None = None) -> torch.Tensor:
         """next_ids[i] (default batch.input_ids[i]) is the token after the one whose hidden
         state is prev_hidden[i]; writes the module's latent entries at batch's slots; returns
-        its hidden states (pre-norm). A batch the main model ran keeps its attention plan."""
+        its hidden states (pre-norm), of the rows `out_rows` (None: all). A batch the main model
+        ran keeps its attention plan."""
         main = self.main
         plan = main.plan(batch)
         e = self.enorm(F.embedding(batch.input_ids if next_ids is None else next_ids, main.embed_tokens))
         x = self.eh_proj(torch.cat([e, self.hnorm(prev_hidden)], dim=-1))
-        out, residual = self.layer(x, batch, cache, plan, main.rope)
+        out, residual = self.layer(x, batch, cache, plan, main.rope, out_rows=out_rows)
         return out + residual
 
     def idle_forward(self) -> None:

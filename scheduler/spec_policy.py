@@ -8,12 +8,13 @@ own, and the MTP passes come on top, so drafts lose. The policy (adaptive; "fixe
 num_speculative_tokens every step) estimates, before each step:
 
     tokens(D) = B * E(D),      E(D) = 1 + sum_{j<=D} prod_{i<=j} alpha_i
-    time(D)   = O + T(n) + [D > 0] * (M(n) + (D - 1) * M(B)),      n = B(1 + D)
+    time(D)   = O + T(n) + [D > 0] * (M1(n) + (D - 1) * M(B)),      n = B(1 + D)
 
 for a decode step of draft length D = 0..k at the last step's batch size B, with alpha_i the
 measured acceptance of draft position i, T(n) the measured time of a main forward over n
-tokens and M(n) that of one MTP pass over n rows (the first pass runs over all the step's rows,
-each chained one over one row a request), both piecewise linear between buckets of the counts
+tokens, M1(n) that of the MTP layer's first pass over a step of n rows (it writes all their
+entries in its cache, and runs the rest of the layer over one row a drafting request) and M(n)
+that of a chained pass over n rows, each piecewise linear between buckets of the counts
 seen (prefill steps included) and made non-decreasing; where decode steps of this batch size
 and draft length have been measured enough, their own period replaces O + T + M. O is the rest of a
 step's period (the time between two results back to back, less the worker's compute):
@@ -35,7 +36,9 @@ A request then drafts fewer than D where its own acceptance p (per position, dec
 the j-th draft worth less than its marginal cost: j drafts while p**j >= theta,
 theta = (time(D) - time(D - 1)) / B * tokens(D) / time(D), the tokens the step's rate would make
 in the time one more draft a request takes. So a request whose drafts keep failing drafts less,
-and at low load (theta near 0) all draft D. A draft length not run for a while is run again
+and at low load (theta near 0) all draft D; a request drafting at TYPICAL_SHARE of the typical
+acceptance or better always drafts D (theta is capped there), so that the length chosen is the
+length run. A draft length not run for a while is run again
 for a few steps where its estimate is anywhere near the best (EXPLORE_EVERY): a bad sample
 must not keep one out for good.
 
@@ -49,7 +52,10 @@ from collections import deque
 
 # Relative throughput gain needed to change the step's draft length (no flapping on noise).
 SWITCH_GAIN = 0.03
-# Per-step decay of the acceptance statistics: they follow the traffic within ~50 steps.
+# Decay of a draft position's acceptance statistics per step that tried it: they follow the
+# traffic within ~50 such steps. Steps that did not try a position leave its estimate as last
+# measured (decaying it every step drew an untried position back to the prior, so a draft
+# length not run for a while looked better than it was measured).
 DECAY = 0.98
 # A cost bucket's estimate is the lower quartile of its latest steps: step times on a shared
 # host have outliers many times the typical step (a descheduled thread, a first allocation),
@@ -68,6 +74,9 @@ CELL_TRUSTED = 4
 REQUEST_DECAY = 0.8  # per verification of that request
 PRIOR_ACCEPTANCE = 0.8  # before anything is measured
 PRIOR_TRIALS = 2.0  # pseudo-verifications a request's own acceptance starts from (at the global rate)
+# A request drafts the step's full length while its own acceptance is at least this share of the
+# typical request's (below that, as its marginal cost says).
+TYPICAL_SHARE = 0.9
 
 
 def _bucket(n: float) -> int:
@@ -148,7 +157,8 @@ class SpecPolicy:
         self.step_drafts = max_drafts  # D for the step being planned
         self.theta = 0.0  # a request drafts j tokens while its acceptance**j >= theta
         self.cost = StepCost()  # T: the main forward
-        self.draft_cost = StepCost()  # M: one MTP pass
+        self.first_draft_cost = StepCost()  # M1: the MTP layer's first pass, by the step's rows
+        self.draft_cost = StepCost()  # M: a chained MTP pass, by its rows
         self._accepted = [0.0] * max_drafts  # decayed: position j's drafts accepted ...
         self._trials = [0.0] * max_drafts  # ... of those verified (its earlier drafts all accepted)
         self._decodes = 0.0  # requests that sampled last step
@@ -171,13 +181,19 @@ class SpecPolicy:
     def on_outcomes(self, outcomes: list[list[int]]) -> None:
         """Verifications since the last call: outcomes[d][a] of d drafts with the first a accepted
         (SchedulerCounters.spec_outcomes' growth). Position j was tried where d > j and a >= j."""
+        trials = [0] * self.max_drafts
+        accepted = [0] * self.max_drafts
         for d, row in enumerate(outcomes):
             for a, n in enumerate(row):
                 if n:
                     for j in range(min(d, a + 1)):
-                        self._trials[j] += n
+                        trials[j] += n
                         if j < a:
-                            self._accepted[j] += n
+                            accepted[j] += n
+        for j in range(self.max_drafts):
+            if trials[j]:
+                self._trials[j] = self._trials[j] * DECAY + trials[j]
+                self._accepted[j] = self._accepted[j] * DECAY + accepted[j]
 
     def on_step(self, num_tokens: int, num_decodes: int, num_verified: int, forward_seconds: float,
                 draft_rows: list[int], draft_seconds: list[float], period: float = 0.0,
@@ -198,8 +214,8 @@ class SpecPolicy:
             if cell is None:
                 cell = self._cells[(_batch_bucket(num_decodes), num_drafts)] = deque(maxlen=COST_SAMPLES)
             cell.append(period if period > 0 and math.isfinite(period) else compute + self.overhead)
-        for rows, seconds in zip(draft_rows, draft_seconds):
-            self.draft_cost.add(rows, seconds)
+        for i, (rows, seconds) in enumerate(zip(draft_rows, draft_seconds)):
+            (self.draft_cost if i else self.first_draft_cost).add(rows, seconds)
         if period > 0:
             overhead = period - compute
             if math.isfinite(overhead):
@@ -207,9 +223,6 @@ class SpecPolicy:
                 self.overhead = _lower_quartile(self._overheads)
         self._decodes = num_decodes
         self._other_tokens = max(0, num_tokens - num_decodes - num_verified)
-        for j in range(self.max_drafts):
-            self._accepted[j] *= DECAY
-            self._trials[j] *= DECAY
 
     # ---- what is chosen -------------------------------------------------------------------
 
@@ -233,10 +246,12 @@ class SpecPolicy:
         n = b * (1 + d)
         t = self.overhead + self.cost(n)
         if d:
-            # The first MTP pass runs over all the step's rows, each chained one over one a
-            # request. Never measured (drafting off since start): as dear as the main forward.
-            m = self.draft_cost if self.draft_cost.known else self.cost
-            t += m(n) + (d - 1) * m(b)
+            # The first MTP pass writes the module's entries of all the step's rows and runs the
+            # rest of its layer over one a request, as each chained pass does. Never measured
+            # (drafting off since start): as dear as the main forward.
+            first = self.first_draft_cost if self.first_draft_cost.known else self.cost
+            chained = self.draft_cost if self.draft_cost.known else first
+            t += first(n) + (d - 1) * chained(b)
         return b * e, t
 
     def plan(self) -> int:
@@ -272,8 +287,21 @@ class SpecPolicy:
             # A request's last draft costs what the step's last draft length costs, shared by
             # the batch; worth it if it emits what the step's rate makes in that time.
             marginal = (self.estimate(best)[1] - self.estimate(best - 1)[1]) / self._decodes
-            self.theta = max(0.0, marginal) * rates[best]
+            # ... but a request drafting about as well as the rest drafts D: where two lengths'
+            # estimates are close, theta comes near the typical acceptance, and capping the
+            # typical request would run a length the choice did not pick, whose steps measure
+            # neither (seen: batch-1 steps of D = 1 whose one request drafted none, for good).
+            self.theta = min(max(0.0, marginal) * rates[best], (TYPICAL_SHARE * self._typical_acceptance(best)) ** best)
         return best
+
+    def _typical_acceptance(self, d: int) -> float:
+        """What drafts_for() measures for a request whose drafts are accepted at the global
+        rates, d a step: accepted over (accepted + one where one failed)."""
+        accepted = self.expected_tokens(d) - 1.0
+        all_accepted = 1.0
+        for j in range(d):
+            all_accepted *= self.acceptance(j)
+        return accepted / (accepted + 1.0 - all_accepted) if accepted > 0 else 0.0
 
     def _to_explore(self, best: int, rates: list[float]) -> int | None:
         """A draft length to run again at this batch size, or None. A cell of few samples (the
@@ -304,6 +332,10 @@ class SpecPolicy:
         p = (req.draft_hits + PRIOR_TRIALS * self.acceptance(0)) / (req.draft_trials + PRIOR_TRIALS)
         if p ** d >= self.theta:
             return d
+        # Capped: its record fades toward the typical one while it drafts less, so a request
+        # whose drafts failed early is tried again (one that drafts none verifies nothing).
+        req.draft_hits *= REQUEST_DECAY
+        req.draft_trials *= REQUEST_DECAY
         if p <= 0.0 or p >= 1.0:
             return 0 if p <= 0.0 else d
         return max(0, min(d, int(math.log(self.theta) / math.log(p))))

@@ -1,10 +1,12 @@
 """The MTP module equals its plain-torch reference (transformers' decoder layer inside), fp32,
-through the paged cache, prefilled in chunks with several sequences in one batch."""
+through the paged cache, prefilled in chunks with several sequences in one batch; run for a few
+rows' outputs (out_rows, as drafting runs it), those rows of the full pass."""
 
 import pytest
 import torch
 
 from engine.model_config import ModelConfig
+from kernels.attention_plan import SHORT_QUERY_MAX, OutputRows, plan_output_rows
 from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.deepseek_v3 import DeepseekV3
 from model.hf_reference import load_hf_model_with_mtp
@@ -45,8 +47,25 @@ def test_mtp_logits_match_the_reference_chunk_by_chunk(models):
                 n = min(len(toks), len(prompts[i]) - 1 - start)  # the last token has no successor here
                 mtp_chunks.append(SequenceChunk(prompts[i][start + 1 : start + 1 + n], start, chunks[j].block_table))
                 rows += range(batch.query_start[j], batch.query_start[j] + n)
-            h = mtp(ForwardBatch.build(mtp_chunks, runner.block_size), hidden[torch.tensor(rows)], cache)
+            mtp_batch = ForwardBatch.build(mtp_chunks, runner.block_size)
+            h = mtp(mtp_batch, hidden[torch.tensor(rows)], cache)
             logits = mtp.logits(h)
+            # The drafting pass wants a few rows' outputs (each request's last): the same rows of
+            # the full pass's output, out of order too, and the same entries written again.
+            seqs = list(range(len(mtp_chunks)))[::-1] + [0]
+            picked = [mtp_batch.query_start[j + 1] - 1 for j in seqs[:-1]] + [0]
+            positions = [start + len(mtp_chunks[j].token_ids) - 1 for j in seqs[:-1]] + [start]
+            before = cache.clone()
+            alone = plan_output_rows(mtp_batch, picked, seqs, positions, hidden)
+            # Where a chunk is a long query (over 8 tokens), the rows attend alone.
+            assert (alone.plan is not None) == any(len(c.token_ids) > SHORT_QUERY_MAX for c in mtp_chunks)
+            for out_rows in (alone, OutputRows(alone.index)):
+                only = mtp(mtp_batch, hidden[torch.tensor(rows)], cache, out_rows=out_rows)
+                assert only.shape == (len(picked), h.shape[1])
+                assert _rel_err(only, h[torch.tensor(picked)]) < 1e-5 and torch.equal(cache, before)
+            nothing = OutputRows(torch.tensor([], dtype=torch.long))
+            none = mtp(mtp_batch, hidden[torch.tensor(rows)], cache, out_rows=nothing)
+            assert none.shape == (0, h.shape[1]) and torch.equal(cache, before)
         at = 0
         for j, i in enumerate(work):
             n = len(mtp_chunks[j].token_ids)

@@ -109,3 +109,41 @@ def test_bad_step_times_are_ignored():
         policy.on_step(3, 1, 2, bad, [3], [bad], bad, 2)
         policy.on_step(3, 1, 2, 1e-3, [3], [bad], 1.0, 2)
     assert policy.estimate(2) == before and policy.plan() in (0, 1, 2)
+
+
+def test_a_position_not_tried_keeps_its_measured_acceptance():
+    """While only the first draft runs, the second's estimate stays as last measured: it must not
+    drift back to the prior and make the longer draft length look better than it was."""
+    policy = SpecPolicy(2)
+    two_drafts = [[0] * 3 for _ in range(3)]
+    two_drafts[2][1], two_drafts[2][2] = 50, 50  # second position accepted half the time
+    for _ in range(20):
+        policy.on_outcomes(two_drafts)
+    second = policy.acceptance(1)
+    assert second == pytest.approx(0.5, abs=0.02)
+    one_draft = [[0] * 3 for _ in range(3)]
+    one_draft[1][1] = 100
+    for _ in range(500):
+        policy.on_step(100, 100, 100, 1e-3, [200], [1e-4], 2e-3, 1)
+        policy.on_outcomes(one_draft)
+    assert policy.acceptance(1) == second
+    assert policy.acceptance(0) > 0.99
+
+
+def test_a_request_drafting_like_the_rest_drafts_the_chosen_length():
+    """Where drafting barely pays (the MTP pass costs nearly a main forward), theta comes near the
+    acceptance itself: a request with a failure or two must still draft what the step chose, or
+    the length chosen is never the length run (nor measured)."""
+    policy = SpecPolicy(1)
+    feed(policy, fixed=2e-3, per_token=1e-6, batch=1, rho=0.95, accepted_frac=1.0, steps=100)
+    assert policy.step_drafts == 1 and policy.theta > 0.0
+    req = Request("r", [1], SamplingParams())
+    for i in range(20):
+        record_verification(req, 1, 0 if i in (4, 9) else 1)
+    assert policy.drafts_for(req) == 1
+    failing = Request("f", [1], SamplingParams())
+    for _ in range(20):
+        record_verification(failing, 1, 0)
+    assert policy.drafts_for(failing) == 0
+    # ... not for good: while it drafts none its record fades, and it is tried again.
+    assert 1 in [policy.drafts_for(failing) for _ in range(40)]
