@@ -14,12 +14,18 @@ What a graph fixes at capture and how each step still gets the right answer:
   (`ForwardBatch.real_tokens`);
 - the decode kernel's split count, chosen from the longest possible context (the split length is
   worked out per row on the device, so any context length is right);
-- the block tables' width: the longest possible context's.
+- the block tables' width: the longest possible context's; padding rows read a table of their own.
+
+With speculative decoding a graph's rows are tokens, not sequences: a verification step's
+sequences each compute their known token and the drafts they verify (up to 1 + k rows, each row a
+query of its own causal length over its sequence's block table, `seq_of_row`), and the MTP layer
+has graphs of its own over the same rows: its first pass over the main graph's output (every row
+goes through the layer: a captured graph cannot take the step's subset of drafting rows), and
+a chained pass over one row a drafting request. The MTP's logits and argmax run after the replay.
 
 Graphs need CUDA. Where the Triton kernels run on the CPU (the interpreter, in tests), the same
 buffers and padding run with `RerunReplay` in place of a graph: replaying reruns the captured
-function. Steps with a prefill chunk, speculative verification or more sequences than the largest
-size run eagerly.
+function. Steps with a longer prefill chunk or more rows than the largest size run eagerly.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from kernels.attention_plan import AttentionPlan, DecodeRows
 from kernels.backend import cdiv
 from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.deepseek_v3 import DeepseekV3
+from model.mtp import MTPModule
 
 # Batch sizes with a graph: doubling up to 16, then steps of at most 1.5x (so that from 16 up the
 # padding is under a third of a step), capped at max_num_seqs; bigger steps run eagerly.
@@ -77,66 +84,134 @@ class RerunReplay:
 
 
 class DecodeGraphs:
-    """The captured decode forwards of one worker's model and their static inputs."""
+    """The captured decode forwards of one worker's model and their static inputs; with `mtp`,
+    also the MTP layer's passes over the same rows (speculative decoding's drafts). `sizes`: the
+    row counts to capture (default: the ladder up to max_num_seqs x max_query)."""
 
     def __init__(self, model: DeepseekV3, cache_layers: list[torch.Tensor], block_size: int, max_num_seqs: int,
-                 max_model_len: int, scratch_block: int, make_replay: Callable[[], CudaGraphReplay | RerunReplay]):
+                 max_model_len: int, scratch_block: int, make_replay: Callable[[], CudaGraphReplay | RerunReplay],
+                 mtp: MTPModule | None = None, max_query: int = 1, sizes: list[int] | None = None):
         self.model = model
         self.cache_layers = cache_layers
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.scratch_block = scratch_block
-        self.sizes = capture_sizes(max_num_seqs)
+        self.max_query = max_query
+        # A graph's size is its rows: a step of sequences that each compute up to max_query
+        # tokens (a decode, a verification of drafts, a short prompt) takes the size of its tokens.
+        self.sizes = sorted(sizes) if sizes else capture_sizes(max_num_seqs * max_query)
         device = model.embed_tokens.device
         most = self.sizes[-1]
         # Per row: token id, position, cache slot, counted in the routing metric (1) or not (0).
         # Every row starts as padding: token 0 at position 0, its entry in the scratch block's
-        # first slot, one cached token to attend to (its own), not counted.
+        # first slot, one cached token to attend to (its own), not counted, and the block table
+        # of row `most`, all scratch.
         self.tokens = torch.zeros(4, most, dtype=torch.long, device=device)
         self.tokens[2] = scratch_block * block_size
         self.kv_lens = torch.ones(most, dtype=torch.int32, device=device)
-        self.seq_of_row = torch.arange(most, dtype=torch.int32, device=device)
-        self.block_tables = torch.full((most, cdiv(max_model_len, block_size)), scratch_block, dtype=torch.long,
+        self.seq_of_row = torch.full((most,), most, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((most + 1, cdiv(max_model_len, block_size)), scratch_block, dtype=torch.long,
                                        device=device)
         self.replays: dict[int, CudaGraphReplay | RerunReplay] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.mtp = mtp
+        if mtp is not None:
+            # The first pass reads the main graph's output and each row's next token; a chained
+            # pass reads the last pass's outputs of the drafting rows and their drafts (tokens[0]).
+            self.mtp_cache = cache_layers[mtp.layer_idx]
+            self.next_ids = torch.zeros(most, dtype=torch.long, device=device)
+            self.chain_hidden = torch.zeros(most, model.cfg.hidden_size, dtype=model.dtype, device=device)
+            self.first_replays: dict[int, CudaGraphReplay | RerunReplay] = {}
+            self.first_outputs: dict[int, torch.Tensor] = {}
+            self.chain_replays: dict[int, CudaGraphReplay | RerunReplay] = {}
+            self.chain_outputs: dict[int, torch.Tensor] = {}
+        self.size: int | None = None  # the size the last step ran
         with torch.inference_mode():
             for size in reversed(self.sizes):
                 replay = make_replay()
                 self.outputs[size] = replay.capture(lambda size=size: self._forward(size))
                 self.replays[size] = replay
+                if mtp is not None:
+                    for replays, outputs, fn in ((self.first_replays, self.first_outputs, self._first_pass),
+                                                 (self.chain_replays, self.chain_outputs, self._chained_pass)):
+                        replay = make_replay()
+                        outputs[size] = replay.capture(lambda size=size, fn=fn: fn(size))
+                        replays[size] = replay
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _batch(self, size: int) -> tuple[ForwardBatch, AttentionPlan]:
         ids, positions, slots, real = self.tokens[:, :size]
         batch = ForwardBatch(ids, positions, slots, list(range(size + 1)), [self.max_model_len] * size,
-                             self.block_tables[:size], self.block_size, real_tokens=real)
+                             self.block_tables, self.block_size, real_tokens=real)
         rows = DecodeRows(None, self.seq_of_row[:size], self.kv_lens[:size], self.max_model_len)
-        plan = AttentionPlan(batch.block_tables, [], rows, [])
+        batch.plan = AttentionPlan(batch.block_tables, [], rows, [])
+        return batch, batch.plan
+
+    def _forward(self, size: int) -> torch.Tensor:
+        batch, plan = self._batch(size)
         return self.model(batch, self.cache_layers, plan)
+
+    def _first_pass(self, size: int) -> torch.Tensor:
+        batch, _ = self._batch(size)
+        return self.mtp(batch, self.outputs[size], self.mtp_cache, self.next_ids[:size])
+
+    def _chained_pass(self, size: int) -> torch.Tensor:
+        batch, _ = self._batch(size)
+        return self.mtp(batch, self.chain_hidden[:size], self.mtp_cache)
 
     def size_for(self, chunks: list[SequenceChunk]) -> int | None:
         """The captured size that runs this step, or None when it must run eagerly."""
         width = self.block_tables.shape[1]
-        if len(chunks) > self.sizes[-1] or any(len(c.token_ids) != 1 or len(c.block_table) > width
-                                               for c in chunks):
+        if any(len(c.token_ids) > self.max_query or len(c.block_table) > width for c in chunks):
             return None
-        return next(s for s in self.sizes if s >= len(chunks))
+        rows = sum(len(c.token_ids) for c in chunks)
+        return next((s for s in self.sizes if s >= rows), None)
+
+    def _load(self, chunks: list[SequenceChunk], size: int) -> int:
+        """The step's rows into the static inputs (the rows past them set to padding again: a
+        bigger step before may have left a request's row there); returns how many."""
+        page, scratch = self.block_size, self.scratch_block
+        ids, positions, slots, seqs = [], [], [], []
+        for j, c in enumerate(chunks):
+            table = c.block_table
+            for i, t in enumerate(c.token_ids):
+                p = c.num_computed + i
+                ids.append(t)
+                positions.append(p)
+                slots.append(table[p // page] * page + p % page)
+                seqs.append(j)
+        n, pad = len(ids), size - len(ids)
+        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [scratch * page] * pad,
+                             [1] * n + [0] * pad, seqs + [self.sizes[-1]] * pad])
+        width = max(len(c.block_table) for c in chunks)
+        tables = torch.tensor([c.block_table + [scratch] * (width - len(c.block_table)) for c in chunks])
+        self.tokens[:, :size].copy_(host[:4])
+        self.kv_lens[:size].copy_(host[1] + 1)
+        self.seq_of_row[:size].copy_(host[4])
+        self.block_tables[: len(chunks), :width].copy_(tables)
+        return n
 
     def run(self, chunks: list[SequenceChunk], size: int) -> torch.Tensor:
-        """The step's hidden states [len(chunks), hidden] (what DeepseekV3.forward returns): a view
-        of the graph's output, valid until the next replay. Rows past the step's sequences are
-        set to padding again: a bigger step before may have left a request's row there."""
-        n, page, pad = len(chunks), self.block_size, size - len(chunks)
-        scratch = self.scratch_block
-        positions = [c.num_computed for c in chunks]
-        slots = [c.block_table[p // page] * page + p % page for c, p in zip(chunks, positions)]
-        host = torch.tensor([[c.token_ids[0] for c in chunks] + [0] * pad, positions + [0] * pad,
-                             slots + [scratch * page] * pad, [1] * n + [0] * pad])
-        width = max(len(c.block_table) for c in chunks)
-        tables = torch.tensor([c.block_table + [scratch] * (width - len(c.block_table)) for c in chunks]
-                              + [[scratch] * width] * pad)
-        self.tokens[:, :size].copy_(host)
-        self.kv_lens[:size].copy_(host[1] + 1)
-        self.block_tables[:size, :width].copy_(tables)
+        """The step's hidden states [its tokens, hidden] (what DeepseekV3.forward returns): a view
+        of the graph's output, valid until the next replay of that size."""
+        n = self._load(chunks, size)
         self.replays[size].replay()
+        self.size = size
         return self.outputs[size][:n]
+
+    def run_first_pass(self, next_ids: list[int]) -> torch.Tensor:
+        """The MTP layer's first pass over the rows of the step `run` just replayed (whose cache
+        entries it writes), next_ids[i] the token after row i's: its output of every row."""
+        size = self.size
+        n = len(next_ids)
+        self.next_ids[:size].copy_(torch.tensor(next_ids + [0] * (size - n)))
+        self.first_replays[size].replay()
+        return self.first_outputs[size][:n]
+
+    def run_chained_pass(self, chunks: list[SequenceChunk], hidden: torch.Tensor, size: int) -> torch.Tensor:
+        """A chained MTP pass: chunks of one draft each, hidden [len(chunks), hidden] the last
+        pass's outputs of their rows; its output of each."""
+        n = self._load(chunks, size)
+        self.chain_hidden[:n].copy_(hidden)
+        self.chain_replays[size].replay()
+        self.size = None  # (the token buffers no longer hold the main step's rows)
+        return self.chain_outputs[size][:n]

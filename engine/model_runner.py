@@ -171,7 +171,7 @@ class ModelRunner:
         num_blocks = budget // (self.kv_bytes_per_token * config.block_size)
         # CUDA graphs pad their batches with rows that write into a block of their own: the pool's
         # last, which the scheduler never sees.
-        self._with_graphs = config.cuda_graphs and self.on_kernels and self.model.ep is None and not self.num_spec
+        self._with_graphs = config.cuda_graphs and self.on_kernels and self.model.ep is None
         self._usable_blocks = num_blocks - (1 if self._with_graphs else 0)
         if self._usable_blocks < 1:
             raise ValueError(f"a latent cache of {budget} bytes holds no block of {config.block_size} tokens "
@@ -207,7 +207,10 @@ class ModelRunner:
                 "cuda") else RerunReplay
             c = self.config
             self.graphs = DecodeGraphs(self.model, self._cache_layers, c.block_size, c.max_num_seqs,
-                                       self.max_model_len, self.cache.num_blocks - 1, make)
+                                       self.max_model_len, self.cache.num_blocks - 1, make,
+                                       self.mtp if self.num_spec else None, 1 + self.num_spec)
+            if self.proposer is not None:
+                self.proposer.graphs = self.graphs
 
     def release_idle_memory(self) -> None:
         """Drops the attention gather buffer (sized by the largest step so far) and returns freed
@@ -295,7 +298,12 @@ class ModelRunner:
         chunks = [SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table) for w in work]
         size = self.graphs.size_for(chunks) if self.graphs is not None else None
         if size is not None:  # a decode step: replayed from its graph
-            return list(range(len(chunks) + 1)), self.graphs.run(chunks, size), None
+            query_start = [0]
+            for c in chunks:
+                query_start.append(query_start[-1] + len(c.token_ids))
+            return query_start, self.graphs.run(chunks, size), None
+        if self.graphs is not None:
+            self.graphs.size = None  # (the MTP layer's first pass runs eagerly too)
         batch = ForwardBatch.build(chunks, self.config.block_size, self.device)
         return batch.query_start, self.model(batch, self._cache_layers), batch
 

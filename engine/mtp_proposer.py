@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from engine.decode_graphs import DecodeGraphs
 from engine.worker_state import ScheduledWork
 from kernels.attention_plan import plan_output_rows
 from kernels.forward_batch import ForwardBatch, SequenceChunk
@@ -31,6 +32,7 @@ class MTPProposer:
         # Every rank runs the step's num_drafts passes (idle ones join the collectives).
         self.expert_parallel = expert_parallel
         self.passes: list[tuple[int, float]] = []  # (rows, seconds) of each pass of the last propose()
+        self.graphs: DecodeGraphs | None = None  # the worker's CUDA graphs, where it has them
 
     def num_drafts(self, w: ScheduledWork, emitted: list[int]) -> int:
         """Its proposal count, or fewer where the request would pass max_tokens or the context with them."""
@@ -55,16 +57,21 @@ class MTPProposer:
         wanted = {rid: self.num_drafts(by_id[rid], sampled[rid]) for rid, *_ in last}
         keep = [n for n, (rid, *_) in enumerate(last) if wanted[rid] > 0]
         ids = [last[n][0] for n in keep]
-        if batch is None:
-            batch = ForwardBatch.build([SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table)
-                                        for w in work], self.block_size, self.device)
-        device = batch.input_ids.device
-        # Every row writes its entry in the module's cache (later drafts attend to them); only
-        # the drafting requests' last verified rows go on through the layer.
-        out_rows = plan_output_rows(batch, [last[n][1] for n in keep], [last[n][2] for n in keep],
-                                    [verified_end[last[n][0]] - 1 for n in keep], hidden)
-        h = self.mtp(batch, hidden[:rows], self.cache_layer, torch.tensor(next_ids, dtype=torch.long, device=device),
-                     out_rows)
+        graphs = self.graphs
+        if batch is None and graphs is not None and graphs.size is not None:  # the step replayed a graph
+            picked = torch.tensor([last[n][1] for n in keep], dtype=torch.long, device=hidden.device)
+            h = graphs.run_first_pass(next_ids)[picked]
+        else:
+            if batch is None:
+                batch = ForwardBatch.build([SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table)
+                                            for w in work], self.block_size, self.device)
+            device = batch.input_ids.device
+            # Every row writes its entry in the module's cache (later drafts attend to them); only
+            # the drafting requests' last verified rows go on through the layer.
+            out_rows = plan_output_rows(batch, [last[n][1] for n in keep], [last[n][2] for n in keep],
+                                        [verified_end[last[n][0]] - 1 for n in keep], hidden)
+            h = self.mtp(batch, hidden[:rows], self.cache_layer,
+                         torch.tensor(next_ids, dtype=torch.long, device=device), out_rows)
         drafts: dict[str, list[int]] = {rid: [] for rid in ids}
         for j in range(passes):
             if ids:
@@ -81,8 +88,12 @@ class MTPProposer:
                 # draft j sits at verified_end + 1 + j, so the module reads it at position verified_end + j
                 chain = [SequenceChunk([drafts[rid][-1]], verified_end[rid] + j, by_id[rid].req.block_table)
                          for rid in ids]
-                h = self.mtp(ForwardBatch.build(chain, self.block_size, self.device),
-                             h[torch.tensor(keep, device=h.device)], self.cache_layer)
+                h = h[torch.tensor(keep, device=h.device)]
+                size = graphs.size_for(chain) if graphs is not None else None
+                if size is not None:
+                    h = graphs.run_chained_pass(chain, h, size)
+                else:
+                    h = self.mtp(ForwardBatch.build(chain, self.block_size, self.device), h, self.cache_layer)
             elif self.expert_parallel:
                 self.mtp.idle_forward()
             else:

@@ -127,5 +127,6 @@ class DenseMLP(nn.Module):
             h = self.gate_up(x.reshape(-1, shape[-1]))
             q, s = silu_mul_quant(h)
             d = self.down_proj
-            return fp8_gemm(q, s, d.weight, d.scale_inv, x.dtype).view(*shape[:-1], -1)
+            out = fp8_gemm(q, s, d.weight, d.scale_inv, x.dtype)
+            return out.view(*shape[:-1], out.shape[-1])  # (not -1: a pass over no rows has none)
         return self.down_proj(silu_mul(self.gate_up(x)))

@@ -43,6 +43,7 @@ kernels)
     ;;
 engine)
     python3 benchmarks/decode_graphs.py 2>&1 | tee "$out/decode_graphs.log"
+    python3 benchmarks/decode_graphs.py --spec 2 --batch 1 8 64 2>&1 | tee "$out/decode_graphs_spec.log"
     python3 benchmarks/sampling.py --device cuda --batch 8 64 256 2>&1 | tee "$out/sampling.log"
     python3 benchmarks/throughput.py --num-requests 256 --kv-cache-memory $((8 << 30)) 2>&1 | tee "$out/throughput.log"
     # The cache sized by gpu_memory_utilization after the measured step: its line names both.

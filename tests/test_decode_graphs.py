@@ -15,6 +15,7 @@ from kernels.forward_batch import ForwardBatch, SequenceChunk
 from model.deepseek_v3 import DeepseekV3
 from model.loader import load_weights
 from model.moe import MoE
+from model.mtp import MTPModule
 from tests.model_runner_util import PagedRunner
 
 BLOCK_SIZE = 16
@@ -106,6 +107,69 @@ def test_graph_decode_steps_match_plain_forwards(model):
             assert (b[others] == 7).all() and (b[scratch * BLOCK_SIZE] != 7).any()
 
 
+@pytest.fixture(scope="module")
+def model_with_mtp(tiny_checkpoint):
+    cfg = ModelConfig.from_checkpoint(tiny_checkpoint)
+    with use_triton_kernels(True):
+        w = load_weights(tiny_checkpoint, cfg, torch.float32, include_mtp=True, keep_fp8=True)
+        main = DeepseekV3(cfg, w)
+        yield main, MTPModule(cfg, w, main)
+
+
+def test_verification_steps_and_mtp_passes_match_plain_forwards(model_with_mtp):
+    """Speculative decoding's steps through the graphs, whose rows are tokens: a step of three
+    sequences verifying 2, 0 and 1 drafts (6 rows, padded to 8), the MTP layer's first pass over
+    the same rows and a chained pass over two of them, against the plain forwards over an
+    identical cache, MTP cache layer included."""
+    model, mtp = model_with_mtp
+    with use_triton_kernels(True):
+        plain, graphed = (PagedRunner(model, num_blocks=33, block_size=BLOCK_SIZE) for _ in range(2))
+        scratch = 32
+        for r in (plain, graphed):
+            r.free.remove(scratch)
+        graphs = DecodeGraphs(model, layers(graphed), BLOCK_SIZE, max_num_seqs=3, max_model_len=MAX_MODEL_LEN,
+                              scratch_block=scratch, make_replay=RerunReplay, mtp=mtp, max_query=3, sizes=[8, 2])
+        assert sorted(graphs.replays) == sorted(graphs.first_replays) == sorted(graphs.chain_replays) == [2, 8]
+        assert capture_sizes(3 * 3) == [1, 2, 4, 8, 9]  # (the sizes it takes by default: rows, not sequences)
+        prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]  # (short: the interpreter's prefill is slow)
+        assert torch.equal(graphed.step(dict(enumerate(prompts)))[0], plain.step(dict(enumerate(prompts)))[0])
+        work = {0: [11, 12, 13], 1: [14], 2: [15, 16]}  # a known token and the drafts it verifies
+        chunks = [graphed._chunk(i, toks) for i, toks in work.items()]
+        assert graphs.size_for(chunks) == 8
+        plain_chunks = [plain._chunk(i, toks) for i, toks in work.items()]
+        batch = ForwardBatch.build(plain_chunks, BLOCK_SIZE)
+        mtp_layer = model.cfg.num_hidden_layers
+        next_ids = [12, 13, 40, 41, 16, 42]  # each row's next token: its successor, else the one sampled
+        with torch.inference_mode():
+            expected = plain.model(batch, layers(plain))
+            got = graphs.run(chunks, 8)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            first = mtp(batch, expected, layers(plain)[mtp_layer], torch.tensor(next_ids))
+            got_first = graphs.run_first_pass(next_ids)
+            torch.testing.assert_close(got_first, first, rtol=1e-4, atol=1e-4)
+            # Drafts chained from row 2 (sequence 0, position of its last row) and row 5.
+            rows = torch.tensor([2, 5])
+            for r in (plain, graphed):
+                for i, toks in work.items():
+                    r.computed[i] += len(toks)
+            chain = [SequenceChunk([43], graphed.computed[0], graphed.tables[0]),
+                     SequenceChunk([44], graphed.computed[2], graphed.tables[2])]
+            assert graphs.size_for(chain) == 2
+            plain_chain = [SequenceChunk([43], plain.computed[0], plain.tables[0]),
+                           SequenceChunk([44], plain.computed[2], plain.tables[2])]
+            chained = mtp(ForwardBatch.build(plain_chain, BLOCK_SIZE), first[rows], layers(plain)[mtp_layer])
+            got_chained = graphs.run_chained_pass(chain, got_first[rows], 2)
+            torch.testing.assert_close(got_chained, chained, rtol=1e-4, atol=1e-4)
+            assert graphs.size is None  # (a first pass now would read rows the chain overwrote)
+        for i, t in graphed.tables.items():
+            for layer in range(model.cfg.num_cache_layers):
+                a = layers(plain)[layer].flatten(0, 1)[[plain.tables[i][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                                                       for p in range(plain.computed[i] + (i != 1))]]
+                b = layers(graphed)[layer].flatten(0, 1)[[t[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                                                         for p in range(graphed.computed[i] + (i != 1))]]
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)  # (as the hidden states: the layers after)
+
+
 def test_steps_a_graph_cannot_run_run_eagerly(model):
     with use_triton_kernels(True):
         graphs = DecodeGraphs(model, empty_cache(model), BLOCK_SIZE,
@@ -139,10 +203,10 @@ class CaptureChecker(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_captured_forward_has_no_host_sync(model):
+def test_captured_forward_has_no_host_sync(model, model_with_mtp):
     """The function each CUDA graph captures, run under a checker: the whole decode forward (MLA,
-    cache write, decode kernel, router, fused MoE, norms, FP8 GEMMs) issues nothing that would
-    break a capture or bake one step's host values into the graph."""
+    cache write, decode kernel, router, fused MoE, norms, FP8 GEMMs) and the MTP layer's passes
+    issue nothing that would break a capture or bake one step's host values into the graph."""
     checker = CaptureChecker()
 
     class CheckedRerun(RerunReplay):
@@ -153,6 +217,10 @@ def test_captured_forward_has_no_host_sync(model):
     with use_triton_kernels(True):
         DecodeGraphs(model, empty_cache(model), BLOCK_SIZE,
                      max_num_seqs=3, max_model_len=MAX_MODEL_LEN, scratch_block=2, make_replay=CheckedRerun)
+        main, mtp = model_with_mtp
+        with_mtp = DecodeGraphs(main, empty_cache(main), BLOCK_SIZE, max_num_seqs=1, max_model_len=MAX_MODEL_LEN,
+                                scratch_block=2, make_replay=CheckedRerun, mtp=mtp, max_query=2)
+        assert sorted(with_mtp.first_replays) == sorted(with_mtp.chain_replays) == [1, 2]
         assert checker.seen == []
         # The checker does see what it looks for: a plain forward plans its attention from host lists.
         batch = ForwardBatch.build([SequenceChunk([7], 3, [0])], BLOCK_SIZE)
@@ -180,3 +248,52 @@ def test_engine_with_graphs_gives_the_eager_engines_tokens(tiny_checkpoint, monk
     assert tokens[True] == tokens[False] == 8 * BLOCK_SIZE
     assert outputs[True] == outputs[False]
     assert [len(o) for o in outputs[True]] == [4, 2, 3]
+
+
+def test_speculative_steps_replay_their_graphs(tiny_checkpoint, monkeypatch):
+    """The model runner with speculation (k = 2) and graphs, under its real scheduler in this
+    process (one sequence at a time: the interpreter is slow, and batches of them are the test
+    above's): verification steps replay the main graphs, the MTP layer's first and chained passes
+    theirs, and the tokens are the eager runner's (batch-invariant mode, as above)."""
+    import collections
+
+    from engine.config import EngineConfig
+    from engine.engine_core import EngineCore
+    from engine.messages import AddRequest, WorkerReady
+    from engine.model_runner import ModelRunner
+
+    monkeypatch.setenv("MLASERVE_KERNELS", "triton")
+    prompts = [[5, 9, 77, 200, 3], [17, 250, 31]]
+    outputs, replayed = {}, collections.Counter()
+    for graphs in (False, True):
+        config = EngineConfig(model_dir=str(tiny_checkpoint), dtype="float32", block_size=BLOCK_SIZE, max_num_seqs=1,
+                              max_model_len=MAX_MODEL_LEN, kv_cache_memory=1 << 20, cuda_graphs=graphs,
+                              batch_invariant=True, num_speculative_tokens=2, speculative_draft_policy="fixed",
+                              async_scheduling=False)
+        runner = ModelRunner(config)
+        try:
+            if graphs:
+                for kind in ("replays", "first_replays", "chain_replays"):
+                    for size, replay in getattr(runner.graphs, kind).items():
+                        def counted(replay=replay, key=(kind, size), run=replay.replay):
+                            replayed[key] += 1
+                            run()
+                        replay.replay = counted
+            ready = WorkerReady(0, runner.num_blocks, runner.kv_bytes_per_token, runner.cfg.vocab_size,
+                                runner.max_model_len, runner.step_peak_bytes)
+            core = EngineCore(config, [ready], None, lambda plans, runner=runner: [runner.execute(plans[0])])
+            tokens = collections.defaultdict(list)
+            for i, p in enumerate(prompts):
+                core.add(AddRequest(str(i), p, SamplingParams(temperature=0, max_tokens=4 + i, ignore_eos=True)))
+            while core.has_work():
+                for d in core.step():
+                    tokens[d.req_id] += d.new_token_ids
+            outputs[graphs] = dict(tokens)
+        finally:
+            runner.close()
+    assert outputs[True] == outputs[False]
+    assert [len(outputs[True][str(i)]) for i in range(2)] == [4, 5]
+    kinds = collections.Counter(kind for kind, _ in replayed.elements())
+    assert kinds["replays"] and kinds["first_replays"] and kinds["chain_replays"], replayed
+    # Verification steps: rows of several tokens a sequence (up to 3 rows).
+    assert any(size > 1 for kind, size in replayed if kind == "replays"), replayed
