@@ -65,8 +65,9 @@ class EngineConfig:
     async_scheduling: bool = option(True, "plan step N+1 while the worker runs step N",
                                     flag="--no-async-scheduling")
     cuda_graphs: bool = option(False, "replay decode steps from CUDA graphs (engine/decode_graphs.py; the GPU "
-                               "kernel path without expert parallelism or speculative decoding; ignored "
-                               "elsewhere). Off by default until timed on a GPU")
+                               "kernel path without expert parallelism; with speculative decoding, its "
+                               "verification steps and MTP passes too; ignored elsewhere). Off by default "
+                               "until timed on a GPU")
     batch_invariant: bool = option(False, "each sequence's tokens the same whatever is batched beside it "
                                    "(kernels/batch_invariant.py; vLLM's VLLM_BATCH_INVARIANT): on the kernel "
                                    "path, dense products in one fixed tiling and decode attention unsplit; "

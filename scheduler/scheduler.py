@@ -187,9 +187,16 @@ class Scheduler(SchedulerResults, TierAdmission):
         return budget
 
     def _done_when_pending_arrive(self, req: Request) -> bool:
-        """Whether the tokens already on their way end the request by length."""
-        return tokens_left(req.params.max_tokens, req.num_prompt_tokens, len(req.token_ids) + req.num_pending,
-                           self.config.max_model_len) <= 0
+        """Whether the tokens already on their way end the request by length: surely, or with
+        speculation most likely, where the drafts the step in flight verifies would end it if
+        accepted and the measured acceptance says they will be. (Planned again, its rows would
+        most likely be dropped; left out, it waits one step where a draft was rejected. A batch
+        that ends together by length otherwise ran a whole step more.)"""
+        left = tokens_left(req.params.max_tokens, req.num_prompt_tokens, len(req.token_ids) + req.num_pending,
+                           self.config.max_model_len)
+        if left <= 0:
+            return True
+        return req.num_unverified >= left and self.spec is not None and self.spec.likely_accepted(left)
 
     def _account(self, req: Request, known: int, step: ScheduledStep) -> None:
         """The step's known tokens (not its drafts) count as computed from now; a step that

@@ -178,6 +178,13 @@ class SpecPolicy:
         t = self._trials[j]
         return (self._accepted[j] + PRIOR_ACCEPTANCE) / (t + 1.0)
 
+    def likely_accepted(self, n: int) -> bool:
+        """Whether a request's next n drafts are more likely accepted than not."""
+        p = 1.0
+        for j in range(min(n, self.max_drafts)):
+            p *= self.acceptance(j)
+        return p >= 0.5
+
     def on_outcomes(self, outcomes: list[list[int]]) -> None:
         """Verifications since the last call: outcomes[d][a] of d drafts with the first a accepted
         (SchedulerCounters.spec_outcomes' growth). Position j was tried where d > j and a >= j."""

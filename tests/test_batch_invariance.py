@@ -31,10 +31,11 @@ def _row_invariant_dots():
     with row_invariant_interpreter_dot() if interpreting() else contextlib.nullcontext():
         yield
 
-# Prefill chunks and the short queries the decode kernel takes (3 tokens); long contexts are
+# Prefill chunks (11 tokens: over SHORT_QUERY_MAX) and the short queries the decode kernel takes
+# (3 tokens); long contexts are
 # test_decode_attention_rows_are_the_same_alone_and_batched's.
-PROMPTS = [[5, 9, 77, 200, 3], [100 + i for i in range(20)], [17, 250, 31], [42, 7, 7, 9, 180, 64, 3, 11]]
-NEW_TOKENS = 3
+PROMPTS = [[5, 9, 77, 200, 3], [100 + i for i in range(11)], [17, 250, 31], [42, 7, 7, 9, 180, 64, 3, 11]]
+NEW_TOKENS = 2  # the prompt's last position and one decode step, each compared
 # Every sequence in a batch of each size, at other rows than alone.
 BATCHES = {2: [[0, 1], [3, 2]], 3: [[2, 0, 1], [1, 3, 2]], 4: [[2, 0, 3, 1]]}
 

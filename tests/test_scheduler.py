@@ -482,3 +482,41 @@ def test_a_reused_id_does_not_get_the_finished_requests_last_token():
     assert new_x.token_ids == [4, 4, 4] and new_x.num_pending == 1
     assert [d.new_token_ids for d in sched.update(*fourth)] == [[9]]
     sched.check_integrity()
+
+
+@pytest.mark.parametrize("acceptance", [1.0, 0.0])
+def test_a_request_its_accepted_drafts_would_end_is_not_planned_again(acceptance):
+    """Asynchronous scheduling with k = 2: when the step in flight verifies drafts that, if
+    accepted, reach the request's max_tokens, and drafts are being accepted, the next step leaves
+    it out (its rows would be dropped); where they are being rejected it is planned as before. It
+    ends with its max_tokens either way."""
+    sched, worker = make_scheduler(budget=64, spec=2), WorkerState()
+    policy = sched.spec = SpecPolicy(2)
+    outcomes = [[0] * 3 for _ in range(3)]
+    outcomes[2][2 if acceptance else 0] = 100
+    policy.on_outcomes(outcomes)
+    sched.add(Request("x", [2, 3], SamplingParams(max_tokens=4)))
+    bs = sched.blocks.block_size
+
+    class AcceptAll(random.Random):  # the fake model accepts every draft, or none
+        def randint(self, a, b):
+            return b if acceptance else a
+
+    fake = AcceptAll(0)
+    first = sched.schedule()
+    in_flight = (first, sample_step(worker, first, fake, spec=2, block_size=bs))
+    second = sched.schedule()  # (x's prefill result not folded in yet: it verifies 2 drafts)
+    assert second.scheduled and second.drafts == {"x": 2}
+    tokens = [t for d in sched.update(*in_flight) for t in d.new_token_ids]
+    in_flight = (second, sample_step(worker, second, fake, spec=2, block_size=bs))
+    third = sched.schedule()  # x has 1 token and 1 + 2 on their way: 4 if both are accepted
+    assert bool(third.scheduled) == (not acceptance)
+    while True:
+        for d in sched.update(*in_flight):
+            tokens += d.new_token_ids
+        if not sched.has_work():
+            break
+        step = third if third is not None else sched.schedule()
+        third = None
+        in_flight = (step, sample_step(worker, step, fake, spec=2, block_size=bs))
+    assert len(tokens) == 4
