@@ -212,7 +212,8 @@ class SpecPolicy:
         compute = forward_seconds + sum(draft_seconds)
         if not (math.isfinite(compute) and compute > 0):
             return  # (a worker's clock gone wrong teaches nothing)
-        if num_tokens == num_decodes + num_verified and num_decodes and (
+        decode_step = num_tokens == num_decodes + num_verified
+        if decode_step and num_decodes and (
                 num_drafts * num_decodes * 0.9 <= num_verified <= num_drafts * num_decodes):
             # A decode step at its own draft length (drafts verified about as many as
             # proposed): what the choice at this batch size is between, measured as it is,
@@ -222,7 +223,12 @@ class SpecPolicy:
                 cell = self._cells[(_batch_bucket(num_decodes), num_drafts)] = deque(maxlen=COST_SAMPLES)
             cell.append(period if period > 0 and math.isfinite(period) else compute + self.overhead)
         for i, (rows, seconds) in enumerate(zip(draft_rows, draft_seconds)):
-            (self.draft_cost if i else self.first_draft_cost).add(rows, seconds)
+            if i:
+                self.draft_cost.add(rows, seconds)
+            elif decode_step:
+                # (Only decode steps teach M1: a first pass over prompt chunks runs the layer
+                # over its few drafting rows alone, far cheaper than a decode step of as many rows.)
+                self.first_draft_cost.add(rows, seconds)
         if period > 0:
             overhead = period - compute
             if math.isfinite(overhead):

@@ -147,3 +147,13 @@ def test_a_request_drafting_like_the_rest_drafts_the_chosen_length():
     assert policy.drafts_for(failing) == 0
     # ... not for good: while it drafts none its record fades, and it is tried again.
     assert 1 in [policy.drafts_for(failing) for _ in range(40)]
+
+
+def test_only_decode_steps_teach_the_first_pass_cost():
+    """A first pass over prompt chunks runs its layer over the few rows that draft: its time
+    says nothing about a decode step of as many rows, which is what M1 estimates."""
+    policy = SpecPolicy(1)
+    policy.on_step(600, 4, 0, 5e-3, [600], [1e-4], 0.0, 1)  # 4 prompts end among 600 tokens
+    assert not policy.first_draft_cost.known
+    policy.on_step(512, 256, 256, 5e-3, [512], [2e-3], 0.0, 1)
+    assert policy.first_draft_cost(512) == pytest.approx(2e-3)
