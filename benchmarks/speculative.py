@@ -38,10 +38,11 @@ def _lengths(after, before) -> list[int]:
     return [a - b for a, b in zip(after.spec_draft_lengths, earlier)]
 
 
-def start(stack: contextlib.ExitStack, model_dir: Path, k: int, policy: str, prompts: list[str], args) -> LLM:
+def start(stack: contextlib.ExitStack, model_dir: Path, k: int, policy: str, asynchronous: bool, prompts: list[str],
+          args) -> LLM:
     llm = stack.enter_context(LLM(model_dir, dtype=args.dtype, num_speculative_tokens=k,
                                   speculative_draft_policy=policy, device=args.device,
-                                  max_num_seqs=max(args.batches)))
+                                  max_num_seqs=max(args.batches), async_scheduling=asynchronous))
     # Warm-up: a step of a shape the process has not run yet pays first-time costs (the first
     # batch of 32 with drafts ran 8x slower than the next); a server pays them once.
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
@@ -86,32 +87,37 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="write the figures here too")
+    ap.add_argument("--synchronous", action="store_true",
+                    help="also run every configuration planning each step after the last returns")
     args = ap.parse_args()
     model_dir = Path(args.model) if args.model else default_model_dir()
     prompts = [p.prompt for p in demo_prompts(model_dir, max(args.batch1_prompts, *args.batches) + 8)]
-    configs = [("off", 0, "fixed"), (f"adaptive k<={args.k}", args.k, "adaptive")]
-    configs += [(f"fixed k={k}", k, "fixed") for k in args.fixed]
+    configs = [("off", 0, "fixed", True), (f"adaptive k<={args.k}", args.k, "adaptive", True)]
+    configs += [(f"fixed k={k}", k, "fixed", True) for k in args.fixed]
+    if args.synchronous:
+        configs += [(name + ", sync", k, policy, False) for name, k, policy, _ in configs]
     keys = ["batch1"] + [f"batch{b}" for b in args.batches]
-    runs: dict[str, list[dict]] = {name: [{} for _ in range(args.rounds)] for name, _, _ in configs}
-    outputs: dict[str, list] = {name: [] for name, _, _ in configs}
-    by_batch: dict[str, dict[str, list[int]]] = {name: {} for name, _, _ in configs}
+    runs: dict[str, list[dict]] = {name: [{} for _ in range(args.rounds)] for name, *_ in configs}
+    outputs: dict[str, list] = {name: [] for name, *_ in configs}
+    by_batch: dict[str, dict[str, list[int]]] = {name: {} for name, *_ in configs}
     with contextlib.ExitStack() as stack:
         # Every configuration's engine is up at once (idle ones take no CPU), and each measurement
         # goes round all of them in turn: the ratios compare runs minutes, not hours, apart.
-        engines = {name: start(stack, model_dir, k, policy, prompts, args) for name, k, policy in configs}
+        engines = {name: start(stack, model_dir, k, policy, asynchronous, prompts, args)
+                   for name, k, policy, asynchronous in configs}
         firsts = {name: llm.stats() for name, llm in engines.items()}
         for r in range(args.rounds):
             for key in keys:
                 order = configs[r % len(configs):] + configs[: r % len(configs)]
-                for name, _, _ in order:
+                for name, *_ in order:
                     tps, outs, chosen = measure(engines[name], key, prompts, args)
                     runs[name][r][key] = tps
                     outputs[name].append((r, key, outs))
                     by_batch[name][key] = [a + b for a, b in zip(by_batch[name].get(key, [0] * len(chosen)), chosen)]
             print(f"round {r + 1}: " + "; ".join(f"{name} " + ", ".join(f"{runs[name][r][key]:.0f}" for key in keys)
-                                                 for name, _, _ in configs), file=sys.stderr, flush=True)
+                                                 for name, *_ in configs), file=sys.stderr, flush=True)
         lasts = {name: llm.stats() for name, llm in engines.items()}
-    for name, _, _ in configs:  # what every round's measurements drafted and accepted, warm-up excluded
+    for name, *_ in configs:  # what every round's measurements drafted and accepted, warm-up excluded
         before, after = firsts[name], lasts[name]
         drafts = after.spec_num_drafts - before.spec_num_drafts
         k = len(after.spec_accepted_per_pos)
@@ -124,17 +130,18 @@ def main() -> int:
     # Each round's ratio to the peer's run of the same round, then their median.
     ratio = {name: {key: statistics.median(run[key] / peer[key] for run, peer in zip(rs, runs["off"]))
                     for key in keys} for name, rs in runs.items()}
-    print(f"model {model_dir}, {args.dtype}, greedy, max_tokens {args.max_tokens}, asynchronous scheduling; "
-          f"medians of {args.rounds} rounds; peer: the same engine without speculation")
-    head = f"{'':18} {'acceptance per position':>24} {'batch-1 decode tok/s':>21} {'x':>5}"
+    print(f"model {model_dir}, {args.dtype}, greedy, max_tokens {args.max_tokens}, asynchronous scheduling "
+          f"(', sync': planned after the last step returns); medians of {args.rounds} rounds; peer: the same "
+          "engine without speculation")
+    head = f"{'':24} {'acceptance per position':>24} {'batch-1 decode tok/s':>21} {'x':>5}"
     for b in args.batches:
         head += f" {'batch-' + str(b) + ' tok/s':>15} {'x':>5}"
     print(head + f" {'same output':>11}  draft lengths chosen (0..k)")
     table = {}
-    for name, _, _ in configs:
+    for name, *_ in configs:
         m, last = median[name], runs[name][-1]
         acc = "[" + ", ".join(f"{a:.2f}" for a in last["acceptance"]) + "]" if last["acceptance"] else "-"
-        row = f"{name:18} {acc:>24} {m['batch1']:>21.1f} {ratio[name]['batch1']:>5.2f}"
+        row = f"{name:24} {acc:>24} {m['batch1']:>21.1f} {ratio[name]['batch1']:>5.2f}"
         for b in args.batches:
             key = f"batch{b}"
             row += f" {m[key]:>15.1f} {ratio[name][key]:>5.2f}"
@@ -142,7 +149,7 @@ def main() -> int:
         lengths = " ".join(str(n) for n in last["draft_lengths"]) or "-"
         print(row + f" {str(same):>11}  {lengths}")
         if last["lengths_by_batch"].get("batch1"):
-            print(f"{'':18} draft lengths chosen by batch (all rounds): " + "; ".join(
+            print(f"{'':24} draft lengths chosen by batch (all rounds): " + "; ".join(
                 f"{key}: {' '.join(map(str, v))}" for key, v in last["lengths_by_batch"].items()))
         table[name] = {"median": m, "ratio": ratio[name], "same_output": same,
                        "acceptance": last["acceptance"], "draft_lengths": last["draft_lengths"]}
