@@ -32,14 +32,18 @@ class Bystanders:
         self.results: list[tuple[list[float], Final | Exception]] = [None] * len(BYSTANDER_PROMPTS)
         self.threads = [threading.Thread(target=self._one, args=(i,)) for i in range(len(BYSTANDER_PROMPTS))]
         self.started = threading.Barrier(len(BYSTANDER_PROMPTS) + 1)
+        self.progress = ["not connected"] * len(BYSTANDER_PROMPTS)  # what a stalled start reports
 
     def _one(self, i: int) -> None:
         times: list[float] = []
+        first = True
         try:
             with Client(self.server.address, timeout_s=60) as c:
+                self.progress[i] = "connected"
                 stream = c.generate(BYSTANDER_PROMPTS[i], BYSTANDER_PARAMS)
-                first = True
+                self.progress[i] = "sent"
                 for ev in stream:
+                    self.progress[i] = f"{len(times)} tokens, last event {type(ev).__name__}"
                     if isinstance(ev, Delta) and ev.token_ids:
                         times.append(time.monotonic())
                         if first:
@@ -55,7 +59,16 @@ class Bystanders:
     def __enter__(self):
         for t in self.threads:
             t.start()
-        self.started.wait(timeout=60)  # every bystander streams before the attack begins
+        began = time.monotonic()
+        try:
+            self.started.wait(timeout=60)  # every bystander streams before the attack begins
+        except threading.BrokenBarrierError:
+            waited = time.monotonic() - began
+            for t in self.threads:
+                t.join(timeout=5)
+            raise AssertionError(f"the bystanders did not all stream within {waited:.1f} s: "
+                                 + "; ".join(f"{i}: {p}, result {r[1] if r else None!r}"
+                                             for i, (p, r) in enumerate(zip(self.progress, self.results)))) from None
         return self
 
     def __exit__(self, *exc) -> None:
