@@ -169,25 +169,19 @@ class DecodeGraphs:
     def _load(self, chunks: list[SequenceChunk], size: int) -> int:
         """The step's rows into the static inputs (the rows past them set to padding again: a
         bigger step before may have left a request's row there); returns how many."""
-        page, scratch = self.block_size, self.scratch_block
-        ids, positions, slots, seqs = [], [], [], []
-        for j, c in enumerate(chunks):
-            table = c.block_table
-            for i, t in enumerate(c.token_ids):
-                p = c.num_computed + i
-                ids.append(t)
-                positions.append(p)
-                slots.append(table[p // page] * page + p % page)
-                seqs.append(j)
-        n, pad = len(ids), size - len(ids)
-        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [scratch * page] * pad,
-                             [1] * n + [0] * pad, seqs + [self.sizes[-1]] * pad])
-        width = max(len(c.block_table) for c in chunks)
-        tables = torch.tensor([c.block_table + [scratch] * (width - len(c.block_table)) for c in chunks])
-        self.tokens[:, :size].copy_(host[:4])
-        self.kv_lens[:size].copy_(host[1] + 1)
-        self.seq_of_row[:size].copy_(host[4])
-        self.block_tables[: len(chunks), :width].copy_(tables)
+        host = ForwardBatch.build(chunks, self.block_size)  # (its positions and slots, on the host)
+        n, pad = host.query_start[-1], size - host.query_start[-1]
+        seqs = [j for j, c in enumerate(chunks) for _ in c.token_ids]
+        padding = torch.tensor([[0] * pad, [0] * pad, [self.scratch_block * self.block_size] * pad, [0] * pad,
+                                [self.sizes[-1]] * pad], dtype=torch.long)
+        rows = torch.stack([host.input_ids, host.positions, host.slot_mapping, torch.ones(n, dtype=torch.long),
+                            torch.tensor(seqs, dtype=torch.long)])
+        rows = torch.cat([rows, padding], dim=1)
+        self.tokens[:, :size].copy_(rows[:4])
+        self.kv_lens[:size].copy_(rows[1] + 1)
+        self.seq_of_row[:size].copy_(rows[4])
+        tables = host.host_block_tables  # (padded with block 0, past what each row's length reads)
+        self.block_tables[: len(chunks), : tables.shape[1]].copy_(tables)
         return n
 
     def run(self, chunks: list[SequenceChunk], size: int) -> torch.Tensor:

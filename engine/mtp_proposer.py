@@ -58,9 +58,9 @@ class MTPProposer:
         keep = [n for n, (rid, *_) in enumerate(last) if wanted[rid] > 0]
         ids = [last[n][0] for n in keep]
         graphs = self.graphs
+        picked = [last[n][1] for n in keep]  # the drafting requests' last verified rows
         if batch is None and graphs is not None and graphs.size is not None:  # the step replayed a graph
-            picked = torch.tensor([last[n][1] for n in keep], dtype=torch.long, device=hidden.device)
-            h = graphs.run_first_pass(next_ids)[picked]
+            h = graphs.run_first_pass(next_ids)[torch.tensor(picked, dtype=torch.long, device=hidden.device)]
         else:
             if batch is None:
                 batch = ForwardBatch.build([SequenceChunk(w.tokens, w.req.num_computed, w.req.block_table)
@@ -68,7 +68,7 @@ class MTPProposer:
             device = batch.input_ids.device
             # Every row writes its entry in the module's cache (later drafts attend to them); only
             # the drafting requests' last verified rows go on through the layer.
-            out_rows = plan_output_rows(batch, [last[n][1] for n in keep], [last[n][2] for n in keep],
+            out_rows = plan_output_rows(batch, picked, [last[n][2] for n in keep],
                                         [verified_end[last[n][0]] - 1 for n in keep], hidden)
             h = self.mtp(batch, hidden[:rows], self.cache_layer,
                          torch.tensor(next_ids, dtype=torch.long, device=device), out_rows)
