@@ -62,6 +62,10 @@ class EngineConfig:
                                            "(0 to num_speculative_tokens) and each request's from measured cost "
                                            "and acceptance (scheduler/spec_policy.py); fixed: always "
                                            "num_speculative_tokens", choices=("adaptive", "fixed"))
+    cpu_threads: int = option(0, "a CPU worker's torch threads: 0 (auto): each step of few enough tokens for "
+                              "the compiled kernels runs on 1 thread or the worker's share of the cores "
+                              "(OMP_NUM_THREADS, else the cores over the host's workers), whichever its size "
+                              "measured faster (engine/step_threads.py); N: always N")
     async_scheduling: bool = option(True, "plan step N+1 while the worker runs step N",
                                     flag="--no-async-scheduling")
     cuda_graphs: bool = option(False, "replay decode steps from CUDA graphs (engine/decode_graphs.py; the GPU "
@@ -110,6 +114,8 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must hold a prompt token and a generated one (>= 2), "
                              f"got {self.max_model_len}")
+        if not 0 <= self.cpu_threads <= 4096:
+            raise ValueError(f"cpu_threads must be 0 (auto) to 4096, got {self.cpu_threads}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
         if self.kv_offload_memory is not None and self.kv_offload_memory < 0:

@@ -26,6 +26,7 @@ from engine.memory_profile import (
 from engine.messages import StepPlan, StepResult, TokenLogprobs
 from engine.model_config import ModelConfig
 from engine.mtp_proposer import MTPProposer
+from engine.step_threads import StepThreads
 from engine.warmup import compile_kernels
 from engine.worker_state import ScheduledWork, WorkerState
 from kernels import native
@@ -75,8 +76,7 @@ class ModelRunner:
         self.rank = rank
         self.dtype = DTYPES[config.dtype]
         self.device = resolve_device(config.device)
-        if self.device == "cpu" and len(config.local_ranks) > 1:
-            share_host_cores(len(config.local_ranks))
+        self.step_threads = self._host_threads() if self.device == "cpu" else None
         if self.device == "cuda" and config.ep_size > 1:  # one GPU per worker: the host's n-th for its n-th rank
             n = rank - config.local_ranks.start
             if n >= torch.cuda.device_count():
@@ -116,6 +116,20 @@ class ModelRunner:
         self.grammars = GrammarMasks(config.model_dir, self.cfg.vocab_size, self.cfg.eos_token_id)
         self._constrained: list[tuple] = []  # this step's (grammar, req id) pairs, set by _sample
         self._grammar_failures: dict[str, str] = {}
+
+    def _host_threads(self) -> StepThreads | None:
+        """Sets this CPU worker's torch threads; the per-step choice between 1 and its share, where
+        it has one (the compiled bf16 kernels, whose results do not depend on the count)."""
+        config = self.config
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        elif len(config.local_ranks) > 1:
+            share_host_cores(len(config.local_ranks))
+        share = torch.get_num_threads()
+        native.set_split_threads(share)
+        if config.cpu_threads or share < 2 or self.dtype != torch.bfloat16 or config.batch_invariant:
+            return None
+        return StepThreads(share)
 
     def _load_model(self) -> None:
         config, rank = self.config, self.rank
@@ -228,6 +242,9 @@ class ModelRunner:
             self.tiers.close()
         if self.model.ep is not None:
             leave_distributed()
+        if self.step_threads is not None:  # (a runner in a test's process leaves its threads as found)
+            torch.set_num_threads(self.step_threads.share)
+            native.set_split_threads(None)
 
     @property
     def num_blocks(self) -> int:
@@ -251,6 +268,11 @@ class ModelRunner:
             self.cache.copy_blocks(plan.copy_src, plan.copy_dst)
         if not work:
             return self._idle_step(plan, publish)
+        if self.step_threads is not None:
+            # (A step past the compiled linear's rows runs torch's matmul, whose sums may split
+            # with the count: on the share always.)
+            tokens = sum(w.num_tokens for w in work)
+            self.step_threads.choose(tokens, measured=tokens <= native.linear_max_rows())
         started = time.perf_counter()
         query_start, hidden, batch = self._forward(work)
         due = [i for i, w in enumerate(work) if w.samples]
@@ -270,6 +292,8 @@ class ModelRunner:
                 result.logprobs[work[i].req.req_id] = lp
         if publish is not None:
             publish(result)
+        if self.step_threads is not None:
+            self.step_threads.record(time.perf_counter() - started)
         for g, rid in self._constrained:  # the grammars take what was emitted
             g.accept(sampled[rid])
             if (error := g.end_step()) is not None:

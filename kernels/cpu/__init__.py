@@ -50,6 +50,22 @@ def runs(family: str, *tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors) and library(family) is not None
 
 
+_split_threads: int | None = None
+
+
+def set_split_threads(threads: int | None) -> None:
+    """What `split_threads` answers from now on (None: torch's count)."""
+    global _split_threads
+    _split_threads = threads
+
+
+def split_threads() -> int:
+    """The threads a kernel sizes work it splits for, where the split changes its result (decode
+    attention's context splits): a CPU worker's share of the cores, whatever count its step runs
+    on (engine/step_threads.py), so that the count changes a step's time, never its tokens."""
+    return _split_threads or torch.get_num_threads()
+
+
 def ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu_build, latent_fp8
-from kernels.cpu import F32, I32, I64, P, declare, last_dim_contiguous, library, ptr, require_host
+from kernels.cpu import F32, I32, I64, P, declare, last_dim_contiguous, library, ptr, require_host, split_threads
 from kernels.cpu_build import VARIANT_ID
 
 declare("mla_decode", q_latent=P, ql_row=I64, ql_head=I64, q_pe=P, qp_row=I64, qp_head=I64, cache=P, tables=P,
@@ -63,15 +63,14 @@ def paged_mla_decode_cpu(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torc
         out = torch.empty(rows, heads, rank, dtype=dtype)
     elif out.shape != q_latent.shape or out.dtype != dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q_latent.shape)} {dtype} with a contiguous last dim")
-    threads = torch.get_num_threads()
-    splits = num_splits or choose_num_splits(rows, max_kv_len, page, threads)
+    splits = num_splits or choose_num_splits(rows, max_kv_len, page, split_threads())
     partial = torch.empty(rows * splits * heads * (rank + 2) if splits > 1 else 0, dtype=torch.float32)
     impl = impl or choose_impl(dtype, heads, rank, rope, page)
     rc = lib.mla_decode(ptr(q_latent), q_latent.stride(0), q_latent.stride(1), ptr(q_pe), q_pe.stride(0),
                         q_pe.stride(1), ptr(cache), ptr(tables), tables.stride(0), ptr(seq_of_row),
                         ptr(kv_lens), ptr(out), out.stride(0), out.stride(1), ptr(partial), rows, heads, rank,
                         rope, page, splits, float(softmax_scale), q_latent.element_size(), int(fp8), VARIANT_ID[impl],
-                        threads)
+                        torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"mla_decode ({impl}) refused rows={rows} heads={heads} rank={rank} rope={rope} "
                            f"page={page} dtype={dtype}")
