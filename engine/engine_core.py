@@ -232,7 +232,7 @@ class EngineCore:
 
     def _schedule(self) -> list[ScheduledStep]:
         if self.spec is not None:
-            self.spec.plan()
+            self.spec.plan(max(min(s.config.max_num_seqs, len(s.running) + s.num_waiting) for s in self.schedulers))
         steps = [s.schedule() for s in self.schedulers]
         if len(steps) > 1 and any(st.scheduled for st in steps):
             for st in steps:  # a rank waiting for disk reads must not hold up the others' step

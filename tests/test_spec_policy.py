@@ -157,3 +157,28 @@ def test_only_decode_steps_teach_the_first_pass_cost():
     assert not policy.first_draft_cost.known
     policy.on_step(512, 256, 256, 5e-3, [512], [2e-3], 0.0, 1)
     assert policy.first_draft_cost(512) == pytest.approx(2e-3)
+
+
+def test_a_burst_of_arrivals_is_planned_for_the_batch_it_will_decode():
+    """Drafting pays at the last step's batch of 2 but not at 256: steps that prefill a burst of
+    256 arrivals take the choice for 256 (no MTP entries made that its decode would not use)."""
+    policy = SpecPolicy(2)
+    assert mostly(feed(policy, fixed=2e-3, per_token=2e-5, batch=2, rho=0.4, accepted_frac=1.0, steps=100)) > 0
+    assert policy.plan(upcoming=256) == 0
+    assert policy.plan(upcoming=2) > 0  # (and the small batch's own choice is back when it is one)
+
+
+def test_a_draft_length_never_run_is_tried_where_it_may_pay():
+    """Drafting off since start (the first pass never measured): at batch 1 on a latency-bound
+    step the first pass is guessed as dear as the main forward over a row a request, which is
+    close enough to no drafts to be run, measured, and kept."""
+    policy = SpecPolicy(2)
+
+    def forward(n: int) -> float:
+        return 2e-3 + 1e-6 * n
+    for i in range(40):  # decode steps without drafts, and prefill steps for the curve's far end
+        n = 1 if i % 10 else 512
+        policy.on_step(n, 1 if n == 1 else 0, 0, forward(n), [], [], forward(n) + 1e-4 if n == 1 else 0.0, 0)
+    assert not policy.first_draft_cost.known
+    chosen = feed(policy, fixed=2e-3, per_token=1e-6, batch=1, rho=0.4, accepted_frac=1.0, steps=60)
+    assert mostly(chosen) > 0
