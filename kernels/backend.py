@@ -14,19 +14,26 @@ import torch
 
 _forced: bool | None = None
 _batch_invariant = False
+# os.environ's own mapping (bytes on POSIX), read live on every call (tests set the variable
+# mid-process) at a twentieth of os.environ.get's cost: kernels/cpu_build.py reads its caps so too.
+_ENV_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
 def triton_wanted(t: torch.Tensor) -> bool:
     if _forced is not None:
         return _forced
-    choice = os.environ.get("MLASERVE_KERNELS", "auto")
+    if _ENV_BYTES is not None:
+        raw = _ENV_BYTES.get(b"MLASERVE_KERNELS")
+        choice = "auto" if raw is None else os.fsdecode(raw)
+    else:
+        choice = os.environ.get("MLASERVE_KERNELS", "auto")
+    if choice == "auto":
+        return t.is_cuda
     if choice == "triton":
         return True
     if choice == "torch":
         return False
-    if choice != "auto":
-        raise ValueError(f"MLASERVE_KERNELS={choice!r}: expected auto, triton or torch")
-    return t.is_cuda
+    raise ValueError(f"MLASERVE_KERNELS={choice!r}: expected auto, triton or torch")
 
 
 @contextmanager

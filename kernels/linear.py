@@ -43,7 +43,9 @@ def cpu_layout(weight: torch.Tensor) -> torch.Tensor | None:
 def linear(x: torch.Tensor, w: LinearWeights) -> torch.Tensor:
     if w.scale_inv is not None:
         return fp8_linear(x, w.weight, w.scale_inv)
-    if x.numel() <= native.linear_max_rows() * x.shape[-1] and native.runs("linear", x) and w.strips is not None:
+    # (the cheap tests first: this runs for every linear of a step)
+    if (w.strips is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() <= native.linear_max_rows() * x.shape[-1]):
         y = native.linear(x, w.strips)
         return y if y.shape[-1] == w.weight.shape[0] else y[..., : w.weight.shape[0]]
     return dense_linear(x, w.weight)
