@@ -69,6 +69,11 @@ COST_SAMPLES = 15
 EXPLORE_EVERY = 128
 EXPLORE_STEPS = 3
 EXPLORE_WITHIN = 0.9
+# ... and one never run at this batch size, once, within NEVER_RUN_WITHIN: its estimate is the
+# cost curves' guess, never checked (it kept batch 1 from drafting at all in 3 benchmark runs of
+# 12, at 0.75-0.9 of no drafts); run at any estimate, batch 256's D = 2 (0.52) was explored at
+# every batch size a cold batch drained through.
+NEVER_RUN_WITHIN = 0.7
 CELL_MIN = 3
 CELL_TRUSTED = 4
 REQUEST_DECAY = 0.8  # per verification of that request
@@ -328,8 +333,7 @@ class SpecPolicy:
         """A draft length to run again at this batch size, or None. A cell of few samples (the
         first ones may come from first-time costs) is judged by the cost curves, and run again
         until it has CELL_TRUSTED; one measured enough, by its samples, now and then; one never run
-        at this batch size, once whatever its estimate (a guess from the curves, never checked, kept
-        batch 1 from drafting at all in 3 benchmark runs of 12). Only
+        at this batch size, once, on a looser bound (NEVER_RUN_WITHIN). Only
         decode steps are measured by batch size: a step with prompt tokens explores nothing."""
         b = _batch_bucket(self._decodes)
         candidates = []
@@ -343,7 +347,8 @@ class SpecPolicy:
                 due = since > 8 * EXPLORE_STEPS
             else:
                 rate, due = rates[d], since > EXPLORE_EVERY
-            if due and (rate >= EXPLORE_WITHIN * rates[best] or (b, d) not in self._cell_used):
+            within = NEVER_RUN_WITHIN if (b, d) not in self._cell_used else EXPLORE_WITHIN
+            if due and rate >= within * rates[best]:
                 candidates.append((rate, d))
         return max(candidates)[1] if candidates else None
 
