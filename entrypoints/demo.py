@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--num-speculative-tokens", type=int, default=2, choices=range(1, 4))
-    ap.add_argument("--batch1-prompts", type=int, default=16, help="prompts run one at a time for batch-1 speed")
+    ap.add_argument("--batch1-prompts", type=int, default=48, help="prompts run one at a time for batch-1 speed")
     ap.add_argument("--tool-prompts", type=int, default=64, help="chats with the tool offered, half of them after "
                     "its call (accuracy only)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
