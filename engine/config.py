@@ -63,9 +63,9 @@ class EngineConfig:
                                            "and acceptance (scheduler/spec_policy.py); fixed: always "
                                            "num_speculative_tokens", choices=("adaptive", "fixed"))
     cpu_threads: int = option(0, "a CPU worker's torch threads: 0 (auto): each step of few enough tokens for "
-                              "the compiled kernels runs on 1 thread or the worker's share of the cores "
-                              "(OMP_NUM_THREADS, else the cores over the host's workers), whichever its size "
-                              "measured faster (engine/step_threads.py); N: always N")
+                              "the compiled kernels runs on 1 thread, half or all of the worker's share of the "
+                              "cores (OMP_NUM_THREADS, else the cores over the host's workers), whichever its "
+                              "size measured fastest (engine/step_threads.py); N: always N")
     async_scheduling: bool = option(True, "plan step N+1 while the worker runs step N",
                                     flag="--no-async-scheduling")
     cuda_graphs: bool = option(False, "replay decode steps from CUDA graphs (engine/decode_graphs.py; the GPU "

@@ -118,8 +118,8 @@ class ModelRunner:
         self._grammar_failures: dict[str, str] = {}
 
     def _host_threads(self) -> StepThreads | None:
-        """Sets this CPU worker's torch threads; the per-step choice between 1 and its share, where
-        it has one (the compiled bf16 kernels, whose results do not depend on the count)."""
+        """Sets this CPU worker's torch threads; the per-step choice of a count up to its share,
+        where it has one (bf16: the compiled kernels, whose results do not depend on the count)."""
         config = self.config
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
@@ -242,7 +242,7 @@ class ModelRunner:
             self.tiers.close()
         if self.model.ep is not None:
             leave_distributed()
-        if self.step_threads is not None:  # (a runner in a test's process leaves its threads as found)
+        if self.step_threads is not None:  # (a runner in a test's process puts its share back)
             torch.set_num_threads(self.step_threads.share)
             native.set_split_threads(None)
 

@@ -6,7 +6,8 @@ them, a region waits for whichever of its threads the other processes just took 
 and the threads' spin-waiting takes those processes' time in turn, so the next plan comes later.
 A large step's regions are long enough to pay for every core. Where the line falls depends on the
 model, the host and what else runs, so it is measured (vLLM's CPU backend instead keeps one core
-for the scheduler always; on 2 cores that halved the `small` model's prefill):
+for the scheduler always; on 2 cores, one thread for every step cut the `small` model's
+throughput to 0.6-0.7x):
 
 - steps are grouped by their token count (buckets of about sqrt(2));
 - each bucket runs each candidate count (1, half the worker's share, its share) until it has
@@ -65,7 +66,7 @@ class StepThreads:
         return threads
 
     def record(self, seconds: float) -> None:
-        """The step's time (from the plan's arrival to its result)."""
+        """The step's time (from its forward to its result sent)."""
         if self._step is None or not (math.isfinite(seconds) and seconds > 0):
             return
         b, threads, tokens = self._step
