@@ -27,18 +27,11 @@ from collections import deque
 
 import torch
 
+from scheduler.spec_policy import lower_quartile, token_bucket
+
 MIN_SAMPLES = 3
 RETRY_EVERY = 64
 SAMPLES = 8
-
-
-def _bucket(tokens: int) -> int:
-    return int(round(2 * math.log2(tokens))) if tokens > 0 else 0
-
-
-def _lower_quartile(xs) -> float:
-    s = sorted(xs)
-    return s[len(s) // 4]
 
 
 class StepThreads:
@@ -54,7 +47,7 @@ class StepThreads:
         """The threads a step of `tokens` runs on (torch's count is set to it); not `measured`:
         the share, and the step's time is not recorded."""
         if measured and tokens > 0:
-            b = _bucket(tokens)
+            b = token_bucket(tokens)
             n = self._steps[b] = self._steps.get(b, 0) + 1
             threads = self._pick(b, n)
             self._tried[(b, threads)] = n
@@ -80,7 +73,7 @@ class StepThreads:
         for t in self.candidates:
             if len(self._times.get((b, t), ())) < MIN_SAMPLES:
                 return t
-        best = min(self.candidates, key=lambda t: _lower_quartile(self._times[(b, t)]))
+        best = min(self.candidates, key=lambda t: lower_quartile(self._times[(b, t)]))
         for t in self.candidates:
             if t != best and n - self._tried.get((b, t), 0) >= RETRY_EVERY:
                 return t
@@ -92,5 +85,5 @@ class StepThreads:
         for b in sorted(self._steps):
             if all(len(self._times.get((b, t), ())) >= MIN_SAMPLES for t in self.candidates):
                 out[math.ceil(2 ** ((b - 0.5) / 2))] = min(
-                    self.candidates, key=lambda t: _lower_quartile(self._times[(b, t)]))
+                    self.candidates, key=lambda t: lower_quartile(self._times[(b, t)]))
         return out

@@ -12,18 +12,17 @@ from contextlib import contextmanager
 
 import torch
 
+from kernels.cpu_build import ENV_BYTES  # (read live: tests set MLASERVE_KERNELS mid-process)
+
 _forced: bool | None = None
 _batch_invariant = False
-# os.environ's own mapping (bytes on POSIX), read live on every call (tests set the variable
-# mid-process) at a twentieth of os.environ.get's cost: kernels/cpu_build.py reads its caps so too.
-_ENV_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
 
 
 def triton_wanted(t: torch.Tensor) -> bool:
     if _forced is not None:
         return _forced
-    if _ENV_BYTES is not None:
-        raw = _ENV_BYTES.get(b"MLASERVE_KERNELS")
+    if ENV_BYTES is not None:
+        raw = ENV_BYTES.get(b"MLASERVE_KERNELS")
         choice = "auto" if raw is None else os.fsdecode(raw)
     else:
         choice = os.environ.get("MLASERVE_KERNELS", "auto")

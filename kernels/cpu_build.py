@@ -196,7 +196,7 @@ def _cap(name: str) -> int:
 # os.environ's own mapping (bytes on POSIX): a kernel call reads two variables, ~80 calls a
 # forward, and os.environ.get costs 20 times a dict lookup; reading them live keeps a variable
 # set mid-process (tests capping a family) in force at the next call.
-_ENV_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+ENV_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
 _variant_memo: dict[tuple, str | None] = {}
 _CAP_KEYS = {family: cap.encode() for family, (cap, _, _) in FAMILIES.items()}
 
@@ -206,8 +206,8 @@ def variant(family: str) -> str | None:
     machine runs and the family has code for; None where its torch implementation runs."""
     cap_name = FAMILIES[family][0]
     have = runnable_variants()  # (part of the key: tests rebuild it with other libraries)
-    if _ENV_BYTES is not None:
-        key = (family, have, _ENV_BYTES.get(b"MLASERVE_CPU_ISA"), _ENV_BYTES.get(_CAP_KEYS[family]))
+    if ENV_BYTES is not None:
+        key = (family, have, ENV_BYTES.get(b"MLASERVE_CPU_ISA"), ENV_BYTES.get(_CAP_KEYS[family]))
     else:
         key = (family, have, os.environ.get("MLASERVE_CPU_ISA"), os.environ.get(cap_name))
     try:

@@ -84,7 +84,7 @@ PRIOR_TRIALS = 2.0  # pseudo-verifications a request's own acceptance starts fro
 TYPICAL_SHARE = 0.9
 
 
-def _bucket(n: float) -> int:
+def token_bucket(n: float) -> int:
     """Token counts in steps of about sqrt(2)."""
     return int(round(2 * math.log2(n))) if n > 0 else -1
 
@@ -95,7 +95,7 @@ def _batch_bucket(n: float) -> int:
     return int(round(math.log2(n))) if n > 0 else -1
 
 
-def _lower_quartile(xs) -> float:
+def lower_quartile(xs) -> float:
     s = sorted(xs)
     return s[len(s) // 4]
 
@@ -110,9 +110,9 @@ class StepCost:
     def add(self, n: int, seconds: float) -> None:
         if n <= 0 or not math.isfinite(seconds) or seconds <= 0:
             return
-        b = self._buckets.get(_bucket(n))
+        b = self._buckets.get(token_bucket(n))
         if b is None:
-            b = self._buckets[_bucket(n)] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
+            b = self._buckets[token_bucket(n)] = (deque(maxlen=COST_SAMPLES), deque(maxlen=COST_SAMPLES))
         b[0].append(n)
         b[1].append(seconds)
         self._curve = None
@@ -123,7 +123,7 @@ class StepCost:
 
     def _points(self) -> list[tuple[float, float]]:
         if self._curve is None:
-            pts = sorted((_lower_quartile(ns), _lower_quartile(ts)) for ns, ts in self._buckets.values())
+            pts = sorted((lower_quartile(ns), lower_quartile(ts)) for ns, ts in self._buckets.values())
             # A step of more tokens costs no less: a bucket measured dearer than a larger one
             # (noise, or a bucket of few samples) takes the larger one's time.
             for i in range(len(pts) - 2, -1, -1):
@@ -238,7 +238,7 @@ class SpecPolicy:
             overhead = period - compute
             if math.isfinite(overhead):
                 self._overheads.append(max(0.0, overhead))
-                self.overhead = _lower_quartile(self._overheads)
+                self.overhead = lower_quartile(self._overheads)
         self._decodes = num_decodes
         self._other_tokens = max(0, num_tokens - num_decodes - num_verified)
 
@@ -260,7 +260,7 @@ class SpecPolicy:
         e = self.expected_tokens(d)
         cell = self._cells.get((_batch_bucket(b), d)) if measured else None
         if cell is not None and len(cell) >= CELL_MIN:
-            return b * e, _lower_quartile(cell)
+            return b * e, lower_quartile(cell)
         n = b * (1 + d)
         t = self.overhead + self.cost(n)
         if d:
